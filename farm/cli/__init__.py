@@ -1,0 +1,52 @@
+"""The ``farm`` command line.
+
+Each command builds :class:`~farm.settings.FarmSettings` from the environment when it runs (never
+at import time) and imports heavy modules only inside the command that needs them, so
+``farm --help`` is instant and needs no torch.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from farm.cli import config_cmd, db_cmd, storage_cmd
+
+app = typer.Typer(
+    name="farm",
+    help=(
+        "Render farm for patched diffusion models.\n\n"
+        "With no configuration everything runs embedded under ./farm-data (SQLite, a local "
+        "object folder, a filesystem broker). Point it at Postgres, Redis or RabbitMQ and S3 "
+        "with FARM_* environment variables: `farm config show` lists them all."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from farm import __version__
+
+        typer.echo(f"farm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Render farm for patched diffusion models."""
+
+
+app.add_typer(db_cmd.app, name="db")
+app.add_typer(config_cmd.app, name="config")
+app.add_typer(storage_cmd.app, name="storage")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    from farm.cli.common import run_app
+
+    run_app(app)

@@ -1,0 +1,245 @@
+"""Typed settings for every part of the farm.
+
+One :class:`FarmSettings` object, read from ``FARM_*`` environment variables (nested sections use
+``__``: ``FARM_DB__URL``, ``FARM_STORAGE__S3__BUCKET``) and optionally a ``.env`` file. It is
+created in entry points only (CLI, worker start, tests) and passed down; nothing reads the
+environment at import time.
+
+The defaults are the *embedded mode*: SQLite, a local object folder and the kombu filesystem
+broker, all under ``./farm-data/``. Outside that mode, placeholder secrets are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from farm.errors import ConfigError
+
+# Values that appear in example files and tutorials; a real deployment must replace them.
+PLACEHOLDER_SECRETS = frozenset(
+    {"changeme", "change-me", "change_me", "placeholder", "secret", "password", "minioadmin", "xxx", "todo"}
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatabaseSettings(_Section):
+    """Where job, shard, artifact and worker state lives."""
+
+    url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL, e.g. postgresql+psycopg://farm:PASS@db/farm. "
+        "Default: SQLite file farm.db in the data folder.",
+    )
+    echo: bool = Field(default=False, description="Log every SQL statement (debugging only).")
+    pool_size: int = Field(default=5, ge=1, le=100, description="Connections kept per process (not SQLite).")
+
+
+class BrokerSettings(_Section):
+    """The Celery broker that carries scheduling and shard messages."""
+
+    url: str = Field(
+        default="filesystem://",
+        description="Broker URL: redis://host:6379/0, amqp://user:pass@host:5672//, or filesystem://",
+    )
+    result_backend: str | None = Field(
+        default=None,
+        description="Celery result backend. Default: redis for a redis broker, a file:// folder "
+        "in the embedded mode, none for RabbitMQ (state lives in our own tables).",
+    )
+    visibility_timeout: int = Field(
+        default=4 * 3600,
+        ge=60,
+        description="Redis only: seconds before an unacknowledged message is redelivered. "
+        "Set above your longest shard; the database lease covers the rest.",
+    )
+
+
+class S3Settings(_Section):
+    """Any S3-compatible endpoint: AWS, MinIO, SeaweedFS."""
+
+    endpoint_url: str | None = Field(default=None, description="e.g. http://127.0.0.1:8333; empty for AWS.")
+    region: str = Field(default="us-east-1", description="Signing region.")
+    bucket: str = Field(default="farm", description="Bucket holding all outputs.")
+    prefix: str = Field(default="", description="Key prefix inside the bucket, e.g. renders/prod.")
+    access_key_id: SecretStr | None = Field(default=None, description="Access key; empty = boto3's default chain.")
+    secret_access_key: SecretStr | None = Field(default=None, description="Secret key; never logged.")
+    multipart_threshold_mb: int = Field(default=64, ge=5, description="Files above this upload in parts.")
+    multipart_chunk_mb: int = Field(default=16, ge=5, description="Part size for multipart uploads.")
+    presign_expiry_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned URLs.")
+    create_bucket: bool = Field(default=False, description="Create the bucket on first use if missing.")
+
+
+class StorageSettings(_Section):
+    """Where rendered outputs and manifests go."""
+
+    backend: Literal["local", "s3"] = Field(default="local", description="local folder or S3.")
+    local_root: Path | None = Field(default=None, description="Folder for the local store. Default: DATA/objects.")
+    s3: S3Settings = Field(default_factory=S3Settings)
+
+
+class WorkerSettings(_Section):
+    """How a worker process runs shards."""
+
+    queues: list[str] = Field(
+        default_factory=lambda: ["farm.gpu.sd15", "farm.gpu.sdxl", "farm.gpu.svd"],
+        description="Queues this worker consumes.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda when available.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="auto = float16 on cuda, float32 on cpu."
+    )
+    model_cache_mb: int = Field(default=24_000, ge=1, description="Memory budget for pinned models (LRU).")
+    lease_seconds: int = Field(default=120, ge=5, description="A shard lease expires this long after the last heartbeat.")
+    heartbeat_seconds: float = Field(default=15.0, gt=0, description="How often a running shard renews its lease.")
+    progress_interval_s: float = Field(default=1.0, ge=0, description="At most one progress write per shard per interval.")
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Prometheus metrics port; empty = off.")
+
+
+class FarmSettings(BaseSettings):
+    """All settings. Build with ``FarmSettings()`` in an entry point and pass it down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FARM_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    data_dir: Path = Field(default=Path("farm-data"), description="Folder for every embedded-mode file.")
+    db: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @model_validator(mode="after")
+    def _refuse_placeholders(self) -> FarmSettings:
+        if self.embedded:
+            return self
+        for name, value in self._secrets():
+            if value.strip().lower() in PLACEHOLDER_SECRETS:
+                raise ConfigError(
+                    f"{name} is a placeholder secret; set a real one (placeholders are only "
+                    "accepted in the embedded mode)"
+                )
+        return self
+
+    def _secrets(self) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        for name, url in (
+            ("db.url", self.db.url),
+            ("broker.url", self.broker.url),
+            ("broker.result_backend", self.broker.result_backend),
+        ):
+            password = urlsplit(url).password if url else None
+            if password is not None:
+                found.append((f"{name} password", password))
+        s3 = self.storage.s3
+        if s3.secret_access_key is not None:
+            found.append(("storage.s3.secret_access_key", s3.secret_access_key.get_secret_value()))
+        return found
+
+    # -- derived values -------------------------------------------------------------------
+    @property
+    def embedded(self) -> bool:
+        """True when nothing points at a server: SQLite, local objects, filesystem broker."""
+        return (
+            self.database_url.startswith("sqlite")
+            and self.storage.backend == "local"
+            and self.broker.url.startswith("filesystem://")
+        )
+
+    @property
+    def database_url(self) -> str:
+        if self.db.url:
+            return self.db.url
+        return f"sqlite:///{(self.data_dir / 'farm.db').as_posix()}"
+
+    @property
+    def local_store_root(self) -> Path:
+        return self.storage.local_root or self.data_dir / "objects"
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_dir / "broker"
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with any password replaced by ``***``, for display and logs."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def load_settings(**overrides: object) -> FarmSettings:
+    """Build settings from the environment (plus overrides), turning validation errors into a
+    :class:`ConfigError` that names each bad field."""
+    from pydantic import ValidationError
+
+    try:
+        return FarmSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
+
+
+@dataclass(frozen=True)
+class SettingRow:
+    """One leaf setting, for ``farm config show`` and the README table."""
+
+    env_var: str
+    default: str
+    current: str
+    description: str
+
+
+def setting_rows(settings: FarmSettings) -> list[SettingRow]:
+    """Every leaf setting in declaration order, with secrets and URL passwords hidden."""
+    rows: list[SettingRow] = []
+
+    def walk(model: BaseModel, path: list[str]) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                walk(value, [*path, name])
+                continue
+            default = field.get_default(call_default_factory=True)
+            rows.append(
+                SettingRow(
+                    env_var="FARM_" + "__".join(p.upper() for p in [*path, name]),
+                    default=_show(default),
+                    current=_show(value),
+                    description=field.description or "",
+                )
+            )
+
+    walk(settings, [])
+    return rows
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, SecretStr):
+        return "***"
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value) or ""
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)

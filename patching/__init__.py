@@ -1,0 +1,1 @@
+"""Standalone patch library for diffusers models (never imports ``farm``, ``tasks`` or ``storage``)."""

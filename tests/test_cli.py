@@ -1,0 +1,91 @@
+"""The `farm` command as a user runs it: a real subprocess, settings from the environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def farm(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    clean.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "farm", *args], cwd=cwd, env=clean, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_help_lists_the_command_groups(tmp_path: Path) -> None:
+    out = farm("--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for word in ("db", "config", "storage", "FARM_"):
+        assert word in out.stdout
+
+
+def test_embedded_db_upgrade_and_storage_check(tmp_path: Path) -> None:
+    assert farm("db", "current", cwd=tmp_path).stdout.strip() == "none"
+    up = farm("db", "upgrade", cwd=tmp_path)
+    assert up.returncode == 0, up.stderr
+    assert (tmp_path / "farm-data" / "farm.db").is_file()
+    assert farm("db", "current", cwd=tmp_path).stdout.strip() == farm("db", "heads", cwd=tmp_path).stdout.strip()
+    assert farm("db", "upgrade", cwd=tmp_path).returncode == 0  # idempotent
+    check = farm("storage", "check", cwd=tmp_path)
+    assert check.returncode == 0, check.stderr
+    assert "result:  ok" in check.stdout
+    assert "LocalStore" in check.stdout or "farm-data" in check.stdout
+
+
+@pytest.mark.integration
+def test_db_upgrade_on_postgres(tmp_path: Path, empty_pg_url: str) -> None:
+    env = {"FARM_DB__URL": empty_pg_url}
+    assert farm("db", "current", cwd=tmp_path, env=env).stdout.strip() == "none"
+    up = farm("db", "upgrade", cwd=tmp_path, env=env)
+    assert up.returncode == 0, up.stderr
+    heads = farm("db", "heads", cwd=tmp_path).stdout.strip()
+    assert farm("db", "current", cwd=tmp_path, env=env).stdout.strip() == heads
+    down = farm("db", "downgrade", "base", cwd=tmp_path, env=env)
+    assert down.returncode == 0, down.stderr
+    assert farm("db", "current", cwd=tmp_path, env=env).stdout.strip() == "none"
+
+
+@pytest.mark.integration
+def test_storage_check_against_s3(tmp_path: Path, seaweedfs) -> None:
+    secret = seaweedfs.secret_access_key
+    env = {
+        "FARM_STORAGE__BACKEND": "s3",
+        "FARM_STORAGE__S3__ENDPOINT_URL": seaweedfs.endpoint_url,
+        "FARM_STORAGE__S3__REGION": seaweedfs.region,
+        "FARM_STORAGE__S3__BUCKET": "cli-check",
+        "FARM_STORAGE__S3__PREFIX": "team/a",
+        "FARM_STORAGE__S3__CREATE_BUCKET": "true",
+        "FARM_STORAGE__S3__ACCESS_KEY_ID": seaweedfs.access_key_id,
+        "FARM_STORAGE__S3__SECRET_ACCESS_KEY": secret,
+    }
+    check = farm("storage", "check", cwd=tmp_path, env=env)
+    assert check.returncode == 0, check.stderr
+    assert "result:  ok" in check.stdout
+    assert secret not in check.stdout + check.stderr
+
+    wrong = farm("storage", "check", cwd=tmp_path, env={**env, "FARM_STORAGE__S3__SECRET_ACCESS_KEY": "wrong-" + secret})
+    assert wrong.returncode != 0
+    assert "Traceback" not in wrong.stderr
+    assert "error:" in wrong.stderr
+    assert secret not in wrong.stdout + wrong.stderr
+
+
+def test_bad_settings_exit_with_a_clear_error(tmp_path: Path) -> None:
+    out = farm("db", "current", cwd=tmp_path, env={"FARM_DB__URL": "postgresql://farm:changeme@db/farm"})
+    assert out.returncode == 2
+    assert "placeholder secret" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert "changeme" not in out.stderr
+
+
+def test_config_show_hides_secrets(tmp_path: Path) -> None:
+    out = farm("config", "show", cwd=tmp_path, env={"FARM_DB__URL": "postgresql://farm:Hunter2-real@db/farm"})
+    assert out.returncode == 0, out.stderr
+    assert "Hunter2-real" not in out.stdout
+    assert "FARM_DB__URL" in out.stdout
