@@ -1,4 +1,7 @@
-"""Regenerate the settings table in README.md from farm/settings.py (`python scripts/update_readme_settings.py`)."""
+"""Regenerate the settings table in README.md from farm/settings.py.
+
+Run: `.venv/bin/python scripts/update_readme_settings.py`
+"""
 
 from __future__ import annotations
 

@@ -30,7 +30,9 @@ def test_embedded_db_upgrade_and_storage_check(tmp_path: Path) -> None:
     up = farm("db", "upgrade", cwd=tmp_path)
     assert up.returncode == 0, up.stderr
     assert (tmp_path / "farm-data" / "farm.db").is_file()
-    assert farm("db", "current", cwd=tmp_path).stdout.strip() == farm("db", "heads", cwd=tmp_path).stdout.strip()
+    assert (
+        farm("db", "current", cwd=tmp_path).stdout.strip() == farm("db", "heads", cwd=tmp_path).stdout.strip()
+    )
     assert farm("db", "upgrade", cwd=tmp_path).returncode == 0  # idempotent
     check = farm("storage", "check", cwd=tmp_path)
     assert check.returncode == 0, check.stderr
@@ -69,7 +71,12 @@ def test_storage_check_against_s3(tmp_path: Path, seaweedfs) -> None:
     assert "result:  ok" in check.stdout
     assert secret not in check.stdout + check.stderr
 
-    wrong = farm("storage", "check", cwd=tmp_path, env={**env, "FARM_STORAGE__S3__SECRET_ACCESS_KEY": "wrong-" + secret})
+    wrong = farm(
+        "storage",
+        "check",
+        cwd=tmp_path,
+        env={**env, "FARM_STORAGE__S3__SECRET_ACCESS_KEY": "wrong-" + secret},
+    )
     assert wrong.returncode != 0
     assert "Traceback" not in wrong.stderr
     assert "error:" in wrong.stderr
