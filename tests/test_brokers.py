@@ -47,5 +47,5 @@ def test_rabbitmq_round_trip(rabbitmq_url: str, queue_name: str) -> None:
 def test_filesystem_broker_round_trip(tmp_path, queue_name: str) -> None:
     folder = tmp_path / "broker"
     folder.mkdir()
-    options = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    options = {"data_folder_in": str(folder), "data_folder_out": str(folder), "control_folder": str(tmp_path)}
     _round_trip("filesystem://", queue_name, options)

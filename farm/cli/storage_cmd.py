@@ -21,11 +21,11 @@ def check() -> None:
 
     store = open_store(settings())
     payload = json.dumps({"check": "farm storage round trip", "at": time.time()}).encode()
-    key = join_key("_farm-check", f"{uuid.uuid4().hex}.json")
+    key = join_key("farm-check", f"{uuid.uuid4().hex}.json")
     started = time.perf_counter()
     info = store.put_bytes(key, payload, content_type="application/json")
     data = store.get_bytes(key)
-    listed = [obj.key for obj in store.list(join_key("_farm-check"))]
+    listed = [obj.key for obj in store.list(join_key("farm-check"))]
     url = store.url(key)
     store.delete(key)
     elapsed = time.perf_counter() - started

@@ -1,0 +1,92 @@
+"""The farm's Celery application: built from settings by :func:`create_app`.
+
+``celery -A farm.celery_app ...`` (and Flower) find ``app`` here; it is built from the environment
+on first access (PEP 562 module ``__getattr__``), never at import time. The farm's own entry
+points call :func:`create_app` with the settings they already hold.
+
+Messages are JSON only. Tasks are acknowledged late and rejected when the worker dies, a worker
+prefetches one message at a time, and task events are on for Flower. Job and shard state lives
+in our own tables, so no result backend is needed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+from kombu import Queue
+
+from farm.settings import FarmSettings, load_settings
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+CONTROL_QUEUE = "farm.control"
+GPU_QUEUES = ("farm.gpu.sd15", "farm.gpu.sdxl", "farm.gpu.svd")
+TASK_MODULES = ("tasks.jobs", "tasks.shards")
+MAX_PRIORITY = 9
+
+
+def broker_options(settings: FarmSettings) -> dict[str, Any]:
+    """Transport options for the configured broker (folders, visibility timeout, priorities)."""
+    url = settings.broker.url
+    if url.startswith("filesystem://"):
+        folder: Path = settings.broker_folder
+        return {
+            "data_folder_in": str(folder / "messages"),
+            "data_folder_out": str(folder / "messages"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+        }
+    if url.startswith(("redis://", "rediss://")):
+        return {
+            "visibility_timeout": settings.broker.visibility_timeout,
+            "priority_steps": list(range(MAX_PRIORITY + 1)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        }
+    return {}
+
+
+def create_app(settings: FarmSettings, *, name: str = "farm") -> Celery:
+    """A Celery app for these settings. Each call returns a new, independent app."""
+    options = broker_options(settings)
+    if settings.broker.url.startswith("filesystem://"):
+        for key in ("data_folder_in", "control_folder"):
+            settings.broker_folder.joinpath(options[key]).mkdir(parents=True, exist_ok=True)
+    app = Celery(name, broker=settings.broker.url, include=list(TASK_MODULES), set_as_current=False)
+    app.conf.update(
+        result_backend=settings.broker.result_backend,
+        task_ignore_result=settings.broker.result_backend is None,
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        task_default_queue=CONTROL_QUEUE,
+        task_queues=[Queue(CONTROL_QUEUE), *(Queue(q, queue_arguments={"x-max-priority": 10}) for q in GPU_QUEUES)],
+        task_queue_max_priority=10,
+        task_default_priority=0,
+        broker_transport_options=options,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        enable_utc=True,
+    )
+    app.farm_settings = settings  # type: ignore[attr-defined]
+    return app
+
+
+def __getattr__(name: str) -> Celery:
+    # `celery -A farm.celery_app` and Flower look up `app` (or `celery`): build it on first access.
+    if name in {"app", "celery"}:
+        app = create_app(load_settings())
+        globals()[name] = app
+        return app
+    raise AttributeError(name)
