@@ -70,15 +70,11 @@ class S3Settings(_Section):
     region: str = Field(default="us-east-1", description="Signing region.")
     bucket: str = Field(default="farm", description="Bucket holding all outputs.")
     prefix: str = Field(default="", description="Key prefix inside the bucket, e.g. renders/prod.")
-    access_key_id: SecretStr | None = Field(
-        default=None, description="Access key; empty = boto3's default chain."
-    )
+    access_key_id: SecretStr | None = Field(default=None, description="Access key; empty = boto3's default chain.")
     secret_access_key: SecretStr | None = Field(default=None, description="Secret key; never logged.")
     multipart_threshold_mb: int = Field(default=64, ge=5, description="Files above this upload in parts.")
     multipart_chunk_mb: int = Field(default=16, ge=5, description="Part size for multipart uploads.")
-    presign_expiry_s: int = Field(
-        default=3600, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned URLs."
-    )
+    presign_expiry_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned URLs.")
     create_bucket: bool = Field(default=False, description="Create the bucket on first use if missing.")
 
 
@@ -86,9 +82,7 @@ class StorageSettings(_Section):
     """Where rendered outputs and manifests go."""
 
     backend: Literal["local", "s3"] = Field(default="local", description="local folder or S3.")
-    local_root: Path | None = Field(
-        default=None, description="Folder for the local store. Default: DATA/objects."
-    )
+    local_root: Path | None = Field(default=None, description="Folder for the local store. Default: DATA/objects.")
     s3: S3Settings = Field(default_factory=S3Settings)
 
 
@@ -107,15 +101,11 @@ class WorkerSettings(_Section):
     lease_seconds: int = Field(
         default=120, ge=5, description="A shard lease expires this long after the last heartbeat."
     )
-    heartbeat_seconds: float = Field(
-        default=15.0, gt=0, description="How often a running shard renews its lease."
-    )
+    heartbeat_seconds: float = Field(default=15.0, gt=0, description="How often a running shard renews its lease.")
     progress_interval_s: float = Field(
         default=1.0, ge=0, description="At most one progress write per shard per interval."
     )
-    metrics_port: int | None = Field(
-        default=None, ge=1, le=65535, description="Prometheus metrics port; empty = off."
-    )
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Prometheus metrics port; empty = off.")
 
 
 class FarmSettings(BaseSettings):

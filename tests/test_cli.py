@@ -30,9 +30,7 @@ def test_embedded_db_upgrade_and_storage_check(tmp_path: Path) -> None:
     up = farm("db", "upgrade", cwd=tmp_path)
     assert up.returncode == 0, up.stderr
     assert (tmp_path / "farm-data" / "farm.db").is_file()
-    assert (
-        farm("db", "current", cwd=tmp_path).stdout.strip() == farm("db", "heads", cwd=tmp_path).stdout.strip()
-    )
+    assert farm("db", "current", cwd=tmp_path).stdout.strip() == farm("db", "heads", cwd=tmp_path).stdout.strip()
     assert farm("db", "upgrade", cwd=tmp_path).returncode == 0  # idempotent
     check = farm("storage", "check", cwd=tmp_path)
     assert check.returncode == 0, check.stderr

@@ -34,9 +34,7 @@ def _imported_roots(package: str) -> dict[str, set[str]]:
     ],
 )
 def test_package_does_not_import(package: str, forbidden: set[str]) -> None:
-    offenders = {
-        f: sorted(names & forbidden) for f, names in _imported_roots(package).items() if names & forbidden
-    }
+    offenders = {f: sorted(names & forbidden) for f, names in _imported_roots(package).items() if names & forbidden}
     assert offenders == {}
 
 

@@ -51,9 +51,7 @@ def test_nested_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
         {"FARM_STORAGE__BACKEND": "s3", "FARM_STORAGE__S3__SECRET_ACCESS_KEY": "minioadmin"},
     ],
 )
-def test_placeholder_secrets_refused_outside_embedded_mode(
-    monkeypatch: pytest.MonkeyPatch, env: dict
-) -> None:
+def test_placeholder_secrets_refused_outside_embedded_mode(monkeypatch: pytest.MonkeyPatch, env: dict) -> None:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match="placeholder secret") as info:

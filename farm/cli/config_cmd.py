@@ -8,9 +8,7 @@ from rich.table import Table
 from farm.cli.common import console, settings
 from farm.settings import SettingRow, setting_rows
 
-app = typer.Typer(
-    help="Show the farm's settings and the FARM_* variables that set them.", no_args_is_help=True
-)
+app = typer.Typer(help="Show the farm's settings and the FARM_* variables that set them.", no_args_is_help=True)
 
 
 @app.command()

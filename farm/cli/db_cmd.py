@@ -7,9 +7,7 @@ import typer
 from farm.cli.common import console, settings
 from farm.settings import redact_url
 
-app = typer.Typer(
-    help="Create, upgrade and inspect the state database (Alembic migrations).", no_args_is_help=True
-)
+app = typer.Typer(help="Create, upgrade and inspect the state database (Alembic migrations).", no_args_is_help=True)
 
 
 @app.command()

@@ -120,9 +120,7 @@ class LocalStore:
         if not base.is_dir():
             return iter(())
         keys = sorted(
-            p.relative_to(self.root).as_posix()
-            for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".")
+            p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")
         )
         return (self._info(k, self.root / k) for k in keys)
 
