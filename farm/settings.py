@@ -197,10 +197,14 @@ def load_settings(**overrides: object) -> FarmSettings:
     try:
         return FarmSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(_describe(err) for err in exc.errors())
         raise ConfigError(f"invalid settings: {problems}") from None
+
+
+def _describe(err: dict) -> str:
+    message = str(err["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {message}" if where else message
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from farm.errors import FarmError
 from farm.settings import FarmSettings, load_settings
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def settings() -> FarmSettings:

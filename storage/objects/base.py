@@ -11,39 +11,71 @@ from typing import Protocol, runtime_checkable
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One stored object. ``sha256`` is known for objects the farm wrote (stored as metadata)."""
+    """One stored object, as far as the store knows it.
+
+    ``key`` is relative to the store (its prefix or root). ``sha256`` is the hex digest of the
+    content where known: always from ``put_*`` and ``head``, not from ``list``. ``etag`` is the
+    server's entity tag (S3 only; for multipart uploads it is not an MD5). ``content_type`` is
+    what the caller gave, else guessed from the key's extension.
+    """
 
     key: str
     size: int
     sha256: str | None = None
+    etag: str | None = None
     content_type: str | None = None
     last_modified: datetime | None = None
 
 
 @runtime_checkable
 class ObjectStore(Protocol):
-    """Where outputs and manifests go. Keys are validated by every method before any I/O."""
+    """Where outputs and manifests go.
+
+    Every method validates its key (each ``/`` segment a valid part, see ``keys.py``) and raises
+    :class:`farm.errors.InvalidKey` before any I/O. Failures are :class:`farm.errors.StorageError`
+    subclasses: ``ObjectNotFound``, ``StorageAccessDenied``, ``StorageUnavailable`` (retryable).
+    """
 
     def put_bytes(
         self, key: str, data: bytes, content_type: str | None = None, metadata: dict[str, str] | None = None
-    ) -> ObjectInfo: ...
+    ) -> ObjectInfo:
+        """Store ``data`` under ``key``, replacing any object there."""
+        ...
 
     def put_file(
         self, key: str, path: Path, content_type: str | None = None, metadata: dict[str, str] | None = None
-    ) -> ObjectInfo: ...
+    ) -> ObjectInfo:
+        """Store the file at ``path`` under ``key``, replacing any object there."""
+        ...
 
-    def get_bytes(self, key: str) -> bytes: ...
+    def get_bytes(self, key: str) -> bytes:
+        """The object's content; ``ObjectNotFound`` if there is none."""
+        ...
 
-    def download(self, key: str, path: Path) -> Path: ...
+    def download(self, key: str, path: Path) -> Path:
+        """Write the object to ``path`` (parent folders created); ``ObjectNotFound`` if there is none."""
+        ...
 
-    def head(self, key: str) -> ObjectInfo | None: ...
+    def head(self, key: str) -> ObjectInfo | None:
+        """The object's description, or ``None`` if there is none."""
+        ...
 
-    def exists(self, key: str) -> bool: ...
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored under ``key``."""
+        ...
 
-    def delete(self, key: str) -> None: ...
+    def delete(self, key: str) -> None:
+        """Remove the object; deleting a missing object is not an error."""
+        ...
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Objects under the folder ``prefix`` (``""`` = all), sorted by key."""
+        ...
 
-    def url(self, key: str, expires_s: int | None = None) -> str: ...
+    def url(self, key: str, expires_s: int | None = None) -> str:
+        """A URL to read the object: a presigned GET for S3, a ``file://`` URI for a folder."""
+        ...
 
-    def describe(self) -> str: ...
+    def describe(self) -> str:
+        """A one-line human description of where objects go, with no secrets."""
+        ...

@@ -1,11 +1,14 @@
 """Object keys built only from validated parts.
 
 A *part* is one path segment: 1-128 characters from ``[A-Za-z0-9._-]``, starting with a letter or
-digit (so never ``.``, ``..`` or a hidden name). A *prefix* is zero or more parts joined by
-``/``. Nothing else can reach a key: no traversal, no absolute paths, no control characters, no
-empty segments.
+digit, with no ``..`` anywhere (so never ``.``, ``..`` or a hidden name). A *prefix* is zero or
+more parts joined by ``/`` (one trailing ``/`` is tolerated and dropped). A *key* is one or more
+parts joined by ``/``. Nothing else can reach a key: no traversal, no absolute paths, no
+backslashes, no control characters, no empty segments.
 
-Layout: ``{prefix}/{job_id}/{shard_index:05d}/{item}.{ext}`` and ``{prefix}/{job_id}/manifest.json``.
+Layout: ``{prefix}/{job_id}/{shard_index:05d}/{item}.{ext}`` and ``{prefix}/{job_id}/manifest.json``
+(with an empty prefix the key starts at ``{job_id}``). Every problem raises
+:class:`farm.errors.InvalidKey` naming the field and the reason.
 """
 
 from __future__ import annotations
@@ -14,9 +17,16 @@ import re
 
 from farm.errors import InvalidKey
 
-PART_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_PART_LENGTH = 128
 MAX_KEY_LENGTH = 1024
+PART_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_PART_LENGTH - 1}}}")
+MAX_SHARD_INDEX = 99_999  # five digits in the key
 EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "gif", "mp4", "json", "jsonl", "txt", "safetensors"})
+
+
+def _shown(value: str) -> str:
+    """``value`` as it may appear in an error message: short, with control characters escaped."""
+    return repr(value[:80] + ("..." if len(value) > 80 else ""))
 
 
 def validate_part(value: object, what: str = "key part") -> str:
@@ -25,16 +35,17 @@ def validate_part(value: object, what: str = "key part") -> str:
         raise InvalidKey(f"{what}: expected a string, got {type(value).__name__}")
     if not value:
         raise InvalidKey(f"{what}: must not be empty")
+    if len(value) > MAX_PART_LENGTH:
+        raise InvalidKey(f"{what}: longer than {MAX_PART_LENGTH} characters")
     if PART_RE.fullmatch(value) is None or ".." in value:
-        shown = value if value.isprintable() and len(value) <= 80 else repr(value[:80])
         raise InvalidKey(
-            f"{what}: {shown!s} is not allowed (use 1-128 of A-Z a-z 0-9 . _ -, starting with a "
-            "letter or digit; no '..', '/', spaces or control characters)"
+            f"{what}: {_shown(value)} is not allowed (use A-Z a-z 0-9 . _ -, starting with a letter or "
+            "digit; no '..', '/', '\\', spaces or control characters)"
         )
     return value
 
 
-def validate_prefix(prefix: str, what: str = "prefix") -> str:
+def validate_prefix(prefix: object, what: str = "prefix") -> str:
     """Return a normalised prefix (``""`` or parts joined by ``/``), or raise :class:`InvalidKey`."""
     if not isinstance(prefix, str):
         raise InvalidKey(f"{what}: expected a string, got {type(prefix).__name__}")
@@ -42,47 +53,52 @@ def validate_prefix(prefix: str, what: str = "prefix") -> str:
         return ""
     if prefix.startswith("/"):
         raise InvalidKey(f"{what}: must be relative (no leading '/')")
-    parts = prefix.rstrip("/").split("/")
-    for i, part in enumerate(parts):
-        validate_part(part, f"{what} segment {i + 1}")
+    parts = prefix.removesuffix("/").split("/")
+    for i, part in enumerate(parts, start=1):
+        validate_part(part, f"{what} segment {i}")
     return "/".join(parts)
 
 
-def validate_key(key: str) -> str:
-    """Check a full key (as passed to a store): every ``/`` segment must be a valid part."""
-    if not isinstance(key, str) or not key:
-        raise InvalidKey("key: must be a non-empty string")
+def validate_key(key: object, what: str = "key") -> str:
+    """Check a full key as passed to a store: every ``/`` segment must be a valid part."""
+    if not isinstance(key, str):
+        raise InvalidKey(f"{what}: expected a string, got {type(key).__name__}")
+    if not key:
+        raise InvalidKey(f"{what}: must not be empty")
     if len(key) > MAX_KEY_LENGTH:
-        raise InvalidKey(f"key: longer than {MAX_KEY_LENGTH} characters")
+        raise InvalidKey(f"{what}: longer than {MAX_KEY_LENGTH} characters")
     if key.startswith("/"):
-        raise InvalidKey("key: must be relative (no leading '/')")
-    for i, part in enumerate(key.split("/")):
-        validate_part(part, f"key segment {i + 1}")
+        raise InvalidKey(f"{what}: must be relative (no leading '/')")
+    for i, part in enumerate(key.split("/"), start=1):
+        validate_part(part, f"{what} segment {i}")
     return key
 
 
 def join_key(*parts: str) -> str:
-    """Join a prefix (possibly ``""`` or several segments) and parts into a validated key."""
+    """Join prefixes and parts (each ``""`` or one or more valid segments) into a validated key."""
     segments = [validate_prefix(p, "key") for p in parts]
-    key = "/".join(s for s in segments if s)
-    return validate_key(key)
+    return validate_key("/".join(s for s in segments if s))
 
 
-def validate_extension(ext: str) -> str:
+def validate_extension(ext: object) -> str:
+    """Return ``ext`` if it is one of :data:`EXTENSIONS`, else raise :class:`InvalidKey`."""
     if ext not in EXTENSIONS:
-        raise InvalidKey(f"extension: {ext!r} is not one of {', '.join(sorted(EXTENSIONS))}")
-    return ext
+        shown = _shown(ext) if isinstance(ext, str) else type(ext).__name__
+        raise InvalidKey(f"extension: {shown} is not one of {', '.join(sorted(EXTENSIONS))}")
+    return ext  # type: ignore[return-value]
 
 
 def job_prefix(prefix: str, job_id: object) -> str:
-    """``{prefix}/{job_id}``: the folder holding every output of a job."""
+    """``{prefix}/{job_id}``: the folder holding every output of a job (``job_id`` may be a UUID)."""
     return join_key(validate_prefix(prefix), validate_part(str(job_id), "job_id"))
 
 
 def artifact_key(prefix: str, job_id: object, shard_index: int, item: str | int, ext: str) -> str:
-    """``{prefix}/{job_id}/{shard_index:05d}/{item}.{ext}``."""
-    if isinstance(shard_index, bool) or not isinstance(shard_index, int) or not 0 <= shard_index < 100_000:
-        raise InvalidKey(f"shard_index: {shard_index!r} is not an integer in 0..99999")
+    """``{prefix}/{job_id}/{shard_index:05d}/{item}.{ext}``; an integer ``item`` is written ``%06d``."""
+    if isinstance(shard_index, bool) or not isinstance(shard_index, int):
+        raise InvalidKey(f"shard_index: expected an integer, got {type(shard_index).__name__}")
+    if not 0 <= shard_index <= MAX_SHARD_INDEX:
+        raise InvalidKey(f"shard_index: {shard_index} is outside 0..{MAX_SHARD_INDEX}")
     if isinstance(item, int) and not isinstance(item, bool):
         if item < 0:
             raise InvalidKey(f"item: {item} is negative")

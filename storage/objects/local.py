@@ -1,8 +1,13 @@
 """A folder on disk as an object store (the embedded mode, and single-machine setups).
 
-Writes are atomic (a temporary file in the same folder, then ``os.replace``), so a reader never
-sees half an object. The sha256 is computed from the bytes and the content type is derived from
-the extension; custom metadata is accepted and not kept (S3 keeps it).
+The key is the path relative to ``root``. Writes are atomic: the bytes go to a hidden temporary
+file in the target folder, are fsynced, then ``os.replace``d over the target, so a reader never
+sees half an object (downloads work the same way). The sha256 is computed while writing and, for
+``head``, from the file.
+
+No sidecar files: the content type is always guessed from the key's extension and custom
+metadata is accepted and dropped, so ``put_*`` returns exactly what ``head`` later reports (a
+``content_type`` given to ``put_*`` is ignored). ``S3Store`` keeps both.
 """
 
 from __future__ import annotations
@@ -10,17 +15,24 @@ from __future__ import annotations
 import hashlib
 import mimetypes
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
-from farm.errors import InvalidKey, ObjectNotFound
+from farm.errors import InvalidKey, ObjectNotFound, StorageAccessDenied, StorageError
 from storage.objects.base import ObjectInfo
 from storage.objects.keys import validate_key, validate_prefix
 
 _CHUNK = 1 << 20
+_TMP_PREFIX = ".tmp-"  # no valid key part starts with "."; list() skips these
+
+
+def guess_content_type(key: str) -> str:
+    """The content type for a key's extension (``application/octet-stream`` when unknown)."""
+    return mimetypes.guess_type(key)[0] or "application/octet-stream"
 
 
 def _sha256_file(path: Path) -> str:
@@ -31,8 +43,24 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _atomic_write(dest: Path, fill: Callable[[BinaryIO], None]) -> None:
+    """Create ``dest`` via a temporary file in its folder (mode 0666 minus umask) and ``os.replace``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{_TMP_PREFIX}{secrets.token_hex(8)}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fill(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class LocalStore:
-    """Objects as files under ``root``; the key is the relative path."""
+    """Objects as files under ``root`` (created on the first write)."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).resolve()
@@ -40,89 +68,131 @@ class LocalStore:
     def describe(self) -> str:
         return f"LocalStore at {self.root}"
 
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
     # -- paths ------------------------------------------------------------------------------
     def _path(self, key: str) -> Path:
         path = (self.root / validate_key(key)).resolve()
-        if not path.is_relative_to(self.root):
+        if not path.is_relative_to(self.root) or path == self.root:
             raise InvalidKey(f"key: {key!r} escapes the store root")
         return path
 
-    def _info(self, key: str, path: Path) -> ObjectInfo:
+    def _info(self, key: str, path: Path, sha256: str | None) -> ObjectInfo:
         stat = path.stat()
         return ObjectInfo(
             key=key,
             size=stat.st_size,
-            sha256=_sha256_file(path),
-            content_type=mimetypes.guess_type(path.name)[0],
+            sha256=sha256,
+            content_type=guess_content_type(key),
             last_modified=datetime.fromtimestamp(stat.st_mtime, UTC),
         )
 
+    def _failed(self, exc: OSError, op: str, key: str) -> StorageError:
+        where = f"{op} {key!r} in {self.root}"
+        if isinstance(exc, PermissionError):
+            return StorageAccessDenied(f"{where}: permission denied")
+        if isinstance(exc, NotADirectoryError | FileExistsError | IsADirectoryError):
+            return StorageError(f"{where}: a folder and an object would share a name")
+        return StorageError(f"{where}: {exc.strerror or type(exc).__name__}")
+
     # -- writes -----------------------------------------------------------------------------
-    def _write(self, key: str, fill) -> ObjectInfo:
+    def _write(self, key: str, source: Callable[[], Iterator[bytes]]) -> ObjectInfo:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+        digest = hashlib.sha256()
+
+        def fill(fh: BinaryIO) -> None:
+            for chunk in source():
+                digest.update(chunk)
+                fh.write(chunk)
+
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fill(fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return self._info(key, path)
+            _atomic_write(path, fill)
+        except OSError as exc:
+            raise self._failed(exc, "put", key) from exc
+        return self._info(key, path, digest.hexdigest())
 
     def put_bytes(
         self, key: str, data: bytes, content_type: str | None = None, metadata: dict[str, str] | None = None
     ) -> ObjectInfo:
-        return self._write(key, lambda fh: fh.write(data))
+        return self._write(key, lambda: iter((data,)))
 
     def put_file(
         self, key: str, path: Path, content_type: str | None = None, metadata: dict[str, str] | None = None
     ) -> ObjectInfo:
-        def copy(fh) -> None:
-            with Path(path).open("rb") as src:
-                shutil.copyfileobj(src, fh, _CHUNK)
+        self._path(key)  # refuse a bad key before opening anything
 
-        return self._write(key, copy)
+        def chunks() -> Iterator[bytes]:
+            with Path(path).open("rb") as src:
+                while chunk := src.read(_CHUNK):
+                    yield chunk
+
+        return self._write(key, chunks)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        if path.is_file():
+            path.unlink(missing_ok=True)
 
     # -- reads ------------------------------------------------------------------------------
+    def _missing(self, key: str) -> ObjectNotFound:
+        return ObjectNotFound(f"no object {key!r} in {self.describe()}")
+
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
         try:
             return path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
-            raise ObjectNotFound(f"no object {key!r} in {self.describe()}") from None
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise self._missing(key) from None
+        except OSError as exc:
+            raise self._failed(exc, "get", key) from exc
 
     def download(self, key: str, path: Path) -> Path:
         src = self._path(key)
-        if not src.is_file():
-            raise ObjectNotFound(f"no object {key!r} in {self.describe()}")
         dest = Path(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest)
+        if not src.is_file():
+            raise self._missing(key)
+        try:
+            with src.open("rb") as fh:
+                _atomic_write(dest, lambda out: shutil.copyfileobj(fh, out, _CHUNK))
+        except FileNotFoundError:
+            raise self._missing(key) from None
+        except OSError as exc:
+            raise self._failed(exc, "download", key) from exc
         return dest
 
     def head(self, key: str) -> ObjectInfo | None:
         path = self._path(key)
-        return self._info(key, path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return self._info(key, path, _sha256_file(path))
+        except FileNotFoundError:  # deleted meanwhile
+            return None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
-
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Objects under ``prefix``, sorted by key; ``sha256`` is left out (``head`` has it)."""
         prefix = validate_prefix(prefix)
         base = self.root / prefix if prefix else self.root
         if not base.is_dir():
             return iter(())
         keys = sorted(
-            p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
         )
-        return (self._info(k, self.root / k) for k in keys)
+        return self._infos(keys)
+
+    def _infos(self, keys: list[str]) -> Iterator[ObjectInfo]:
+        for key in keys:
+            try:
+                yield self._info(key, self.root / key, None)
+            except FileNotFoundError:  # deleted since the listing
+                continue
 
     def url(self, key: str, expires_s: int | None = None) -> str:
+        """The object's ``file://`` URI (``expires_s`` does not apply; the object need not exist)."""
         return self._path(key).as_uri()

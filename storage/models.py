@@ -1,0 +1,199 @@
+"""SQLAlchemy models for the farm's state: ``job``, ``shard``, ``artifact``, ``worker``.
+
+Typed declarative models (``Mapped[]``). UUID keys, timezone-aware UTC timestamps on every
+backend, JSON spec and params. Status columns are plain strings checked by the enums; which
+changes are allowed is decided in :mod:`storage.transitions` only.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from storage.status import JobStatus, ShardStatus, WorkerStatus
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use timezone-aware UTC datetimes")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _status(enum: type) -> Enum:
+    return Enum(
+        enum,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+
+
+class Timestamped:
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Job(Timestamped, Base):
+    """One submitted job: its spec, its status and counts rolled up from its shards."""
+
+    __tablename__ = "job"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    kind: Mapped[str] = mapped_column(String(32))
+    family: Mapped[str] = mapped_column(String(16))
+    status: Mapped[JobStatus] = mapped_column(_status(JobStatus), default=JobStatus.PENDING)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    spec: Mapped[dict[str, Any]]
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True)
+    output_prefix: Mapped[str] = mapped_column(String(512))
+    shards_total: Mapped[int] = mapped_column(Integer, default=0)
+    shards_done: Mapped[int] = mapped_column(Integer, default=0)
+    shards_failed: Mapped[int] = mapped_column(Integer, default=0)
+    items_total: Mapped[int] = mapped_column(Integer, default=0)
+    items_done: Mapped[int] = mapped_column(Integer, default=0)
+    items_failed: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    shards: Mapped[list[Shard]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="Shard.index"
+    )
+    artifacts: Mapped[list[Artifact]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    __table_args__ = (Index(None, "status", "created_at"),)
+
+
+class Shard(Timestamped, Base):
+    """A bounded slice of a job's items, rendered by one worker under a lease."""
+
+    __tablename__ = "shard"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    queue: Mapped[str] = mapped_column(String(64))
+    status: Mapped[ShardStatus] = mapped_column(_status(ShardStatus), default=ShardStatus.PENDING)
+    params: Mapped[dict[str, Any]]
+    items_total: Mapped[int] = mapped_column(Integer, default=0)
+    items_done: Mapped[int] = mapped_column(Integer, default=0)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    fencing_token: Mapped[int] = mapped_column(BigInteger, default=0)
+    lease_expires_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    errors: Mapped[list[Any]] = mapped_column(default=list)
+    timings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    enqueued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    job: Mapped[Job] = relationship(back_populates="shards")
+    artifacts: Mapped[list[Artifact]] = relationship(back_populates="shard", passive_deletes=True)
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "index"),
+        Index(None, "job_id", "status"),
+        Index(None, "status", "lease_expires_at"),
+    )
+
+
+class Artifact(Base):
+    """One output object in the store, written by the shard attempt holding ``fencing_token``."""
+
+    __tablename__ = "artifact"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    shard_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("shard.id", ondelete="CASCADE"), index=True)
+    key: Mapped[str] = mapped_column(String(1024), unique=True)
+    item_index: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    content_type: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    model_hash: Mapped[str | None] = mapped_column(String(64))
+    fencing_token: Mapped[int] = mapped_column(BigInteger)
+
+    job: Mapped[Job] = relationship(back_populates="artifacts")
+    shard: Mapped[Shard] = relationship(back_populates="artifacts")
+
+
+class Worker(Timestamped, Base):
+    """A worker process: where it runs, what it serves, and when it last spoke."""
+
+    __tablename__ = "worker"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    queues: Mapped[list[Any]] = mapped_column(default=list)
+    device: Mapped[str] = mapped_column(String(32))
+    gpu_name: Mapped[str | None] = mapped_column(String(255))
+    gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    pinned_models: Mapped[list[Any]] = mapped_column(default=list)
+    status: Mapped[WorkerStatus] = mapped_column(_status(WorkerStatus), default=WorkerStatus.ONLINE)
+    current_shard_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+metadata = Base.metadata

@@ -1,0 +1,33 @@
+"""Status values for jobs, shards and workers. Which changes are allowed lives in ``transitions``."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    PENDING = "pending"  # submitted, not yet split into shards
+    RUNNING = "running"  # shards exist; some are not terminal
+    SUCCEEDED = "succeeded"  # every shard succeeded
+    PARTIAL = "partial"  # every shard ended, some succeeded and some failed
+    FAILED = "failed"  # no shard succeeded (or scheduling failed)
+    CANCELLED = "cancelled"
+
+
+class ShardStatus(StrEnum):
+    PENDING = "pending"  # row exists, message not yet on the broker
+    QUEUED = "queued"  # on the broker, waiting for a worker (also after a retryable failure)
+    RUNNING = "running"  # claimed by a worker under a lease
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class WorkerStatus(StrEnum):
+    ONLINE = "online"
+    LOST = "lost"  # silent past the heartbeat timeout
+    STOPPED = "stopped"  # shut down cleanly
+
+
+JOB_TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED, JobStatus.CANCELLED})
+SHARD_TERMINAL = frozenset({ShardStatus.SUCCEEDED, ShardStatus.FAILED, ShardStatus.CANCELLED})

@@ -1,0 +1,348 @@
+"""The one place that accepts or refuses a change of job or shard status, and shard leases.
+
+Every change is a guarded ``UPDATE ... WHERE id = :id AND status IN (:allowed_from)``: when the
+row is not in a state the table allows, nothing is written and :class:`InvalidTransition` says
+what was attempted from what. Functions take a session and never commit: the caller owns the
+transaction.
+
+Job:   pending -> running | failed | cancelled;  running -> succeeded | partial | failed | cancelled;
+       partial | failed -> running (retry of failed shards).
+Shard: pending -> queued | cancelled;  queued -> running | failed | cancelled;
+       running -> succeeded | failed | queued (retryable failure) | cancelled;  failed -> queued (retry).
+
+Leases: a worker *claims* a queued shard (or a running one whose lease expired: the holder is
+presumed dead). Each claim increments ``attempts`` and the ``fencing_token``; every later write of
+that attempt (heartbeat, progress, finish) is guarded by its token, so a fenced-out attempt's
+late writes raise :class:`LeaseLost` and change nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from farm.errors import InvalidTransition, LeaseLost, NotFound
+from storage.models import Job, Shard, utcnow
+from storage.status import JOB_TERMINAL, SHARD_TERMINAL, JobStatus, ShardStatus
+
+J, S = JobStatus, ShardStatus
+
+JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    J.PENDING: frozenset({J.RUNNING, J.FAILED, J.CANCELLED}),
+    J.RUNNING: frozenset({J.SUCCEEDED, J.PARTIAL, J.FAILED, J.CANCELLED}),
+    J.PARTIAL: frozenset({J.RUNNING}),
+    J.FAILED: frozenset({J.RUNNING}),
+    J.SUCCEEDED: frozenset(),
+    J.CANCELLED: frozenset(),
+}
+
+SHARD_TRANSITIONS: dict[ShardStatus, frozenset[ShardStatus]] = {
+    S.PENDING: frozenset({S.QUEUED, S.CANCELLED}),
+    S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CANCELLED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.QUEUED, S.CANCELLED}),
+    S.FAILED: frozenset({S.QUEUED}),
+    S.SUCCEEDED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+MAX_KEPT_ERRORS = 20
+
+
+def _sources(table: dict[Any, frozenset[Any]], to: Any) -> list[Any]:
+    return [frm for frm, targets in table.items() if to in targets]
+
+
+def check_job_transition(frm: JobStatus, to: JobStatus) -> None:
+    if to not in JOB_TRANSITIONS[JobStatus(frm)]:
+        raise InvalidTransition(f"job status {JobStatus(frm).value} -> {JobStatus(to).value} is not allowed")
+
+
+def check_shard_transition(frm: ShardStatus, to: ShardStatus) -> None:
+    if to not in SHARD_TRANSITIONS[ShardStatus(frm)]:
+        raise InvalidTransition(f"shard status {ShardStatus(frm).value} -> {ShardStatus(to).value} is not allowed")
+
+
+def _guarded(session: Session, model: type, row_id: uuid.UUID, to: Any, allowed: list[Any], values: dict) -> None:
+    what = model.__tablename__
+    if allowed:
+        result = session.execute(
+            update(model)
+            .where(model.id == row_id, model.status.in_(allowed))
+            .values(status=to, updated_at=utcnow(), **values)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            return
+    current = session.scalar(select(model.status).where(model.id == row_id))
+    if current is None:
+        raise NotFound(f"no {what} {row_id}")
+    raise InvalidTransition(f"{what} {row_id}: status {current.value} -> {to.value} is not allowed")
+
+
+def set_job_status(
+    session: Session, job_id: uuid.UUID, to: JobStatus, *, expected: JobStatus | None = None, **values: Any
+) -> None:
+    """Move a job to ``to`` (optionally only from ``expected``), writing ``values`` with it."""
+    allowed = _sources(JOB_TRANSITIONS, to)
+    if expected is not None:
+        check_job_transition(expected, to)
+        allowed = [expected]
+    if to in JOB_TERMINAL:
+        values.setdefault("finished_at", utcnow())
+    _guarded(session, Job, job_id, to, allowed, values)
+
+
+def set_shard_status(
+    session: Session, shard_id: uuid.UUID, to: ShardStatus, *, expected: ShardStatus | None = None, **values: Any
+) -> None:
+    """Move a shard to ``to`` (optionally only from ``expected``). Leased changes of a running
+    shard go through :func:`finish_shard` / :func:`release_shard_for_retry` instead."""
+    allowed = _sources(SHARD_TRANSITIONS, to)
+    if expected is not None:
+        check_shard_transition(expected, to)
+        allowed = [expected]
+    if to in SHARD_TERMINAL:
+        values.setdefault("finished_at", utcnow())
+    _guarded(session, Shard, shard_id, to, allowed, values)
+
+
+def cancel_unstarted_shards(session: Session, job_id: uuid.UUID) -> int:
+    """Cancel every pending or queued shard of a job; returns how many. Running shards stop
+    on their own when they see the job cancelled."""
+    result = session.execute(
+        update(Shard)
+        .where(Shard.job_id == job_id, Shard.status.in_([S.PENDING, S.QUEUED]))
+        .values(status=S.CANCELLED, finished_at=utcnow(), updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount
+
+
+# -- leases -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardLease:
+    """The right of one attempt to write a shard's state, valid while ``fencing_token`` is current."""
+
+    shard_id: uuid.UUID
+    job_id: uuid.UUID
+    owner: str
+    attempt: int
+    fencing_token: int
+    expires_at: datetime
+
+
+def claim_shard(
+    session: Session, shard_id: uuid.UUID, owner: str, lease_seconds: float, now: datetime | None = None
+) -> ShardLease | None:
+    """Take a shard for rendering. Returns ``None`` when it is terminal, pending, held by a live
+    lease, or another claimer won the race; a lease that expired is taken over."""
+    now = now or utcnow()
+    row = session.execute(
+        select(
+            Shard.status, Shard.lease_owner, Shard.lease_expires_at, Shard.fencing_token, Shard.attempts, Shard.errors
+        ).where(Shard.id == shard_id)
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"no shard {shard_id}")
+    takeover = row.status == S.RUNNING and row.lease_expires_at is not None and row.lease_expires_at <= now
+    if row.status != S.QUEUED and not takeover:
+        return None
+    values: dict[str, Any] = {}
+    if takeover:
+        note = f"attempt {row.attempts} by {row.lease_owner}: lease expired at {row.lease_expires_at.isoformat()}"
+        values["errors"] = [*(row.errors or []), note][-MAX_KEPT_ERRORS:]
+    expires = now + timedelta(seconds=lease_seconds)
+    result = session.execute(
+        update(Shard)
+        .where(Shard.id == shard_id, Shard.status == row.status, Shard.fencing_token == row.fencing_token)
+        .values(
+            status=S.RUNNING,
+            attempts=row.attempts + 1,
+            fencing_token=row.fencing_token + 1,
+            lease_owner=owner,
+            lease_expires_at=expires,
+            heartbeat_at=now,
+            started_at=now,
+            updated_at=now,
+            **values,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    job_id = session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
+    return ShardLease(shard_id, job_id, owner, row.attempts + 1, row.fencing_token + 1, expires)
+
+
+def _leased_update(session: Session, lease: ShardLease, values: dict[str, Any], what: str) -> None:
+    result = session.execute(
+        update(Shard)
+        .where(Shard.id == lease.shard_id, Shard.fencing_token == lease.fencing_token, Shard.status == S.RUNNING)
+        .values(updated_at=utcnow(), **values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        raise LeaseLost(
+            f"shard {lease.shard_id}: attempt {lease.attempt} (token {lease.fencing_token}) was fenced out; "
+            f"its {what} is refused"
+        )
+
+
+def renew_lease(
+    session: Session,
+    lease: ShardLease,
+    lease_seconds: float,
+    *,
+    now: datetime | None = None,
+    items_done: int | None = None,
+    progress: float | None = None,
+) -> ShardLease:
+    """Heartbeat: push the expiry out (and record progress). Raises :class:`LeaseLost` when fenced out."""
+    now = now or utcnow()
+    expires = now + timedelta(seconds=lease_seconds)
+    values: dict[str, Any] = {"lease_expires_at": expires, "heartbeat_at": now}
+    if items_done is not None:
+        values["items_done"] = items_done
+    if progress is not None:
+        values["progress"] = max(0.0, min(1.0, progress))
+    _leased_update(session, lease, values, "heartbeat")
+    return ShardLease(lease.shard_id, lease.job_id, lease.owner, lease.attempt, lease.fencing_token, expires)
+
+
+def check_lease(session: Session, lease: ShardLease) -> None:
+    """Raise :class:`LeaseLost` unless this attempt still holds the shard (e.g. before uploading)."""
+    token = session.scalar(select(Shard.fencing_token).where(Shard.id == lease.shard_id, Shard.status == S.RUNNING))
+    if token != lease.fencing_token:
+        raise LeaseLost(f"shard {lease.shard_id}: attempt {lease.attempt} no longer holds the lease")
+
+
+def _append_error(session: Session, lease: ShardLease, error: str) -> list[str]:
+    errors = session.scalar(select(Shard.errors).where(Shard.id == lease.shard_id)) or []
+    return [*errors, f"attempt {lease.attempt} by {lease.owner}: {error}"][-MAX_KEPT_ERRORS:]
+
+
+def finish_shard(
+    session: Session,
+    lease: ShardLease,
+    to: ShardStatus,
+    *,
+    error: str | None = None,
+    timings: dict[str, Any] | None = None,
+    items_done: int | None = None,
+    now: datetime | None = None,
+) -> None:
+    """End the attempt with a terminal status. Raises :class:`LeaseLost` when fenced out."""
+    to = ShardStatus(to)
+    if to not in SHARD_TERMINAL:
+        raise InvalidTransition(f"finish_shard needs a terminal status, not {to.value}")
+    check_shard_transition(S.RUNNING, to)
+    now = now or utcnow()
+    values: dict[str, Any] = {
+        "status": to,
+        "finished_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "error": error,
+    }
+    if to == S.SUCCEEDED:
+        values["progress"] = 1.0
+    if error:
+        values["errors"] = _append_error(session, lease, error)
+    if timings is not None:
+        values["timings"] = timings
+    if items_done is not None:
+        values["items_done"] = items_done
+    _leased_update(session, lease, values, f"finish as {to.value}")
+
+
+def release_shard_for_retry(session: Session, lease: ShardLease, error: str) -> None:
+    """A retryable failure: back to QUEUED with the error kept, for this or another worker."""
+    values = {
+        "status": S.QUEUED,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "error": error,
+        "errors": _append_error(session, lease, error),
+        "progress": 0.0,
+        "items_done": 0,
+    }
+    _leased_update(session, lease, values, "release for retry")
+
+
+# -- job roll-up --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobRollup:
+    """A job's counts from its shards, and the final status they imply once all are terminal."""
+
+    shards_total: int
+    shards_done: int
+    shards_failed: int
+    shards_cancelled: int
+    items_total: int
+    items_done: int
+    items_failed: int
+
+    @property
+    def all_terminal(self) -> bool:
+        return self.shards_total > 0 and (
+            self.shards_done + self.shards_failed + self.shards_cancelled == self.shards_total
+        )
+
+    @property
+    def final_status(self) -> JobStatus | None:
+        if not self.all_terminal:
+            return None
+        if self.shards_done == self.shards_total:
+            return J.SUCCEEDED
+        if self.shards_cancelled:
+            return J.CANCELLED
+        return J.FAILED if self.shards_done == 0 else J.PARTIAL
+
+
+def refresh_job_counts(session: Session, job_id: uuid.UUID) -> JobRollup:
+    """Recompute the job's counts from its shards and store them (status is left alone)."""
+    rows = session.execute(
+        select(Shard.status, func.count(), func.sum(Shard.items_total), func.sum(Shard.items_done))
+        .where(Shard.job_id == job_id)
+        .group_by(Shard.status)
+    ).all()
+    by_status = {ShardStatus(status): (int(n), int(total or 0), int(done or 0)) for status, n, total, done in rows}
+
+    def count(status: ShardStatus, column: int = 0) -> int:
+        return by_status.get(status, (0, 0, 0))[column]
+
+    rollup = JobRollup(
+        shards_total=sum(v[0] for v in by_status.values()),
+        shards_done=count(S.SUCCEEDED),
+        shards_failed=count(S.FAILED),
+        shards_cancelled=count(S.CANCELLED),
+        items_total=sum(v[1] for v in by_status.values()),
+        items_done=sum(v[2] for v in by_status.values()),
+        items_failed=count(S.FAILED, 1) - count(S.FAILED, 2),
+    )
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            shards_total=rollup.shards_total,
+            shards_done=rollup.shards_done,
+            shards_failed=rollup.shards_failed,
+            items_total=rollup.items_total,
+            items_done=rollup.items_done,
+            items_failed=rollup.items_failed,
+            updated_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        raise NotFound(f"no job {job_id}")
+    return rollup
