@@ -105,6 +105,9 @@ class WorkerSettings(_Section):
     progress_interval_s: float = Field(
         default=1.0, ge=0, description="At most one progress write per shard per interval."
     )
+    max_attempts: int = Field(
+        default=3, ge=1, le=20, description="Attempts per shard before a retryable failure is final."
+    )
     metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Prometheus metrics port; empty = off.")
 
 

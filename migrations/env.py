@@ -32,6 +32,12 @@ def run_migrations_online() -> None:
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                # Batch mode rebuilds a table by copy, DROP and rename; with foreign keys on, that
+                # DROP cascades (rebuilding `job` would delete every shard). The pragma only takes
+                # effect outside a transaction, hence the commit before migrating.
+                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                conn.commit()
             _configure_and_run(conn)
     finally:
         engine.dispose()

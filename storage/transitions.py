@@ -7,7 +7,7 @@ transaction.
 
 Job:   pending -> running | failed | cancelled;  running -> succeeded | partial | failed | cancelled;
        partial | failed -> running (retry of failed shards).
-Shard: pending -> queued | cancelled;  queued -> running | failed | cancelled;
+Shard: pending -> queued | running | cancelled;  queued -> running | failed | cancelled;
        running -> succeeded | failed | queued (retryable failure) | cancelled;  failed -> queued (retry).
 
 Leases: a worker *claims* a queued shard (or a running one whose lease expired: the holder is
@@ -42,7 +42,8 @@ JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 SHARD_TRANSITIONS: dict[ShardStatus, frozenset[ShardStatus]] = {
-    S.PENDING: frozenset({S.QUEUED, S.CANCELLED}),
+    # pending -> running: a worker may receive the message before the scheduler marks it queued.
+    S.PENDING: frozenset({S.QUEUED, S.RUNNING, S.CANCELLED}),
     S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CANCELLED}),
     S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.QUEUED, S.CANCELLED}),
     S.FAILED: frozenset({S.QUEUED}),
@@ -111,6 +112,29 @@ def set_shard_status(
     _guarded(session, Shard, shard_id, to, allowed, values)
 
 
+def mark_shards_queued(session: Session, shard_ids: list[uuid.UUID]) -> int:
+    """Pending -> queued for shards whose messages are on the broker (ones a worker already
+    claimed are left alone). Returns how many changed."""
+    if not shard_ids:
+        return 0
+    now = utcnow()
+    result = session.execute(
+        update(Shard)
+        .where(Shard.id.in_(shard_ids), Shard.status == S.PENDING)
+        .values(status=S.QUEUED, enqueued_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount
+
+
+def lease_remaining(session: Session, shard_id: uuid.UUID, now: datetime | None = None) -> float | None:
+    """Seconds until a running shard's lease expires (``None`` when it is not running)."""
+    row = session.execute(select(Shard.status, Shard.lease_expires_at).where(Shard.id == shard_id)).one_or_none()
+    if row is None or row.status != S.RUNNING or row.lease_expires_at is None:
+        return None
+    return max(0.0, (row.lease_expires_at - (now or utcnow())).total_seconds())
+
+
 def cancel_unstarted_shards(session: Session, job_id: uuid.UUID) -> int:
     """Cancel every pending or queued shard of a job; returns how many. Running shards stop
     on their own when they see the job cancelled."""
@@ -141,8 +165,8 @@ class ShardLease:
 def claim_shard(
     session: Session, shard_id: uuid.UUID, owner: str, lease_seconds: float, now: datetime | None = None
 ) -> ShardLease | None:
-    """Take a shard for rendering. Returns ``None`` when it is terminal, pending, held by a live
-    lease, or another claimer won the race; a lease that expired is taken over."""
+    """Take a shard for rendering. Returns ``None`` when it is terminal, held by a live lease, or
+    another claimer won the race; a lease that expired is taken over."""
     now = now or utcnow()
     row = session.execute(
         select(
@@ -152,16 +176,19 @@ def claim_shard(
     if row is None:
         raise NotFound(f"no shard {shard_id}")
     takeover = row.status == S.RUNNING and row.lease_expires_at is not None and row.lease_expires_at <= now
-    if row.status != S.QUEUED and not takeover:
+    if row.status not in (S.PENDING, S.QUEUED) and not takeover:
         return None
     values: dict[str, Any] = {}
     if takeover:
         note = f"attempt {row.attempts} by {row.lease_owner}: lease expired at {row.lease_expires_at.isoformat()}"
         values["errors"] = [*(row.errors or []), note][-MAX_KEPT_ERRORS:]
     expires = now + timedelta(seconds=lease_seconds)
+    guard = [Shard.id == shard_id, Shard.status == row.status, Shard.fencing_token == row.fencing_token]
+    if takeover:  # a heartbeat that lands between our read and this update keeps the lease with its holder
+        guard.append(Shard.lease_expires_at <= now)
     result = session.execute(
         update(Shard)
-        .where(Shard.id == shard_id, Shard.status == row.status, Shard.fencing_token == row.fencing_token)
+        .where(*guard)
         .values(
             status=S.RUNNING,
             attempts=row.attempts + 1,
@@ -309,7 +336,13 @@ class JobRollup:
 
 
 def refresh_job_counts(session: Session, job_id: uuid.UUID) -> JobRollup:
-    """Recompute the job's counts from its shards and store them (status is left alone)."""
+    """Recompute the job's counts from its shards and store them (status is left alone).
+
+    Locks the job row first (``FOR UPDATE``; SQLite serializes writers anyway): without it, two
+    workers finishing the last two shards in concurrent transactions each count the other's shard
+    as still running, neither sees the job end, and the stored counts are stale."""
+    if session.scalar(select(Job.id).where(Job.id == job_id).with_for_update()) is None:
+        raise NotFound(f"no job {job_id}")
     rows = session.execute(
         select(Shard.status, func.count(), func.sum(Shard.items_total), func.sum(Shard.items_done))
         .where(Shard.job_id == job_id)

@@ -91,3 +91,44 @@ def test_models_and_migrations_do_not_drift(fresh_url: str) -> None:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
     engine.dispose()
     assert diff == []
+
+
+REBUILD_JOB = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "9999"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("job", recreate="always") as batch:
+        batch.add_column(sa.Column("note", sa.String(10)))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("job", recreate="always") as batch:
+        batch.drop_column("note")
+"""
+
+
+def test_sqlite_batch_rebuild_keeps_child_rows(tmp_path: Path) -> None:
+    """A later migration that rebuilds `job` in batch mode must not cascade-delete its shards."""
+    import shutil
+
+    from alembic import command
+
+    scripts = tmp_path / "migrations"
+    shutil.copytree(migrate.script_location(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    (scripts / "versions" / "9999_rebuild_job.py").write_text(REBUILD_JOB)
+    url = f"sqlite:///{tmp_path / 'farm.db'}"
+    migrate.upgrade(url)
+    _insert_one_of_each(url)
+    config = migrate.alembic_config(url)
+    config.set_main_option("script_location", str(scripts))
+    command.upgrade(config, "head")
+    assert _counts(url) == dict.fromkeys(TABLES, 1)
+    command.downgrade(config, "0001")
+    assert _counts(url) == dict.fromkeys(TABLES, 1)

@@ -184,13 +184,20 @@ def test_retryable_failure_requeues_and_keeps_errors(session) -> None:
         t.finish_shard(session, again, S.QUEUED)
 
 
-def test_terminal_and_pending_shards_cannot_be_claimed(session) -> None:
-    job = make_job(session, 2)
-    pending, done = job.shards
+def test_terminal_shards_cannot_be_claimed_pending_ones_can(session) -> None:
+    job = make_job(session, 3)
+    pending, done, queued = job.shards
     t.set_shard_status(session, done.id, S.CANCELLED)
+    t.set_shard_status(session, queued.id, S.QUEUED)
     session.commit()
-    assert t.claim_shard(session, pending.id, "w", 60) is None
     assert t.claim_shard(session, done.id, "w", 60) is None
+    # A worker may get the message before the scheduler marked the shard queued.
+    assert t.claim_shard(session, pending.id, "w", 60) is not None
+    assert t.mark_shards_queued(session, [pending.id, queued.id]) == 0
+    session.commit()
+    assert status_of(session, Shard, pending.id) == S.RUNNING
+    assert 59 <= t.lease_remaining(session, pending.id) <= 60
+    assert t.lease_remaining(session, queued.id) is None
 
 
 @pytest.mark.parametrize(
@@ -231,3 +238,38 @@ def test_cancel_unstarted_shards(session) -> None:
     session.commit()
     assert [status_of(session, Shard, s.id) for s in (a, b, c)] == [S.CANCELLED, S.CANCELLED, S.RUNNING]
     assert lease is not None
+
+
+@pytest.mark.integration
+def test_concurrent_last_shards_finish_the_job(pg_url: str) -> None:
+    """Two workers end the last two shards in overlapping transactions: the later roll-up sees both."""
+    import threading
+
+    from storage.db import make_engine, make_session_factory
+
+    engine = make_engine(pg_url)
+    factory = make_session_factory(engine)
+    try:
+        with factory() as s:
+            job = make_job(s, 2)
+            for shard in job.shards:
+                t.set_shard_status(s, shard.id, S.QUEUED)
+            leases = [t.claim_shard(s, shard.id, f"w{i}", 60) for i, shard in enumerate(job.shards)]
+            s.commit()
+        first, second = factory(), factory()
+        t.finish_shard(first, leases[0], S.SUCCEEDED)
+        t.finish_shard(second, leases[1], S.SUCCEEDED)
+        rollups = [t.refresh_job_counts(first, job.id)]
+        worker = threading.Thread(target=lambda: rollups.append(t.refresh_job_counts(second, job.id)))
+        worker.start()
+        worker.join(0.5)  # the second roll-up waits for the first transaction
+        first.commit()
+        worker.join(10)
+        second.commit()
+        first.close()
+        second.close()
+        assert [r.final_status for r in rollups] == [None, J.SUCCEEDED]
+        with factory() as s:
+            assert s.get(Job, job.id).shards_done == 2
+    finally:
+        engine.dispose()
