@@ -11,15 +11,13 @@ in our own tables, so no result backend is needed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from celery import Celery
 from kombu import Queue
 
 from farm.settings import FarmSettings, load_settings
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 CONTROL_QUEUE = "farm.control"
 GPU_QUEUES = ("farm.gpu.sd15", "farm.gpu.sdxl", "farm.gpu.svd")
@@ -53,7 +51,7 @@ def create_app(settings: FarmSettings, *, name: str = "farm") -> Celery:
     options = broker_options(settings)
     if settings.broker.url.startswith("filesystem://"):
         for key in ("data_folder_in", "control_folder"):
-            settings.broker_folder.joinpath(options[key]).mkdir(parents=True, exist_ok=True)
+            Path(options[key]).mkdir(parents=True, exist_ok=True)
     app = Celery(name, broker=settings.broker.url, include=list(TASK_MODULES), set_as_current=False)
     app.conf.update(
         result_backend=settings.broker.result_backend,

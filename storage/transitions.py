@@ -274,8 +274,7 @@ def finish_shard(
     values: dict[str, Any] = {
         "status": to,
         "finished_at": now,
-        "lease_owner": None,
-        "lease_expires_at": None,
+        "lease_expires_at": None,  # the owner stays: it is who ran the final attempt
         "error": error,
     }
     if to == S.SUCCEEDED:

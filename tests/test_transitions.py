@@ -133,7 +133,7 @@ def test_claim_and_duplicate_delivery(session) -> None:
     session.expire_all()
     row = session.get(Shard, shard.id)
     assert row.status == S.SUCCEEDED and row.progress == 1.0 and row.timings == {"denoise_s": 1.5}
-    assert row.lease_owner is None
+    assert row.lease_owner == "worker-a" and row.lease_expires_at is None
     # A redelivery of a finished shard does nothing either.
     assert t.claim_shard(session, shard.id, "worker-b", 60) is None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from farm.cli import config_cmd, db_cmd, storage_cmd
+from farm.cli import config_cmd, db_cmd, jobs_cmd, models_cmd, storage_cmd, worker_cmd
 
 app = typer.Typer(
     name="farm",
@@ -43,6 +43,9 @@ def _root(
 app.add_typer(db_cmd.app, name="db")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(storage_cmd.app, name="storage")
+app.add_typer(models_cmd.app, name="models")
+jobs_cmd.register(app)
+worker_cmd.register(app)
 
 
 def main() -> None:

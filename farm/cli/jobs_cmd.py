@@ -1,0 +1,142 @@
+"""Job commands: submit, status, wait, cancel, retry, results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from farm.cli.common import console, settings
+
+
+def _client():
+    from farm.client import FarmClient
+
+    return FarmClient(settings())
+
+
+def wait_with_progress(client, job_id, timeout: float | None = None) -> dict:
+    """Wait for a job with a progress bar of items done / total and an ETA."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} items"),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task(f"job {str(job_id)[:8]}", total=None, state="")
+
+        def update(summary: dict) -> None:
+            failed = summary["shards_failed"]
+            state = summary["status"] + (f", {failed} shard(s) failed" if failed else "")
+            progress.update(task, total=summary["items_total"] or None, completed=summary["items_done"], state=state)
+
+        return client.wait(job_id, timeout=timeout, on_progress=update)
+
+
+def print_job(summary: dict) -> None:
+    console.print(
+        f"job {summary['id']}  [bold]{summary['status']}[/]  {summary['kind']}/{summary['family']}  "
+        f"items {summary['items_done']}/{summary['items_total']}  shards {summary['shards_done']}/"
+        f"{summary['shards_total']} done, {summary['shards_failed']} failed"
+    )
+    if summary.get("error"):
+        console.print(f"error: {summary['error']}", highlight=False)
+    table = Table()
+    for column in ("shard", "queue", "status", "items", "attempts", "worker", "error"):
+        table.add_column(column, overflow="fold")
+    for s in summary["shards"]:
+        table.add_row(
+            str(s["index"]),
+            s["queue"],
+            s["status"],
+            f"{s['items_done']}/{s['items_total']}",
+            str(s["attempts"]),
+            s["worker"] or "",
+            s["error"] or "",
+        )
+    console.print(table)
+
+
+def submit(
+    spec_file: Path = typer.Argument(..., help="Job spec, YAML or JSON."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the job and show progress."),
+) -> None:
+    """Validate and submit a job spec; prints the job id."""
+    with _client() as client:
+        job_id = client.submit(spec_file)
+        console.print(f"submitted job {job_id}")
+        if wait:
+            print_job(wait_with_progress(client, job_id))
+
+
+def status(job_id: str | None = typer.Argument(None, help="A job id; without it, the latest jobs.")) -> None:
+    """Show one job with its shards, or a table of recent jobs."""
+    with _client() as client:
+        if job_id:
+            print_job(client.get(job_id))
+            return
+        table = Table(title="jobs")
+        for column in ("id", "status", "kind", "family", "items", "failed shards", "created"):
+            table.add_column(column)
+        for j in client.list_jobs():
+            table.add_row(
+                j["id"],
+                j["status"],
+                j["kind"],
+                j["family"],
+                f"{j['items_done']}/{j['items_total']}",
+                str(j["shards_failed"]),
+                j["created_at"][:19],
+            )
+        console.print(table)
+
+
+def wait(
+    job_id: str = typer.Argument(...),
+    timeout: float | None = typer.Option(None, help="Give up after this many seconds."),
+) -> None:
+    """Wait for a job to finish, with a progress bar."""
+    with _client() as client:
+        summary = wait_with_progress(client, job_id, timeout)
+    print_job(summary)
+    if summary["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def cancel(job_id: str = typer.Argument(...)) -> None:
+    """Cancel a job: pending shards now, running shards at their next step."""
+    with _client() as client:
+        print_job(client.cancel(job_id))
+
+
+def retry(job_id: str = typer.Argument(...)) -> None:
+    """Re-queue a job's failed shards."""
+    with _client() as client:
+        console.print(f"re-queued {client.retry_failed(job_id)} failed shard(s) of job {job_id}")
+
+
+def results(
+    job_id: str = typer.Argument(...),
+    download: Path | None = typer.Option(None, "--download", help="Save the outputs into this folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List a job's outputs with URLs (presigned on S3), or download them."""
+    with _client() as client:
+        artifacts = client.results(job_id, download)
+    if as_json:
+        typer.echo(json.dumps(artifacts, indent=2))
+        return
+    for a in artifacts:
+        console.print(f"{a['item_index']:>6}  seed {a['seed']:<12} {a.get('path') or a['url']}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    for command in (submit, status, wait, cancel, retry, results):
+        app.command()(command)

@@ -1,0 +1,119 @@
+"""``farm worker`` (a render worker process) and ``farm demo`` (the embedded farm end to end)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import typer
+
+from farm.cli.common import console, settings
+
+
+def worker(
+    queues: str | None = typer.Option(
+        None, help="Comma-separated queues. Default: the configured worker queues plus farm.control."
+    ),
+    preload: list[str] = typer.Option([], help="FAMILY:MODEL to load before taking work (repeatable)."),
+    name: str | None = typer.Option(None, help="Worker name (default: host-pid)."),
+    loglevel: str = typer.Option("INFO", help="Log level."),
+) -> None:
+    """Run a worker: one process, one device, models pinned in memory."""
+    from farm.celery_app import CONTROL_QUEUE, create_app
+    from farm.worker.runtime import WorkerResources
+
+    cfg = settings()
+    app = create_app(cfg)
+    resources = WorkerResources.create(cfg, name)
+    app.farm_resources = resources
+    for ref in preload:
+        family, _, model = ref.partition(":")
+        loaded = resources.model_cache().get(model, family)
+        console.print(f"pinned {family} model {model} ({loaded.load_seconds:.2f}s)")
+    selected = queues.split(",") if queues else [*cfg.worker.queues, CONTROL_QUEUE]
+    app.worker_main(
+        [
+            "worker",
+            "--queues",
+            ",".join(q.strip() for q in selected if q.strip()),
+            "--pool",
+            "solo",
+            "--hostname",
+            f"{resources.name}@%h",
+            "--loglevel",
+            loglevel,
+            "--task-events",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+def demo(
+    prompts: int = typer.Option(3, min=1, max=20, help="How many prompts."),
+    seeds: int = typer.Option(2, min=1, max=20, help="Seeds per prompt."),
+) -> None:
+    """Run the embedded farm end to end: tiny model, a worker process, a multi-shard job."""
+    from farm.cli.jobs_cmd import print_job, wait_with_progress
+    from farm.client import FarmClient
+    from storage import migrate
+
+    cfg = settings()
+    migrate.upgrade(cfg.database_url)
+    model = (cfg.data_dir / "models" / "tiny-sd15").resolve()
+    if not (model / "model_index.json").is_file():
+        from farm.tiny_models import build_tiny_model
+
+        console.print(f"building a tiny random-weight SD1.5 model in {model} ...")
+        build_tiny_model("sd15", model)
+    log_path = cfg.data_dir / "demo-worker.log"
+    console.print(f"starting a worker process (log: {log_path})")
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "farm", "worker", "--queues", "farm.control,farm.gpu.sd15", "--loglevel", "WARNING"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+        )
+    try:
+        with FarmClient(cfg) as client:
+            spec = {
+                "model": str(model),
+                "family": "sd15",
+                "prompts": [f"a tiny test render number {i}" for i in range(prompts)],
+                "base_seed": 1000,
+                "count": seeds,
+                "steps": 4,
+                "width": 64,
+                "height": 64,
+                "guidance": 5.0,
+                "shard_size": 2,
+                "output_prefix": "demo",
+            }
+            started = time.perf_counter()
+            job_id = client.submit(spec)
+            console.print(f"submitted job {job_id}: {prompts} prompts x {seeds} seeds")
+            summary = wait_with_progress(client, job_id, timeout=600)
+            print_job(summary)
+            outputs = cfg.local_store_root.resolve() / "demo" / str(job_id)
+            console.print(f"finished in {time.perf_counter() - started:.1f}s")
+            console.print(f"outputs:       {outputs}")
+            console.print(f"contact sheet: {outputs / 'contact_sheet.png'}")
+            console.print(f"manifest:      {outputs / 'manifest.json'}")
+            if summary["status"] != "succeeded":
+                raise typer.Exit(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        console.print("worker stopped")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(worker)
+    app.command()(demo)

@@ -1,0 +1,151 @@
+"""The Python client: submit jobs, watch them, cancel or retry them, fetch their results.
+
+``FarmClient(settings)`` needs no torch: it writes job rows, publishes messages and reads state.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from farm.dispatch import publish_finalize, publish_schedule, publish_shards
+from farm.errors import NotFound
+from farm.scheduler import job_summary, parse_job_id, requeue_failed, submit_job
+from farm.settings import FarmSettings, load_settings
+from storage.db import make_engine, make_session_factory, session_scope
+from storage.models import Artifact, Job
+from storage.status import JOB_TERMINAL, JobStatus
+from storage.transitions import cancel_unstarted_shards, set_job_status
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+class FarmClient:
+    """A connection to one farm (its database, broker and object store)."""
+
+    def __init__(self, settings: FarmSettings | None = None) -> None:
+        self.settings = settings or load_settings()
+        self._engine = make_engine(self.settings.database_url, pool_size=self.settings.db.pool_size)
+        self._sessions = make_session_factory(self._engine)
+        self._app = None
+        self._store = None
+
+    # -- resources ------------------------------------------------------------------------------
+    @property
+    def app(self):
+        if self._app is None:
+            from farm.celery_app import create_app
+
+            self._app = create_app(self.settings)
+        return self._app
+
+    @property
+    def store(self):
+        if self._store is None:
+            from storage.objects import open_store
+
+            self._store = open_store(self.settings)
+        return self._store
+
+    def close(self) -> None:
+        self._engine.dispose()
+        if self._app is not None:
+            self._app.close()
+
+    def __enter__(self) -> FarmClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- jobs -----------------------------------------------------------------------------------
+    def submit(self, spec: Any) -> uuid.UUID:
+        """Validate and submit a job (a spec object, a dict, or a YAML/JSON file path). With an
+        idempotency key, resubmitting returns the existing job's id."""
+        from farm.specs import load_spec_file, parse_spec
+
+        if isinstance(spec, str | Path):
+            spec = load_spec_file(Path(spec))
+        elif isinstance(spec, dict):
+            spec = parse_spec(spec)
+        with session_scope(self._sessions) as session:
+            job, _created = submit_job(session, spec)
+            job_id, status = job.id, JobStatus(job.status)
+        if status == JobStatus.PENDING:
+            publish_schedule(self.app, job_id)
+        return job_id
+
+    def get(self, job_id: str | uuid.UUID) -> dict[str, Any]:
+        with session_scope(self._sessions) as session:
+            return job_summary(session, parse_job_id(job_id))
+
+    def list_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        with session_scope(self._sessions) as session:
+            ids = session.scalars(select(Job.id).order_by(Job.created_at.desc()).limit(limit)).all()
+            return [job_summary(session, i) for i in ids]
+
+    def wait(
+        self,
+        job_id: str | uuid.UUID,
+        timeout: float | None = None,
+        poll: float = 0.5,
+        on_progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        """Block until the job is final; returns its summary. Raises ``TimeoutError``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            summary = self.get(job_id)
+            if on_progress is not None:
+                on_progress(summary)
+            if JobStatus(summary["status"]) in JOB_TERMINAL and _settled(summary):
+                return summary
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {summary['status']} after {timeout:.0f}s")
+            time.sleep(poll)
+
+    def cancel(self, job_id: str | uuid.UUID) -> dict[str, Any]:
+        """Cancel a job: pending shards are cancelled now, running ones stop at their next step."""
+        job = parse_job_id(job_id)
+        with session_scope(self._sessions) as session:
+            status = session.scalar(select(Job.status).where(Job.id == job))
+            if status is None:
+                raise NotFound(f"no job {job_id}")
+            if status not in JOB_TERMINAL:
+                set_job_status(session, job, JobStatus.CANCELLED, error="cancelled by request")
+            cancel_unstarted_shards(session, job)
+        publish_finalize(self.app, job)
+        return self.get(job)
+
+    def retry_failed(self, job_id: str | uuid.UUID) -> int:
+        """Re-queue the job's failed shards; returns how many."""
+        with session_scope(self._sessions) as session:
+            dispatches = requeue_failed(session, parse_job_id(job_id))
+        publish_shards(self.app, dispatches)
+        return len(dispatches)
+
+    def results(self, job_id: str | uuid.UUID, download: Path | None = None) -> list[dict[str, Any]]:
+        """The job's artifacts with URLs (presigned for S3); with ``download``, files are saved
+        there too (``path`` added)."""
+        job = parse_job_id(job_id)
+        with session_scope(self._sessions) as session:
+            rows = session.scalars(select(Artifact).where(Artifact.job_id == job).order_by(Artifact.item_index)).all()
+            artifacts = [
+                {"key": a.key, "item_index": a.item_index, "seed": a.seed, "sha256": a.sha256, "size": a.size_bytes}
+                for a in rows
+            ]
+        for artifact in artifacts:
+            artifact["url"] = self.store.url(artifact["key"])
+            if download is not None:
+                target = Path(download) / artifact["key"].rsplit("/", 2)[-2] / artifact["key"].rsplit("/", 1)[-1]
+                artifact["path"] = str(self.store.download(artifact["key"], target))
+        return artifacts
+
+
+def _settled(summary: dict[str, Any]) -> bool:
+    """A cancelled job is settled once no shard is still running."""
+    return all(s["status"] not in ("running",) for s in summary["shards"]) or summary["status"] != "cancelled"

@@ -1,0 +1,48 @@
+"""Publishing farm messages. Tasks are sent by name, so publishers (client, scheduler) never
+import the task modules or anything heavy; arguments are plain JSON (ids as strings)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from farm.celery_app import CONTROL_QUEUE
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from farm.scheduler import ShardDispatch
+
+SCHEDULE_JOB = "farm.schedule_job"
+RENDER_SHARD = "farm.render_shard"
+FINALIZE_JOB = "farm.finalize_job"
+
+
+def publish_schedule(app: Celery, job_id: uuid.UUID) -> None:
+    app.send_task(SCHEDULE_JOB, args=[str(job_id)], queue=CONTROL_QUEUE)
+
+
+def publish_finalize(app: Celery, job_id: uuid.UUID) -> None:
+    app.send_task(FINALIZE_JOB, args=[str(job_id)], queue=CONTROL_QUEUE)
+
+
+def publish_shard(
+    app: Celery, shard_id: uuid.UUID, job_id: uuid.UUID, queue: str, priority: int = 0, countdown: float | None = None
+) -> None:
+    app.send_task(
+        RENDER_SHARD,
+        args=[str(shard_id), str(job_id), time.time()],
+        queue=queue,
+        priority=priority,
+        countdown=countdown,
+    )
+
+
+def publish_shards(app: Celery, dispatches: Iterable[ShardDispatch]) -> list[uuid.UUID]:
+    sent = []
+    for d in dispatches:
+        publish_shard(app, d.shard_id, d.job_id, d.queue, d.priority)
+        sent.append(d.shard_id)
+    return sent

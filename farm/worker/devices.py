@@ -1,0 +1,39 @@
+"""Which device and dtype a worker renders with, decided at run time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cpu" or "cuda" / "cuda:N"
+    dtype_name: str  # "float32", "float16", "bfloat16"
+
+    @property
+    def dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype_name)
+
+
+def resolve_placement(device: str = "auto", dtype: str = "auto") -> Placement:
+    """``auto`` picks CUDA with fp16 when a GPU is visible, else CPU with fp32. fp16 on CPU is
+    refused: most CPU kernels don't implement it."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if device == "auto":
+        device = "cuda" if cuda else "cpu"
+    if device.startswith("cuda") and not cuda:
+        from farm.errors import ConfigError
+
+        raise ConfigError("worker.device is cuda but no CUDA device is visible to this process")
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    if device == "cpu" and dtype == "float16":
+        from farm.errors import ConfigError
+
+        raise ConfigError("worker.dtype float16 needs a CUDA device; use float32 or bfloat16 on CPU")
+    return Placement(device, dtype)

@@ -1,0 +1,103 @@
+"""Renderers: turn one render item into image bytes with a resident diffusers pipeline.
+
+A renderer gets the pipeline, the job spec (as a dict) and one item (prompt index and seed), runs
+the denoising loop with a seeded generator and reports each step through ``on_step`` (which may
+raise to stop: cancellation, a lost lease). Output: PNG bytes with the generation parameters
+embedded as text chunks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# Scheduler names the farm offers -> diffusers scheduler classes (and config overrides).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """Everything one text-to-image render needs, independent of where it came from."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    scheduler: str
+
+
+def set_scheduler(pipeline: Any, name: str) -> None:
+    """Swap the pipeline's scheduler to ``name`` (cheap: built from the existing config)."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
+    cls_name, overrides = SCHEDULERS[name]
+    if type(pipeline.scheduler).__name__ == cls_name and not overrides:
+        return
+    cls = getattr(diffusers, cls_name)
+    pipeline.scheduler = cls.from_config(pipeline.scheduler.config, **overrides)
+
+
+def render_text_to_image(pipeline: Any, request: RenderRequest, on_step: StepCallback | None = None) -> Any:
+    """Render one image; returns a PIL image. ``on_step(step, total)`` runs after every step."""
+    import torch
+
+    set_scheduler(pipeline, request.scheduler)
+    generator = torch.Generator(device="cpu").manual_seed(request.seed)
+
+    def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if on_step is not None:
+            on_step(step + 1, request.steps)
+        return kwargs
+
+    with torch.inference_mode():
+        result = pipeline(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt or None,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            width=request.width,
+            height=request.height,
+            generator=generator,
+            output_type="pil",
+            callback_on_step_end=callback,
+        )
+    return result.images[0]
+
+
+def encode_png(image: Any, parameters: dict[str, Any]) -> bytes:
+    """PNG bytes with the generation parameters as text chunks: ``parameters`` in the
+    A1111-style one-line form image tools read, and ``farm`` as JSON."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    line = (
+        f"{parameters.get('prompt', '')}\nNegative prompt: {parameters.get('negative_prompt', '')}\n"
+        f"Steps: {parameters.get('steps')}, Sampler: {parameters.get('scheduler')}, "
+        f"CFG scale: {parameters.get('guidance')}, Seed: {parameters.get('seed')}, "
+        f"Size: {parameters.get('width')}x{parameters.get('height')}, "
+        f"Model hash: {parameters.get('model_hash', '')[:10]}"
+    )
+    info.add_text("parameters", line)
+    info.add_text("farm", json.dumps(parameters, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

@@ -1,0 +1,221 @@
+"""Running one shard: claim, render each item, upload, record, finish.
+
+:class:`WorkerResources` is what a worker process owns (settings, database, object store, model
+cache); it is created once per process at worker start. :func:`execute_shard` is what the
+``render_shard`` task calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from farm.errors import FarmError, LeaseLost, UserError
+from farm.settings import FarmSettings
+from farm.worker.lease_keeper import LeaseKeeper, ShardCancelled
+from storage.db import make_engine, make_session_factory, session_scope
+from storage.models import Artifact, Job, Shard
+from storage.objects import ObjectStore, open_store
+from storage.status import ShardStatus
+from storage.transitions import (
+    claim_shard,
+    finish_shard,
+    lease_remaining,
+    release_shard_for_retry,
+    renew_lease,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerResources:
+    """Everything one worker process holds for its lifetime."""
+
+    settings: FarmSettings
+    session_factory: Any
+    store: ObjectStore
+    name: str
+    engine: Any = None
+    cache: Any = None  # farm.worker.model_cache.ModelCache, built on first render (imports torch)
+    shards_run: int = 0
+    timings: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, settings: FarmSettings, name: str | None = None) -> WorkerResources:
+        engine = make_engine(settings.database_url, pool_size=settings.db.pool_size)
+        name = name or f"{socket.gethostname()}-{os.getpid()}"
+        return cls(settings, make_session_factory(engine), open_store(settings), name, engine)
+
+    def model_cache(self) -> Any:
+        """The process's model cache, created on first use (control-only workers never need torch)."""
+        if self.cache is None:
+            from farm.worker.devices import resolve_placement
+            from farm.worker.model_cache import ModelCache
+
+            placement = resolve_placement(self.settings.worker.device, self.settings.worker.dtype)
+            self.cache = ModelCache(placement, self.settings.worker.model_cache_mb * (1 << 20))
+        return self.cache
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.dispose()
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    """What happened to one delivery of a shard message, for the task to act on."""
+
+    status: str  # succeeded | failed | cancelled | retry | skipped | busy | fenced
+    job_id: uuid.UUID | None = None
+    retry_in: float | None = None
+    error: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in {"succeeded", "failed", "cancelled"}
+
+
+def execute_shard(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None = None) -> ShardOutcome:
+    """Render one shard if this delivery can take it; safe to call for any delivery."""
+    settings = res.settings.worker
+    claimed_at = time.time()
+    with session_scope(res.session_factory) as session:
+        lease = claim_shard(session, shard_id, res.name, settings.lease_seconds)
+        if lease is None:
+            remaining = lease_remaining(session, shard_id)
+            job_id = session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
+    if lease is None:
+        if remaining is not None:
+            # Held by a live lease: look again once it could have expired (its holder may be dead).
+            return ShardOutcome("busy", job_id, retry_in=remaining + 1.0)
+        return ShardOutcome("skipped", job_id)
+
+    timings: dict[str, float] = {"queue_wait_s": round(max(0.0, claimed_at - sent_at), 4) if sent_at else 0.0}
+    res.shards_run += 1
+    interval = min(settings.heartbeat_seconds, max(settings.progress_interval_s, 0.05))
+    try:
+        with LeaseKeeper(res.session_factory, lease, settings.lease_seconds, interval) as keeper:
+            items_done = _render_items(res, lease.shard_id, lease.job_id, keeper, timings)
+            lease = keeper.lease
+        with session_scope(res.session_factory) as session:
+            finish_shard(session, lease, ShardStatus.SUCCEEDED, timings=timings, items_done=items_done)
+        return ShardOutcome("succeeded", lease.job_id)
+    except LeaseLost as exc:
+        log.warning("shard %s: %s", shard_id, exc)
+        return ShardOutcome("fenced", lease.job_id, error=str(exc))
+    except ShardCancelled:
+        return _finish(res, keeper.lease, ShardStatus.CANCELLED, "job cancelled", timings, "cancelled")
+    except Exception as exc:  # every failure is recorded on the shard, the worker keeps serving
+        message = _describe(exc)
+        log.exception("shard %s failed: %s", shard_id, message)
+        lease = keeper.lease if "keeper" in locals() else lease
+        retryable = not isinstance(exc, UserError) and (not isinstance(exc, FarmError) or exc.retryable)
+        if retryable and lease.attempt < settings.max_attempts:
+            try:
+                with session_scope(res.session_factory) as session:
+                    release_shard_for_retry(session, lease, message)
+            except LeaseLost as lost:
+                return ShardOutcome("fenced", lease.job_id, error=str(lost))
+            return ShardOutcome("retry", lease.job_id, retry_in=min(60.0, 2.0**lease.attempt), error=message)
+        return _finish(res, lease, ShardStatus.FAILED, message, timings, "failed")
+
+
+def _finish(res: WorkerResources, lease, status: ShardStatus, error: str, timings: dict, outcome: str) -> ShardOutcome:
+    try:
+        with session_scope(res.session_factory) as session:
+            finish_shard(session, lease, status, error=error, timings=timings)
+    except LeaseLost as exc:
+        return ShardOutcome("fenced", lease.job_id, error=str(exc))
+    return ShardOutcome(outcome, lease.job_id, error=error)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:2000] if not isinstance(exc, FarmError) else text[:2000]
+
+
+def _render_items(
+    res: WorkerResources, shard_id: uuid.UUID, job_id: uuid.UUID, keeper: LeaseKeeper, timings: dict[str, float]
+) -> int:
+    from farm.specs import parse_spec
+    from farm.worker.renderers import RenderRequest, encode_png, render_text_to_image
+
+    with session_scope(res.session_factory) as session:
+        job = session.get(Job, job_id)
+        spec = parse_spec(job.spec)
+        shard = session.get(Shard, shard_id)
+        items = list(shard.params["items"])
+        done_keys = set(session.scalars(select(Artifact.key).where(Artifact.shard_id == shard_id)))
+    keeper.check()
+
+    started = time.perf_counter()
+    loaded = res.model_cache().get(spec.model, spec.family)
+    timings["load_s"] = round(time.perf_counter() - started, 4)
+    timings["denoise_s"] = timings["upload_s"] = 0.0
+    total = len(items)
+    done = len(done_keys)
+
+    for position, item in enumerate(items):
+        if item["key"] in done_keys:
+            continue
+        request = RenderRequest(
+            prompt=spec.prompts[item["prompt_index"]],
+            negative_prompt=spec.negative_prompt,
+            seed=int(item["seed"]),
+            steps=spec.steps,
+            guidance=spec.guidance,
+            width=spec.width,
+            height=spec.height,
+            scheduler=spec.scheduler,
+        )
+
+        def on_step(step: int, steps: int, position: int = position, done: int = done) -> None:
+            keeper.report(done, (position + step / steps) / total)
+            keeper.check()
+
+        t0 = time.perf_counter()
+        image = render_text_to_image(loaded.pipeline, request, on_step)
+        params = {**request.__dict__, "model": spec.model, "model_hash": loaded.model_hash, "job_id": str(job_id)}
+        png = encode_png(image, params)
+        t1 = time.perf_counter()
+        keeper.check()
+        info = res.store.put_bytes(item["key"], png, content_type="image/png")
+        t2 = time.perf_counter()
+        with session_scope(res.session_factory) as session:
+            # Fenced: the artifact row is only written while this attempt holds the lease.
+            keeper.lease = renew_lease(
+                session,
+                keeper.lease,
+                res.settings.worker.lease_seconds,
+                items_done=done + 1,
+                progress=(position + 1) / total,
+            )
+            session.add(
+                Artifact(
+                    job_id=job_id,
+                    shard_id=shard_id,
+                    key=item["key"],
+                    item_index=int(item["index"]),
+                    seed=int(item["seed"]),
+                    sha256=info.sha256,
+                    size_bytes=info.size,
+                    content_type="image/png",
+                    params=params,
+                    model_hash=loaded.model_hash,
+                    fencing_token=keeper.lease.fencing_token,
+                )
+            )
+        done += 1
+        keeper.report(done, (position + 1) / total)
+        timings["denoise_s"] += round(t1 - t0, 4)
+        timings["upload_s"] += round(t2 - t1, 4)
+    timings["items"] = float(total)
+    return done
