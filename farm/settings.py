@@ -108,6 +108,10 @@ class WorkerSettings(_Section):
     max_attempts: int = Field(
         default=3, ge=1, le=20, description="Attempts per shard before a retryable failure is final."
     )
+    fail_shards: list[int] = Field(
+        default_factory=list,
+        description="Fault drills only: shard indexes this worker fails on purpose (non-retryable).",
+    )
     metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Prometheus metrics port; empty = off.")
 
 

@@ -3,5 +3,6 @@
 pytest_plugins = [
     "tests.fixtures.brokers",
     "tests.fixtures.database",
+    "tests.fixtures.farm",
     "tests.fixtures.seaweed",
 ]

@@ -69,6 +69,10 @@ class WorkerResources:
             self.engine.dispose()
 
 
+class InjectedFault(UserError):
+    """A failure requested by ``worker.fail_shards`` (fault drills and tests)."""
+
+
 @dataclass(frozen=True)
 class ShardOutcome:
     """What happened to one delivery of a shard message, for the task to act on."""
@@ -154,6 +158,8 @@ def _render_items(
         shard = session.get(Shard, shard_id)
         items = list(shard.params["items"])
         done_keys = set(session.scalars(select(Artifact.key).where(Artifact.shard_id == shard_id)))
+        if shard.index in res.settings.worker.fail_shards:
+            raise InjectedFault(f"shard {shard.index}: injected fault (worker.fail_shards)")
     keeper.check()
 
     started = time.perf_counter()

@@ -1,10 +1,14 @@
-"""Object storage: one protocol, a local folder and S3, keys built from validated parts."""
+"""Object storage: one protocol, a local folder and S3, keys built from validated parts.
+
+``S3Store`` is imported on first use (``from storage.objects import S3Store`` works), so importing
+this package does not load boto3.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from storage.objects.base import ObjectInfo, ObjectStore
+from storage.objects.base import ObjectInfo, ObjectStore, guess_content_type
 from storage.objects.keys import (
     artifact_key,
     job_prefix,
@@ -18,12 +22,15 @@ from storage.objects.local import LocalStore
 
 if TYPE_CHECKING:
     from farm.settings import FarmSettings
+    from storage.objects.s3 import S3Store
 
 __all__ = [
     "LocalStore",
     "ObjectInfo",
     "ObjectStore",
+    "S3Store",
     "artifact_key",
+    "guess_content_type",
     "job_prefix",
     "join_key",
     "manifest_key",
@@ -34,8 +41,16 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    if name == "S3Store":
+        from storage.objects.s3 import S3Store
+
+        return S3Store
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def open_store(settings: FarmSettings) -> ObjectStore:
-    """The object store the settings describe."""
+    """The object store the settings describe: S3 for ``backend=s3``, else a local folder."""
     if settings.storage.backend == "s3":
         from storage.objects.s3 import S3Store
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import mimetypes
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+
+def guess_content_type(key: str) -> str:
+    """The content type for a key's extension (``application/octet-stream`` when unknown)."""
+    return mimetypes.guess_type(key)[0] or "application/octet-stream"
 
 
 @dataclass(frozen=True)

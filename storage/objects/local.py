@@ -13,7 +13,6 @@ metadata is accepted and dropped, so ``put_*`` returns exactly what ``head`` lat
 from __future__ import annotations
 
 import hashlib
-import mimetypes
 import os
 import secrets
 import shutil
@@ -23,16 +22,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from farm.errors import InvalidKey, ObjectNotFound, StorageAccessDenied, StorageError
-from storage.objects.base import ObjectInfo
+from storage.objects.base import ObjectInfo, guess_content_type
 from storage.objects.keys import validate_key, validate_prefix
 
 _CHUNK = 1 << 20
 _TMP_PREFIX = ".tmp-"  # no valid key part starts with "."; list() skips these
-
-
-def guess_content_type(key: str) -> str:
-    """The content type for a key's extension (``application/octet-stream`` when unknown)."""
-    return mimetypes.guess_type(key)[0] or "application/octet-stream"
 
 
 def _sha256_file(path: Path) -> str:
@@ -180,9 +174,7 @@ class LocalStore:
         if not base.is_dir():
             return iter(())
         keys = sorted(
-            p.relative_to(self.root).as_posix()
-            for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".")
+            p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")
         )
         return self._infos(keys)
 
