@@ -37,8 +37,13 @@ def broker_options(settings: FarmSettings) -> dict[str, Any]:
             "store_processed": False,
         }
     if url.startswith(("redis://", "rediss://")):
+        vt = settings.broker.visibility_timeout
         return {
-            "visibility_timeout": settings.broker.visibility_timeout,
+            "visibility_timeout": vt,
+            # kombu sweeps for messages of dead workers every interval x throttle seconds
+            # (100 s by default); sweep at a quarter of the visibility timeout, at most every 10 s.
+            "unacked_restore_interval": max(1, min(10, vt // 4)),
+            "unacked_restore_throttle": 1,
             "priority_steps": list(range(MAX_PRIORITY + 1)),
             "sep": ":",
             "queue_order_strategy": "priority",

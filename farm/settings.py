@@ -57,7 +57,7 @@ class BrokerSettings(_Section):
     )
     visibility_timeout: int = Field(
         default=4 * 3600,
-        ge=60,
+        ge=5,
         description="Redis only: seconds before an unacknowledged message is redelivered. "
         "Set above your longest shard; the database lease covers the rest.",
     )

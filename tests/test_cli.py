@@ -94,3 +94,16 @@ def test_config_show_hides_secrets(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "Hunter2-real" not in out.stdout
     assert "FARM_DB__URL" in out.stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_the_embedded_farm(tmp_path: Path) -> None:
+    """The README's main command on a fresh folder: tiny model, worker process, 3-shard job."""
+    out = farm("demo", cwd=tmp_path, env={"COLUMNS": "200"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "succeeded" in out.stdout and "6/6" in out.stdout
+    outputs = list((tmp_path / "farm-data" / "objects" / "demo").glob("*/"))
+    assert len(outputs) == 1
+    assert len(list(outputs[0].glob("*/*.png"))) == 6
+    assert (outputs[0] / "contact_sheet.png").is_file() and (outputs[0] / "manifest.json").is_file()
+    assert "worker stopped" in out.stdout

@@ -92,7 +92,7 @@ def _count(engine, model) -> int:
 @pytest.mark.integration
 def test_failing_shard_makes_the_job_partial(farm_factory, tiny_models, pg_url, redis_url) -> None:
     farm = farm_factory(broker=redis_url, db_url=pg_url, FARM_WORKER__FAIL_SHARDS="[1]")
-    farm.start_worker(ALL_QUEUES)
+    faulty = farm.start_worker(ALL_QUEUES, name="faulty")
     with farm.client() as client:
         job_id = client.submit(text_job(tiny_models["sd15"]))
         summary = client.wait(job_id, timeout=180)
@@ -103,6 +103,15 @@ def test_failing_shard_makes_the_job_partial(farm_factory, tiny_models, pg_url, 
         assert len(client.results(job_id)) == 4
         # The worker kept serving: a second job on the same worker also runs (and is partial again).
         assert client.wait(client.submit(text_job(tiny_models["sd15"])), timeout=180)["status"] == "partial"
+        # `farm retry` on a healthy worker finishes the first job.
+        faulty.stop()
+        farm.start_worker(ALL_QUEUES, name="healthy", FARM_WORKER__FAIL_SHARDS="[]")
+        assert client.retry_failed(job_id) == 1
+        summary = client.wait(job_id, timeout=180)
+        assert summary["status"] == "succeeded" and len(client.results(job_id)) == 6
+        retried = summary["shards"][1]
+        assert retried["attempts"] == 2 and retried["worker"] == "healthy" and retried["error"] is None
+        assert "injected fault" in retried["errors"][0]
 
 
 @pytest.mark.integration
@@ -127,7 +136,7 @@ def test_killed_worker_shard_is_taken_over(farm_factory, tiny_models, pg_url, re
     farm = farm_factory(
         broker=redis_url,
         db_url=pg_url,
-        FARM_BROKER__VISIBILITY_TIMEOUT="60",
+        FARM_BROKER__VISIBILITY_TIMEOUT="10",
         FARM_WORKER__LEASE_SECONDS="5",
     )
     farm.start_worker(["farm.control"], name="control")

@@ -77,7 +77,7 @@ def load_pipeline(model: str, family: str, placement: Placement) -> tuple[Any, s
             raise ModelLoadError(f"model {model!r} is a {declared}, not a {expected} (family {family})")
     cls = getattr(diffusers, PIPELINE_CLASSES[family])
     try:
-        pipeline = cls.from_pretrained(model, torch_dtype=placement.dtype, use_safetensors=True, local_files_only=local)
+        pipeline = cls.from_pretrained(model, dtype=placement.dtype, use_safetensors=True, local_files_only=local)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"model {model!r} could not be loaded: {str(exc).splitlines()[0][:300]}") from None
     pipeline.to(placement.device)

@@ -1,0 +1,58 @@
+"""The pinned-model cache on real tiny pipelines: load once, hit after, LRU under a budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from farm.errors import ConfigError, UserError
+from farm.worker.devices import resolve_placement
+from farm.worker.model_cache import ModelCache, ModelLoadError, model_fingerprint
+
+
+def test_load_once_then_hit(tiny_models) -> None:
+    cache = ModelCache(resolve_placement("cpu"), budget_bytes=1 << 30)
+    first = cache.get(str(tiny_models["sd15"]), "sd15")
+    second = cache.get(str(tiny_models["sd15"]), "sd15")
+    assert first is second and first.pipeline is second.pipeline
+    assert (cache.loads, cache.hits) == (1, 1)
+    assert first.size_bytes > 0 and len(first.model_hash) == 64
+    assert first.model_hash == model_fingerprint(tiny_models["sd15"])
+
+
+def test_lru_eviction_under_budget(tiny_models) -> None:
+    placement = resolve_placement("cpu")
+    probe = ModelCache(placement, 1 << 30)
+    sd15_bytes = probe.get(str(tiny_models["sd15"]), "sd15").size_bytes
+    cache = ModelCache(placement, budget_bytes=sd15_bytes + 1)  # room for one model only
+    cache.get(str(tiny_models["sd15"]), "sd15")
+    cache.get(str(tiny_models["sdxl"]), "sdxl")
+    assert cache.resident() == [(str(tiny_models["sdxl"]), "sdxl")]
+    assert cache.evictions == 1
+    cache.get(str(tiny_models["sd15"]), "sd15")
+    assert cache.loads == 3 and cache.hits == 0
+
+
+def test_bad_models_are_clear_user_errors(tiny_models, tmp_path) -> None:
+    cache = ModelCache(resolve_placement("cpu"), 1 << 30)
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        cache.get(str(tmp_path / "missing"), "sd15")
+    with pytest.raises(ModelLoadError, match="not a StableDiffusionXLPipeline"):
+        cache.get(str(tiny_models["sd15"]), "sdxl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match=r"model_index\.json"):
+        cache.get(str(tmp_path / "empty"), "sd15")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ModelLoadError):
+        cache.get(str(broken), "sd15")
+    assert issubclass(ModelLoadError, UserError) and cache.loads == 0
+
+
+def test_placement() -> None:
+    assert resolve_placement("auto", "auto").device in {"cpu", "cuda"}
+    assert resolve_placement("cpu", "auto").dtype_name == "float32"
+    with pytest.raises(ConfigError, match="float16 needs a CUDA device"):
+        resolve_placement("cpu", "float16")
