@@ -1,207 +1,528 @@
 """Job specs: what a user submits, validated strictly before anything is written.
 
-Specs are pydantic models with limits and ``extra="forbid"``. ``parse_spec`` turns a dict into a
-spec or raises :class:`SpecError`, whose message lists every problem as ``field.path: reason``.
-Specs round-trip through JSON (they are stored on the job row). Job kinds form a discriminated
-union on ``kind``; patch types register into :data:`PATCH_TYPES` and are validated on ``type``.
+A spec is a frozen, strict pydantic model with limits on every field and ``extra="forbid"``.
+:class:`JobSpec` holds the fields every job kind shares; each kind is a subclass with a
+``kind: Literal[...]`` field, registered with :func:`register_job_kind`. :func:`parse_spec`
+validates a dict through :func:`spec_adapter`, a ``TypeAdapter`` over the discriminated union
+of the registered kinds (a missing ``kind`` means ``text_to_image``), and raises
+:class:`SpecError` listing every problem as ``field.path[index]: reason``.
+
+Patches (``patches: [{type: ..., ...}]``) are validated the same way: a patch type is a
+:class:`PatchSpec` subclass with a ``type: Literal[...]`` field, registered with
+:func:`register_patch_type`. Until one is registered every patch is refused.
+
+Specs round-trip through JSON (``parse_spec(spec.model_dump(mode="json")) == spec``): that
+JSON is what the job row stores, and :func:`spec_fingerprint` hashes it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import math
+import os
+import re
+from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainValidator,
+    SerializeAsAny,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from farm.errors import InvalidKey, UserError
 from storage.objects.keys import validate_prefix
 
+# -- limits --------------------------------------------------------------------------------------
+MAX_MODEL_CHARS = 512
 MAX_PROMPTS = 1000
 MAX_PROMPT_CHARS = 2000
 MAX_SEEDS = 10_000
-MAX_ITEMS = 100_000
 MAX_SEED = 2**63 - 1
+MAX_ITEMS = 100_000  # render items (prompts x seeds x ...) in one job
+MAX_SHARD_SIZE = 256
+MAX_PATCHES = 16
+MAX_OUTPUT_PREFIX_CHARS = 256  # keeps every output key well under the key length limit
 MAX_SPEC_FILE_BYTES = 1 << 20
-SCHEDULER_NAMES = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "lms", "heun", "unipc")
+MAX_PROBLEMS_SHOWN = 20  # in a SpecError's message; ``problems`` keeps them all
+
+DEFAULT_KIND = "text_to_image"
 Family = Literal["sd15", "sdxl", "svd"]
+FAMILIES: tuple[str, ...] = get_args(Family)
 
-# Patch types: later modules register a pydantic model with a ``type: Literal[...]`` field here.
-PATCH_TYPES: dict[str, type[BaseModel]] = {}
+# Scheduler names a spec may use -> diffusers scheduler class names (no diffusers import here).
+SCHEDULERS: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+SchedulerName = Literal["ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "unipc"]
+
+IDEMPOTENCY_KEY_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~/")
+
+# Modules that define further job kinds or patch types; imported (once) before the registries are
+# used, so every process that parses specs knows every kind. Later issues append to this tuple.
+EXTENSION_MODULES: tuple[str, ...] = ()
 
 
+# -- errors --------------------------------------------------------------------------------------
 class SpecError(UserError):
-    """A job spec was refused. ``problems`` holds ``(field path, reason)`` pairs."""
+    """A job spec was refused. ``problems`` holds every ``(field path, reason)`` pair found."""
 
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        self.problems = problems
-        super().__init__("invalid job spec: " + "; ".join(f"{path}: {reason}" for path, reason in problems))
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems: list[tuple[str, str]] = list(problems)
+        shown = [f"{path}: {reason}" for path, reason in self.problems[:MAX_PROBLEMS_SHOWN]]
+        hidden = len(self.problems) - len(shown)
+        if hidden > 0:
+            shown.append(f"... and {hidden} more problem{'s' if hidden > 1 else ''}")
+        super().__init__("invalid job spec: " + "; ".join(shown))
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+def _problem(loc: tuple[str | int, ...], reason: str, value: Any) -> ValidationError:
+    """A validation error at ``loc`` (relative to where it is raised) that pydantic merges into
+    the spec's errors with the full path. ``reason`` is shown as is (no template expansion)."""
+    error = PydanticCustomError("spec_problem", "{reason}", {"reason": reason})
+    return ValidationError.from_exception_data("JobSpec", [{"type": error, "loc": loc, "input": value}])
 
 
-def register_patch_type(model: type[BaseModel]) -> type[BaseModel]:
-    """Make a patch model acceptable in ``patches`` (keyed by its ``type`` literal)."""
-    name = model.model_fields["type"].default
+# -- patches -------------------------------------------------------------------------------------
+class PatchSpec(BaseModel):
+    """Base of every patch type. A patch type subclasses this with ``type: Literal["name"]`` and
+    its own fields, and is registered with :func:`register_patch_type`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    type: str
+
+
+PATCH_TYPES: dict[str, type[PatchSpec]] = {}
+
+
+def _literal_value(model: type[BaseModel], field: str) -> str:
+    """The single string of ``model``'s ``field: Literal["..."]`` annotation."""
+    info = model.model_fields.get(field)
+    values = get_args(info.annotation) if info is not None else ()
+    if len(values) != 1 or not isinstance(values[0], str):
+        raise TypeError(f"{model.__name__}.{field} must be annotated Literal['<name>'] with one value")
+    return values[0]
+
+
+PatchT = TypeVar("PatchT", bound=type[PatchSpec])
+
+
+def register_patch_type(model: PatchT) -> PatchT:
+    """Accept ``model`` in ``patches`` under its ``type`` literal. Usable as a class decorator."""
+    if not (isinstance(model, type) and issubclass(model, PatchSpec)):
+        raise TypeError(f"{model!r} is not a PatchSpec subclass")
+    name = _literal_value(model, "type")
+    if PATCH_TYPES.get(name, model) is not model:
+        raise TypeError(f"patch type {name!r} is already registered by {PATCH_TYPES[name].__name__}")
     PATCH_TYPES[name] = model
     return model
 
 
-def _parse_patch(value: Any) -> BaseModel:
-    if isinstance(value, BaseModel):
+def known_patch_types() -> list[str]:
+    load_extensions()
+    return sorted(PATCH_TYPES)
+
+
+def _validate_patch(value: Any) -> PatchSpec:
+    """Dispatch one ``patches`` entry to its registered model by ``type``."""
+    if isinstance(value, PatchSpec) and PATCH_TYPES.get(value.type) is type(value):
         return value
-    if not isinstance(value, dict) or "type" not in value:
-        raise ValueError("a patch is an object with a 'type' field")
-    model = PATCH_TYPES.get(value["type"])
+    if not isinstance(value, dict):
+        raise _problem((), "a patch must be an object with a 'type' field", value)
+    known = ", ".join(known_patch_types()) or "none"
+    if "type" not in value:
+        raise _problem(("type",), f"missing; known types: {known}", value)
+    name = value["type"]
+    model = PATCH_TYPES.get(name) if isinstance(name, str) else None
     if model is None:
-        known = ", ".join(sorted(PATCH_TYPES)) or "none"
-        raise ValueError(f"unknown patch type {value['type']!r}; known types: {known}")
+        raise _problem(("type",), f"unknown patch type {_shown(name)}; known types: {known}", name)
     return model.model_validate(value)
 
 
-Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+Patch = Annotated[SerializeAsAny[PatchSpec], PlainValidator(_validate_patch)]
 
 
-class TextToImageSpec(_Strict):
-    """Plain text-to-image: prompts x seeds on an SD1.5 or SDXL model."""
+# -- job kinds -----------------------------------------------------------------------------------
+def _clean_text(value: str) -> str:
+    """Free text (prompts): no control characters but tab and newline (the spec is stored as
+    JSON in Postgres, which refuses NUL; pydantic already refuses unpaired surrogates)."""
+    for ch in value:
+        if (ord(ch) < 32 and ch not in "\t\n\r") or ord(ch) == 127:
+            raise _problem((), "must not contain control characters (tab and newline are fine)", value)
+    return value
 
-    kind: Literal["text_to_image"] = "text_to_image"
-    model: str = Field(min_length=1, max_length=512, description="local diffusers folder or hub id org/name")
-    family: Literal["sd15", "sdxl"]
+
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_clean_text)]
+NegativePrompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_clean_text)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+class JobSpec(BaseModel):
+    """Fields every job kind shares. Concrete kinds subclass it (``kind: Literal[...]``, and
+    ``families`` naming the model families they run on); :func:`parse_spec` returns one of them.
+
+    Seeds come in exactly one of two forms: ``seeds`` (an explicit list) or ``base_seed`` +
+    ``count`` (``base_seed, base_seed + 1, ...``); :meth:`resolved_seeds` gives the list.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    families: ClassVar[tuple[str, ...]] = FAMILIES
+
+    kind: str
+    model: str = Field(
+        min_length=1,
+        max_length=MAX_MODEL_CHARS,
+        description="hub id 'org/name' or a local diffusers folder (absolute, or starting with ./ ../ ~/)",
+    )
+    family: Family
     prompts: list[Prompt] = Field(min_length=1, max_length=MAX_PROMPTS)
-    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
-    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(default=None, max_length=MAX_SEEDS)
-    base_seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    negative_prompt: NegativePrompt = ""
+    seeds: list[Seed] | None = Field(default=None, min_length=1, max_length=MAX_SEEDS)
+    base_seed: Seed | None = None
     count: int | None = Field(default=None, ge=1, le=MAX_SEEDS)
     steps: int = Field(default=30, ge=1, le=150)
     guidance: float = Field(default=7.0, ge=0.0, le=30.0)
     width: int = Field(default=512, ge=64, le=2048)
     height: int = Field(default=512, ge=64, le=2048)
-    scheduler: Literal["ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "lms", "heun", "unipc"] = "euler"
-    shard_size: int = Field(default=4, ge=1, le=256)
+    scheduler: SchedulerName = "euler"
+    shard_size: int = Field(default=4, ge=1, le=MAX_SHARD_SIZE, description="render items per shard")
     priority: int = Field(default=0, ge=0, le=9)
-    output_prefix: str = Field(default="renders", max_length=256)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
-    patches: list[Any] = Field(default_factory=list, max_length=16)
+    output_prefix: str = Field(default="renders", max_length=MAX_OUTPUT_PREFIX_CHARS)
+    idempotency_key: str | None = None
+    patches: list[Patch] = Field(default_factory=list, max_length=MAX_PATCHES)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _concrete_only(cls, data: Any) -> Any:
+        if cls is JobSpec:
+            raise TypeError("JobSpec is the common base of the job kinds; validate with parse_spec()")
+        return data
 
     @field_validator("model")
     @classmethod
     def _model_ref(cls, value: str) -> str:
-        if any(ord(ch) < 32 for ch in value):
-            raise ValueError("must not contain control characters")
+        if value != value.strip():
+            raise _problem((), "must not start or end with whitespace", value)
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise _problem((), "must not contain control characters", value)
+        if "://" in value:
+            raise _problem((), "URLs are not supported; use a hub id 'org/name' or a local folder", value)
+        if value.startswith(LOCAL_PATH_PREFIXES) or value in ("~", "."):
+            return value
+        if HUB_ID_RE.fullmatch(value) is None or ".." in value or "--" in value:
+            raise _problem(
+                (),
+                "must be a hub id 'org/name' or a local folder path (absolute, or starting with ./ ../ ~/)",
+                value,
+            )
+        return value
+
+    @field_validator("family")
+    @classmethod
+    def _family_for_kind(cls, value: str) -> str:
+        if value not in cls.families:
+            kind = _literal_value(cls, "kind")
+            raise _problem((), f"{kind} jobs run on {' or '.join(cls.families)} models, not {value}", value)
+        return value
+
+    @field_validator("prompts")
+    @classmethod
+    def _no_blank_prompts(cls, value: list[str]) -> list[str]:
+        for i, prompt in enumerate(value):
+            if not prompt.strip():
+                raise _problem((i,), "must not be blank", prompt)
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            first: dict[int, int] = {}
+            for i, seed in enumerate(value):
+                if seed in first:
+                    raise _problem((i,), f"duplicate of seeds[{first[seed]}] ({seed}); seeds must be unique", seed)
+                first[seed] = i
         return value
 
     @field_validator("width", "height")
     @classmethod
     def _multiple_of_8(cls, value: int) -> int:
         if value % 8:
-            raise ValueError("must be a multiple of 8")
+            raise _problem((), "must be a multiple of 8", value)
         return value
 
     @field_validator("output_prefix")
     @classmethod
-    def _prefix(cls, value: str) -> str:
+    def _output_prefix(cls, value: str) -> str:
         try:
             return validate_prefix(value, "output_prefix")
         except InvalidKey as exc:
-            raise ValueError(str(exc)) from None
+            raise _problem((), str(exc).removeprefix("output_prefix").lstrip(": "), value) from None
 
-    @field_validator("patches", mode="before")
+    @field_validator("idempotency_key")
     @classmethod
-    def _patches(cls, value: Any) -> Any:
-        if not isinstance(value, list):
-            raise ValueError("must be a list of patches")
-        return [_parse_patch(v) for v in value]
-
-    @field_validator("seeds")
-    @classmethod
-    def _unique_seeds(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and len(set(value)) != len(value):
-            raise ValueError("seeds must be unique")
+    def _idempotency_key(cls, value: str | None) -> str | None:
+        if value is not None and IDEMPOTENCY_KEY_RE.fullmatch(value) is None:
+            raise _problem((), "must be 1-128 characters of A-Z a-z 0-9 . _ : -", value)
         return value
 
     @model_validator(mode="after")
-    def _seed_form_and_size(self) -> TextToImageSpec:
+    def _seed_form_and_size(self) -> JobSpec:
         explicit = self.seeds is not None
         ranged = self.base_seed is not None or self.count is not None
-        if explicit == ranged:
-            raise ValueError("give either seeds, or base_seed and count (exactly one form)")
-        if ranged and (self.base_seed is None or self.count is None):
-            raise ValueError("base_seed and count go together")
-        if ranged and self.base_seed + self.count - 1 > MAX_SEED:
-            raise ValueError(f"base_seed + count exceeds the largest seed {MAX_SEED}")
-        items = len(self.prompts) * len(self.resolved_seeds())
-        if items > MAX_ITEMS:
-            raise ValueError(
-                f"{len(self.prompts)} prompts x {len(self.resolved_seeds())} seeds = {items} items; "
-                f"the limit is {MAX_ITEMS} per job"
-            )
+        if explicit and ranged:
+            raise _problem(("seeds",), "give either 'seeds' or 'base_seed' + 'count', not both", self.seeds)
+        if not explicit and not ranged:
+            raise _problem(("seeds",), "missing: give 'seeds' (a list) or 'base_seed' + 'count'", None)
+        if self.base_seed is not None and self.count is None:
+            raise _problem(("count",), "required with base_seed", None)
+        if self.count is not None and self.base_seed is None:
+            raise _problem(("base_seed",), "required with count", None)
+        if self.base_seed is not None and self.count is not None and self.base_seed + self.count - 1 > MAX_SEED:
+            raise _problem(("count",), f"base_seed + count - 1 exceeds the largest seed {MAX_SEED}", self.count)
+        axes = self.item_axes()
+        total = math.prod(axes.values())
+        if total > MAX_ITEMS:
+            product = " x ".join(f"{n} {name}" for name, n in axes.items())
+            raise _problem((), f"{product} = {total} items; a job may have at most {MAX_ITEMS}", total)
         return self
 
     def resolved_seeds(self) -> list[int]:
+        """The job's seeds in order: the ``seeds`` list, or ``base_seed .. base_seed + count - 1``."""
         if self.seeds is not None:
             return list(self.seeds)
+        assert self.base_seed is not None and self.count is not None  # guaranteed by validation
         return list(range(self.base_seed, self.base_seed + self.count))
 
+    def item_axes(self) -> dict[str, int]:
+        """Size of each axis the job's render items span (their product is the item count).
+        A kind with a further axis (reference frames, ...) extends this."""
+        count = len(self.seeds) if self.seeds is not None else (self.count or 0)
+        return {"prompts": len(self.prompts), "seeds": count}
 
-JobSpec = Annotated[TextToImageSpec, Field(discriminator="kind")]
-_ADAPTER: TypeAdapter[Any] = TypeAdapter(TextToImageSpec)
+    def item_count(self) -> int:
+        return math.prod(self.item_axes().values())
 
 
-def _path(loc: tuple[Any, ...]) -> str:
+JOB_KINDS: dict[str, type[JobSpec]] = {}
+_adapter_cache: tuple[tuple[type[JobSpec], ...], TypeAdapter[Any]] | None = None
+
+SpecT = TypeVar("SpecT", bound=type[JobSpec])
+
+
+def register_job_kind(model: SpecT) -> SpecT:
+    """Make ``model`` (a :class:`JobSpec` subclass with ``kind: Literal["name"]``) a job kind
+    that :func:`parse_spec` accepts. Usable as a class decorator."""
+    if not (isinstance(model, type) and issubclass(model, JobSpec)) or model is JobSpec:
+        raise TypeError(f"{model!r} is not a JobSpec subclass")
+    name = _literal_value(model, "kind")
+    if JOB_KINDS.get(name, model) is not model:
+        raise TypeError(f"job kind {name!r} is already registered by {JOB_KINDS[name].__name__}")
+    JOB_KINDS[name] = model
+    return model
+
+
+@register_job_kind
+class TextToImageSpec(JobSpec):
+    """Plain text-to-image: every prompt with every seed, on an SD1.5 or SDXL model."""
+
+    families: ClassVar[tuple[str, ...]] = ("sd15", "sdxl")
+
+    kind: Literal["text_to_image"] = "text_to_image"
+
+
+def known_job_kinds() -> list[str]:
+    load_extensions()
+    return sorted(JOB_KINDS)
+
+
+def _kind_of(value: Any) -> str | None:
+    """The discriminator: a spec's ``kind`` (``text_to_image`` when absent)."""
+    kind = value.get("kind", DEFAULT_KIND) if isinstance(value, dict) else getattr(value, "kind", None)
+    return kind if isinstance(kind, str) else None
+
+
+def spec_adapter() -> TypeAdapter[Any]:
+    """The ``TypeAdapter`` over the discriminated union (on ``kind``) of every registered kind."""
+    global _adapter_cache
+    load_extensions()
+    kinds = tuple(JOB_KINDS.values())
+    if _adapter_cache is None or _adapter_cache[0] != kinds:
+        members = tuple(Annotated[model, Tag(name)] for name, model in JOB_KINDS.items())
+        union = Annotated[Union[members], Discriminator(_kind_of)]  # noqa: UP007 (a runtime tuple)
+        _adapter_cache = (kinds, TypeAdapter(union))
+    return _adapter_cache[1]
+
+
+_extensions_loaded = False
+
+
+def load_extensions() -> None:
+    """Import :data:`EXTENSION_MODULES` once so their kinds and patch types are registered."""
+    global _extensions_loaded
+    if not _extensions_loaded:
+        _extensions_loaded = True  # set first: an extension module may itself use the registries
+        try:
+            for name in EXTENSION_MODULES:
+                importlib.import_module(name)
+        except BaseException:
+            _extensions_loaded = False
+            raise
+
+
+# -- parsing -------------------------------------------------------------------------------------
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _path(loc: Sequence[Any]) -> str:
+    """``('prompts', 3)`` -> ``prompts[3]``; odd keys are quoted: ``["a b"]``."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in {"text_to_image"} or str(part).startswith("function-"):
-            continue
+        elif isinstance(part, str) and part.isidentifier():
+            out += f".{part}" if out else part
         else:
-            out += f".{part}" if out else str(part)
+            out += f"[{_shown(part)}]"
     return out or "spec"
 
 
-def parse_spec(data: Any) -> TextToImageSpec:
-    """Validate a spec dict; raises :class:`SpecError` listing every problem with its field path."""
+def _reason(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "invalid_key":
+        return "field names must be strings"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    known = ", ".join(sorted(JOB_KINDS))
+    problems: list[tuple[str, str]] = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = tuple(error["loc"])
+        if error["type"] == "union_tag_invalid":
+            tag = (error.get("ctx") or {}).get("tag", "")
+            problems.append(("kind", f"unknown job kind {_shown(tag)}; known kinds: {known}"))
+            continue
+        if error["type"] == "union_tag_not_found":
+            problems.append(("kind", f"must be a string naming a job kind; known kinds: {known}"))
+            continue
+        if loc and loc[0] in JOB_KINDS:  # the union's tag: drop it from the path
+            loc = loc[1:]
+        problems.append((_path(loc), _reason(error)))
+    return problems
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate a spec (a dict, as decoded from YAML/JSON or stored on the job row).
+
+    Returns an instance of the registered kind named by ``kind``; raises :class:`SpecError`
+    listing every problem found.
+    """
     if not isinstance(data, dict):
-        raise SpecError([("spec", "must be a mapping of fields")])
-    data = {"kind": "text_to_image", **data}
-    if data["kind"] != "text_to_image":
-        raise SpecError([("kind", f"unknown job kind {data['kind']!r}; known: text_to_image")])
+        raise SpecError([("spec", f"must be a mapping of fields, not {type(data).__name__}")])
     try:
-        return _ADAPTER.validate_python(data)
+        return spec_adapter().validate_python(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-            problems.append((_path(err["loc"]), message))
-        raise SpecError(problems) from None
+        raise SpecError(_problems(exc)) from None
 
 
-def load_spec_file(path: Path) -> TextToImageSpec:
-    """A spec from a ``.yaml``/``.yml`` or ``.json`` file (at most 1 MiB, safe YAML only)."""
+def _yaml_loader() -> Any:
+    """A ``yaml.SafeLoader`` subclass that refuses duplicate mapping keys."""
+    import yaml
+
+    class UniqueKeySafeLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                seen: set[Any] = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # '<<: *anchor' merges may be overridden by explicit keys
+                    key = self.construct_object(key_node, deep=deep)
+                    if not isinstance(key, Hashable):
+                        continue  # the base class refuses unhashable keys
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {_shown(key)}", key_node.start_mark
+                        )
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeySafeLoader
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {_shown(key)}")
+        out[key] = value
+    return out
+
+
+def load_spec_file(path: str | os.PathLike[str]) -> JobSpec:
+    """A spec from a ``.yaml``/``.yml`` or ``.json`` file of at most 1 MiB (YAML is read with a
+    safe loader; duplicate keys are refused). Raises :class:`SpecError`."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError([("file", f"{path} does not exist")])
-    if path.stat().st_size > MAX_SPEC_FILE_BYTES:
-        raise SpecError([("file", f"{path} is larger than {MAX_SPEC_FILE_BYTES} bytes")])
     suffix = path.suffix.lower()
-    if suffix not in {".yaml", ".yml", ".json"}:
+    if suffix not in (".yaml", ".yml", ".json"):
         raise SpecError([("file", f"{path.name}: use a .yaml, .yml or .json file")])
-    text = path.read_text(encoding="utf-8")
+    try:
+        if not path.is_file():
+            raise SpecError([("file", f"{path} does not exist or is not a file")])
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_SPEC_FILE_BYTES + 1)
+    except OSError as exc:
+        raise SpecError([("file", f"cannot read {path}: {exc.strerror or exc}")]) from None
+    if len(raw) > MAX_SPEC_FILE_BYTES:
+        raise SpecError([("file", f"{path.name} is larger than {MAX_SPEC_FILE_BYTES} bytes")])
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise SpecError([("file", f"{path.name} is not UTF-8 text")]) from None
     import yaml
 
     try:
-        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_json_object)
+        else:
+            data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+    except (ValueError, yaml.YAMLError, RecursionError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SpecError([("file", f"{path.name} is not valid {suffix[1:].upper()}: {first}")]) from None
     return parse_spec(data)
 
 
-def spec_fingerprint(spec: BaseModel) -> str:
-    """sha256 of the spec's canonical JSON (idempotency checks, manifests)."""
+def spec_fingerprint(spec: JobSpec) -> str:
+    """sha256 (hex) of the spec's canonical JSON: sorted keys, no whitespace, ASCII escapes."""
     canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
