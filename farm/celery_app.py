@@ -18,9 +18,10 @@ from celery import Celery
 from kombu import Queue
 
 from farm.settings import FarmSettings, load_settings
+from farm.sharding import QUEUES
 
 CONTROL_QUEUE = "farm.control"
-GPU_QUEUES = ("farm.gpu.sd15", "farm.gpu.sdxl", "farm.gpu.svd")
+GPU_QUEUES = tuple(QUEUES.values())
 TASK_MODULES = ("tasks.jobs", "tasks.shards")
 MAX_PRIORITY = 9
 

@@ -14,17 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-# Scheduler names the farm offers -> diffusers scheduler classes (and config overrides).
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
+from farm.specs import SCHEDULERS
 
 StepCallback = Callable[[int, int], None]
 
@@ -49,11 +39,9 @@ def set_scheduler(pipeline: Any, name: str) -> None:
 
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
-    cls_name, overrides = SCHEDULERS[name]
-    if type(pipeline.scheduler).__name__ == cls_name and not overrides:
+    if type(pipeline.scheduler).__name__ == SCHEDULERS[name]:
         return
-    cls = getattr(diffusers, cls_name)
-    pipeline.scheduler = cls.from_config(pipeline.scheduler.config, **overrides)
+    pipeline.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipeline.scheduler.config)
 
 
 def render_text_to_image(pipeline: Any, request: RenderRequest, on_step: StepCallback | None = None) -> Any:
