@@ -107,3 +107,17 @@ def test_demo_runs_the_embedded_farm(tmp_path: Path) -> None:
     assert len(list(outputs[0].glob("*/*.png"))) == 6
     assert (outputs[0] / "contact_sheet.png").is_file() and (outputs[0] / "manifest.json").is_file()
     assert "worker stopped" in out.stdout
+
+
+def test_models_tiny_is_deterministic_and_careful(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        out = farm("models", "tiny", "sdxl", str(folder), "--seed", "3", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+    weights = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+    assert len(weights) == 4  # unet, vae, two text encoders
+    assert all((a / w).read_bytes() == (b / w).read_bytes() for w in weights)
+    again = farm("models", "tiny", "sd15", str(a), cwd=tmp_path)
+    assert again.returncode == 2 and "not empty" in again.stdout
+    bad = farm("models", "tiny", "sd3", str(tmp_path / "c"), cwd=tmp_path)
+    assert bad.returncode == 2 and "sd3" in bad.stderr
