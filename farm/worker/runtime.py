@@ -105,8 +105,9 @@ def execute_shard(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | No
     timings: dict[str, float] = {"queue_wait_s": round(max(0.0, claimed_at - sent_at), 4) if sent_at else 0.0}
     res.shards_run += 1
     interval = min(settings.heartbeat_seconds, max(settings.progress_interval_s, 0.05))
+    keeper = LeaseKeeper(res.session_factory, lease, settings.lease_seconds, interval)
     try:
-        with LeaseKeeper(res.session_factory, lease, settings.lease_seconds, interval) as keeper:
+        with keeper:
             items_done = _render_items(res, lease.shard_id, lease.job_id, keeper, timings)
             lease = keeper.lease
         with session_scope(res.session_factory) as session:
@@ -120,7 +121,7 @@ def execute_shard(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | No
     except Exception as exc:  # every failure is recorded on the shard, the worker keeps serving
         message = _describe(exc)
         log.exception("shard %s failed: %s", shard_id, message)
-        lease = keeper.lease if "keeper" in locals() else lease
+        lease = keeper.lease  # the latest renewal (same attempt and token)
         retryable = not isinstance(exc, UserError) and (not isinstance(exc, FarmError) or exc.retryable)
         if retryable and lease.attempt < settings.max_attempts:
             try:
