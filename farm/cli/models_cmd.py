@@ -11,19 +11,27 @@ from farm.cli.common import console
 app = typer.Typer(help="Build tiny random-weight diffusers models (no downloads).", no_args_is_help=True)
 
 
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 @app.command()
 def tiny(
-    family: str = typer.Argument(..., help="sd15 or sdxl"),
+    family: str = typer.Argument(..., help="sd15, sdxl or svd."),
     folder: Path = typer.Argument(..., help="Where to write the pipeline folder."),
-    seed: int = typer.Option(0, help="Weights seed (same seed, same weights)."),
+    seed: int = typer.Option(0, "--seed", help="Weights seed (same seed, bit-identical weights)."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty folder."),
 ) -> None:
-    """Write a tiny random-weight pipeline of FAMILY into FOLDER."""
-    from farm.tiny_models import build_tiny_model
+    """Write a tiny random-weight pipeline of FAMILY into FOLDER (loads with from_pretrained)."""
+    from farm.tiny_models import build_tiny_model, check_family
 
-    if folder.exists() and any(folder.iterdir()) and not force:
+    check_family(family)
+    if folder.exists() and not folder.is_dir():
+        console.print(f"{folder} exists and is not a folder")
+        raise typer.Exit(2)
+    if folder.is_dir() and any(folder.iterdir()) and not force:
         console.print(f"{folder} is not empty; use --force to write into it")
         raise typer.Exit(2)
     build_tiny_model(family, folder, seed=seed)
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    console.print(f"tiny {family} model written to {folder} ({size / 1e6:.1f} MB)")
+    size = _size(folder)
+    console.print(f"tiny {family} model (seed {seed}) written to {folder.resolve()} ({size / 1e6:.1f} MB)")
