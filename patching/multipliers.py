@@ -1,0 +1,135 @@
+"""Attention multipliers: ComfyUI's ``UNet{Self,Cross,Temporal}AttentionMultiply`` and
+``CLIPAttentionMultiply`` as weight patches (reference ``patch_semantics.md`` section 5).
+
+Each scales the weight and bias of attention projections: ``W <- f * W``. Scaling ``to_out.0``
+by f scales the whole attention branch; ``to_q`` scales the logits; ``to_v`` the values. Factors
+are 0..10 (default 1.0, which changes nothing). The UNet nodes match every attention of the
+UNet, spatial and temporal alike; the temporal node splits ``to_out.0`` of ``attn1``/``attn2``
+by whether the layer sits under ``temporal_transformer_blocks`` (ComfyUI's ``time_stack``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from patching.errors import PatchError
+from patching.patcher import Patch, PatchContext
+
+MIN_FACTOR, MAX_FACTOR = 0.0, 10.0
+_UNET_PROJECTIONS = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
+_CLIP_PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}
+TEMPORAL_MARKER = ".temporal_transformer_blocks."
+
+
+class _Factors(Patch):
+    """Checks every float field is a factor in 0..10."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise PatchError(f"{self.name}.{f.name}: expected a number, got {value!r}")
+            if not MIN_FACTOR <= value <= MAX_FACTOR:
+                raise PatchError(f"{self.name}.{f.name}: {value} is outside {MIN_FACTOR:g}..{MAX_FACTOR:g}")
+
+
+def _multiply_unet(ctx: PatchContext, attn: str, factors: dict[str, float]) -> int:
+    matched = 0
+    for name in ctx.parameter_names("unet"):
+        for short, projection in _UNET_PROJECTIONS.items():
+            if name.endswith((f".{attn}.{projection}.weight", f".{attn}.{projection}.bias")):
+                ctx.multiply(name, factors[short])
+                matched += 1
+    return matched
+
+
+@dataclass(frozen=True)
+class UNetSelfAttentionMultiply(_Factors):
+    """Scale ``attn1`` (self-attention) q, k, v and out projections of every UNet layer."""
+
+    name: ClassVar[str] = "unet_self_attention_multiply"
+    q: float = 1.0
+    k: float = 1.0
+    v: float = 1.0
+    out: float = 1.0
+
+    def apply(self, ctx: PatchContext) -> None:
+        if not _multiply_unet(ctx, "attn1", {"q": self.q, "k": self.k, "v": self.v, "out": self.out}):
+            raise PatchError(f"{self.name}: the UNet has no attn1 layers")
+
+
+@dataclass(frozen=True)
+class UNetCrossAttentionMultiply(_Factors):
+    """Scale ``attn2`` (cross-attention) q, k, v and out projections of every UNet layer."""
+
+    name: ClassVar[str] = "unet_cross_attention_multiply"
+    q: float = 1.0
+    k: float = 1.0
+    v: float = 1.0
+    out: float = 1.0
+
+    def apply(self, ctx: PatchContext) -> None:
+        if not _multiply_unet(ctx, "attn2", {"q": self.q, "k": self.k, "v": self.v, "out": self.out}):
+            raise PatchError(f"{self.name}: the UNet has no attn2 layers")
+
+
+@dataclass(frozen=True)
+class UNetTemporalAttentionMultiply(_Factors):
+    """Scale ``to_out.0`` of attn1/attn2, separately for spatial ("structural") and temporal
+    layers. On a UNet without temporal layers only the structural factors act."""
+
+    name: ClassVar[str] = "unet_temporal_attention_multiply"
+    self_structural: float = 1.0
+    self_temporal: float = 1.0
+    cross_structural: float = 1.0
+    cross_temporal: float = 1.0
+
+    def apply(self, ctx: PatchContext) -> None:
+        matched = 0
+        for name in ctx.parameter_names("unet"):
+            temporal = TEMPORAL_MARKER in name
+            for attn, structural, temporal_factor in (
+                ("attn1", self.self_structural, self.self_temporal),
+                ("attn2", self.cross_structural, self.cross_temporal),
+            ):
+                if name.endswith((f".{attn}.to_out.0.weight", f".{attn}.to_out.0.bias")):
+                    ctx.multiply(name, temporal_factor if temporal else structural)
+                    matched += 1
+        if not matched:
+            raise PatchError(f"{self.name}: the UNet has no attention output projections")
+
+
+@dataclass(frozen=True)
+class CLIPAttentionMultiply(_Factors):
+    """Scale q, k, v and out projections of every self-attention of the text encoder(s)
+    (``text_encoder`` and, for SDXL, ``text_encoder_2``)."""
+
+    name: ClassVar[str] = "clip_attention_multiply"
+    q: float = 1.0
+    k: float = 1.0
+    v: float = 1.0
+    out: float = 1.0
+
+    def apply(self, ctx: PatchContext) -> None:
+        encoders = [c for c in ctx.components if c.startswith("text_encoder")]
+        if not encoders:
+            raise PatchError(f"{self.name}: this model has no text encoder")
+        factors = {"q": self.q, "k": self.k, "v": self.v, "out": self.out}
+        for component in encoders:
+            for name in ctx.parameter_names(component):
+                for short, projection in _CLIP_PROJECTIONS.items():
+                    if name.endswith((f".self_attn.{projection}.weight", f".self_attn.{projection}.bias")):
+                        ctx.multiply(name, factors[short])
+
+
+MULTIPLIERS: dict[str, type[Patch]] = {
+    cls.name: cls
+    for cls in (
+        UNetSelfAttentionMultiply,
+        UNetCrossAttentionMultiply,
+        UNetTemporalAttentionMultiply,
+        CLIPAttentionMultiply,
+    )
+}
