@@ -66,13 +66,18 @@ class FarmClient:
     # -- jobs -----------------------------------------------------------------------------------
     def submit(self, spec: Any) -> uuid.UUID:
         """Validate and submit a job (a spec object, a dict, or a YAML/JSON file path). With an
-        idempotency key, resubmitting returns the existing job's id."""
-        from farm.specs import load_spec_file, parse_spec
+        idempotency key, resubmitting returns the existing job's id.
+
+        Input images given as ``{"path": ...}`` (relative to the spec file, or to the current
+        folder for a dict) are checked and uploaded to the object store first."""
+        from farm.inputs import upload_inputs
+        from farm.specs import parse_spec, read_spec_file
 
         if isinstance(spec, str | Path):
-            spec = load_spec_file(Path(spec))
+            path = Path(spec)
+            spec = parse_spec(upload_inputs(read_spec_file(path), self.store, path.parent))
         elif isinstance(spec, dict):
-            spec = parse_spec(spec)
+            spec = parse_spec(upload_inputs(spec, self.store, Path.cwd()))
         with session_scope(self._sessions) as session:
             job, _created = submit_job(session, spec)
             job_id, status = job.id, JobStatus(job.status)
@@ -133,9 +138,18 @@ class FarmClient:
         there too (``path`` added)."""
         job = parse_job_id(job_id)
         with session_scope(self._sessions) as session:
-            rows = session.scalars(select(Artifact).where(Artifact.job_id == job).order_by(Artifact.item_index)).all()
+            rows = session.scalars(
+                select(Artifact).where(Artifact.job_id == job).order_by(Artifact.item_index, Artifact.key)
+            ).all()
             artifacts = [
-                {"key": a.key, "item_index": a.item_index, "seed": a.seed, "sha256": a.sha256, "size": a.size_bytes}
+                {
+                    "key": a.key,
+                    "item_index": a.item_index,
+                    "seed": a.seed,
+                    "sha256": a.sha256,
+                    "size": a.size_bytes,
+                    "content_type": a.content_type,
+                }
                 for a in rows
             ]
         for artifact in artifacts:

@@ -20,7 +20,9 @@ THUMB = 128
 
 def build_manifest(session: Session, job_id: uuid.UUID, summary: dict[str, Any]) -> dict[str, Any]:
     job = session.get(Job, job_id)
-    artifacts = session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.item_index)).all()
+    artifacts = session.scalars(
+        select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.item_index, Artifact.key)
+    ).all()
     return {
         "job": {k: v for k, v in summary.items() if k != "shards"},
         "spec": job.spec,

@@ -82,7 +82,7 @@ LOCAL_PATH_PREFIXES = ("/", "./", "../", "~/")
 
 # Modules that define further job kinds or patch types; imported (once) before the registries are
 # used, so every process that parses specs knows every kind. Later issues append to this tuple.
-EXTENSION_MODULES: tuple[str, ...] = ()
+EXTENSION_MODULES: tuple[str, ...] = ("farm.patch_specs", "farm.temporal_video")
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -304,6 +304,11 @@ class JobSpec(BaseModel):
             raise _problem(("base_seed",), "required with count", None)
         if self.base_seed is not None and self.count is not None and self.base_seed + self.count - 1 > MAX_SEED:
             raise _problem(("count",), f"base_seed + count - 1 exceeds the largest seed {MAX_SEED}", self.count)
+        for i, patch in enumerate(self.patches):
+            families = getattr(type(patch), "families", FAMILIES)
+            if self.family not in families:
+                reason = f"{patch.type} applies to {' or '.join(families)} models, not {self.family}"
+                raise _problem(("patches", i, "type"), reason, patch.type)
         axes = self.item_axes()
         total = math.prod(axes.values())
         if total > MAX_ITEMS:
@@ -492,6 +497,11 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def load_spec_file(path: str | os.PathLike[str]) -> JobSpec:
     """A spec from a ``.yaml``/``.yml`` or ``.json`` file of at most 1 MiB (YAML is read with a
     safe loader; duplicate keys are refused). Raises :class:`SpecError`."""
+    return parse_spec(read_spec_file(path))
+
+
+def read_spec_file(path: str | os.PathLike[str]) -> Any:
+    """The decoded data of a spec file, not yet validated (see :func:`load_spec_file`)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".yaml", ".yml", ".json"):
@@ -519,7 +529,7 @@ def load_spec_file(path: str | os.PathLike[str]) -> JobSpec:
     except (ValueError, yaml.YAMLError, RecursionError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SpecError([("file", f"{path.name} is not valid {suffix[1:].upper()}: {first}")]) from None
-    return parse_spec(data)
+    return data
 
 
 def spec_fingerprint(spec: JobSpec) -> str:

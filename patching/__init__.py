@@ -3,20 +3,20 @@
 - :mod:`patching.patcher`: :class:`ModelPatcher`, :class:`Patch`, :class:`PatchHandle`, fingerprints.
 - :mod:`patching.blocks`: ComfyUI block keys <-> diffusers module paths (SD1.x, SDXL, SVD).
 - :mod:`patching.state`: :class:`StepState`, the per-step information processors read.
-- :mod:`patching.multipliers`: the four attention-multiplier weight patches.
+- :mod:`patching.attention_multiply`: the four attention-multiplier weight patches.
 
 Importing the package does not import torch; the patch code imports it when it runs.
 """
 
-from patching.blocks import attention_paths, attention_sites, block_key_of
-from patching.errors import PatchError
-from patching.multipliers import (
+from patching.attention_multiply import (
     MULTIPLIERS,
     CLIPAttentionMultiply,
     UNetCrossAttentionMultiply,
     UNetSelfAttentionMultiply,
     UNetTemporalAttentionMultiply,
 )
+from patching.blocks import attention_paths, attention_sites, block_key_of
+from patching.errors import PatchError
 from patching.patcher import ModelPatcher, Patch, PatchContext, PatchHandle, fingerprint
 from patching.state import StepState
 

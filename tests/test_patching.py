@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from farm.model_configs import REAL_UNETS  # noqa: E402
 from patching import (  # noqa: E402
     ModelPatcher,
     Patch,
@@ -22,27 +23,8 @@ from patching import (  # noqa: E402
     fingerprint,
 )
 
-SD15_UNET = {
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-}
-SDXL_UNET = {
-    "block_out_channels": (320, 640, 1280),
-    "layers_per_block": 2,
-    "cross_attention_dim": 2048,
-    "attention_head_dim": (5, 10, 20),
-    "transformer_layers_per_block": (1, 2, 10),
-    "use_linear_projection": True,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
+SD15_UNET = REAL_UNETS["sd15"][1]
+SDXL_UNET = REAL_UNETS["sdxl"][1]
 
 
 def _meta_unet(config: dict[str, Any]) -> Any:

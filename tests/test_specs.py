@@ -100,7 +100,11 @@ REJECTED: list[tuple[str, dict[str, Any], str]] = [
     ("missing prompts", without("prompts"), "prompts: required field is missing"),
     ("unknown field", minimal(colour="red"), "colour: unknown field"),
     ("odd unknown field", minimal(**{"a b": 1}), "['a b']: unknown field"),
-    ("unknown kind", minimal(kind="face_swap"), "kind: unknown job kind 'face_swap'; known kinds: text_to_image"),
+    (
+        "unknown kind",
+        minimal(kind="face_swap"),
+        "kind: unknown job kind 'face_swap'; known kinds: temporal_video, text_to_image",
+    ),
     ("kind not a string", minimal(kind=3), "kind: must be a string naming a job kind"),
     ("empty model", minimal(model=""), "model: String should have at least 1 character"),
     ("long model", minimal(model="o/" + "m" * 511), "model: String should have at most 512 characters"),
@@ -167,9 +171,13 @@ REJECTED: list[tuple[str, dict[str, Any], str]] = [
     (
         "unknown patch",
         minimal(patches=[{"type": "sag"}]),
-        "patches[0].type: unknown patch type 'sag'; known types: none",
+        "patches[0].type: unknown patch type 'sag'; known types: clip_attention_multiply, unet_cross_attention",
     ),
-    ("patch no type", minimal(patches=[{"scale": 1}]), "patches[0].type: missing; known types: none"),
+    (
+        "patch no type",
+        minimal(patches=[{"scale": 1}]),
+        "patches[0].type: missing; known types: clip_attention_multiply",
+    ),
     ("patch not object", minimal(patches=["sag"]), "patches[0]: a patch must be an object with a 'type' field"),
     (
         "too many items",
@@ -442,7 +450,7 @@ def test_registered_patch_type_errors_have_paths(sag_registered: type[PatchSpec]
     assert problems == [
         ("patches[1].scale", "Input should be less than or equal to 5"),
         ("patches[1].x", "unknown field"),
-        ("patches[2].type", "unknown patch type 'ip'; known types: sag_test"),
+        ("patches[2].type", f"unknown patch type 'ip'; known types: {', '.join(known_patch_types())}"),
     ]
 
 

@@ -41,6 +41,7 @@ class LoadedModel:
     size_bytes: int
     load_seconds: float
     last_used: float = field(default_factory=time.monotonic)
+    patcher: Any = None  # patching.ModelPatcher, created when a job first applies patches
 
 
 def model_fingerprint(path: Path) -> str:

@@ -44,18 +44,24 @@ def set_scheduler(pipeline: Any, name: str) -> None:
     pipeline.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipeline.scheduler.config)
 
 
+def step_callback(on_step: StepCallback | None, steps: int) -> Callable[..., dict[str, Any]]:
+    """A diffusers ``callback_on_step_end`` that reports ``on_step(step, steps)`` (1-based)."""
+
+    def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if on_step is not None:
+            on_step(step + 1, steps)
+        return kwargs
+
+    return callback
+
+
 def render_text_to_image(pipeline: Any, request: RenderRequest, on_step: StepCallback | None = None) -> Any:
     """Render one image; returns a PIL image. ``on_step(step, total)`` runs after every step."""
     import torch
 
     set_scheduler(pipeline, request.scheduler)
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
-
-    def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if on_step is not None:
-            on_step(step + 1, request.steps)
-        return kwargs
-
+    callback = step_callback(on_step, request.steps)
     with torch.inference_mode():
         result = pipeline(
             prompt=request.prompt,
@@ -89,3 +95,36 @@ def encode_png(image: Any, parameters: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def run_text_to_image_shard(run: Any) -> int:
+    """Render every item of a ``text_to_image`` shard not already written; returns items done."""
+    import time
+
+    spec, total = run.spec, len(run.items)
+    for position, item in enumerate(run.items):
+        if item["key"] in run.done_keys:
+            continue
+        request = RenderRequest(
+            prompt=spec.prompts[item["prompt_index"]],
+            negative_prompt=spec.negative_prompt,
+            seed=int(item["seed"]),
+            steps=spec.steps,
+            guidance=spec.guidance,
+            width=spec.width,
+            height=spec.height,
+            scheduler=spec.scheduler,
+        )
+
+        def on_step(step: int, steps: int, position: int = position) -> None:
+            run.progress((position + step / steps) / total)
+
+        started = time.perf_counter()
+        image = render_text_to_image(run.pipeline, request, on_step)
+        params = {**request.__dict__, **run.base_params()}
+        png = encode_png(image, params)
+        run.add_time("denoise_s", time.perf_counter() - started)
+        run.record(
+            item["key"], png, "image/png", item=item, params=params, progress=(position + 1) / total, item_finished=True
+        )
+    return run.items_done

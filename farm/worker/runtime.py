@@ -24,13 +24,7 @@ from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Job, Shard
 from storage.objects import ObjectStore, open_store
 from storage.status import ShardStatus
-from storage.transitions import (
-    claim_shard,
-    finish_shard,
-    lease_remaining,
-    release_shard_for_retry,
-    renew_lease,
-)
+from storage.transitions import claim_shard, finish_shard, lease_remaining, release_shard_for_retry
 
 log = logging.getLogger(__name__)
 
@@ -147,82 +141,68 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:2000] if not isinstance(exc, FarmError) else text[:2000]
 
 
+# Runners by job kind: "module:function" taking a ShardRun and returning the items done.
+RUNNERS = {
+    "text_to_image": "farm.worker.renderers:run_text_to_image_shard",
+    "temporal_video": "farm.worker.video:run_temporal_video_shard",
+}
+
+
+def _runner(kind: str) -> Any:
+    import importlib
+
+    if kind not in RUNNERS:
+        raise FarmError(f"job kind {kind!r} has no runner on this worker")
+    module, _, name = RUNNERS[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class PatchFailed(UserError):
+    """The job's patches cannot be applied to its model (a user error: fix the spec)."""
+
+
+def apply_job_patches(loaded: Any, spec: Any) -> str:
+    """Make the job's patch set the one applied to the resident model (a no-op when the last job
+    used the same set); returns its fingerprint."""
+    from farm.patch_specs import build_patches
+    from patching import ModelPatcher, PatchError
+
+    if loaded.patcher is None:
+        loaded.patcher = ModelPatcher(loaded.pipeline)
+    try:
+        loaded.patcher.ensure(build_patches(spec))
+    except PatchError as exc:
+        raise PatchFailed(f"patches: {exc}") from None
+    return loaded.patcher.fingerprint
+
+
 def _render_items(
     res: WorkerResources, shard_id: uuid.UUID, job_id: uuid.UUID, keeper: LeaseKeeper, timings: dict[str, float]
 ) -> int:
     from farm.specs import parse_spec
-    from farm.worker.renderers import RenderRequest, encode_png, render_text_to_image
+    from farm.worker.shard_run import ShardRun
 
     with session_scope(res.session_factory) as session:
         job = session.get(Job, job_id)
         spec = parse_spec(job.spec)
         shard = session.get(Shard, shard_id)
         items = list(shard.params["items"])
+        shard_index = shard.index
         done_keys = set(session.scalars(select(Artifact.key).where(Artifact.shard_id == shard_id)))
         if shard.index in res.settings.worker.fail_shards:
             raise InjectedFault(f"shard {shard.index}: injected fault (worker.fail_shards)")
     keeper.check()
+    runner = _runner(spec.kind)
 
     started = time.perf_counter()
     loaded = res.model_cache().get(spec.model, spec.family)
     timings["load_s"] = round(time.perf_counter() - started, 4)
+    started = time.perf_counter()
+    fingerprint = apply_job_patches(loaded, spec)
+    timings["patch_s"] = round(time.perf_counter() - started, 4)
     timings["denoise_s"] = timings["upload_s"] = 0.0
-    total = len(items)
-    done = len(done_keys)
-
-    for position, item in enumerate(items):
-        if item["key"] in done_keys:
-            continue
-        request = RenderRequest(
-            prompt=spec.prompts[item["prompt_index"]],
-            negative_prompt=spec.negative_prompt,
-            seed=int(item["seed"]),
-            steps=spec.steps,
-            guidance=spec.guidance,
-            width=spec.width,
-            height=spec.height,
-            scheduler=spec.scheduler,
-        )
-
-        def on_step(step: int, steps: int, position: int = position, done: int = done) -> None:
-            keeper.report(done, (position + step / steps) / total)
-            keeper.check()
-
-        t0 = time.perf_counter()
-        image = render_text_to_image(loaded.pipeline, request, on_step)
-        params = {**request.__dict__, "model": spec.model, "model_hash": loaded.model_hash, "job_id": str(job_id)}
-        png = encode_png(image, params)
-        t1 = time.perf_counter()
-        keeper.check()
-        info = res.store.put_bytes(item["key"], png, content_type="image/png")
-        t2 = time.perf_counter()
-        with session_scope(res.session_factory) as session:
-            # Fenced: the artifact row is only written while this attempt holds the lease.
-            keeper.lease = renew_lease(
-                session,
-                keeper.lease,
-                res.settings.worker.lease_seconds,
-                items_done=done + 1,
-                progress=(position + 1) / total,
-            )
-            session.add(
-                Artifact(
-                    job_id=job_id,
-                    shard_id=shard_id,
-                    key=item["key"],
-                    item_index=int(item["index"]),
-                    seed=int(item["seed"]),
-                    sha256=info.sha256,
-                    size_bytes=info.size,
-                    content_type="image/png",
-                    params=params,
-                    model_hash=loaded.model_hash,
-                    fencing_token=keeper.lease.fencing_token,
-                )
-            )
-        done += 1
-        keeper.report(done, (position + 1) / total)
-        timings["denoise_s"] += round(t1 - t0, 4)
-        timings["upload_s"] += round(t2 - t1, 4)
-    timings["items"] = float(total)
+    run = ShardRun(res, job_id, shard_id, shard_index, spec, items, done_keys, keeper, loaded, timings, fingerprint)
+    run.items_done = sum(1 for item in items if item["key"] in done_keys)
+    done = runner(run)
+    timings["items"] = float(len(items))
     return done

@@ -46,33 +46,34 @@ def _multiply_unet(ctx: PatchContext, attn: str, factors: dict[str, float]) -> i
 
 
 @dataclass(frozen=True)
-class UNetSelfAttentionMultiply(_Factors):
-    """Scale ``attn1`` (self-attention) q, k, v and out projections of every UNet layer."""
+class _UNetProjections(_Factors):
+    """q, k, v, out factors for the ``attn`` layers of every UNet transformer block."""
 
-    name: ClassVar[str] = "unet_self_attention_multiply"
+    attn: ClassVar[str]
     q: float = 1.0
     k: float = 1.0
     v: float = 1.0
     out: float = 1.0
 
     def apply(self, ctx: PatchContext) -> None:
-        if not _multiply_unet(ctx, "attn1", {"q": self.q, "k": self.k, "v": self.v, "out": self.out}):
-            raise PatchError(f"{self.name}: the UNet has no attn1 layers")
+        if not _multiply_unet(ctx, self.attn, {"q": self.q, "k": self.k, "v": self.v, "out": self.out}):
+            raise PatchError(f"{self.name}: the UNet has no {self.attn} layers")
 
 
 @dataclass(frozen=True)
-class UNetCrossAttentionMultiply(_Factors):
+class UNetSelfAttentionMultiply(_UNetProjections):
+    """Scale ``attn1`` (self-attention) q, k, v and out projections of every UNet layer."""
+
+    name: ClassVar[str] = "unet_self_attention_multiply"
+    attn: ClassVar[str] = "attn1"
+
+
+@dataclass(frozen=True)
+class UNetCrossAttentionMultiply(_UNetProjections):
     """Scale ``attn2`` (cross-attention) q, k, v and out projections of every UNet layer."""
 
     name: ClassVar[str] = "unet_cross_attention_multiply"
-    q: float = 1.0
-    k: float = 1.0
-    v: float = 1.0
-    out: float = 1.0
-
-    def apply(self, ctx: PatchContext) -> None:
-        if not _multiply_unet(ctx, "attn2", {"q": self.q, "k": self.k, "v": self.v, "out": self.out}):
-            raise PatchError(f"{self.name}: the UNet has no attn2 layers")
+    attn: ClassVar[str] = "attn2"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,134 @@
+"""Input images of a job (conditioning frames, identity references): references, upload, loading.
+
+A spec names an input image by its object key: ``{"key": "inputs/sha256/<hex>.png", "sha256":
+"<hex>"}`` (:class:`ImageRef`). People write ``{"path": "./face.jpg"}`` instead; the client
+(:func:`upload_inputs`) checks that the file is an image, uploads it under a content-addressed key
+and puts the reference in its place before the spec is validated, so specs stored in the
+database only ever point into the object store.
+
+Workers read inputs with :func:`load_image`. Everything that can be wrong with an input (a
+missing object, a digest mismatch, bytes that are not an image, a truncated file, a decompression
+bomb) is an :class:`InputImageError` naming the field and the key: a user error, the shard fails
+with that reason and the worker carries on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from farm.errors import InvalidKey, ObjectNotFound, UserError
+from storage.objects.keys import join_key, validate_key
+
+INPUTS_PREFIX = "inputs/sha256"
+MAX_INPUT_BYTES = 32 << 20
+MAX_INPUT_PIXELS = 64 << 20  # 64 megapixels
+FORMATS = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "WEBP": ("webp", "image/webp")}
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+class InputImageError(UserError):
+    """An input image is missing, unreadable or not an image."""
+
+
+class ImageRef(BaseModel):
+    """An input image in the object store, optionally pinned by its sha256."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    key: str
+    sha256: str | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        try:
+            return validate_key(value, "key")
+        except InvalidKey as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("sha256")
+    @classmethod
+    def _digest(cls, value: str | None) -> str | None:
+        if value is not None and SHA256_RE.fullmatch(value) is None:
+            raise ValueError("must be 64 lowercase hex characters")
+        return value
+
+
+def inspect_image(data: bytes, label: str) -> tuple[str, str, tuple[int, int]]:
+    """``(extension, content type, (width, height))`` of image bytes; :class:`InputImageError`
+    if they are not a complete PNG, JPEG or WebP image within the limits."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) > MAX_INPUT_BYTES:
+        raise InputImageError(f"{label}: {len(data)} bytes is more than the {MAX_INPUT_BYTES >> 20} MiB limit")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, size = image.format, image.size
+            if size[0] * size[1] > MAX_INPUT_PIXELS:
+                raise InputImageError(f"{label}: {size[0]}x{size[1]} is more than {MAX_INPUT_PIXELS >> 20} megapixels")
+            if fmt not in FORMATS:
+                raise InputImageError(f"{label}: {fmt} images are not accepted; use PNG, JPEG or WebP")
+            image.load()  # decodes every pixel: truncated files fail here
+    except InputImageError:
+        raise
+    except UnidentifiedImageError:
+        raise InputImageError(f"{label}: not an image (PNG, JPEG or WebP expected)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InputImageError(f"{label}: unreadable image ({str(exc).splitlines()[0][:200]})") from None
+    ext, content_type = FORMATS[fmt]
+    return ext, content_type, size
+
+
+def upload_image_file(store: Any, path: Path, label: str) -> dict[str, str]:
+    """Check and upload one local image; returns its reference as JSON-able data."""
+    try:
+        if not path.is_file():
+            raise InputImageError(f"{label}: {path} does not exist or is not a file")
+        if path.stat().st_size > MAX_INPUT_BYTES:
+            raise InputImageError(f"{label}: {path.name} is larger than {MAX_INPUT_BYTES >> 20} MiB")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputImageError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
+    ext, content_type, _ = inspect_image(data, label)
+    digest = hashlib.sha256(data).hexdigest()
+    key = join_key(INPUTS_PREFIX, f"{digest}.{ext}")
+    if not store.exists(key):
+        store.put_bytes(key, data, content_type=content_type)
+    return {"key": key, "sha256": digest}
+
+
+def upload_inputs(data: Any, store: Any, base_dir: Path, label: str = "spec") -> Any:
+    """``data`` with every ``{"path": ...}`` mapping replaced by an uploaded image reference
+    (relative paths are relative to ``base_dir``). Other values are returned unchanged."""
+    if isinstance(data, dict):
+        if set(data) == {"path"}:
+            raw = data["path"]
+            if not isinstance(raw, str) or not raw:
+                raise InputImageError(f"{label}.path: expected a file path")
+            path = Path(raw).expanduser()
+            return upload_image_file(store, path if path.is_absolute() else base_dir / path, label)
+        return {k: upload_inputs(v, store, base_dir, f"{label}.{k}") for k, v in data.items()}
+    if isinstance(data, list):
+        return [upload_inputs(v, store, base_dir, f"{label}[{i}]") for i, v in enumerate(data)]
+    return data
+
+
+def load_image(store: Any, ref: ImageRef, label: str) -> Any:
+    """The referenced image as an RGB PIL image, fully decoded."""
+    from PIL import Image
+
+    try:
+        data = store.get_bytes(ref.key)
+    except ObjectNotFound:
+        raise InputImageError(f"{label}: {ref.key} is not in the object store") from None
+    if ref.sha256 is not None and hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise InputImageError(f"{label}: {ref.key} does not match its sha256 (changed since submit)")
+    inspect_image(data, f"{label} ({ref.key})")
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")

@@ -1,0 +1,112 @@
+"""One claimed shard being rendered: what a kind's runner gets, and how it records outputs.
+
+:class:`ShardRun` carries the job spec, the shard's items, the keys already written by an
+earlier attempt (so a retry skips them), the resident model and the lease keeper. A runner calls
+:meth:`ShardRun.record` for every output: upload, then the artifact row written together with a
+fenced lease renewal, so a late write from an attempt that lost its lease never lands.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from farm.worker.lease_keeper import LeaseKeeper
+from storage.db import session_scope
+from storage.models import Artifact
+from storage.transitions import renew_lease
+
+
+@dataclass
+class ShardRun:
+    res: Any  # farm.worker.runtime.WorkerResources
+    job_id: uuid.UUID
+    shard_id: uuid.UUID
+    shard_index: int
+    spec: Any  # the job's JobSpec subclass
+    items: list[dict[str, Any]]
+    done_keys: set[str]
+    keeper: LeaseKeeper
+    loaded: Any  # farm.worker.model_cache.LoadedModel
+    timings: dict[str, float]
+    patches_fingerprint: str = ""
+    items_done: int = 0
+    _clock: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def store(self) -> Any:
+        return self.res.store
+
+    @property
+    def pipeline(self) -> Any:
+        return self.loaded.pipeline
+
+    def base_params(self) -> dict[str, Any]:
+        """Parameters every output of this job records."""
+        return {
+            "model": self.spec.model,
+            "model_hash": self.loaded.model_hash,
+            "job_id": str(self.job_id),
+            "patches": [p.model_dump(mode="json") for p in self.spec.patches],
+            "patches_fingerprint": self.patches_fingerprint,
+        }
+
+    def progress(self, fraction: float) -> None:
+        """Report progress (0..1 of the shard) and stop here if the job was cancelled or the
+        lease was lost."""
+        self.keeper.report(self.items_done, min(1.0, max(0.0, fraction)))
+        self.keeper.check()
+
+    def add_time(self, name: str, seconds: float) -> None:
+        self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 4)
+
+    def record(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str,
+        *,
+        item: dict[str, Any],
+        params: dict[str, Any],
+        progress: float,
+        item_finished: bool = False,
+    ) -> None:
+        """Upload one output and write its artifact row (fenced by the lease). An output an
+        earlier attempt already recorded is left as it is."""
+        self.keeper.check()
+        if key in self.done_keys:
+            self.items_done += 1 if item_finished else 0
+            self.keeper.report(self.items_done, progress)
+            return
+        started = time.perf_counter()
+        info = self.store.put_bytes(key, data, content_type=content_type)
+        items_done = self.items_done + (1 if item_finished else 0)
+        with session_scope(self.res.session_factory) as session:
+            self.keeper.lease = renew_lease(
+                session,
+                self.keeper.lease,
+                self.res.settings.worker.lease_seconds,
+                items_done=items_done,
+                progress=progress,
+            )
+            session.add(
+                Artifact(
+                    job_id=self.job_id,
+                    shard_id=self.shard_id,
+                    key=key,
+                    item_index=int(item["index"]),
+                    seed=int(item["seed"]),
+                    sha256=info.sha256,
+                    size_bytes=info.size,
+                    content_type=content_type,
+                    params=params,
+                    model_hash=self.loaded.model_hash,
+                    fencing_token=self.keeper.lease.fencing_token,
+                )
+            )
+        self.done_keys.add(key)
+        self.items_done = items_done
+        self.keeper.report(items_done, progress)
+        self.add_time("upload_s", time.perf_counter() - started)
