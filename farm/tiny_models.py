@@ -22,7 +22,9 @@ What patch code can rely on (the layouts these configs produce):
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +227,6 @@ def _build_svd(seed: int) -> Any:
     import diffusers
     import torch
     import transformers
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     width = CROSS_ATTENTION_DIM["svd"]
     torch.manual_seed(seed)
@@ -254,19 +255,8 @@ def _build_svd(seed: int) -> Any:
         latent_channels=4,
         sample_size=64,
     )
-    torch.manual_seed(seed + 2)
     # The pipeline resizes the conditioning image to 224x224 whatever the config says.
-    image_encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=224,
-            patch_size=32,
-            projection_dim=width,
-        )
-    )
+    image_encoder = _tiny_vision_encoder(seed + 2)  # projection width 32 = the UNet's context width
     # transformers 5 without torchvision substitutes the PIL processor anyway (with a warning); the
     # saved preprocessor_config.json is the same either way.
     processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
@@ -300,6 +290,20 @@ def _finish_folder(out_dir: Path, family: str) -> None:
             index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+@contextlib.contextmanager
+def _quiet_saves() -> Iterator[None]:
+    """transformers 5 shows a progress bar per saved model; not in our output."""
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
 def build_tiny_model(family: str, out_dir: Path, *, seed: int = 0) -> Path:
     """Write a tiny random-weight pipeline of ``family`` (``sd15``, ``sdxl`` or ``svd``) into
     ``out_dir`` and a ``farm_tiny.json`` marker next to ``model_index.json``; returns the folder."""
@@ -316,15 +320,8 @@ def build_tiny_model(family: str, out_dir: Path, *, seed: int = 0) -> Path:
         pipe = _build_sdxl(seed)
     else:
         pipe = _build_svd(seed)
-    from transformers.utils import logging as transformers_logging
-
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # transformers 5 shows one per saved model
-    try:
+    with _quiet_saves():
         pipe.save_pretrained(out_dir, safe_serialization=True)
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
     _finish_folder(out_dir, family)
     marker = {
         "family": family,
@@ -335,4 +332,70 @@ def build_tiny_model(family: str, out_dir: Path, *, seed: int = 0) -> Path:
         "torch": torch.__version__,
     }
     (out_dir / "farm_tiny.json").write_text(json.dumps(marker, indent=2) + "\n")
+    return out_dir
+
+
+def _tiny_vision_encoder(seed: int) -> Any:
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=224,
+            patch_size=32,
+            projection_dim=32,
+        )
+    )
+
+
+def build_tiny_ip_adapter(family: str, out_dir: Path, *, plus: bool = False, seed: int = 0, tokens: int = 4) -> Path:
+    """Fabricate an IP-Adapter for the tiny ``family`` model (``sd15`` or ``sdxl``) in ``out_dir``:
+    ``image_encoder/`` (a tiny CLIPVisionModelWithProjection), ``ip-adapter.safetensors`` (flat
+    ``image_proj.*`` / ``ip_adapter.*`` keys) and ``ip-adapter.bin`` (the same, nested, as a
+    weights-only torch file). ``plus`` makes a Resampler projection over the encoder's hidden
+    states; otherwise an ImageProjModel over the projected embedding. Returns ``out_dir``."""
+    if family not in ("sd15", "sdxl"):
+        raise UserError(f"family {family!r}: IP-Adapters exist for sd15 and sdxl")
+    import torch
+    from safetensors.torch import save_file
+
+    from patching.ip_adapter import cross_attention_layers
+    from patching.resampler import ImageProjModel, Resampler
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoder = _tiny_vision_encoder(seed + 10)
+    with _quiet_saves():
+        encoder.save_pretrained(out_dir / "image_encoder", safe_serialization=True)
+    unet = (_build_sd15 if family == "sd15" else _build_sdxl)(0).unet  # layer widths only
+    cross = CROSS_ATTENTION_DIM[family]
+    torch.manual_seed(seed + 11)
+    if plus:
+        projection: Any = Resampler(
+            dim=64, depth=4, dim_head=64, heads=1, num_queries=tokens, embedding_dim=32, output_dim=cross, ff_mult=4
+        )
+    else:
+        projection = ImageProjModel(cross, 32, tokens)
+    with torch.no_grad():
+        for parameter in projection.parameters():  # visible effects, not near-identity
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    flat = {f"image_proj.{k}": v.detach().clone().contiguous() for k, v in projection.state_dict().items()}
+    for n, path in enumerate(cross_attention_layers(unet)):
+        inner = unet.get_submodule(path).to_k.out_features
+        index = 2 * n + 1  # diffusers processor order: keys 1, 3, 5, ...
+        flat[f"ip_adapter.{index}.to_k_ip.weight"] = torch.randn(inner, cross) * 0.2
+        flat[f"ip_adapter.{index}.to_v_ip.weight"] = torch.randn(inner, cross) * 0.2
+    save_file(flat, str(out_dir / "ip-adapter.safetensors"))
+    nested: dict[str, dict[str, Any]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, tensor in flat.items():
+        group, _, rest = key.partition(".")
+        nested[group][rest] = tensor
+    torch.save(nested, out_dir / "ip-adapter.bin")
+    marker = {"family": family, "plus": plus, "tokens": tokens, "seed": seed, "cross_attention_dim": cross}
+    (out_dir / "farm_tiny_ip_adapter.json").write_text(json.dumps(marker, indent=2) + "\n")
     return out_dir

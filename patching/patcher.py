@@ -259,13 +259,17 @@ class ModelPatcher:
                 param = ctx.parameter(name)
                 backup = _backup(param, self.backup_device)
                 handle._undo.append(_restorer(param, backup))
-                work = param.detach().to(torch.float32, copy=True)
+                # fp32 parameters, and a lone multiply in any dtype (PyTorch computes it in fp32 and
+                # rounds once), are updated in place; others go through an fp32 copy, rounded once.
+                in_place = param.dtype == torch.float32 or (len(ops) == 1 and ops[0].kind == "multiply")
+                work = param if in_place else param.detach().to(torch.float32, copy=True)
                 for op in ops:
                     if op.kind == "multiply":
                         work.mul_(op.factor)
                     elif op.alpha != 0.0:
                         work.add_(op.diff.to(device=work.device, dtype=torch.float32), alpha=op.alpha)
-                param.copy_(work)
+                if not in_place:
+                    param.copy_(work)
                 handle.changed_parameters.append(name)
         for path, factory in ctx.processors:
             module = ctx.module(path)
@@ -313,5 +317,6 @@ def _synchronize(components: dict[str, Any]) -> None:
     """Wait for async host<->GPU copies (pinned backups) before the model is used."""
     import torch
 
-    if torch.cuda.is_available() and any(p.is_cuda for m in components.values() for p in list(m.parameters())[:1]):
+    first = (next(iter(m.parameters()), None) for m in components.values())
+    if any(p is not None and p.is_cuda for p in first):
         torch.cuda.synchronize()

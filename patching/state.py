@@ -25,6 +25,7 @@ class StepState:
     num_steps: int | None = None
     num_train_timesteps: int = 1000
     batch_size: int = 0
+    latent_size: tuple[int, int] | None = None  # (h, w) of the UNet's input sample
     cond_or_uncond: list[int] = field(default_factory=list)  # one entry per batch chunk, in order
     unet_calls: int = 0
 
@@ -45,13 +46,16 @@ class StepState:
         self.timestep = self.sigma = None
         self.step_index = self.num_steps = None
         self.batch_size = self.unet_calls = 0
+        self.latent_size = None
         self.cond_or_uncond = []
 
     def update(self, timestep: Any, sample: Any, pipeline: Any | None) -> None:
         """Called by the UNet pre-hook with the call's ``timestep`` and ``sample``."""
         self.unet_calls += 1
         self.timestep = _first_float(timestep)
-        self.batch_size = int(sample.shape[0]) if sample is not None and hasattr(sample, "shape") else 0
+        shape = tuple(sample.shape) if sample is not None and hasattr(sample, "shape") else ()
+        self.batch_size = int(shape[0]) if shape else 0
+        self.latent_size = (int(shape[-2]), int(shape[-1])) if len(shape) >= 3 else None
         scheduler = getattr(pipeline, "scheduler", None)
         self.sigma = self.step_index = self.num_steps = None
         if scheduler is not None:

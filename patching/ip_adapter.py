@@ -1,0 +1,286 @@
+"""IP-Adapter: checkpoints, image encoding, and the image-prompt patch (reference
+``patch_semantics.md`` sections 3 and 7; seed ``001``).
+
+- :func:`load_ip_adapter` reads a checkpoint (``.safetensors`` with flat ``image_proj.*`` /
+  ``ip_adapter.*`` keys, or a ``.bin`` of nested dicts read with ``weights_only=True``), detects
+  plain vs plus (``image_proj.latents``), the context width and the token count, and returns an
+  :class:`IPAdapter` holding the projection and the per-layer K/V weights (keys 1, 3, 5, ...).
+- :func:`clip_pixels` / :func:`encode_images` turn PIL images into the embeddings the adapter
+  expects (CLIP 224x224, mean/std; ``stretch`` as Fooocus or ``center`` crop as CLIPImageProcessor;
+  plus adapters take the penultimate hidden states, plain ones the projected image embedding).
+- :class:`IPAdapterPatch` maps the K/V weights onto the UNet's cross-attention layers in
+  diffusers processor order (down, up, mid) and installs :class:`ImagePromptAttnProcessor`
+  branches: several image prompts, each with weight, start/stop and (additive) mask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from patching.errors import PatchError
+from patching.image_prompt_attention import MODES, ImagePromptAttnProcessor, ImagePromptBranch
+from patching.patcher import Patch, PatchContext
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_SIZE = 224
+CROPS = ("stretch", "center")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"image_proj": {...}, "ip_adapter": {...}}`` from a safetensors or ``.bin`` file. A
+    ``.bin`` is read with ``torch.load(weights_only=True)``: pickled code is refused, not run."""
+    path = Path(path)
+    if not path.is_file():
+        raise PatchError(f"IP-Adapter checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            flat = load_file(str(path))
+            nested: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+            for key, tensor in flat.items():
+                group, _, rest = key.partition(".")
+                if group in nested:
+                    nested[group][rest] = tensor
+        elif path.suffix in (".bin", ".pt", ".pth"):
+            nested = torch.load(str(path), map_location="cpu", weights_only=True)
+        else:
+            raise PatchError(f"{path.name}: expected a .safetensors or .bin IP-Adapter checkpoint")
+    except PatchError:
+        raise
+    except Exception as exc:  # corrupt, truncated, or a pickle with code in it
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise PatchError(f"{path.name} is not a loadable IP-Adapter checkpoint: {first}") from None
+    if not isinstance(nested, dict) or not isinstance(nested.get("image_proj"), dict) or not nested.get("ip_adapter"):
+        raise PatchError(f"{path.name}: no 'image_proj' and 'ip_adapter' weights (not an IP-Adapter checkpoint)")
+    return nested
+
+
+@dataclass(eq=False)
+class IPAdapter:
+    """A loaded IP-Adapter: its projection and, per cross-attention layer, the K and V weights."""
+
+    projection: torch.nn.Module
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # (to_k_ip.weight, to_v_ip.weight), key order
+    plus: bool
+    cross_dim: int
+    tokens: int
+    digest: str
+    name: str = ""
+    negative: torch.Tensor | None = None  # optional uncond embedding (Fooocus' negative file)
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> IPAdapter:
+        self.projection.to(device=device, dtype=dtype)
+        self.layers = [(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for k, v in self.layers]
+        if self.negative is not None:
+            self.negative = self.negative.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0][0].device
+
+    @torch.no_grad()
+    def project(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Image-prompt tokens ``(N, tokens, cross_dim)`` for embeddings of N images."""
+        parameter = next(self.projection.parameters())
+        return self.projection(embeds.to(device=parameter.device, dtype=parameter.dtype))
+
+
+def load_ip_adapter(path: str | Path, negative: str | Path | None = None) -> IPAdapter:
+    from patching.resampler import projection_from_state_dict
+
+    path = Path(path)
+    checkpoint = read_checkpoint(path)
+    ip = checkpoint["ip_adapter"]
+    indexes = sorted(int(k.split(".")[0]) for k in ip if k.endswith(".to_k_ip.weight") and k.split(".")[0].isdigit())
+    if not indexes:
+        raise PatchError(f"{path.name}: ip_adapter has no '<n>.to_k_ip.weight' entries")
+    try:
+        layers = [(ip[f"{i}.to_k_ip.weight"], ip[f"{i}.to_v_ip.weight"]) for i in indexes]
+    except KeyError as exc:
+        raise PatchError(f"{path.name}: ip_adapter is missing {exc.args[0]}") from None
+    projection = projection_from_state_dict(checkpoint["image_proj"])
+    plus = "latents" in checkpoint["image_proj"]
+    cross_dim = int(layers[0][0].shape[1])
+    tokens = int(checkpoint["image_proj"]["latents"].shape[1]) if plus else projection.tokens
+    out_dim = int(projection.norm_out.weight.shape[0] if plus else projection.norm.weight.shape[0])
+    if out_dim != cross_dim:
+        raise PatchError(f"{path.name}: image_proj makes {out_dim}-wide tokens but to_k_ip takes {cross_dim}")
+    digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()
+    negative_tensor = None
+    if negative is not None:
+        from safetensors.torch import load_file
+
+        try:
+            negative_tensor = load_file(str(negative))["data"]
+        except Exception as exc:
+            raise PatchError(f"negative embedding {negative}: {str(exc).splitlines()[0][:200]}") from None
+    return IPAdapter(projection, layers, plus, cross_dim, tokens, digest, path.name, negative_tensor)
+
+
+def clip_pixels(images: list[Any], crop: str = "center") -> torch.Tensor:
+    """CLIP input ``(N, 3, 224, 224)``: ``stretch`` resizes to 224x224 (Fooocus), ``center``
+    resizes the short side to 224 and crops the middle (CLIPImageProcessor); bicubic."""
+    from PIL import Image
+
+    if crop not in CROPS:
+        raise PatchError(f"crop {crop!r}: expected one of {', '.join(CROPS)}")
+    tensors = []
+    for image in images:
+        image = image.convert("RGB")
+        if crop == "stretch":
+            image = image.resize((CLIP_SIZE, CLIP_SIZE), Image.Resampling.BICUBIC)
+        else:
+            scale = CLIP_SIZE / min(image.size)
+            size = (max(CLIP_SIZE, round(image.width * scale)), max(CLIP_SIZE, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.BICUBIC)
+            left, top = (image.width - CLIP_SIZE) // 2, (image.height - CLIP_SIZE) // 2
+            image = image.crop((left, top, left + CLIP_SIZE, top + CLIP_SIZE))
+        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(CLIP_SIZE, CLIP_SIZE, 3)
+        tensors.append(data.permute(2, 0, 1).float() / 255.0)
+    pixels = torch.stack(tensors)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+@torch.no_grad()
+def encode_images(encoder: Any, pixels: torch.Tensor, plus: bool) -> torch.Tensor:
+    """Embeddings of a CLIPVisionModelWithProjection: penultimate hidden states ``(N, 257, d)``
+    for plus adapters, projected ``image_embeds`` ``(N, d)`` for plain ones."""
+    parameter = next(encoder.parameters())
+    pixels = pixels.to(device=parameter.device, dtype=parameter.dtype)
+    if plus:
+        return encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+    return encoder(pixel_values=pixels).image_embeds
+
+
+def cross_attention_layers(unet: Any) -> list[str]:
+    """The UNet's spatial cross-attention (attn2) modules in diffusers processor order, which is
+    the order of the checkpoint's keys 1, 3, 5, ..."""
+    return [
+        k.removesuffix(".processor")
+        for k in unet.attn_processors
+        if k.endswith("attn2.processor") and "temporal_transformer_blocks" not in k
+    ]
+
+
+@dataclass(frozen=True, eq=False)
+class ImagePrompt:
+    """One image prompt: its embedding (one image, or several averaged by the caller), weight,
+    active window (fractions of sampling progress) and an optional (H, W) mask in 0..1."""
+
+    embeds: torch.Tensor
+    weight: float = 1.0
+    start: float = 0.0
+    stop: float = 1.0
+    mask: torch.Tensor | None = None
+    uncond_embeds: torch.Tensor | None = None  # default: the adapter's negative, else zeros
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.weight <= 5.0:
+            raise PatchError(f"image prompt weight {self.weight} is outside -1..5")
+        if not 0.0 <= self.start <= self.stop <= 1.0:
+            raise PatchError(f"image prompt window {self.start}..{self.stop}: need 0 <= start <= stop <= 1")
+
+
+def tensor_digest(tensor: torch.Tensor | None) -> str | None:
+    if tensor is None:
+        return None
+    data = tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data + str(tuple(tensor.shape)).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, eq=False)
+class IPAdapterPatch(Patch):
+    """Image prompts through an IP-Adapter, combined ``additive`` or ``fooocus``."""
+
+    name: ClassVar[str] = "ip_adapter"
+    adapter: IPAdapter
+    prompts: tuple[ImagePrompt, ...]
+    mode: str = "additive"
+    layers: tuple[str, ...] = field(default=())  # restrict to these attn2 paths (default: all)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter.digest,
+            "mode": self.mode,
+            "layers": list(self.layers),
+            "prompts": [
+                {
+                    "embeds": tensor_digest(p.embeds),
+                    "uncond": tensor_digest(p.uncond_embeds),
+                    "weight": p.weight,
+                    "start": p.start,
+                    "stop": p.stop,
+                    "mask": tensor_digest(p.mask),
+                }
+                for p in self.prompts
+            ],
+        }
+
+    def apply(self, ctx: PatchContext) -> None:
+        if self.mode not in MODES:
+            raise PatchError(f"ip_adapter mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.mode == "fooocus" and any(p.mask is not None for p in self.prompts):
+            raise PatchError("ip_adapter masks work in additive mode only")
+        unet = ctx.unet
+        paths = cross_attention_layers(unet)
+        if len(paths) != len(self.adapter.layers):
+            raise PatchError(
+                f"{self.adapter.name or 'the adapter'} has K/V weights for {len(self.adapter.layers)} cross-attention "
+                f"layers; this UNet has {len(paths)} (an adapter for another model family?)"
+            )
+        tokens = []
+        for prompt in self.prompts:
+            cond = self.adapter.project(prompt.embeds)
+            uncond_embeds = prompt.uncond_embeds
+            if uncond_embeds is not None:
+                uncond = self.adapter.project(uncond_embeds)
+            elif self.adapter.negative is not None:
+                uncond = self.adapter.negative.reshape(1, -1, self.adapter.cross_dim)
+            else:
+                uncond = self.adapter.project(torch.zeros_like(prompt.embeds))
+            tokens.append((cond.reshape(-1, cond.shape[-1]), uncond.reshape(-1, uncond.shape[-1])))
+        wanted = set(self.layers) or set(paths)
+        for path, (k_weight, v_weight) in zip(paths, self.adapter.layers, strict=True):
+            if path not in wanted:
+                continue
+            attn = unet.get_submodule(path)
+            if k_weight.shape[0] != attn.to_k.out_features or k_weight.shape[1] != attn.to_k.in_features:
+                raise PatchError(
+                    f"{path}: the adapter's K projection is {tuple(k_weight.shape)}, the layer needs "
+                    f"({attn.to_k.out_features}, {attn.to_k.in_features}) (an adapter for another model family?)"
+                )
+            branches = [
+                _branch(k_weight, v_weight, cond, uncond, prompt, self.mode)
+                for prompt, (cond, uncond) in zip(self.prompts, tokens, strict=True)
+            ]
+            ctx.replace_processor(
+                f"unet.{path}", lambda previous, b=branches: ImagePromptAttnProcessor(previous, b, ctx.state)
+            )
+
+
+@torch.no_grad()
+def _branch(k_weight, v_weight, cond, uncond, prompt: ImagePrompt, mode: str) -> ImagePromptBranch:
+    k_weight = k_weight.to(cond)
+    v_weight = v_weight.to(cond)
+    mask = prompt.mask.to(cond.device) if prompt.mask is not None else None
+    return ImagePromptBranch(
+        cond_keys=cond @ k_weight.T,
+        cond_values=cond @ v_weight.T,
+        uncond_keys=uncond.to(cond) @ k_weight.T,
+        uncond_values=uncond.to(cond) @ v_weight.T,
+        weight=prompt.weight,
+        start=prompt.start,
+        stop=prompt.stop,
+        mode=mode,
+        mask=mask,
+    )
