@@ -48,6 +48,7 @@ from storage.objects.keys import validate_prefix
 
 # -- limits --------------------------------------------------------------------------------------
 MAX_MODEL_CHARS = 512
+MAX_PATH_CHARS = 1024  # local file and folder paths in specs (adapters, encoders)
 MAX_PROMPTS = 1000
 MAX_PROMPT_CHARS = 2000
 MAX_SEEDS = 10_000
@@ -82,7 +83,7 @@ LOCAL_PATH_PREFIXES = ("/", "./", "../", "~/")
 
 # Modules that define further job kinds or patch types; imported (once) before the registries are
 # used, so every process that parses specs knows every kind. Later issues append to this tuple.
-EXTENSION_MODULES: tuple[str, ...] = ("farm.patch_specs", "farm.temporal_video")
+EXTENSION_MODULES: tuple[str, ...] = ("farm.patch_specs", "farm.temporal_video", "farm.face_identity")
 
 
 # -- errors --------------------------------------------------------------------------------------

@@ -97,12 +97,13 @@ def encode_png(image: Any, parameters: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def run_text_to_image_shard(run: Any) -> int:
-    """Render every item of a ``text_to_image`` shard not already written; returns items done."""
+def render_prompt_items(run: Any, selected: list[tuple[int, dict[str, Any]]], extra: dict[str, Any]) -> None:
+    """Render the ``(position, item)`` pairs of a prompt x seed shard not already written, with
+    the model as it is patched now; ``extra`` is added to every output's parameters."""
     import time
 
     spec, total = run.spec, len(run.items)
-    for position, item in enumerate(run.items):
+    for position, item in selected:
         if item["key"] in run.done_keys:
             continue
         request = RenderRequest(
@@ -121,10 +122,15 @@ def run_text_to_image_shard(run: Any) -> int:
 
         started = time.perf_counter()
         image = render_text_to_image(run.pipeline, request, on_step)
-        params = {**request.__dict__, **run.base_params()}
+        params = {**request.__dict__, **run.base_params(), **extra}
         png = encode_png(image, params)
         run.add_time("denoise_s", time.perf_counter() - started)
         run.record(
             item["key"], png, "image/png", item=item, params=params, progress=(position + 1) / total, item_finished=True
         )
+
+
+def run_text_to_image_shard(run: Any) -> int:
+    """Render every item of a ``text_to_image`` shard not already written; returns items done."""
+    render_prompt_items(run, list(enumerate(run.items)), {})
     return run.items_done

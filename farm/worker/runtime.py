@@ -39,6 +39,8 @@ class WorkerResources:
     name: str
     engine: Any = None
     cache: Any = None  # farm.worker.model_cache.ModelCache, built on first render (imports torch)
+    components: Any = None  # a second ModelCache for IP-Adapters and image encoders
+    memo: dict[Any, Any] = field(default_factory=dict)  # per-job derived data (reference embeddings)
     shards_run: int = 0
     timings: list[dict[str, float]] = field(default_factory=list)
 
@@ -47,6 +49,15 @@ class WorkerResources:
         engine = make_engine(settings.database_url, pool_size=settings.db.pool_size)
         name = name or f"{socket.gethostname()}-{os.getpid()}"
         return cls(settings, make_session_factory(engine), open_store(settings), name, engine)
+
+    def component_cache(self) -> Any:
+        """Pinned auxiliary models (IP-Adapters, image encoders), beside the pipelines."""
+        if self.components is None:
+            from farm.worker.components import load_component
+            from farm.worker.model_cache import ModelCache
+
+            self.components = ModelCache(self.model_cache().placement, 1 << 62, loader=load_component)
+        return self.components
 
     def model_cache(self) -> Any:
         """The process's model cache, created on first use (control-only workers never need torch)."""
@@ -145,6 +156,7 @@ def _describe(exc: BaseException) -> str:
 RUNNERS = {
     "text_to_image": "farm.worker.renderers:run_text_to_image_shard",
     "temporal_video": "farm.worker.video:run_temporal_video_shard",
+    "face_identity": "farm.worker.identity:run_face_identity_shard",
 }
 
 
@@ -161,16 +173,16 @@ class PatchFailed(UserError):
     """The job's patches cannot be applied to its model (a user error: fix the spec)."""
 
 
-def apply_job_patches(loaded: Any, spec: Any) -> str:
-    """Make the job's patch set the one applied to the resident model (a no-op when the last job
-    used the same set); returns its fingerprint."""
+def apply_job_patches(loaded: Any, spec: Any, extra: list[Any] | tuple[Any, ...] = ()) -> str:
+    """Make the job's patch set (then ``extra``, patches a runner builds itself) the one applied
+    to the resident model: a no-op when the last job used the same set. Returns its fingerprint."""
     from farm.patch_specs import build_patches
     from patching import ModelPatcher, PatchError
 
     if loaded.patcher is None:
         loaded.patcher = ModelPatcher(loaded.pipeline)
     try:
-        loaded.patcher.ensure(build_patches(spec))
+        loaded.patcher.ensure([*build_patches(spec), *extra])
     except PatchError as exc:
         raise PatchFailed(f"patches: {exc}") from None
     return loaded.patcher.fingerprint
@@ -197,9 +209,11 @@ def _render_items(
     started = time.perf_counter()
     loaded = res.model_cache().get(spec.model, spec.family)
     timings["load_s"] = round(time.perf_counter() - started, 4)
-    started = time.perf_counter()
-    fingerprint = apply_job_patches(loaded, spec)
-    timings["patch_s"] = round(time.perf_counter() - started, 4)
+    fingerprint = ""
+    if not getattr(runner, "applies_patches", False):  # else the runner adds its own and applies
+        started = time.perf_counter()
+        fingerprint = apply_job_patches(loaded, spec)
+        timings["patch_s"] = round(time.perf_counter() - started, 4)
     timings["denoise_s"] = timings["upload_s"] = 0.0
     run = ShardRun(res, job_id, shard_id, shard_index, spec, items, done_keys, keeper, loaded, timings, fingerprint)
     run.items_done = sum(1 for item in items if item["key"] in done_keys)

@@ -53,6 +53,14 @@ class ShardRun:
             "patches_fingerprint": self.patches_fingerprint,
         }
 
+    def apply_patches(self, extra: list[Any]) -> None:
+        """Apply the job's patches plus ``extra`` (for runners that build patches themselves)."""
+        from farm.worker.runtime import apply_job_patches
+
+        started = time.perf_counter()
+        self.patches_fingerprint = apply_job_patches(self.loaded, self.spec, extra)
+        self.add_time("patch_s", time.perf_counter() - started)
+
     def progress(self, fraction: float) -> None:
         """Report progress (0..1 of the shard) and stop here if the job was cancelled or the
         lease was lost."""

@@ -1,0 +1,103 @@
+"""The ``face_identity`` job kind: renders that keep a person's identity from reference images.
+
+``identity.method = ip_adapter`` (this module) conditions every render on the reference images
+through an IP-Adapter: the references are encoded once per job with the adapter's CLIP vision
+encoder, then either averaged into one image prompt (``combine: average``) or given as one image
+prompt each (``combine: separate``), with the identity ``weight``, active window ``start``..
+``stop`` (fractions of sampling progress) and combination ``mode`` (``additive`` as diffusers'
+IP-Adapter, or ``fooocus``'s joint attention).
+
+Items are ``frames x prompts x seeds`` (frame-major): without ``frames`` just prompts x seeds;
+with ``frames`` (one reference image per output frame, e.g. a video's frames) every frame adds its
+own image prompt at ``frame_weight`` on top of the identity. Outputs are PNGs like text-to-image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from farm.inputs import ImageRef
+from farm.sharding import ItemSource, register_items
+from farm.specs import LOCAL_PATH_PREFIXES, MAX_PATH_CHARS, JobSpec, _problem, register_job_kind
+
+MAX_REFERENCES = 16
+MAX_FRAMES = 10_000
+
+
+def _local_path(value: str, suffixes: tuple[str, ...] = ()) -> str:
+    if not value.startswith(LOCAL_PATH_PREFIXES):
+        raise _problem((), "must be a local path on the workers (absolute, or starting with ./ ../ ~/)", value)
+    if any(ord(ch) < 32 for ch in value):
+        raise _problem((), "must not contain control characters", value)
+    if suffixes and not value.endswith(suffixes):
+        raise _problem((), f"must be a {' or '.join(suffixes)} file", value)
+    return value
+
+
+class IPAdapterIdentity(BaseModel):
+    """Identity through an IP-Adapter checkpoint and its CLIP vision encoder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    method: Literal["ip_adapter"]
+    adapter: str = Field(max_length=MAX_PATH_CHARS, description="IP-Adapter checkpoint (.safetensors or .bin)")
+    image_encoder: str = Field(max_length=MAX_PATH_CHARS, description="CLIP vision encoder folder")
+    negative: str | None = Field(default=None, max_length=MAX_PATH_CHARS, description="uncond embedding file")
+    references: list[ImageRef] = Field(min_length=1, max_length=MAX_REFERENCES)
+    combine: Literal["average", "separate"] = "average"
+    weight: float = Field(default=0.8, ge=-1.0, le=5.0)
+    start: float = Field(default=0.0, ge=0.0, le=1.0)
+    stop: float = Field(default=1.0, ge=0.0, le=1.0)
+    mode: Literal["additive", "fooocus"] = "additive"
+    crop: Literal["center", "stretch"] = "center"
+    frame_weight: float = Field(default=0.5, ge=-1.0, le=5.0)
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter(cls, value: str) -> str:
+        return _local_path(value, (".safetensors", ".bin"))
+
+    @field_validator("image_encoder")
+    @classmethod
+    def _encoder(cls, value: str) -> str:
+        return _local_path(value)
+
+    @field_validator("negative")
+    @classmethod
+    def _negative(cls, value: str | None) -> str | None:
+        return None if value is None else _local_path(value, (".safetensors",))
+
+    @model_validator(mode="after")
+    def _window(self) -> IPAdapterIdentity:
+        if self.start > self.stop:
+            raise _problem(("start",), f"must not be after stop ({self.stop})", self.start)
+        return self
+
+
+@register_job_kind
+class FaceIdentitySpec(JobSpec):
+    """Prompts x seeds (x frames) rendered with an identity from reference images."""
+
+    families: ClassVar[tuple[str, ...]] = ("sd15", "sdxl")
+
+    kind: Literal["face_identity"] = "face_identity"
+    identity: IPAdapterIdentity
+    frames: list[ImageRef] | None = Field(default=None, min_length=1, max_length=MAX_FRAMES)
+
+    def item_axes(self) -> dict[str, int]:
+        axes = super().item_axes()
+        return {"frames": len(self.frames), **axes} if self.frames else axes
+
+
+@register_items("face_identity", ext="png")
+def identity_items(spec: FaceIdentitySpec) -> Iterator[ItemSource]:
+    """Frame-major, then prompt-major like text-to-image; ``frame_index`` rides in extra."""
+    seeds = spec.resolved_seeds()
+    for frame_index in range(len(spec.frames)) if spec.frames else [None]:
+        extra: tuple[tuple[str, Any], ...] = () if frame_index is None else (("frame_index", frame_index),)
+        for prompt_index in range(len(spec.prompts)):
+            for seed in seeds:
+                yield ItemSource(prompt_index, seed, extra)
