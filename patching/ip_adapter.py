@@ -73,13 +73,10 @@ class IPAdapter:
     tokens: int
     digest: str
     name: str = ""
-    negative: torch.Tensor | None = None  # optional uncond embedding (Fooocus' negative file)
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> IPAdapter:
         self.projection.to(device=device, dtype=dtype)
         self.layers = [(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for k, v in self.layers]
-        if self.negative is not None:
-            self.negative = self.negative.to(device=device, dtype=dtype)
         return self
 
     @property
@@ -93,7 +90,7 @@ class IPAdapter:
         return self.projection(embeds.to(device=parameter.device, dtype=parameter.dtype))
 
 
-def load_ip_adapter(path: str | Path, negative: str | Path | None = None) -> IPAdapter:
+def load_ip_adapter(path: str | Path) -> IPAdapter:
     from patching.resampler import projection_from_state_dict
 
     path = Path(path)
@@ -114,15 +111,20 @@ def load_ip_adapter(path: str | Path, negative: str | Path | None = None) -> IPA
     if out_dim != cross_dim:
         raise PatchError(f"{path.name}: image_proj makes {out_dim}-wide tokens but to_k_ip takes {cross_dim}")
     digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()
-    negative_tensor = None
-    if negative is not None:
-        from safetensors.torch import load_file
+    return IPAdapter(projection, layers, plus, cross_dim, tokens, digest, path.name)
 
-        try:
-            negative_tensor = load_file(str(negative))["data"]
-        except Exception as exc:
-            raise PatchError(f"negative embedding {negative}: {str(exc).splitlines()[0][:200]}") from None
-    return IPAdapter(projection, layers, plus, cross_dim, tokens, digest, path.name, negative_tensor)
+
+def load_negative(path: str | Path) -> torch.Tensor:
+    """Fooocus' negative file: a safetensors tensor ``data`` of context-width tokens, used as the
+    uncond image tokens as they are (no projection)."""
+    from safetensors.torch import load_file
+
+    try:
+        data = load_file(str(path))["data"]
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise PatchError(f"negative embedding {Path(path).name}: {first}") from None
+    return data.reshape(-1, data.shape[-1])
 
 
 def clip_pixels(images: list[Any], crop: str = "center") -> torch.Tensor:
@@ -182,7 +184,7 @@ class ImagePrompt:
     start: float = 0.0
     stop: float = 1.0
     mask: torch.Tensor | None = None
-    uncond_embeds: torch.Tensor | None = None  # default: the adapter's negative, else zeros
+    uncond_embeds: torch.Tensor | None = None  # default: the patch's negative tokens, else zeros
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.weight <= 5.0:
@@ -207,12 +209,14 @@ class IPAdapterPatch(Patch):
     prompts: tuple[ImagePrompt, ...]
     mode: str = "additive"
     layers: tuple[str, ...] = field(default=())  # restrict to these attn2 paths (default: all)
+    negative: torch.Tensor | None = None  # uncond tokens (Fooocus' negative file), else projected zeros
 
     def params(self) -> dict[str, Any]:
         return {
             "adapter": self.adapter.digest,
             "mode": self.mode,
             "layers": list(self.layers),
+            "negative": tensor_digest(self.negative),
             "prompts": [
                 {
                     "embeds": tensor_digest(p.embeds),
@@ -244,8 +248,11 @@ class IPAdapterPatch(Patch):
             uncond_embeds = prompt.uncond_embeds
             if uncond_embeds is not None:
                 uncond = self.adapter.project(uncond_embeds)
-            elif self.adapter.negative is not None:
-                uncond = self.adapter.negative.reshape(1, -1, self.adapter.cross_dim)
+            elif self.negative is not None:
+                if self.negative.shape[-1] != self.adapter.cross_dim:
+                    width = self.negative.shape[-1]
+                    raise PatchError(f"negative tokens are {width} wide; the adapter's are {self.adapter.cross_dim}")
+                uncond = self.negative.to(cond)
             else:
                 uncond = self.adapter.project(torch.zeros_like(prompt.embeds))
             tokens.append((cond.reshape(-1, cond.shape[-1]), uncond.reshape(-1, uncond.shape[-1])))

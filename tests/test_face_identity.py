@@ -196,3 +196,33 @@ def test_face_identity_on_real_services_with_frames_and_a_bad_reference(
     assert summary["status"] == "failed"
     assert all("identity.references[0] (inputs/not-a-face.png)" in s["error"] for s in summary["shards"])
     assert all(s["attempts"] == 1 for s in summary["shards"])
+
+
+def test_switching_jobs_reuses_the_pinned_adapter_and_encoder(tiny_models, sd15_adapter, tmp_path) -> None:
+    from farm.inputs import upload_inputs
+    from farm.scheduler import schedule_job, submit_job
+    from farm.settings import FarmSettings
+    from farm.worker.runtime import WorkerResources, execute_shard
+    from storage import migrate
+    from storage.db import session_scope
+
+    settings = FarmSettings(_env_file=None, data_dir=tmp_path / "data", worker={"device": "cpu"})
+    migrate.upgrade(settings.database_url)
+    res = WorkerResources.create(settings, name="pinned")
+    refs = [_face(tmp_path, "a.png", (180, 120, 90)), _face(tmp_path, "b.png", (60, 40, 30))]
+    outcomes = []
+    for n, ref in enumerate(refs):
+        data = upload_inputs(
+            identity_job(tiny_models["sd15"], sd15_adapter, [ref], prompts=["a face"]), res.store, tmp_path
+        )
+        with session_scope(res.session_factory) as session:
+            job, _ = submit_job(session, parse_spec({**data, "output_prefix": f"job{n}"}))
+            (dispatch,) = schedule_job(session, job.id)
+        outcomes.append(execute_shard(res, dispatch.shard_id).status)
+    assert outcomes == ["succeeded", "succeeded"]
+    cache, components = res.model_cache(), res.component_cache()
+    assert (cache.loads, cache.hits) == (1, 1)  # the pipeline stayed pinned
+    assert components.loads == 2 and components.hits == 2  # adapter + encoder, loaded once each
+    patcher = cache.get(str(tiny_models["sd15"]), "sd15").patcher
+    assert patcher.applies == 2 and patcher.active is not None  # only the image-prompt patch changed
+    res.close()

@@ -216,3 +216,42 @@ def test_start_and_stop_follow_sampling_progress() -> None:
 def test_image_prompt_settings_are_checked(kwargs: dict, message: str) -> None:
     with pytest.raises(PatchError, match=message):
         ImagePrompt(torch.zeros(1, 4), **kwargs)
+
+
+def test_negative_tokens_replace_the_uncond_branch(sdxl: tuple, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from patching.ip_adapter import load_negative
+
+    pipe, adapter, embeds, _ = sdxl
+    save_file({"data": torch.randn(1, 4, 64)}, str(tmp_path / "negative.safetensors"))
+    negative = load_negative(tmp_path / "negative.safetensors")
+    assert negative.shape == (4, 64)
+    prompt = (ImagePrompt(embeds, weight=1.0),)
+
+    def render(guidance: float, **kwargs: Any) -> Any:
+        handle = ModelPatcher(pipe).apply([IPAdapterPatch(adapter, prompt, **kwargs)])
+        try:
+            return _render(pipe, guidance_scale=guidance)
+        finally:
+            handle.remove()
+
+    assert abs(render(5.0, negative=negative) - render(5.0)).max() > 1e-4  # uncond half differs
+    assert (render(1.0, negative=negative) == render(1.0)).all()  # no uncond half without CFG
+    with pytest.raises(PatchError, match="negative tokens are 8 wide"):
+        ModelPatcher(pipe).apply([IPAdapterPatch(adapter, prompt, negative=torch.zeros(4, 8))])
+
+
+def test_center_crop_preprocessing_matches_clip_image_processor() -> None:
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (150, 300, 3), dtype=np.uint8))
+    expected = CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224})(images=image, return_tensors="pt")
+    ours = clip_pixels([image], "center")
+    assert ours.shape == expected.pixel_values.shape == (1, 3, 224, 224)
+    assert abs(ours - expected.pixel_values).max() < 0.02  # resampler rounding only
+    stretched = clip_pixels([image], "stretch")
+    assert stretched.shape == (1, 3, 224, 224) and not torch.equal(stretched, ours)

@@ -12,7 +12,7 @@ from typing import Any
 from farm.worker.devices import Placement
 from farm.worker.model_cache import ModelLoadError, model_fingerprint
 
-KINDS = ("ip_adapter", "clip_vision")
+KINDS = ("ip_adapter", "clip_vision", "ip_negative")
 
 
 def load_component(path: str, kind: str, placement: Placement) -> tuple[Any, str]:
@@ -29,6 +29,16 @@ def load_component(path: str, kind: str, placement: Placement) -> tuple[Any, str
             raise ModelLoadError(f"identity.adapter: {exc}") from None
         digest = hashlib.sha256(location.read_bytes()).hexdigest()
         return adapter.to(placement.device, placement.dtype), digest
+    if kind == "ip_negative":
+        from patching.ip_adapter import load_negative
+
+        try:
+            tokens = load_negative(location)
+        except PatchError as exc:
+            raise ModelLoadError(f"identity.negative: {exc}") from None
+        return tokens.to(device=placement.device, dtype=placement.dtype), hashlib.sha256(
+            location.read_bytes()
+        ).hexdigest()
     if kind == "clip_vision":
         from transformers import CLIPVisionModelWithProjection
 

@@ -42,6 +42,7 @@ def run_face_identity_shard(run: Any) -> int:
     components = run.res.component_cache()
     adapter = components.get(ident.adapter, "ip_adapter").pipeline
     encoder = components.get(ident.image_encoder, "clip_vision").pipeline
+    negative = components.get(ident.negative, "ip_negative").pipeline if ident.negative else None
     references = _embeddings(run, encoder, adapter, list(ident.references), "identity.references")
     window = {"start": ident.start, "stop": ident.stop}
     if ident.combine == "average":
@@ -54,6 +55,7 @@ def run_face_identity_shard(run: Any) -> int:
         "identity": {
             "method": ident.method,
             "adapter": ident.adapter,
+            "negative": ident.negative,
             "references": [r.key for r in ident.references],
             "combine": ident.combine,
             "weight": ident.weight,
@@ -78,7 +80,7 @@ def run_face_identity_shard(run: Any) -> int:
             embeds = _embeddings(run, encoder, adapter, [frame], f"frames[{frame_index}]")
             prompts.append(ImagePrompt(embeds, weight=ident.frame_weight, **window))
             extra["frame"] = {"index": int(frame_index), "key": frame.key, "weight": ident.frame_weight}
-        run.apply_patches([IPAdapterPatch(adapter, tuple(prompts), mode=ident.mode)])
+        run.apply_patches([IPAdapterPatch(adapter, tuple(prompts), mode=ident.mode, negative=negative)])
         render_prompt_items(run, selected, extra)
     return run.items_done
 
