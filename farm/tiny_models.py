@@ -353,12 +353,23 @@ def _tiny_vision_encoder(seed: int) -> Any:
     )
 
 
-def build_tiny_ip_adapter(family: str, out_dir: Path, *, plus: bool = False, seed: int = 0, tokens: int = 4) -> Path:
+def build_tiny_ip_adapter(
+    family: str,
+    out_dir: Path,
+    *,
+    plus: bool = False,
+    seed: int = 0,
+    tokens: int = 4,
+    embedding_dim: int = 32,
+    image_encoder: bool = True,
+) -> Path:
     """Fabricate an IP-Adapter for the tiny ``family`` model (``sd15`` or ``sdxl``) in ``out_dir``:
     ``image_encoder/`` (a tiny CLIPVisionModelWithProjection), ``ip-adapter.safetensors`` (flat
     ``image_proj.*`` / ``ip_adapter.*`` keys) and ``ip-adapter.bin`` (the same, nested, as a
     weights-only torch file). ``plus`` makes a Resampler projection over the encoder's hidden
-    states; otherwise an ImageProjModel over the projected embedding. Returns ``out_dir``."""
+    states; otherwise an ImageProjModel over the projected embedding. An InstantID stand-in is
+    ``plus=True, tokens=16, embedding_dim=512, image_encoder=False`` (a Resampler over the
+    512-d face embedding, the same file layout as InstantID's ``ip-adapter.bin``). Returns ``out_dir``."""
     if family not in ("sd15", "sdxl"):
         raise UserError(f"family {family!r}: IP-Adapters exist for sd15 and sdxl")
     import torch
@@ -369,18 +380,26 @@ def build_tiny_ip_adapter(family: str, out_dir: Path, *, plus: bool = False, see
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    encoder = _tiny_vision_encoder(seed + 10)
-    with _quiet_saves():
-        encoder.save_pretrained(out_dir / "image_encoder", safe_serialization=True)
+    if image_encoder:
+        encoder = _tiny_vision_encoder(seed + 10)
+        with _quiet_saves():
+            encoder.save_pretrained(out_dir / "image_encoder", safe_serialization=True)
     unet = (_build_sd15 if family == "sd15" else _build_sdxl)(0).unet  # layer widths only
     cross = CROSS_ATTENTION_DIM[family]
     torch.manual_seed(seed + 11)
     if plus:
         projection: Any = Resampler(
-            dim=64, depth=4, dim_head=64, heads=1, num_queries=tokens, embedding_dim=32, output_dim=cross, ff_mult=4
+            dim=64,
+            depth=4,
+            dim_head=64,
+            heads=1,
+            num_queries=tokens,
+            embedding_dim=embedding_dim,
+            output_dim=cross,
+            ff_mult=4,
         )
     else:
-        projection = ImageProjModel(cross, 32, tokens)
+        projection = ImageProjModel(cross, embedding_dim, tokens)
     with torch.no_grad():
         for parameter in projection.parameters():  # visible effects, not near-identity
             parameter.add_(torch.randn_like(parameter) * 0.05)

@@ -11,8 +11,9 @@ batch, with its weight, its active window and an optional mask. Two ways to comb
   token-mean of ``V_i`` rescaled to ``W * mean`` where ``W = w_i * C / 1280`` (the channel
   penalty). Weight 0 is *not* a no-op there: the tokens keep softmax mass (logits 0).
 
-A branch is active while ``start <= progress < stop`` (progress = 1 - t/(T-1), read from the
-patcher's :class:`~patching.state.StepState`; ``stop >= 1`` means to the end). With no active
+A branch is active while ``start <= progress < stop`` (``<= stop`` for InstantID's window;
+progress = 1 - t/(T-1), read from the patcher's :class:`~patching.state.StepState`; ``stop >= 1``
+means to the end). With no active
 branch the processor hands the call to the processor it replaced, so the output is that
 processor's, bit for bit. Processors of several patches on one layer merge their branches.
 """
@@ -41,6 +42,7 @@ class ImagePromptBranch:
     stop: float = 1.0
     mode: str = "additive"
     mask: torch.Tensor | None = None  # (H, W) in 0..1, additive only
+    stop_inclusive: bool = False  # InstantID's sigma window includes its end; Fooocus' stop does not
 
     def active(self, state: StepState) -> bool:
         if self.mode == "additive" and self.weight == 0.0:
@@ -48,7 +50,8 @@ class ImagePromptBranch:
         progress = state.percent
         if progress is None:
             return True
-        return self.start <= progress and (progress < self.stop or self.stop >= 1.0)
+        before_stop = progress <= self.stop if self.stop_inclusive else progress < self.stop
+        return self.start <= progress and (before_stop or self.stop >= 1.0)
 
     def batch(self, state: StepState, batch_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values laid out like the batch: one chunk per cond/uncond entry."""

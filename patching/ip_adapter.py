@@ -185,6 +185,7 @@ class ImagePrompt:
     stop: float = 1.0
     mask: torch.Tensor | None = None
     uncond_embeds: torch.Tensor | None = None  # default: the patch's negative tokens, else zeros
+    stop_inclusive: bool = False
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.weight <= 5.0:
@@ -290,4 +291,5 @@ def _branch(k_weight, v_weight, cond, uncond, prompt: ImagePrompt, mode: str) ->
         stop=prompt.stop,
         mode=mode,
         mask=mask,
+        stop_inclusive=prompt.stop_inclusive,
     )

@@ -92,6 +92,8 @@ class Resampler(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:  # one embedding per image (InstantID's face vector): a sequence of one
+            x = x.unsqueeze(1)
         latents = self.latents.repeat(x.size(0), 1, 1)
         x = self.proj_in(x)
         for attention, feed_forward in self.layers:
