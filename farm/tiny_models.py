@@ -418,3 +418,87 @@ def build_tiny_ip_adapter(
     marker = {"family": family, "plus": plus, "tokens": tokens, "seed": seed, "cross_attention_dim": cross}
     (out_dir / "farm_tiny_ip_adapter.json").write_text(json.dumps(marker, indent=2) + "\n")
     return out_dir
+
+
+def build_tiny_face_pack(out_dir: Path, *, seed: int = 0) -> Path:
+    """Write a tiny antelopev2-style pack insightface loads without downloads:
+
+    - ``scrfd_10g_bnkps.onnx``: an SCRFD-shaped detector (any input size; 9 outputs: scores,
+      boxes, keypoints for strides 8/16/32, two anchors per cell) that reports a face on every
+      stride-8 cell whose pixel variance exceeds a threshold, so a flat image has no face and a
+      fine texture is found only once the detector size is small enough;
+    - ``glintr100.onnx``: an ArcFace-shaped recognizer (112x112 -> 512) that average-pools and
+      projects with a fixed random matrix.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inits = [
+        numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), "column"),
+        numpy_helper.from_array(np.array([400.0], dtype=np.float32), "sharpness"),
+        numpy_helper.from_array(np.array([0.02], dtype=np.float32), "threshold"),
+        numpy_helper.from_array(np.array([0.0], dtype=np.float32), "zero"),
+        numpy_helper.from_array(np.array([[2.0, 2.0, 2.0, 2.0]], dtype=np.float32), "box"),  # stride units
+        numpy_helper.from_array(np.array([[-0.7, -0.5, 0.7, -0.5, 0.0, 0.0, -0.5, 0.7, 0.5, 0.7]], np.float32), "kps"),
+    ]
+    nodes = [
+        helper.make_node("ReduceMean", ["input.1"], ["gray"], axes=[1], keepdims=1),
+        helper.make_node("Mul", ["gray", "gray"], ["gray2"]),
+    ]
+    for s in (8, 16, 32):
+        pool = {"kernel_shape": [s, s], "strides": [s, s]}
+        nodes += [
+            helper.make_node("AveragePool", ["gray"], [f"mean{s}"], **pool),
+            helper.make_node("AveragePool", ["gray2"], [f"meansq{s}"], **pool),
+            helper.make_node("Mul", [f"mean{s}", f"mean{s}"], [f"sqmean{s}"]),
+            helper.make_node("Sub", [f"meansq{s}", f"sqmean{s}"], [f"var{s}"]),
+            helper.make_node("Sub", [f"var{s}", "threshold"], [f"excess{s}"]),
+            helper.make_node("Mul", [f"excess{s}", "sharpness"], [f"logit{s}"]),
+            helper.make_node("Sigmoid", [f"logit{s}"], [f"prob{s}"]),
+            # only stride 8 reports faces
+            helper.make_node(
+                "Identity" if s == 8 else "Mul", [f"prob{s}"] + ([] if s == 8 else ["zero"]), [f"cell{s}"]
+            ),
+            helper.make_node("Reshape", [f"cell{s}", "column"], [f"col{s}"]),
+            helper.make_node("Concat", [f"col{s}", f"col{s}"], [f"anchors{s}"], axis=1),
+            helper.make_node("Reshape", [f"anchors{s}", "column"], [f"score_{s}"]),
+            helper.make_node("Mul", [f"score_{s}", "zero"], [f"nil{s}"]),
+            helper.make_node("Add", [f"nil{s}", "box"], [f"bbox_{s}"]),
+            helper.make_node("Add", [f"nil{s}", "kps"], [f"kps_{s}"]),
+        ]
+    names = [f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in (8, 16, 32)]
+    widths = {"score": 1, "bbox": 4, "kps": 10}
+    graph = helper.make_graph(
+        nodes,
+        "tiny_scrfd",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["anchors", widths[n.split("_")[0]]]) for n in names],
+        inits,
+    )
+    detector = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(detector)
+    onnx.save(detector, str(out_dir / "scrfd_10g_bnkps.onnx"))
+
+    rng = np.random.default_rng(seed)
+    projection = (rng.standard_normal((3 * 14 * 14, 512)) / 24).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("AveragePool", ["input.1"], ["pooled"], kernel_shape=[8, 8], strides=[8, 8]),
+            helper.make_node("Reshape", ["pooled", "flat"], ["vector"]),
+            helper.make_node("MatMul", ["vector", "projection"], ["embedding"]),
+        ],
+        "tiny_arcface",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 112, 112])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 512])],
+        [
+            numpy_helper.from_array(projection, "projection"),
+            numpy_helper.from_array(np.array([1, 3 * 14 * 14], dtype=np.int64), "flat"),
+        ],
+    )
+    recognizer = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(recognizer)
+    onnx.save(recognizer, str(out_dir / "glintr100.onnx"))
+    return out_dir
