@@ -1,21 +1,29 @@
 """The ``face_identity`` job kind: renders that keep a person's identity from reference images.
 
-``identity.method = ip_adapter`` (this module) conditions every render on the reference images
+``identity.method = ip_adapter`` conditions every render on the reference images
 through an IP-Adapter: the references are encoded once per job with the adapter's CLIP vision
 encoder, then either averaged into one image prompt (``combine: average``) or given as one image
 prompt each (``combine: separate``), with the identity ``weight``, active window ``start``..
 ``stop`` (fractions of sampling progress) and combination ``mode`` (``additive`` as diffusers'
 IP-Adapter, or ``fooocus``'s joint attention).
 
+``identity.method = instantid`` finds the largest face of each reference (insightface, the
+pack in ``worker.face_models_dir``), combines the raw ArcFace embeddings, and applies InstantID's
+attention patch (weight, ``start_at``/``end_at``, noise, optional mask) and, with a ``controlnet``
+folder, IdentityNet on the face keypoints. The embeddings are computed once per job and stored
+beside its outputs (``face_embeds.safetensors``) for every shard to reuse.
+
 Items are ``frames x prompts x seeds`` (frame-major): without ``frames`` just prompts x seeds;
 with ``frames`` (one reference image per output frame, e.g. a video's frames) every frame adds its
-own image prompt at ``frame_weight`` on top of the identity. Outputs are PNGs like text-to-image.
+own image prompt at ``frame_weight`` on top of the identity (ip_adapter), or its face to the
+references and its keypoints to IdentityNet (instantid; a frame without a face fails its shards).
+Outputs are PNGs like text-to-image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -77,6 +85,52 @@ class IPAdapterIdentity(BaseModel):
         return self
 
 
+class InstantIDIdentity(BaseModel):
+    """Identity through InstantID: ArcFace embeddings of the reference faces, the InstantID
+    checkpoint's Resampler and attention patch, and optionally IdentityNet (a ControlNet fed the
+    face tokens, drawing the face keypoints of ``pose``, the frame, or the first reference)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    method: Literal["instantid"]
+    checkpoint: str = Field(max_length=MAX_PATH_CHARS, description="InstantID ip-adapter (.bin or .safetensors)")
+    references: list[ImageRef] = Field(min_length=1, max_length=MAX_REFERENCES)
+    combine: Literal["average", "norm_average", "concat"] = "average"
+    weight: float = Field(default=1.0, ge=-1.0, le=3.0)
+    start_at: float = Field(default=0.0, ge=0.0, le=1.0)
+    end_at: float = Field(default=1.0, ge=0.0, le=1.0)
+    noise: float = Field(default=0.0, ge=0.0, le=1.0)
+    mask: ImageRef | None = Field(default=None, description="greyscale; white is where the identity applies")
+    controlnet: str | None = Field(default=None, max_length=MAX_PATH_CHARS, description="IdentityNet folder")
+    controlnet_strength: float = Field(default=0.8, ge=0.0, le=2.0)
+    controlnet_start: float = Field(default=0.0, ge=0.0, le=1.0)
+    controlnet_end: float = Field(default=1.0, ge=0.0, le=1.0)
+    pose: ImageRef | None = Field(default=None, description="keypoints from this image's face")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, value: str) -> str:
+        return _local_path(value, (".safetensors", ".bin"))
+
+    @field_validator("controlnet")
+    @classmethod
+    def _controlnet(cls, value: str | None) -> str | None:
+        return None if value is None else _local_path(value)
+
+    @model_validator(mode="after")
+    def _windows(self) -> InstantIDIdentity:
+        if self.start_at > self.end_at:
+            raise _problem(("start_at",), f"must not be after end_at ({self.end_at})", self.start_at)
+        if self.controlnet_start > self.controlnet_end:
+            raise _problem(("controlnet_start",), f"must not be after controlnet_end ({self.controlnet_end})", 0)
+        if self.pose is not None and self.controlnet is None:
+            raise _problem(("pose",), "needs identity.controlnet (the pose drives IdentityNet)", None)
+        return self
+
+
+Identity = Annotated[IPAdapterIdentity | InstantIDIdentity, Field(discriminator="method")]
+
+
 @register_job_kind
 class FaceIdentitySpec(JobSpec):
     """Prompts x seeds (x frames) rendered with an identity from reference images."""
@@ -84,7 +138,7 @@ class FaceIdentitySpec(JobSpec):
     families: ClassVar[tuple[str, ...]] = ("sd15", "sdxl")
 
     kind: Literal["face_identity"] = "face_identity"
-    identity: IPAdapterIdentity
+    identity: Identity
     frames: list[ImageRef] | None = Field(default=None, min_length=1, max_length=MAX_FRAMES)
 
     def item_axes(self) -> dict[str, int]:

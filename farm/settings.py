@@ -113,6 +113,13 @@ class WorkerSettings(_Section):
         description="Fault drills only: shard indexes this worker fails on purpose (non-retryable).",
     )
     metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Prometheus metrics port; empty = off.")
+    face_models_dir: Path | None = Field(
+        default=None,
+        description="insightface pack (antelopev2 layout) for InstantID; empty = <data_dir>/models/antelopev2.",
+    )
+    onnx_providers: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="ONNX Runtime providers for face analysis: auto = CUDA when available."
+    )
 
 
 class FarmSettings(BaseSettings):
@@ -183,6 +190,10 @@ class FarmSettings(BaseSettings):
     @property
     def broker_folder(self) -> Path:
         return self.data_dir / "broker"
+
+    @property
+    def face_models_dir(self) -> Path:
+        return self.worker.face_models_dir or self.data_dir / "models" / "antelopev2"
 
 
 def redact_url(url: str | None) -> str | None:

@@ -502,3 +502,25 @@ def build_tiny_face_pack(out_dir: Path, *, seed: int = 0) -> Path:
     onnx.checker.check_model(recognizer)
     onnx.save(recognizer, str(out_dir / "glintr100.onnx"))
     return out_dir
+
+
+def build_tiny_controlnet(family: str, out_dir: Path, *, seed: int = 0) -> Path:
+    """A ControlNet for the tiny ``family`` model (an IdentityNet stand-in for ``sdxl``): built
+    from the tiny UNet's layout, with a conditioning embedding that downsamples by the tiny VAE's
+    factor (2) and random (non-zero) output convolutions so the control has an effect."""
+    if family not in ("sd15", "sdxl"):
+        raise UserError(f"family {family!r}: tiny ControlNets exist for sd15 and sdxl")
+    import diffusers
+    import torch
+
+    unet = (_build_sd15 if family == "sd15" else _build_sdxl)(0).unet
+    torch.manual_seed(seed + 20)
+    controlnet = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    with torch.no_grad():  # zero-initialised convolutions would make the control a no-op
+        for name, parameter in controlnet.named_parameters():
+            zero_initialised = ("controlnet_cond_embedding.conv_out", "controlnet_down_blocks", "controlnet_mid_block")
+            if name.startswith(zero_initialised):
+                parameter.normal_(0.0, 0.05)
+    out_dir = Path(out_dir)
+    controlnet.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

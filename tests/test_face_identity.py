@@ -59,7 +59,7 @@ def test_defaults_and_round_trip() -> None:
         ({"weight": 7.0}, "identity.weight", "less than or equal to 5"),
         ({"start": 0.8, "stop": 0.3}, "identity.start", "must not be after stop"),
         ({"mode": "joint"}, "identity.mode", "'additive' or 'fooocus'"),
-        ({"method": "photomaker"}, "identity.method", "'ip_adapter'"),
+        ({"method": "photomaker"}, "identity.method", "unknown method 'photomaker'; known: instantid, ip_adapter"),
         ({"extra": 1}, "identity.extra", "unknown field"),
     ],
 )

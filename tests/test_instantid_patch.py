@@ -142,3 +142,46 @@ def test_a_plain_ip_adapter_is_not_an_instantid_checkpoint(tmp_path: Path) -> No
     folder = build_tiny_ip_adapter("sdxl", tmp_path / "plain", image_encoder=False)
     with pytest.raises(PatchError, match="Resampler image_proj"):
         InstantIDPatch(load_ip_adapter(folder / "ip-adapter.safetensors"), torch.zeros(1, 32))
+
+
+def test_identitynet_gets_the_face_tokens_as_its_context(setup: dict, tmp_path: Path) -> None:
+    from farm.tiny_models import build_tiny_controlnet
+    from patching.face_analysis import draw_keypoints
+    from patching.instantid import IdentityNetTokens
+
+    controlnet = diffusers.ControlNetModel.from_pretrained(build_tiny_controlnet("sdxl", tmp_path / "identitynet"))
+    pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pipe(setup["pipe"], controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    kps = draw_keypoints((64, 64), [(20, 24), (44, 24), (32, 34), (23, 46), (41, 46)])
+    instantid = InstantIDPatch(setup["adapter"], setup["faces"])
+    cond, uncond = instantid.face_tokens()
+    seen: list[Any] = []
+    spy = controlnet.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["encoder_hidden_states"]), with_kwargs=True
+    )
+
+    def run() -> Any:
+        generator = torch.Generator().manual_seed(2)
+        return pipe("a portrait", image=kps, num_inference_steps=3, width=64, height=64, guidance_scale=5.0,
+                    controlnet_conditioning_scale=0.8, generator=generator, output_type="np").images  # fmt: skip
+
+    patcher = ModelPatcher(setup["pipe"])
+    with patcher.running(pipe):
+        plain_control = run()  # the ControlNet sees the text embeddings
+        text_context = seen[-1]
+        handle = patcher.apply([instantid, IdentityNetTokens(controlnet, cond, uncond)])
+        after: list[Any] = []  # registered after the patch's hook, so it sees what the model gets
+        spy_after = controlnet.register_forward_pre_hook(
+            lambda m, a, k: after.append(k["encoder_hidden_states"]), with_kwargs=True
+        )
+        identity = run()
+        spy_after.remove()
+        handle.remove()
+        seen.clear()
+        restored = run()
+    spy.remove()
+    assert text_context.shape[1] != 16
+    assert len(after) == 3 and all(torch.equal(t, torch.cat([uncond, cond])) for t in after)  # [uncond, cond]
+    assert abs(identity - plain_control).max() > 1e-4
+    assert (restored == plain_control).all()
+    assert len(controlnet._forward_pre_hooks) == 0

@@ -12,7 +12,7 @@ from typing import Any
 from farm.worker.devices import Placement
 from farm.worker.model_cache import ModelLoadError, model_fingerprint
 
-KINDS = ("ip_adapter", "clip_vision", "ip_negative")
+KINDS = ("ip_adapter", "clip_vision", "ip_negative", "controlnet", "face_analysis/<auto|cpu|cuda>")
 
 
 def load_component(path: str, kind: str, placement: Placement) -> tuple[Any, str]:
@@ -49,4 +49,22 @@ def load_component(path: str, kind: str, placement: Placement) -> tuple[Any, str
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"identity.image_encoder: {path} could not be loaded: {str(exc)[:300]}") from None
         return encoder.to(placement.device).eval(), model_fingerprint(location)
+    if kind == "controlnet":
+        import diffusers
+
+        if not (location / "config.json").is_file():
+            raise ModelLoadError(f"identity.controlnet: {path} is not a ControlNet folder (no config.json)")
+        try:
+            controlnet = diffusers.ControlNetModel.from_pretrained(location, dtype=placement.dtype)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"identity.controlnet: {path} could not be loaded: {str(exc)[:300]}") from None
+        return controlnet.to(placement.device).eval(), model_fingerprint(location)
+    if kind.startswith("face_analysis/"):
+        from patching.face_analysis import FaceAnalyzer
+
+        try:
+            analyzer = FaceAnalyzer(location, providers=kind.partition("/")[2])
+        except PatchError as exc:
+            raise ModelLoadError(f"face analysis: {exc}") from None
+        return analyzer, model_fingerprint(location)
     raise ModelLoadError(f"unknown component kind {kind!r}; known: {', '.join(KINDS)}")

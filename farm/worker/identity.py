@@ -1,4 +1,5 @@
-"""Rendering ``face_identity`` shards (``identity.method = ip_adapter``).
+"""Rendering ``face_identity`` shards (``identity.method = ip_adapter``; InstantID is in
+:mod:`farm.worker.instantid`).
 
 The IP-Adapter and its image encoder are pinned in the worker's component cache; reference
 embeddings are computed once per job and kept in the worker's memo. A shard's items are grouped
@@ -35,6 +36,14 @@ def _embeddings(run: Any, encoder: Any, adapter: Any, refs: list[Any], label: st
 
 
 def run_face_identity_shard(run: Any) -> int:
+    if run.spec.identity.method == "instantid":
+        from farm.worker.instantid import run_instantid_shard
+
+        return run_instantid_shard(run)
+    return run_ip_adapter_shard(run)
+
+
+def run_ip_adapter_shard(run: Any) -> int:
     from patching.ip_adapter import ImagePrompt, IPAdapterPatch
 
     spec = run.spec

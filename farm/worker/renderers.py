@@ -55,7 +55,9 @@ def step_callback(on_step: StepCallback | None, steps: int) -> Callable[..., dic
     return callback
 
 
-def render_text_to_image(pipeline: Any, request: RenderRequest, on_step: StepCallback | None = None) -> Any:
+def render_text_to_image(
+    pipeline: Any, request: RenderRequest, on_step: StepCallback | None = None, call_args: dict[str, Any] | None = None
+) -> Any:
     """Render one image; returns a PIL image. ``on_step(step, total)`` runs after every step."""
     import torch
 
@@ -73,6 +75,7 @@ def render_text_to_image(pipeline: Any, request: RenderRequest, on_step: StepCal
             generator=generator,
             output_type="pil",
             callback_on_step_end=callback,
+            **(call_args or {}),
         )
     return result.images[0]
 
@@ -97,9 +100,16 @@ def encode_png(image: Any, parameters: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def render_prompt_items(run: Any, selected: list[tuple[int, dict[str, Any]]], extra: dict[str, Any]) -> None:
+def render_prompt_items(
+    run: Any,
+    selected: list[tuple[int, dict[str, Any]]],
+    extra: dict[str, Any],
+    pipeline: Any = None,
+    call_args: dict[str, Any] | None = None,
+) -> None:
     """Render the ``(position, item)`` pairs of a prompt x seed shard not already written, with
-    the model as it is patched now; ``extra`` is added to every output's parameters."""
+    the model as it is patched now (through ``pipeline``, default the resident one, with
+    ``call_args`` added to its call); ``extra`` is added to every output's parameters."""
     import time
 
     spec, total = run.spec, len(run.items)
@@ -121,7 +131,7 @@ def render_prompt_items(run: Any, selected: list[tuple[int, dict[str, Any]]], ex
             run.progress((position + step / steps) / total)
 
         started = time.perf_counter()
-        image = render_text_to_image(run.pipeline, request, on_step)
+        image = render_text_to_image(pipeline or run.pipeline, request, on_step, call_args)
         params = {**request.__dict__, **run.base_params(), **extra}
         png = encode_png(image, params)
         run.add_time("denoise_s", time.perf_counter() - started)

@@ -1,0 +1,175 @@
+"""Rendering ``face_identity`` shards with ``identity.method = instantid``.
+
+Per job, once: the reference faces are found and embedded (insightface, pinned per worker) and the
+result, ``FACE_EMBEDS``, is stored beside the job's outputs as ``face_embeds.safetensors`` (raw
+embeddings, keypoints, image sizes), so other shards and other workers load it instead of running
+detection again. Per frame group: the InstantID attention patch (and, with a ControlNet folder,
+IdentityNet fed the face tokens and the keypoint image) is applied, then the items render.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from farm.errors import UserError
+from storage.objects.keys import job_prefix, join_key
+
+EMBEDS_FILE = "face_embeds.safetensors"
+CONTROLNET_PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
+
+
+class NoFace(UserError):
+    """An identity image has no detectable face (the shard fails with this reason)."""
+
+
+def _analyzer(run: Any) -> Any:
+    settings = run.res.settings
+    kind = f"face_analysis/{settings.worker.onnx_providers}"
+    return run.res.component_cache().get(str(settings.face_models_dir), kind).pipeline
+
+
+def _detect(run: Any, refs: list[Any], labels: list[str]) -> dict[str, Any]:
+    """Embeddings, keypoints and sizes of the largest face in each image; :class:`NoFace` naming
+    the first image without one."""
+    import torch
+
+    from farm.inputs import load_image
+    from patching.face_analysis import NoFaceFound
+
+    images = [load_image(run.store, ref, label) for ref, label in zip(refs, labels, strict=True)]
+    named = [f"{label} ({ref.key})" for ref, label in zip(refs, labels, strict=True)]
+    try:
+        embeds, faces = _analyzer(run).embed(images, named)
+    except NoFaceFound as exc:
+        raise NoFace(str(exc)) from None
+    return {
+        "embeddings": embeds,
+        "keypoints": torch.tensor([f.keypoints.tolist() for f in faces], dtype=torch.float32),
+        "sizes": torch.tensor([image.size for image in images], dtype=torch.float32),
+    }
+
+
+def face_embeds(run: Any) -> dict[str, Any]:
+    """The job's reference faces: from the worker memo, the job's stored file, or detection."""
+    from safetensors.torch import load as load_tensors
+    from safetensors.torch import save as save_tensors
+
+    key = join_key(job_prefix(run.spec.output_prefix, run.job_id), EMBEDS_FILE)
+    memo_key = ("face_embeds", key)
+    if memo_key in run.res.memo:
+        return run.res.memo[memo_key]
+    if run.store.exists(key):
+        found = load_tensors(run.store.get_bytes(key))
+    else:
+        refs = list(run.spec.identity.references)
+        found = _detect(run, refs, [f"identity.references[{i}]" for i in range(len(refs))])
+        data = save_tensors({k: v.contiguous() for k, v in found.items()})
+        run.store.put_bytes(key, data, content_type="application/octet-stream")
+    run.res.memo[memo_key] = found
+    return found
+
+
+def _mask(run: Any) -> Any:
+    import torch
+
+    from farm.inputs import load_image
+
+    ref = run.spec.identity.mask
+    if ref is None:
+        return None
+    image = load_image(run.store, ref, "identity.mask").convert("L")
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width)
+    return data.float() / 255.0
+
+
+def _keypoint_image(keypoints: Any, source_size: Any, width: int, height: int) -> Any:
+    from patching.face_analysis import draw_keypoints
+
+    sx, sy = width / float(source_size[0]), height / float(source_size[1])
+    scaled = [(float(x) * sx, float(y) * sy) for x, y in keypoints.tolist()]
+    return draw_keypoints((width, height), scaled)
+
+
+def _controlnet_pipeline(run: Any, controlnet: Any) -> Any:
+    import diffusers
+
+    key = ("controlnet_pipeline", id(run.pipeline), run.spec.identity.controlnet)
+    if key not in run.res.memo:
+        cls = getattr(diffusers, CONTROLNET_PIPELINES[run.spec.family])
+        pipe = cls.from_pipe(run.pipeline, controlnet=controlnet)
+        pipe.set_progress_bar_config(disable=True)
+        run.res.memo[key] = pipe
+    return run.res.memo[key]
+
+
+def run_instantid_shard(run: Any) -> int:
+    import torch
+
+    from farm.worker.renderers import render_prompt_items
+    from patching.instantid import IdentityNetTokens, InstantIDPatch
+
+    spec, ident = run.spec, run.spec.identity
+    components = run.res.component_cache()
+    adapter = components.get(ident.checkpoint, "ip_adapter").pipeline
+    references = face_embeds(run)
+    mask = _mask(run)
+    controlnet = components.get(ident.controlnet, "controlnet").pipeline if ident.controlnet else None
+    pose = _detect(run, [ident.pose], ["identity.pose"]) if ident.pose is not None else None
+    summary = {
+        "identity": {
+            "method": ident.method,
+            "checkpoint": ident.checkpoint,
+            "references": [r.key for r in ident.references],
+            "combine": ident.combine,
+            "weight": ident.weight,
+            "start_at": ident.start_at,
+            "end_at": ident.end_at,
+            "noise": ident.noise,
+            "mask": ident.mask.key if ident.mask else None,
+            "controlnet": ident.controlnet,
+            "controlnet_strength": ident.controlnet_strength if ident.controlnet else None,
+        }
+    }
+    for frame_index, group in itertools.groupby(enumerate(run.items), key=lambda pair: pair[1].get("frame_index")):
+        selected = [(p, item) for p, item in group if item["key"] not in run.done_keys]
+        if not selected:
+            continue
+        embeddings, keypoints, source = references["embeddings"], references["keypoints"][0], references["sizes"][0]
+        extra = dict(summary)
+        if frame_index is not None:
+            frame = spec.frames[int(frame_index)]
+            found = _detect(run, [frame], [f"frames[{frame_index}]"])
+            embeddings = torch.cat([embeddings, found["embeddings"]])
+            keypoints, source = found["keypoints"][0], found["sizes"][0]
+            extra["frame"] = {"index": int(frame_index), "key": frame.key}
+        if pose is not None:
+            keypoints, source = pose["keypoints"][0], pose["sizes"][0]
+        device, dtype = adapter.device, adapter.layers[0][0].dtype
+        instantid = InstantIDPatch(
+            adapter,
+            embeddings.to(device=device, dtype=dtype),
+            weight=ident.weight,
+            start_at=ident.start_at,
+            end_at=ident.end_at,
+            noise=ident.noise,
+            combine=ident.combine,
+            mask=mask,
+        )
+        patches: list[Any] = [instantid]
+        if controlnet is None:
+            run.apply_patches(patches)
+            render_prompt_items(run, selected, extra)
+            continue
+        cond, uncond = instantid.face_tokens()
+        run.apply_patches([*patches, IdentityNetTokens(controlnet, cond, uncond)])
+        pipe = _controlnet_pipeline(run, controlnet)
+        call_args = {
+            "image": _keypoint_image(keypoints, source, spec.width, spec.height),
+            "controlnet_conditioning_scale": ident.controlnet_strength,
+            "control_guidance_start": ident.controlnet_start,
+            "control_guidance_end": ident.controlnet_end,
+        }
+        with run.loaded.patcher.running(pipe):
+            render_prompt_items(run, selected, extra, pipeline=pipe, call_args=call_args)
+    return run.items_done
