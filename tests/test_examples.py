@@ -20,4 +20,9 @@ def test_example_parses(path: Path, tmp_path: Path) -> None:
 
 
 def test_there_are_examples() -> None:
-    assert {p.name for p in EXAMPLES} >= {"text_to_image.yaml", "temporal_video.yaml", "face_identity.yaml"}
+    assert {p.name for p in EXAMPLES} >= {
+        "text_to_image.yaml",
+        "temporal_video.yaml",
+        "face_identity.yaml",
+        "instantid.yaml",
+    }
