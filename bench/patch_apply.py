@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     import diffusers
 
     diffusers.utils.logging.disable_progress_bar()
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     families = ["sd15", "sdxl", "svd"] if args.family == "all" else [args.family]
     results = []
     for family in families:

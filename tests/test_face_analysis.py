@@ -10,7 +10,7 @@ from PIL import Image
 
 pytest.importorskip("insightface")
 
-from farm.tiny_models import build_tiny_face_pack
+from farm.tiny_components import build_tiny_face_pack
 from patching.face_analysis import (
     DETECTOR_SIZES,
     DetectedFace,

@@ -126,7 +126,7 @@ def identity_job(model: Path, adapter: Path, refs: list[Path], **overrides: Any)
 @pytest.fixture(scope="module")
 def sd15_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("diffusers")
-    from farm.tiny_models import build_tiny_ip_adapter
+    from farm.tiny_components import build_tiny_ip_adapter
 
     return build_tiny_ip_adapter("sd15", tmp_path_factory.mktemp("adapter") / "sd15-plain")
 

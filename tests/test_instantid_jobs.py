@@ -59,7 +59,7 @@ def face(path: Path, shade: int) -> Path:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     pytest.importorskip("diffusers")
-    from farm.tiny_models import build_tiny_controlnet, build_tiny_face_pack, build_tiny_ip_adapter
+    from farm.tiny_components import build_tiny_controlnet, build_tiny_face_pack, build_tiny_ip_adapter
 
     root = tmp_path_factory.mktemp("instantid-assets")
     checkpoint = build_tiny_ip_adapter(

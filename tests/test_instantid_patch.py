@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from farm.tiny_models import build_tiny_ip_adapter  # noqa: E402
+from farm.tiny_components import build_tiny_ip_adapter  # noqa: E402
 from patching import ModelPatcher, PatchError  # noqa: E402
 from patching.instantid import InstantIDPatch, combine_embeddings, uncond_embedding  # noqa: E402
 from patching.ip_adapter import cross_attention_layers, load_ip_adapter  # noqa: E402
@@ -145,7 +145,7 @@ def test_a_plain_ip_adapter_is_not_an_instantid_checkpoint(tmp_path: Path) -> No
 
 
 def test_identitynet_gets_the_face_tokens_as_its_context(setup: dict, tmp_path: Path) -> None:
-    from farm.tiny_models import build_tiny_controlnet
+    from farm.tiny_components import build_tiny_controlnet
     from patching.face_analysis import draw_keypoints
     from patching.instantid import IdentityNetTokens
 

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from farm.tiny_models import build_tiny_ip_adapter  # noqa: E402
+from farm.tiny_components import build_tiny_ip_adapter  # noqa: E402
 from patching import ModelPatcher, PatchError  # noqa: E402
 from patching.image_prompt_attention import ImagePromptBranch  # noqa: E402
 from patching.ip_adapter import (  # noqa: E402
@@ -252,6 +252,6 @@ def test_center_crop_preprocessing_matches_clip_image_processor() -> None:
     expected = CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224})(images=image, return_tensors="pt")
     ours = clip_pixels([image], "center")
     assert ours.shape == expected.pixel_values.shape == (1, 3, 224, 224)
-    assert abs(ours - expected.pixel_values).max() < 0.02  # resampler rounding only
+    assert abs(ours - expected.pixel_values).max() < 1e-5  # measured 0.0 with transformers 5 (PIL backend)
     stretched = clip_pixels([image], "stretch")
     assert stretched.shape == (1, 3, 224, 224) and not torch.equal(stretched, ours)
