@@ -115,3 +115,50 @@ class InstantIDPatch(Patch):
             stop_inclusive=True,
         )
         IPAdapterPatch(self.adapter, (prompt,), mode="additive").apply(ctx)
+
+
+@dataclass(frozen=True, eq=False)
+class IdentityNetTokens(Patch):
+    """IdentityNet: an SDXL ControlNet whose encoder hidden states are the face tokens (no text).
+    A forward pre-hook on ``controlnet`` swaps its ``encoder_hidden_states`` for the uncond / cond
+    face tokens laid out like the batch; the keypoint image, strength and start/end are the
+    ControlNet pipeline's own arguments."""
+
+    name: ClassVar[str] = "identitynet_tokens"
+    controlnet: Any
+    cond_tokens: torch.Tensor  # (1, T, C)
+    uncond_tokens: torch.Tensor
+
+    def params(self) -> dict[str, Any]:
+        config = dict(getattr(self.controlnet, "config", {}) or {})
+        return {
+            "controlnet": {k: v for k, v in sorted(config.items()) if isinstance(v, int | float | str | bool)},
+            "cond": tensor_digest(self.cond_tokens),
+            "uncond": tensor_digest(self.uncond_tokens),
+        }
+
+    def apply(self, ctx: PatchContext) -> None:
+        width = getattr(getattr(self.controlnet, "config", None), "cross_attention_dim", None)
+        if width is not None and width != self.cond_tokens.shape[-1]:
+            raise PatchError(
+                f"the ControlNet takes {width}-wide context; the face tokens are {self.cond_tokens.shape[-1]}"
+            )
+        state = ctx.state
+        cond, uncond = self.cond_tokens, self.uncond_tokens
+
+        def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            sample = args[0] if args else kwargs["sample"]
+            timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+            state.update(timestep, sample, state.pipeline_ref())
+            chunks = state.cond_or_uncond or [0]
+            per_chunk = sample.shape[0] // len(chunks)
+            tokens = torch.cat([(uncond if c else cond).expand(per_chunk, -1, -1) for c in chunks])
+            tokens = tokens.to(device=sample.device, dtype=sample.dtype)
+            if len(args) > 2:  # passed positionally: (sample, timestep, encoder_hidden_states, ...)
+                return (*args[:2], tokens, *args[3:]), kwargs
+            return args, {**kwargs, "encoder_hidden_states": tokens}
+
+        def install() -> Any:
+            return self.controlnet.register_forward_pre_hook(hook, with_kwargs=True).remove
+
+        ctx.install(install)

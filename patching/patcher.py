@@ -22,11 +22,12 @@ rolls back what was done. While a set is applied a UNet forward pre-hook keeps
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, ClassVar
 
@@ -202,6 +203,7 @@ class ModelPatcher:
             self.components = {"unet": model}
         self.backup_device = backup_device
         self.state = StepState()
+        self.state.pipeline_ref = lambda: self.pipeline  # hooks read the running pipeline's CFG
         self.active: PatchHandle | None = None
         self.applies = 0
         self.last_apply_seconds = 0.0
@@ -248,6 +250,16 @@ class ModelPatcher:
         if self.active is not None:
             self.active.remove()
 
+    @contextlib.contextmanager
+    def running(self, pipeline: Any) -> Iterator[None]:
+        """Read the step state from ``pipeline`` while it runs: another pipeline built on the same
+        components (e.g. a ControlNet pipeline made with ``from_pipe``)."""
+        saved, self.pipeline = self.pipeline, pipeline
+        try:
+            yield
+        finally:
+            self.pipeline = saved
+
     # -- commit -----------------------------------------------------------------------------
     def _commit(self, ctx: PatchContext, handle: PatchHandle) -> None:
         import torch
@@ -281,12 +293,12 @@ class ModelPatcher:
             handle._undo.append(hook())
         unet = self.components.get("unet")
         if unet is not None and hasattr(unet, "register_forward_pre_hook"):
-            state, pipeline = self.state, self.pipeline
+            state = self.state
 
             def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
                 sample = args[0] if args else kwargs.get("sample")
                 timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-                state.update(timestep, sample, pipeline)
+                state.update(timestep, sample, state.pipeline_ref())
 
             state.reset()
             hook_handle = unet.register_forward_pre_hook(pre_hook, with_kwargs=True)

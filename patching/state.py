@@ -28,6 +28,7 @@ class StepState:
     latent_size: tuple[int, int] | None = None  # (h, w) of the UNet's input sample
     cond_or_uncond: list[int] = field(default_factory=list)  # one entry per batch chunk, in order
     unet_calls: int = 0
+    pipeline_ref: Any = field(default=lambda: None, repr=False)  # set by the patcher
 
     @property
     def cfg(self) -> bool:
