@@ -56,3 +56,20 @@ def test_placement() -> None:
     assert resolve_placement("cpu", "auto").dtype_name == "float32"
     with pytest.raises(ConfigError, match="float16 needs a CUDA device"):
         resolve_placement("cpu", "float16")
+
+
+def test_job_memo_keeps_the_most_recent_entries() -> None:
+    from farm.worker.runtime import JobMemo
+
+    memo = JobMemo(limit=2)
+    calls: list[str] = []
+
+    def make(value: str):
+        return lambda: calls.append(value) or value
+
+    assert memo.remember("a", make("a")) == "a"
+    assert memo.remember("a", make("again")) == "a"  # computed once
+    memo.remember("b", make("b"))
+    memo.remember("a", make("x"))  # a is now the most recent
+    memo.remember("c", make("c"))  # evicts b, the least recently used
+    assert list(memo) == ["a", "c"] and calls == ["a", "b", "c"]

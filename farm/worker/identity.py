@@ -13,8 +13,6 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-MEMO_LIMIT = 32  # reference embeddings of this many recent jobs stay in memory
-
 
 def _embeddings(run: Any, encoder: Any, adapter: Any, refs: list[Any], label: str) -> Any:
     """Embeddings ``(N, ...)`` of stored images, memoised per job and image set."""
@@ -25,14 +23,13 @@ def _embeddings(run: Any, encoder: Any, adapter: Any, refs: list[Any], label: st
 
     ident = run.spec.identity
     key = (str(run.job_id), label, tuple(r.key for r in refs), ident.crop, adapter.plus)
-    memo = run.res.memo
-    if key not in memo:
+
+    def make() -> Any:
         images = [load_image(run.store, ref, f"{label}[{i}]") for i, ref in enumerate(refs)]
         with torch.inference_mode():
-            memo[key] = encode_images(encoder, clip_pixels(images, ident.crop), adapter.plus)
-        while len(memo) > MEMO_LIMIT:
-            memo.pop(next(iter(memo)))
-    return memo[key]
+            return encode_images(encoder, clip_pixels(images, ident.crop), adapter.plus)
+
+    return run.res.memo.remember(key, make)
 
 
 def run_face_identity_shard(run: Any) -> int:

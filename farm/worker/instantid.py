@@ -56,18 +56,17 @@ def face_embeds(run: Any) -> dict[str, Any]:
     from safetensors.torch import save as save_tensors
 
     key = join_key(job_prefix(run.spec.output_prefix, run.job_id), EMBEDS_FILE)
-    memo_key = ("face_embeds", key)
-    if memo_key in run.res.memo:
-        return run.res.memo[memo_key]
-    if run.store.exists(key):
-        found = load_tensors(run.store.get_bytes(key))
-    else:
+
+    def make() -> dict[str, Any]:
+        if run.store.exists(key):
+            return load_tensors(run.store.get_bytes(key))
         refs = list(run.spec.identity.references)
         found = _detect(run, refs, [f"identity.references[{i}]" for i in range(len(refs))])
         data = save_tensors({k: v.contiguous() for k, v in found.items()})
         run.store.put_bytes(key, data, content_type="application/octet-stream")
-    run.res.memo[memo_key] = found
-    return found
+        return found
+
+    return run.res.memo.remember(("face_embeds", key), make)
 
 
 def _mask(run: Any) -> Any:
@@ -94,13 +93,14 @@ def _keypoint_image(keypoints: Any, source_size: Any, width: int, height: int) -
 def _controlnet_pipeline(run: Any, controlnet: Any) -> Any:
     import diffusers
 
-    key = ("controlnet_pipeline", id(run.pipeline), run.spec.identity.controlnet)
-    if key not in run.res.memo:
+    derived = run.loaded.derived  # lives and dies with the resident pipeline it is built on
+    key = ("controlnet_pipeline", run.spec.identity.controlnet)
+    if key not in derived:
         cls = getattr(diffusers, CONTROLNET_PIPELINES[run.spec.family])
         pipe = cls.from_pipe(run.pipeline, controlnet=controlnet)
         pipe.set_progress_bar_config(disable=True)
-        run.res.memo[key] = pipe
-    return run.res.memo[key]
+        derived[key] = pipe
+    return derived[key]
 
 
 def run_instantid_shard(run: Any) -> int:

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,26 @@ from storage.transitions import claim_shard, finish_shard, lease_remaining, rele
 log = logging.getLogger(__name__)
 
 
+class JobMemo(OrderedDict):
+    """Data a worker derives per job and reuses across that job's shards (reference embeddings,
+    face analyses); only the ``limit`` most recently used entries are kept."""
+
+    def __init__(self, limit: int = 64) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def remember(self, key: Any, make: Any) -> Any:
+        """The value for ``key``, computed by ``make()`` the first time."""
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = make()
+        self[key] = value
+        while len(self) > self.limit:
+            self.popitem(last=False)
+        return value
+
+
 @dataclass
 class WorkerResources:
     """Everything one worker process holds for its lifetime."""
@@ -40,7 +61,7 @@ class WorkerResources:
     engine: Any = None
     cache: Any = None  # farm.worker.model_cache.ModelCache, built on first render (imports torch)
     components: Any = None  # a second ModelCache for IP-Adapters and image encoders
-    memo: dict[Any, Any] = field(default_factory=dict)  # per-job derived data (reference embeddings)
+    memo: JobMemo = field(default_factory=lambda: JobMemo())  # per-job derived data (reference embeddings)
     shards_run: int = 0
     timings: list[dict[str, float]] = field(default_factory=list)
 
