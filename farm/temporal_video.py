@@ -88,8 +88,7 @@ class TemporalVideoSpec(JobSpec):
         return self
 
     def item_axes(self) -> dict[str, int]:
-        count = len(self.seeds) if self.seeds is not None else (self.count or 0)
-        return {"images": len(self.images), "seeds": count}
+        return {"images": len(self.images), "seeds": super().item_axes()["seeds"]}
 
     @property
     def frames_per_clip(self) -> int:

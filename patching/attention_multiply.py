@@ -35,11 +35,15 @@ class _Factors(Patch):
                 raise PatchError(f"{self.name}.{f.name}: {value} is outside {MIN_FACTOR:g}..{MAX_FACTOR:g}")
 
 
-def _multiply_unet(ctx: PatchContext, attn: str, factors: dict[str, float]) -> int:
+def _multiply_projections(
+    ctx: PatchContext, component: str, owner: str, projections: dict[str, str], factors: dict[str, float]
+) -> int:
+    """Multiply weight and bias of ``{owner}.{projection}`` in ``component`` by the projection's
+    factor; returns how many parameters matched."""
     matched = 0
-    for name in ctx.parameter_names("unet"):
-        for short, projection in _UNET_PROJECTIONS.items():
-            if name.endswith((f".{attn}.{projection}.weight", f".{attn}.{projection}.bias")):
+    for name in ctx.parameter_names(component):
+        for short, projection in projections.items():
+            if name.endswith((f".{owner}.{projection}.weight", f".{owner}.{projection}.bias")):
                 ctx.multiply(name, factors[short])
                 matched += 1
     return matched
@@ -56,7 +60,8 @@ class _UNetProjections(_Factors):
     out: float = 1.0
 
     def apply(self, ctx: PatchContext) -> None:
-        if not _multiply_unet(ctx, self.attn, {"q": self.q, "k": self.k, "v": self.v, "out": self.out}):
+        factors = {"q": self.q, "k": self.k, "v": self.v, "out": self.out}
+        if not _multiply_projections(ctx, "unet", self.attn, _UNET_PROJECTIONS, factors):
             raise PatchError(f"{self.name}: the UNet has no {self.attn} layers")
 
 
@@ -119,10 +124,7 @@ class CLIPAttentionMultiply(_Factors):
             raise PatchError(f"{self.name}: this model has no text encoder")
         factors = {"q": self.q, "k": self.k, "v": self.v, "out": self.out}
         for component in encoders:
-            for name in ctx.parameter_names(component):
-                for short, projection in _CLIP_PROJECTIONS.items():
-                    if name.endswith((f".self_attn.{projection}.weight", f".self_attn.{projection}.bias")):
-                        ctx.multiply(name, factors[short])
+            _multiply_projections(ctx, component, "self_attn", _CLIP_PROJECTIONS, factors)
 
 
 MULTIPLIERS: dict[str, type[Patch]] = {

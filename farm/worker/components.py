@@ -5,7 +5,6 @@ reused across jobs; a job switch only swaps the attention patches built from the
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,18 @@ from farm.worker.devices import Placement
 from farm.worker.model_cache import ModelLoadError, model_fingerprint
 
 KINDS = ("ip_adapter", "clip_vision", "ip_negative", "controlnet", "face_analysis/<auto|cpu|cuda>")
+
+
+def _from_folder(cls: Any, path: str, label: str, what: str, placement: Placement) -> tuple[Any, str]:
+    """A ``from_pretrained`` folder of ``cls`` on the placement's device, in eval mode."""
+    location = Path(path).expanduser()
+    if not (location / "config.json").is_file():
+        raise ModelLoadError(f"{label}: {path} is not a {what} folder (no config.json)")
+    try:
+        module = cls.from_pretrained(location, dtype=placement.dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{label}: {path} could not be loaded: {str(exc)[:300]}") from None
+    return module.to(placement.device).eval(), model_fingerprint(location)
 
 
 def load_component(path: str, kind: str, placement: Placement) -> tuple[Any, str]:
@@ -27,8 +38,7 @@ def load_component(path: str, kind: str, placement: Placement) -> tuple[Any, str
             adapter = load_ip_adapter(location)
         except PatchError as exc:
             raise ModelLoadError(f"identity.adapter: {exc}") from None
-        digest = hashlib.sha256(location.read_bytes()).hexdigest()
-        return adapter.to(placement.device, placement.dtype), digest
+        return adapter.to(placement.device, placement.dtype), model_fingerprint(location)
     if kind == "ip_negative":
         from patching.ip_adapter import load_negative
 
@@ -36,29 +46,17 @@ def load_component(path: str, kind: str, placement: Placement) -> tuple[Any, str
             tokens = load_negative(location)
         except PatchError as exc:
             raise ModelLoadError(f"identity.negative: {exc}") from None
-        return tokens.to(device=placement.device, dtype=placement.dtype), hashlib.sha256(
-            location.read_bytes()
-        ).hexdigest()
+        return tokens.to(device=placement.device, dtype=placement.dtype), model_fingerprint(location)
     if kind == "clip_vision":
         from transformers import CLIPVisionModelWithProjection
 
-        if not (location / "config.json").is_file():
-            raise ModelLoadError(f"identity.image_encoder: {path} is not a CLIP vision model folder (no config.json)")
-        try:
-            encoder = CLIPVisionModelWithProjection.from_pretrained(location, dtype=placement.dtype)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"identity.image_encoder: {path} could not be loaded: {str(exc)[:300]}") from None
-        return encoder.to(placement.device).eval(), model_fingerprint(location)
+        return _from_folder(
+            CLIPVisionModelWithProjection, path, "identity.image_encoder", "CLIP vision model", placement
+        )
     if kind == "controlnet":
         import diffusers
 
-        if not (location / "config.json").is_file():
-            raise ModelLoadError(f"identity.controlnet: {path} is not a ControlNet folder (no config.json)")
-        try:
-            controlnet = diffusers.ControlNetModel.from_pretrained(location, dtype=placement.dtype)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"identity.controlnet: {path} could not be loaded: {str(exc)[:300]}") from None
-        return controlnet.to(placement.device).eval(), model_fingerprint(location)
+        return _from_folder(diffusers.ControlNetModel, path, "identity.controlnet", "ControlNet", placement)
     if kind.startswith("face_analysis/"):
         from patching.face_analysis import FaceAnalyzer
 

@@ -11,7 +11,17 @@ prompts x seeds like text-to-image.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from typing import Any
+
+
+def frame_groups(run: Any) -> Iterator[tuple[Any, list[tuple[int, dict[str, Any]]]]]:
+    """``(frame_index, [(position, item), ...])`` per frame group of the shard (``None`` without
+    frames), only the items not already written; groups with nothing left are skipped."""
+    for frame_index, group in itertools.groupby(enumerate(run.items), key=lambda pair: pair[1].get("frame_index")):
+        selected = [(p, item) for p, item in group if item["key"] not in run.done_keys]
+        if selected:
+            yield frame_index, selected
 
 
 def _embeddings(run: Any, encoder: Any, adapter: Any, refs: list[Any], label: str) -> Any:
@@ -73,12 +83,7 @@ def run_ip_adapter_shard(run: Any) -> int:
 
     from farm.worker.renderers import render_prompt_items
 
-    positioned = list(enumerate(run.items))
-    by_frame = itertools.groupby(positioned, key=lambda pair: pair[1].get("frame_index"))
-    for frame_index, group in by_frame:
-        selected = [(p, item) for p, item in group if item["key"] not in run.done_keys]
-        if not selected:
-            continue
+    for frame_index, selected in frame_groups(run):
         prompts = list(identity_prompts)
         extra = dict(summary)
         if frame_index is not None:

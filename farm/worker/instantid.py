@@ -9,7 +9,6 @@ IdentityNet fed the face tokens and the keypoint image) is applied, then the ite
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 from farm.errors import UserError
@@ -106,6 +105,7 @@ def _controlnet_pipeline(run: Any, controlnet: Any) -> Any:
 def run_instantid_shard(run: Any) -> int:
     import torch
 
+    from farm.worker.identity import frame_groups
     from farm.worker.renderers import render_prompt_items
     from patching.instantid import IdentityNetTokens, InstantIDPatch
 
@@ -131,10 +131,7 @@ def run_instantid_shard(run: Any) -> int:
             "controlnet_strength": ident.controlnet_strength if ident.controlnet else None,
         }
     }
-    for frame_index, group in itertools.groupby(enumerate(run.items), key=lambda pair: pair[1].get("frame_index")):
-        selected = [(p, item) for p, item in group if item["key"] not in run.done_keys]
-        if not selected:
-            continue
+    for frame_index, selected in frame_groups(run):
         embeddings, keypoints, source = references["embeddings"], references["keypoints"][0], references["sizes"][0]
         extra = dict(summary)
         if frame_index is not None:

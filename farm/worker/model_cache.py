@@ -46,11 +46,12 @@ class LoadedModel:
 
 
 def model_fingerprint(path: Path) -> str:
-    """A stable hash of a local model folder: its JSON configs' bytes and its weight files'
-    names and sizes (cheap: weights are not read)."""
+    """A stable hash of a local model folder (or one weight file): its JSON configs' bytes and its
+    weight files' names and sizes (cheap: weights are not read)."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = file.relative_to(path).as_posix()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        rel = file.name if file == path else file.relative_to(path).as_posix()
         if file.suffix in {".json", ".txt"}:
             digest.update(rel.encode() + b"\0" + file.read_bytes() + b"\0")
         elif file.suffix in {".safetensors", ".bin", ".onnx", ".pt"}:

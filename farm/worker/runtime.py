@@ -61,7 +61,7 @@ class WorkerResources:
     engine: Any = None
     cache: Any = None  # farm.worker.model_cache.ModelCache, built on first render (imports torch)
     components: Any = None  # a second ModelCache for IP-Adapters and image encoders
-    memo: JobMemo = field(default_factory=lambda: JobMemo())  # per-job derived data (reference embeddings)
+    memo: JobMemo = field(default_factory=JobMemo)  # per-job derived data (reference embeddings)
     shards_run: int = 0
     timings: list[dict[str, float]] = field(default_factory=list)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from farm.worker.lease_keeper import LeaseKeeper
@@ -33,7 +33,6 @@ class ShardRun:
     timings: dict[str, float]
     patches_fingerprint: str = ""
     items_done: int = 0
-    _clock: dict[str, float] = field(default_factory=dict)
 
     @property
     def store(self) -> Any:
