@@ -222,9 +222,12 @@ class ModelPatcher:
             return self.active
         if self.active is not None:
             self.active.remove()
-        return self.apply(patches) if patches else None
+        return self._apply(patches, wanted) if patches else None
 
     def apply(self, patches: Sequence[Patch]) -> PatchHandle:
+        return self._apply(patches, fingerprint(patches))
+
+    def _apply(self, patches: Sequence[Patch], set_fingerprint: str) -> PatchHandle:
         if self.active is not None:
             raise PatchError("a patch set is already applied; remove it first (or use ensure)")
         started = time.perf_counter()
@@ -234,7 +237,7 @@ class ModelPatcher:
                 raise PatchError(f"{patch!r} is not a Patch")
             ctx.current = patch.name
             patch.apply(ctx)
-        handle = PatchHandle(self, fingerprint(patches), tuple(patches))
+        handle = PatchHandle(self, set_fingerprint, tuple(patches))
         try:
             self._commit(ctx, handle)
         except BaseException:

@@ -115,7 +115,9 @@ def run_instantid_shard(run: Any) -> int:
     references = face_embeds(run)
     mask = _mask(run)
     controlnet = components.get(ident.controlnet, "controlnet").pipeline if ident.controlnet else None
-    pose = _detect(run, [ident.pose], ["identity.pose"]) if ident.pose is not None else None
+    pose = None
+    if ident.pose is not None:  # once per job, like the references
+        pose = run.res.memo.remember(("pose", str(run.job_id)), lambda: _detect(run, [ident.pose], ["identity.pose"]))
     summary = {
         "identity": {
             "method": ident.method,
