@@ -27,6 +27,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from farm.guidance import SelfAttentionGuidanceSpec
 from farm.inputs import ImageRef
 from farm.sharding import ItemSource, register_items
 from farm.specs import LOCAL_PATH_PREFIXES, MAX_PATH_CHARS, JobSpec, _problem, register_job_kind
@@ -140,6 +141,7 @@ class FaceIdentitySpec(JobSpec):
     kind: Literal["face_identity"] = "face_identity"
     identity: Identity
     frames: list[ImageRef] | None = Field(default=None, min_length=1, max_length=MAX_FRAMES)
+    sag: SelfAttentionGuidanceSpec | None = None
 
     def item_axes(self) -> dict[str, int]:
         axes = super().item_axes()

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from farm.guidance import guidance_patches
 from farm.specs import FAMILIES, JobSpec, PatchSpec, register_patch_type
 
 Factor = float
@@ -77,6 +78,8 @@ class TemporalAttentionMultiplySpec(MultiplierSpec):
     cross_temporal: Factor = Field(**FACTOR)
 
 
-def build_patches(spec: JobSpec) -> list[Any]:
-    """The job's patches as :mod:`patching` objects, in spec order."""
-    return [patch.to_patch() for patch in spec.patches]
+def build_patches(spec: JobSpec, extra: list[Any] | tuple[Any, ...] = ()) -> list[Any]:
+    """The set a job's shard runs with, as :mod:`patching` objects: the spec's ``patches`` in
+    order, then ``extra`` (patches a runner builds, e.g. the identity), then the guidance options
+    (``sag``)."""
+    return [*(patch.to_patch() for patch in spec.patches), *extra, *guidance_patches(spec)]

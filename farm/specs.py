@@ -44,6 +44,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from farm.errors import InvalidKey, UserError
+from farm.guidance import SelfAttentionGuidanceSpec
 from farm.spec_problems import problems_from
 from farm.spec_problems import shown as _shown
 from storage.objects.keys import validate_prefix
@@ -361,6 +362,7 @@ class TextToImageSpec(JobSpec):
     families: ClassVar[tuple[str, ...]] = ("sd15", "sdxl")
 
     kind: Literal["text_to_image"] = "text_to_image"
+    sag: SelfAttentionGuidanceSpec | None = None
 
 
 def known_job_kinds() -> list[str]:

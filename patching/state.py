@@ -28,6 +28,7 @@ class StepState:
     latent_size: tuple[int, int] | None = None  # (h, w) of the UNet's input sample
     cond_or_uncond: list[int] = field(default_factory=list)  # one entry per batch chunk, in order
     unet_calls: int = 0
+    forced_layout: list[int] | None = None  # set by a patch that makes its own UNet calls (SAG)
     pipeline_ref: Any = field(default=lambda: None, repr=False)  # set by the patcher
 
     @property
@@ -49,6 +50,7 @@ class StepState:
         self.batch_size = self.unet_calls = 0
         self.latent_size = None
         self.cond_or_uncond = []
+        self.forced_layout = None
 
     def update(self, timestep: Any, sample: Any, pipeline: Any | None) -> None:
         """Called by the UNet pre-hook with the call's ``timestep`` and ``sample``."""
@@ -62,6 +64,9 @@ class StepState:
         if scheduler is not None:
             self.num_train_timesteps = int(getattr(scheduler.config, "num_train_timesteps", 1000))
             self._locate(scheduler)
+        if self.forced_layout is not None:
+            self.cond_or_uncond = list(self.forced_layout)
+            return
         cfg = bool(getattr(pipeline, "do_classifier_free_guidance", False)) if pipeline is not None else False
         self.cond_or_uncond = [UNCOND, COND] if cfg and self.batch_size % 2 == 0 else [COND]
 

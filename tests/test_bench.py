@@ -20,3 +20,14 @@ def test_patch_apply_bench_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert set(rows) == {"self_attention_multiply", "cross_attention_multiply", "temporal_attention_multiply"}
     assert all(row["changed_parameters"] > 0 for row in rows.values())
     assert "load/(apply+remove)" in capsys.readouterr().out
+
+
+def test_sag_step_bench_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.sag_step import main
+
+    out = tmp_path / "sag.json"
+    result = main(["--latent", "16", "--steps", "2", "--repeats", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert set(result["seconds_per_step"]) == {"unpatched", "ours", "diffusers_sag"}
+    assert result["max_abs_diff_vs_diffusers"] < 1e-4  # the two SAG implementations agree
+    assert "ours / diffusers SAG" in capsys.readouterr().out

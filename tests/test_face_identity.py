@@ -182,6 +182,7 @@ def test_face_identity_on_real_services_with_frames_and_a_bad_reference(
             tiny_models["sd15"], sd15_adapter, refs, frames=[{"path": str(refs[1])}, {"path": str(refs[0])}]
         )
         job["identity"] |= {"combine": "separate", "mode": "fooocus", "stop": 0.7}
+        job["sag"] = {"scale": 0.6, "blur_sigma": 1.0}  # composes with the image prompts in one set
         job["idempotency_key"] = f"faces-{time.time_ns()}"
         separate = client.submit(job)
         client.store.put_bytes("inputs/not-a-face.png", b"\x89PNG broken")
@@ -191,6 +192,7 @@ def test_face_identity_on_real_services_with_frames_and_a_bad_reference(
     params = _check(farm, separate, 4)
     assert sorted((p["frame"]["index"], p["prompt"]) for p in params)[0] == (0, "a portrait, outdoors")
     assert {p["identity"]["mode"] for p in params} == {"fooocus"}
+    assert {p["sag"]["scale"] for p in params} == {0.6}
     with farm.client() as client:
         summary = client.wait(bad, timeout=240)
     assert summary["status"] == "failed"
@@ -198,31 +200,18 @@ def test_face_identity_on_real_services_with_frames_and_a_bad_reference(
     assert all(s["attempts"] == 1 for s in summary["shards"])
 
 
-def test_switching_jobs_reuses_the_pinned_adapter_and_encoder(tiny_models, sd15_adapter, tmp_path) -> None:
-    from farm.inputs import upload_inputs
-    from farm.scheduler import schedule_job, submit_job
-    from farm.settings import FarmSettings
-    from farm.worker.runtime import WorkerResources, execute_shard
-    from storage import migrate
-    from storage.db import session_scope
-
-    settings = FarmSettings(_env_file=None, data_dir=tmp_path / "data", worker={"device": "cpu"})
-    migrate.upgrade(settings.database_url)
-    res = WorkerResources.create(settings, name="pinned")
+def test_switching_jobs_reuses_the_pinned_adapter_and_encoder(
+    tiny_models, sd15_adapter, tmp_path, in_process_worker
+) -> None:
+    worker = in_process_worker()
     refs = [_face(tmp_path, "a.png", (180, 120, 90)), _face(tmp_path, "b.png", (60, 40, 30))]
     outcomes = []
     for n, ref in enumerate(refs):
-        data = upload_inputs(
-            identity_job(tiny_models["sd15"], sd15_adapter, [ref], prompts=["a face"]), res.store, tmp_path
-        )
-        with session_scope(res.session_factory) as session:
-            job, _ = submit_job(session, parse_spec({**data, "output_prefix": f"job{n}"}))
-            (dispatch,) = schedule_job(session, job.id)
-        outcomes.append(execute_shard(res, dispatch.shard_id).status)
+        job = identity_job(tiny_models["sd15"], sd15_adapter, [ref], prompts=["a face"], output_prefix=f"job{n}")
+        outcomes += worker.run(job)[1]
     assert outcomes == ["succeeded", "succeeded"]
-    cache, components = res.model_cache(), res.component_cache()
+    cache, components = worker.res.model_cache(), worker.res.component_cache()
     assert (cache.loads, cache.hits) == (1, 1)  # the pipeline stayed pinned
     assert components.loads == 2 and components.hits == 2  # adapter + encoder, loaded once each
     patcher = cache.get(str(tiny_models["sd15"]), "sd15").patcher
     assert patcher.applies == 2 and patcher.active is not None  # only the image-prompt patch changed
-    res.close()

@@ -140,3 +140,21 @@ def test_a_missing_face_pack_fails_clearly(farm_factory, tiny_models, assets, tm
     assert summary["status"] == "failed"
     error = summary["shards"][0]["error"]
     assert f"face models folder {tmp_path / 'nowhere'} does not exist" in error and "detector" in error
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_instantid_with_identitynet_and_sag(tiny_models, assets, in_process_worker, guidance: float) -> None:
+    """SAG in one set with InstantID and IdentityNet (the ControlNet pipeline shares the UNet):
+    the degraded pass takes the uncond chunk of the ControlNet residuals; without CFG (guidance
+    1) the ones of the cond batch."""
+    worker = in_process_worker(face_models_dir=str(assets["pack"]))
+    images = []
+    for n, sag in enumerate([None, {"scale": 1.0}]):
+        job = instantid_job(tiny_models["sdxl"], assets, controlnet=str(assets["controlnet"]))
+        job |= {"guidance": guidance, "output_prefix": f"run{n}"} | ({"sag": sag} if sag else {})
+        job_id, outcomes = worker.run(job)
+        assert outcomes == ["succeeded"]
+        ((params, image),) = worker.outputs(job_id)
+        images.append(image)
+    assert params["sag"] == {"scale": 1.0, "blur_sigma": 2.0} and params["identity"]["controlnet"]
+    assert images[0] != images[1]

@@ -203,7 +203,7 @@ def apply_job_patches(loaded: Any, spec: Any, extra: list[Any] | tuple[Any, ...]
     if loaded.patcher is None:
         loaded.patcher = ModelPatcher(loaded.pipeline)
     try:
-        loaded.patcher.ensure([*build_patches(spec), *extra])
+        loaded.patcher.ensure(build_patches(spec, extra))
     except PatchError as exc:
         raise PatchFailed(f"patches: {exc}") from None
     return loaded.patcher.fingerprint

@@ -50,6 +50,7 @@ class ShardRun:
             "job_id": str(self.job_id),
             "patches": [p.model_dump(mode="json") for p in self.spec.patches],
             "patches_fingerprint": self.patches_fingerprint,
+            **({"sag": sag.model_dump()} if (sag := getattr(self.spec, "sag", None)) is not None else {}),
         }
 
     def apply_patches(self, extra: list[Any]) -> None:
