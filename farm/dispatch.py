@@ -1,5 +1,6 @@
 """Publishing farm messages. Tasks are sent by name, so publishers (client, scheduler) never
-import the task modules or anything heavy; arguments are plain JSON (ids as strings)."""
+import the task modules or anything heavy; arguments are named, plain JSON (ids as strings), so
+Flower shows them as ``job_id``, ``shard_id``."""
 
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ FINALIZE_JOB = "farm.finalize_job"
 
 
 def publish_schedule(app: Celery, job_id: uuid.UUID) -> None:
-    app.send_task(SCHEDULE_JOB, args=[str(job_id)], queue=CONTROL_QUEUE)
+    app.send_task(SCHEDULE_JOB, kwargs={"job_id": str(job_id)}, queue=CONTROL_QUEUE)
 
 
 def publish_finalize(app: Celery, job_id: uuid.UUID) -> None:
-    app.send_task(FINALIZE_JOB, args=[str(job_id)], queue=CONTROL_QUEUE)
+    app.send_task(FINALIZE_JOB, kwargs={"job_id": str(job_id)}, queue=CONTROL_QUEUE)
 
 
 def publish_shard(
@@ -33,7 +34,7 @@ def publish_shard(
 ) -> None:
     app.send_task(
         RENDER_SHARD,
-        args=[str(shard_id), str(job_id), time.time()],
+        kwargs={"shard_id": str(shard_id), "job_id": str(job_id), "sent_at": time.time()},
         queue=queue,
         priority=priority,
         countdown=countdown,

@@ -112,7 +112,25 @@ class WorkerSettings(_Section):
         default_factory=list,
         description="Fault drills only: shard indexes this worker fails on purpose (non-retryable).",
     )
+    fail_shards_retryable: bool = Field(
+        default=False, description="Fault drills only: make the fail_shards faults retryable (a broken worker)."
+    )
+    lost_after_s: float = Field(
+        default=60.0, gt=0, description="A worker silent this long is shown as lost and its shard leases expire."
+    )
+    blocklist_after: int = Field(
+        default=3,
+        ge=0,
+        description="A worker that fails this many shards of one job in a row stops taking that job's "
+        "shards (0 = never).",
+    )
+    max_workers_per_shard: int = Field(
+        default=3, ge=1, le=20, description="A shard that has failed on this many different workers fails for good."
+    )
     metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Prometheus metrics port; empty = off.")
+    metrics_address: str = Field(
+        default="127.0.0.1", description="Address the metrics port binds to (0.0.0.0 to let Prometheus scrape it)."
+    )
     face_models_dir: Path | None = Field(
         default=None,
         description="insightface pack (antelopev2 layout) for InstantID; empty = <data_dir>/models/antelopev2.",
@@ -120,6 +138,15 @@ class WorkerSettings(_Section):
     onnx_providers: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="ONNX Runtime providers for face analysis: auto = CUDA when available."
     )
+
+
+class FlowerSettings(_Section):
+    """``farm flower``: Celery's monitoring UI for the farm's app."""
+
+    address: str = Field(default="127.0.0.1", description="Address Flower listens on.")
+    port: int = Field(default=5555, ge=1, le=65535, description="Flower's HTTP port.")
+    user: str | None = Field(default=None, description="Basic-auth user; required outside the embedded mode.")
+    password: SecretStr | None = Field(default=None, description="Basic-auth password; never logged.")
 
 
 class FarmSettings(BaseSettings):
@@ -139,6 +166,7 @@ class FarmSettings(BaseSettings):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    flower: FlowerSettings = Field(default_factory=FlowerSettings)
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> FarmSettings:
@@ -165,6 +193,8 @@ class FarmSettings(BaseSettings):
         s3 = self.storage.s3
         if s3.secret_access_key is not None:
             found.append(("storage.s3.secret_access_key", s3.secret_access_key.get_secret_value()))
+        if self.flower.password is not None:
+            found.append(("flower.password", self.flower.password.get_secret_value()))
         return found
 
     # -- derived values -------------------------------------------------------------------
