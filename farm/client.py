@@ -19,6 +19,8 @@ from farm.scheduler import job_summary, parse_job_id, requeue_failed, submit_job
 from farm.settings import FarmSettings, load_settings
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Job
+from storage.objects.keys import join_key
+from storage.registry import list_workers
 from storage.status import JOB_TERMINAL, JobStatus
 from storage.transitions import cancel_unstarted_shards, set_job_status
 
@@ -132,6 +134,32 @@ class FarmClient:
             dispatches = requeue_failed(session, parse_job_id(job_id))
         publish_shards(self.app, dispatches)
         return len(dispatches)
+
+    def previews(self, job_id: str | uuid.UUID) -> dict[str, Any]:
+        """URLs a person looks at first: the contact sheet and the manifest (written once every
+        shard has ended), and each video clip's GIF preview."""
+        job = parse_job_id(job_id)
+        with session_scope(self._sessions) as session:
+            prefix = session.scalar(select(Job.output_prefix).where(Job.id == job))
+            if prefix is None:
+                raise NotFound(f"no job {job_id}")
+            gifs = session.scalars(
+                select(Artifact.key)
+                .where(Artifact.job_id == job, Artifact.content_type == "image/gif")
+                .order_by(Artifact.item_index)
+            ).all()
+        found = {}
+        for name in ("contact_sheet.png", "manifest.json"):
+            key = join_key(prefix, str(job), name)
+            found[name.split(".")[0]] = self.store.url(key) if self.store.exists(key) else None
+        return {**found, "gif_previews": [self.store.url(key) for key in gifs]}
+
+    # -- workers --------------------------------------------------------------------------------
+    def workers(self) -> list[dict[str, Any]]:
+        """Registered workers (newest first) with status, queues, device, pinned models, current
+        shard and last heartbeat; silent ones are shown lost."""
+        with session_scope(self._sessions) as session:
+            return list_workers(session, self.settings.worker.lost_after_s)
 
     def results(self, job_id: str | uuid.UUID, download: Path | None = None) -> list[dict[str, Any]]:
         """The job's artifacts with URLs (presigned for S3); with ``download``, files are saved

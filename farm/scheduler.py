@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 from farm.errors import NotFound, UserError
 from farm.sharding import plan_shards
 from farm.specs import JobSpec, parse_spec, spec_fingerprint
+from storage.blocklist import blocked_workers
 from storage.models import Job, Shard, utcnow
 from storage.status import JOB_TERMINAL, JobStatus, ShardStatus
 from storage.transitions import JobRollup, refresh_job_counts, set_job_status
@@ -156,6 +158,7 @@ def job_summary(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
     if job is None:
         raise NotFound(f"no job {job_id}")
     shards = session.scalars(select(Shard).where(Shard.job_id == job_id).order_by(Shard.index)).all()
+    items_done = sum(s.items_done for s in shards)
     return {
         "id": str(job.id),
         "kind": job.kind,
@@ -166,11 +169,13 @@ def job_summary(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "items_total": job.items_total,
-        "items_done": sum(s.items_done for s in shards),
+        "items_done": items_done,
+        **_pace(job, items_done),
         "shards_total": len(shards),
         "shards_done": sum(s.status == ShardStatus.SUCCEEDED for s in shards),
         "shards_failed": sum(s.status == ShardStatus.FAILED for s in shards),
         "error": job.error,
+        "blocked_workers": blocked_workers(session, job_id),
         "shards": [
             {
                 "index": s.index,
@@ -184,11 +189,24 @@ def job_summary(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
                 "worker": s.lease_owner,
                 "error": s.error,
                 "errors": list(s.errors or []),
+                "failed_workers": list(s.failed_workers or []),
                 "timings": dict(s.timings or {}),
             }
             for s in shards
         ],
     }
+
+
+def _pace(job: Job, items_done: int, now: datetime | None = None) -> dict[str, float | None]:
+    """Observed seconds per item since the job started (all workers together) and the time left
+    at that pace; ``None`` until an item is done, and for a finished job's ETA."""
+    if job.started_at is None or items_done == 0:
+        return {"seconds_per_item": None, "eta_s": None}
+    end = job.finished_at or now or utcnow()
+    per_item = max(0.0, (end - job.started_at).total_seconds()) / items_done
+    remaining = max(0, job.items_total - items_done - job.items_failed)
+    running = JobStatus(job.status) == JobStatus.RUNNING
+    return {"seconds_per_item": round(per_item, 3), "eta_s": round(per_item * remaining, 1) if running else None}
 
 
 def parse_job_id(value: str | uuid.UUID) -> uuid.UUID:

@@ -1,4 +1,4 @@
-"""SQLAlchemy models for the farm's state: ``job``, ``shard``, ``artifact``, ``worker``.
+"""SQLAlchemy models for the farm's state: ``job``, ``shard``, ``artifact``, ``worker``, ``job_worker``.
 
 Typed declarative models (``Mapped[]``). UUID keys, timezone-aware UTC timestamps on every
 backend, JSON spec and params. Status columns are plain strings checked by the enums; which
@@ -139,6 +139,7 @@ class Shard(Timestamped, Base):
     heartbeat_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
     errors: Mapped[list[Any]] = mapped_column(default=list)
+    failed_workers: Mapped[list[Any]] = mapped_column(default=list)  # distinct names, in order of failure
     timings: Mapped[dict[str, Any]] = mapped_column(default=dict)
     enqueued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
@@ -194,6 +195,21 @@ class Worker(Timestamped, Base):
     current_shard_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobWorker(Timestamped, Base):
+    """How one worker has fared on one job's shards: its failures in a row, and since when it is
+    blocked from the job's shards (``blocked_at``), if it is."""
+
+    __tablename__ = "job_worker"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), primary_key=True)
+    worker: Mapped[str] = mapped_column(String(255), primary_key=True)
+    failures_in_a_row: Mapped[int] = mapped_column(Integer, default=0)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    successes: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    blocked_at: Mapped[datetime | None]
 
 
 metadata = Base.metadata

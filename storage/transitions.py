@@ -166,18 +166,36 @@ def claim_shard(
     session: Session, shard_id: uuid.UUID, owner: str, lease_seconds: float, now: datetime | None = None
 ) -> ShardLease | None:
     """Take a shard for rendering. Returns ``None`` when it is terminal, held by a live lease, or
-    another claimer won the race; a lease that expired is taken over."""
+    another claimer won the race; a lease that expired is taken over. A change that is not a claim
+    landing between our read and our write (the scheduler marking the shard queued) is no reason
+    to give up: read again."""
     now = now or utcnow()
-    row = session.execute(
-        select(
-            Shard.status, Shard.lease_owner, Shard.lease_expires_at, Shard.fencing_token, Shard.attempts, Shard.errors
-        ).where(Shard.id == shard_id)
-    ).one_or_none()
-    if row is None:
-        raise NotFound(f"no shard {shard_id}")
-    takeover = row.status == S.RUNNING and row.lease_expires_at is not None and row.lease_expires_at <= now
-    if row.status not in (S.PENDING, S.QUEUED) and not takeover:
-        return None
+    for _ in range(5):
+        row = session.execute(
+            select(
+                Shard.status,
+                Shard.lease_owner,
+                Shard.lease_expires_at,
+                Shard.fencing_token,
+                Shard.attempts,
+                Shard.errors,
+            ).where(Shard.id == shard_id)
+        ).one_or_none()
+        if row is None:
+            raise NotFound(f"no shard {shard_id}")
+        takeover = row.status == S.RUNNING and row.lease_expires_at is not None and row.lease_expires_at <= now
+        if row.status not in (S.PENDING, S.QUEUED) and not takeover:
+            return None
+        lease = _try_claim(session, shard_id, owner, lease_seconds, now, row, takeover)
+        if lease is not None:
+            return lease
+    return None
+
+
+def _try_claim(
+    session: Session, shard_id: uuid.UUID, owner: str, lease_seconds: float, now: datetime, row: Any, takeover: bool
+) -> ShardLease | None:
+    """The guarded claim of a shard last read as ``row``; ``None`` when the row changed since."""
     values: dict[str, Any] = {}
     if takeover:
         note = f"attempt {row.attempts} by {row.lease_owner}: lease expired at {row.lease_expires_at.isoformat()}"
@@ -250,9 +268,27 @@ def check_lease(session: Session, lease: ShardLease) -> None:
         raise LeaseLost(f"shard {lease.shard_id}: attempt {lease.attempt} no longer holds the lease")
 
 
-def _append_error(session: Session, lease: ShardLease, error: str) -> list[str]:
-    errors = session.scalar(select(Shard.errors).where(Shard.id == lease.shard_id)) or []
-    return [*errors, f"attempt {lease.attempt} by {lease.owner}: {error}"][-MAX_KEPT_ERRORS:]
+def expire_leases(session: Session, owners: list[str], now: datetime | None = None) -> int:
+    """End the live leases of ``owners`` now (they are lost): their shards can be taken over by
+    the next delivery instead of when the leases run out. Returns how many."""
+    now = now or utcnow()
+    result = session.execute(
+        update(Shard)
+        .where(Shard.status == S.RUNNING, Shard.lease_owner.in_(owners), Shard.lease_expires_at > now)
+        .values(lease_expires_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount
+
+
+def _failure_values(session: Session, lease: ShardLease, error: str) -> dict[str, Any]:
+    """The error kept on the shard, its error history, and the workers it has failed on."""
+    row = session.execute(select(Shard.errors, Shard.failed_workers).where(Shard.id == lease.shard_id)).one()
+    errors = [*(row.errors or []), f"attempt {lease.attempt} by {lease.owner}: {error}"][-MAX_KEPT_ERRORS:]
+    workers = list(row.failed_workers or [])
+    if lease.owner not in workers:
+        workers.append(lease.owner)
+    return {"error": error, "errors": errors, "failed_workers": workers}
 
 
 def finish_shard(
@@ -280,7 +316,10 @@ def finish_shard(
     if to == S.SUCCEEDED:
         values["progress"] = 1.0
     if error:
-        values["errors"] = _append_error(session, lease, error)
+        failure = _failure_values(session, lease, error)
+        values["errors"] = failure["errors"]
+        if to == S.FAILED:
+            values["failed_workers"] = failure["failed_workers"]
     if timings is not None:
         values["timings"] = timings
     if items_done is not None:
@@ -294,12 +333,34 @@ def release_shard_for_retry(session: Session, lease: ShardLease, error: str) -> 
         "status": S.QUEUED,
         "lease_owner": None,
         "lease_expires_at": None,
-        "error": error,
-        "errors": _append_error(session, lease, error),
         "progress": 0.0,
         "items_done": 0,
+        **_failure_values(session, lease, error),
     }
     _leased_update(session, lease, values, "release for retry")
+
+
+def record_failure(
+    session: Session,
+    lease: ShardLease,
+    error: str,
+    *,
+    retryable: bool,
+    max_attempts: int,
+    max_workers: int,
+    timings: dict[str, Any] | None = None,
+) -> ShardStatus:
+    """End a failed attempt: QUEUED again when the failure is retryable, attempts are left and
+    the shard has failed on fewer than ``max_workers`` different workers; FAILED for good
+    otherwise. Every error is kept. Returns the new status."""
+    workers = _failure_values(session, lease, error)["failed_workers"]
+    if retryable and lease.attempt < max_attempts and len(workers) < max_workers:
+        release_shard_for_retry(session, lease, error)
+        return S.QUEUED
+    if retryable and len(workers) >= max_workers and lease.attempt < max_attempts:
+        error = f"{error} (failed on {len(workers)} different workers: {', '.join(workers)})"
+    finish_shard(session, lease, S.FAILED, error=error, timings=timings)
+    return S.FAILED
 
 
 # -- job roll-up --------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from celery import shared_task
@@ -19,13 +20,26 @@ def render_shard(self, shard_id: str, job_id: str, sent_at: float | None = None)
     res = worker_resources(self.app)
     shard = uuid.UUID(shard_id)
     outcome = execute_shard(res, shard, sent_at)
-    if outcome.retry_in is not None:
-        # A retryable failure, or a shard held by a lease that may belong to a dead worker.
-        with session_scope(res.session_factory) as session:
-            queue, priority = session.execute(
-                select(Shard.queue, Job.priority).join(Job, Job.id == Shard.job_id).where(Shard.id == shard)
-            ).one()
-        publish_shard(self.app, shard, uuid.UUID(job_id), queue, priority, countdown=outcome.retry_in)
+    if outcome.status == "rejected":
+        # Blocked from this job: hand the shard back. Sent now, not with a countdown: a message
+        # with an ETA is held by whichever worker receives it, and on Redis that kept being this
+        # one; while this task runs this worker is not polling, so another one receives it.
+        # The pause keeps a lone blocked worker from spinning.
+        time.sleep(outcome.retry_in or 0.0)
+        publish_shard(self.app, shard, uuid.UUID(job_id), *_route(res, shard))
+    elif outcome.retry_in is not None:
+        # A retryable failure, a shard held by a lease that may belong to a dead worker, or a
+        # worker blocked from the job handing the shard back for others.
+        publish_shard(self.app, shard, uuid.UUID(job_id), *_route(res, shard), countdown=outcome.retry_in)
     if outcome.terminal:
         publish_finalize(self.app, uuid.UUID(job_id))
     return {"shard_id": shard_id, "job_id": job_id, "outcome": outcome.status, "error": outcome.error}
+
+
+def _route(res, shard: uuid.UUID) -> tuple[str, int]:
+    """The shard's queue and its job's priority."""
+    with session_scope(res.session_factory) as session:
+        row = session.execute(
+            select(Shard.queue, Job.priority).join(Job, Job.id == Shard.job_id).where(Shard.id == shard)
+        ).one()
+    return row.queue, row.priority

@@ -108,6 +108,15 @@ def test_demo_runs_the_embedded_farm(tmp_path: Path) -> None:
     assert (outputs[0] / "contact_sheet.png").is_file() and (outputs[0] / "manifest.json").is_file()
     assert "worker stopped" in out.stdout
 
+    wide = {"COLUMNS": "250"}
+    jobs = farm("status", cwd=tmp_path, env=wide)
+    assert jobs.returncode == 0 and "s/item" in jobs.stdout and "succeeded" in jobs.stdout
+    one = farm("status", outputs[0].name, cwd=tmp_path, env=wide)
+    assert one.returncode == 0 and "s/item" in one.stdout and "100%" in one.stdout
+    assert "contact sheet: " in one.stdout and "contact_sheet.png" in one.stdout
+    workers = farm("workers", cwd=tmp_path, env=wide)
+    assert workers.returncode == 0 and "stopped" in workers.stdout and "farm.gpu.sd15" in workers.stdout
+
 
 def test_models_tiny_is_deterministic_and_careful(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"

@@ -12,9 +12,10 @@ from sqlalchemy import func, inspect, select
 
 from storage import migrate
 from storage.db import make_engine, make_session_factory, session_scope
-from storage.models import Artifact, Job, Shard, Worker, metadata
+from storage.models import Artifact, Job, JobWorker, Shard, Worker, metadata
 
-TABLES = {"job", "shard", "artifact", "worker"}
+TABLES = {"job", "shard", "artifact", "worker", "job_worker"}
+HEAD = "0002"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
@@ -45,6 +46,7 @@ def _insert_one_of_each(url: str) -> None:
             )
         )
         session.add(Worker(name=f"w-{uuid.uuid4().hex[:6]}", hostname="h", device="cpu"))
+        session.add(JobWorker(job_id=job.id, worker="w"))
     engine.dispose()
 
 
@@ -52,7 +54,8 @@ def _counts(url: str) -> dict[str, int]:
     engine = make_engine(url)
     with engine.connect() as conn:
         counts = {
-            m.__tablename__: conn.scalar(select(func.count()).select_from(m)) for m in (Job, Shard, Artifact, Worker)
+            m.__tablename__: conn.scalar(select(func.count()).select_from(m))
+            for m in (Job, Shard, Artifact, Worker, JobWorker)
         }
     engine.dispose()
     return counts
@@ -66,13 +69,13 @@ def _tables(url: str) -> set[str]:
 
 
 def test_single_head() -> None:
-    assert migrate.heads() == ["0001"]
+    assert migrate.heads() == [HEAD]
 
 
 def test_upgrade_downgrade_upgrade_with_rows(fresh_url: str) -> None:
     assert migrate.current(fresh_url) is None
     migrate.upgrade(fresh_url)
-    assert migrate.current(fresh_url) == "0001"
+    assert migrate.current(fresh_url) == HEAD
     _insert_one_of_each(fresh_url)
     assert _counts(fresh_url) == dict.fromkeys(TABLES, 1)
     migrate.downgrade(fresh_url, "base")
@@ -82,6 +85,71 @@ def test_upgrade_downgrade_upgrade_with_rows(fresh_url: str) -> None:
     assert _tables(fresh_url) >= TABLES
     assert _counts(fresh_url) == dict.fromkeys(TABLES, 0)
     _insert_one_of_each(fresh_url)
+
+
+def _insert_at_0001(url: str) -> uuid.UUID:
+    """A job and a shard written with 0001's columns only (the models have 0002's)."""
+    from sqlalchemy import column, table
+
+    def rows(model: type, **values: object) -> tuple:
+        kept = {c.name: c.type for c in model.__table__.columns if c.name in values}
+        return table(model.__tablename__, *(column(n, t) for n, t in kept.items())), values
+
+    now = func.now()
+    job_id, shard_id = uuid.uuid4(), uuid.uuid4()
+    counts = dict.fromkeys(("shards_total", "shards_done", "shards_failed", "items_total", "items_done"), 0)
+    job_table, job_values = rows(
+        Job,
+        id=job_id,
+        kind="text_to_image",
+        family="sd15",
+        status="running",
+        priority=0,
+        spec={},
+        spec_hash="0" * 64,
+        output_prefix="r",
+        items_failed=0,
+        created_at=now,
+        updated_at=now,
+        **counts,
+    )
+    shard_table, shard_values = rows(
+        Shard,
+        id=shard_id,
+        job_id=job_id,
+        index=0,
+        queue="farm.gpu.sd15",
+        status="queued",
+        params={},
+        items_total=1,
+        items_done=0,
+        progress=0.0,
+        attempts=1,
+        fencing_token=1,
+        errors=["attempt 1 by w: boom"],
+        timings={},
+        created_at=now,
+        updated_at=now,
+    )
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(job_table.insert().values(job_values))
+        conn.execute(shard_table.insert().values(shard_values))
+    engine.dispose()
+    return shard_id
+
+
+def test_upgrade_from_0001_keeps_shards(fresh_url: str) -> None:
+    """0002 adds ``shard.failed_workers`` to existing rows (empty) and the ``job_worker`` table."""
+    migrate.upgrade(fresh_url, "0001")
+    shard_id = _insert_at_0001(fresh_url)
+    migrate.upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    with session_scope(make_session_factory(engine)) as session:
+        shard = session.get(Shard, shard_id)
+        assert (shard.failed_workers, shard.errors) == ([], ["attempt 1 by w: boom"])
+    engine.dispose()
+    assert "job_worker" in _tables(fresh_url)
 
 
 def test_models_and_migrations_do_not_drift(fresh_url: str) -> None:
@@ -98,7 +166,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "9999"
-down_revision = "0001"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
@@ -130,5 +198,5 @@ def test_sqlite_batch_rebuild_keeps_child_rows(tmp_path: Path) -> None:
     config.set_main_option("script_location", str(scripts))
     command.upgrade(config, "head")
     assert _counts(url) == dict.fromkeys(TABLES, 1)
-    command.downgrade(config, "0001")
+    command.downgrade(config, HEAD)
     assert _counts(url) == dict.fromkeys(TABLES, 1)

@@ -209,6 +209,9 @@ def _check_video_job(farm: Any, job_id: uuid.UUID) -> None:
         while not client.store.exists(f"videos/{job_id}/manifest.json") and time.monotonic() < deadline:
             time.sleep(0.2)
         assert client.store.exists(f"videos/{job_id}/contact_sheet.png")
+        previews = client.previews(job_id)  # what `farm status JOB` shows a person
+        assert previews["contact_sheet"] and previews["manifest"]
+        assert len(previews["gif_previews"]) == 2 and all(".gif" in url for url in previews["gif_previews"])
         for shard in summary["shards"]:
             assert {"load_s", "patch_s", "denoise_s", "encode_s", "upload_s"} <= shard["timings"].keys()
 

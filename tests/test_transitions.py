@@ -273,3 +273,25 @@ def test_concurrent_last_shards_finish_the_job(pg_url: str) -> None:
             assert s.get(Job, job.id).shards_done == 2
     finally:
         engine.dispose()
+
+
+def test_claim_reads_again_when_the_scheduler_marks_the_shard_queued_meanwhile(session, monkeypatch) -> None:
+    """The scheduler's pending -> queued landing between a worker's read and its guarded write is
+    not a lost race: the claim reads again and succeeds (it used to answer None, and the message
+    was acknowledged with the shard never rendered)."""
+    job = make_job(session, n_shards=1)
+    shard_id = job.shards[0].id
+    original = t._try_claim
+    calls = []
+
+    def scheduler_lands_first(session, shard_id, *args):
+        if not calls:
+            t.mark_shards_queued(session, [shard_id])
+        calls.append(1)
+        return original(session, shard_id, *args)
+
+    monkeypatch.setattr(t, "_try_claim", scheduler_lands_first)
+    lease = t.claim_shard(session, shard_id, "w", 30)
+    assert lease is not None and lease.attempt == 1 and len(calls) == 2
+    session.commit()
+    assert status_of(session, Shard, shard_id) == S.RUNNING

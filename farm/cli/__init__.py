@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from farm.cli import config_cmd, db_cmd, jobs_cmd, models_cmd, storage_cmd, worker_cmd
+from farm.cli import config_cmd, db_cmd, flower_cmd, jobs_cmd, models_cmd, storage_cmd, worker_cmd, workers_cmd
 
 app = typer.Typer(
     name="farm",
@@ -46,6 +46,8 @@ app.add_typer(storage_cmd.app, name="storage")
 app.add_typer(models_cmd.app, name="models")
 jobs_cmd.register(app)
 worker_cmd.register(app)
+flower_cmd.register(app)
+workers_cmd.register(app)
 
 
 def main() -> None:

@@ -40,28 +40,53 @@ def wait_with_progress(client, job_id, timeout: float | None = None) -> dict:
         return client.wait(job_id, timeout=timeout, on_progress=update)
 
 
-def print_job(summary: dict) -> None:
+def duration(seconds: float | None) -> str:
+    """``1h02m``, ``3m05s``, ``42s``; empty when unknown."""
+    if seconds is None:
+        return ""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def print_job(summary: dict, previews: dict | None = None) -> None:
+    pace = f"  {summary['seconds_per_item']:.2f} s/item" if summary.get("seconds_per_item") else ""
+    eta = f"  ETA {duration(summary['eta_s'])}" if summary.get("eta_s") is not None else ""
     console.print(
         f"job {summary['id']}  [bold]{summary['status']}[/]  {summary['kind']}/{summary['family']}  "
         f"items {summary['items_done']}/{summary['items_total']}  shards {summary['shards_done']}/"
-        f"{summary['shards_total']} done, {summary['shards_failed']} failed"
+        f"{summary['shards_total']} done, {summary['shards_failed']} failed{pace}{eta}"
     )
     if summary.get("error"):
         console.print(f"error: {summary['error']}", highlight=False)
     table = Table()
-    for column in ("shard", "queue", "status", "items", "attempts", "worker", "error"):
+    for column in ("shard", "queue", "status", "items", "progress", "attempt", "worker", "error"):
         table.add_column(column, overflow="fold")
     for s in summary["shards"]:
+        errors = s["error"] or ""
+        if len(s.get("failed_workers") or []) > 1:
+            errors += f" (failed on {', '.join(s['failed_workers'])})"
         table.add_row(
             str(s["index"]),
             s["queue"],
             s["status"],
             f"{s['items_done']}/{s['items_total']}",
+            f"{s['progress']:.0%}",
             str(s["attempts"]),
             s["worker"] or "",
-            s["error"] or "",
+            errors,
         )
     console.print(table)
+    for b in summary.get("blocked_workers") or []:
+        console.print(
+            f"blocked: worker {b['worker']} no longer takes this job's shards after {b['failures_in_a_row']} "
+            f"failures in a row (since {b['blocked_at'][:19]}); last error: {b['last_error']}",
+            highlight=False,
+        )
+    for name, url in (previews or {}).items():
+        for link in url if isinstance(url, list) else [url] if url else []:
+            console.print(f"{name.replace('_', ' ')}: {link}", highlight=False)
 
 
 def submit(
@@ -80,10 +105,10 @@ def status(job_id: str | None = typer.Argument(None, help="A job id; without it,
     """Show one job with its shards, or a table of recent jobs."""
     with _client() as client:
         if job_id:
-            print_job(client.get(job_id))
+            print_job(client.get(job_id), client.previews(job_id))
             return
         table = Table(title="jobs")
-        for column in ("id", "status", "kind", "family", "items", "failed shards", "created"):
+        for column in ("id", "status", "kind", "family", "items", "failed shards", "s/item", "ETA", "created"):
             table.add_column(column)
         for j in client.list_jobs():
             table.add_row(
@@ -93,6 +118,8 @@ def status(job_id: str | None = typer.Argument(None, help="A job id; without it,
                 j["family"],
                 f"{j['items_done']}/{j['items_total']}",
                 str(j["shards_failed"]),
+                f"{j['seconds_per_item']:.2f}" if j["seconds_per_item"] else "",
+                duration(j["eta_s"]),
                 j["created_at"][:19],
             )
         console.print(table)
@@ -130,11 +157,15 @@ def results(
     """List a job's outputs with URLs (presigned on S3), or download them."""
     with _client() as client:
         artifacts = client.results(job_id, download)
+        previews = client.previews(job_id)
     if as_json:
         typer.echo(json.dumps(artifacts, indent=2))
         return
     for a in artifacts:
         console.print(f"{a['item_index']:>6}  seed {a['seed']:<12} {a.get('path') or a['url']}", highlight=False)
+    for name in ("contact_sheet", "manifest"):
+        if previews[name]:
+            console.print(f"{name.replace('_', ' ')}: {previews[name]}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -23,6 +23,7 @@ def worker(
 ) -> None:
     """Run a worker: one process, one device, models pinned in memory."""
     from farm.celery_app import CONTROL_QUEUE, create_app
+    from farm.worker.heartbeat import WorkerHeartbeat
     from farm.worker.runtime import WorkerResources
 
     cfg = settings()
@@ -33,23 +34,31 @@ def worker(
         family, _, model = ref.partition(":")
         loaded = resources.model_cache().get(model, family)
         console.print(f"pinned {family} model {model} ({loaded.load_seconds:.2f}s)")
-    selected = queues.split(",") if queues else [*cfg.worker.queues, CONTROL_QUEUE]
-    app.worker_main(
-        [
-            "worker",
-            "--queues",
-            ",".join(q.strip() for q in selected if q.strip()),
-            "--pool",
-            "solo",
-            "--hostname",
-            f"{resources.name}@%h",
-            "--loglevel",
-            loglevel,
-            "--task-events",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    selected = [q.strip() for q in (queues.split(",") if queues else [*cfg.worker.queues, CONTROL_QUEUE])]
+    selected = [q for q in selected if q]
+    if cfg.worker.metrics_port is not None:
+        from farm.worker.metrics import WorkerMetrics
+
+        resources.metrics = WorkerMetrics()
+        resources.metrics.serve(cfg.worker.metrics_port, cfg.worker.metrics_address)
+        console.print(f"metrics on http://{cfg.worker.metrics_address}:{cfg.worker.metrics_port}/metrics")
+    with WorkerHeartbeat(resources, selected):
+        app.worker_main(
+            [
+                "worker",
+                "--queues",
+                ",".join(selected),
+                "--pool",
+                "solo",
+                "--hostname",
+                f"{resources.name}@%h",
+                "--loglevel",
+                loglevel,
+                "--task-events",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
 
 
 def demo(

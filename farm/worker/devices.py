@@ -37,3 +37,15 @@ def resolve_placement(device: str = "auto", dtype: str = "auto") -> Placement:
 
         raise ConfigError("worker.dtype float16 needs a CUDA device; use float32 or bfloat16 on CPU")
     return Placement(device, dtype)
+
+
+def device_info(placement: Placement) -> dict[str, Any]:
+    """What the worker registry records about the device: its kind, and the GPU's name and total
+    memory when it is one."""
+    info: dict[str, Any] = {"device": placement.device, "gpu_name": None, "gpu_memory_bytes": None}
+    if placement.device.startswith("cuda"):
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.device(placement.device))
+        info.update(gpu_name=props.name, gpu_memory_bytes=int(props.total_memory))
+    return info

@@ -21,11 +21,12 @@ from sqlalchemy import select
 from farm.errors import FarmError, LeaseLost, UserError
 from farm.settings import FarmSettings
 from farm.worker.lease_keeper import LeaseKeeper, ShardCancelled
+from storage.blocklist import is_blocked, record_failure_streak, record_success, unblocked_workers
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Job, Shard
 from storage.objects import ObjectStore, open_store
 from storage.status import ShardStatus
-from storage.transitions import claim_shard, finish_shard, lease_remaining, release_shard_for_retry
+from storage.transitions import claim_shard, finish_shard, lease_remaining, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class WorkerResources:
     cache: Any = None  # farm.worker.model_cache.ModelCache, built on first render (imports torch)
     components: Any = None  # a second ModelCache for IP-Adapters and image encoders
     memo: JobMemo = field(default_factory=JobMemo)  # per-job derived data (reference embeddings)
+    metrics: Any = None  # farm.worker.metrics.WorkerMetrics when worker.metrics_port is set
+    current_shard: uuid.UUID | None = None
     shards_run: int = 0
     timings: list[dict[str, float]] = field(default_factory=list)
 
@@ -99,11 +102,21 @@ class InjectedFault(UserError):
     """A failure requested by ``worker.fail_shards`` (fault drills and tests)."""
 
 
+class InjectedWorkerFault(FarmError):
+    """A retryable failure requested by ``worker.fail_shards`` with ``fail_shards_retryable``:
+    this worker behaves as if broken (fault drills of the blocklist)."""
+
+    retryable = True
+
+
+REJECT_DELAY_S = 0.5  # a blocked worker pauses this long before handing a shard back
+
+
 @dataclass(frozen=True)
 class ShardOutcome:
     """What happened to one delivery of a shard message, for the task to act on."""
 
-    status: str  # succeeded | failed | cancelled | retry | skipped | busy | fenced
+    status: str  # succeeded | failed | cancelled | retry | skipped | busy | fenced | rejected
     job_id: uuid.UUID | None = None
     retry_in: float | None = None
     error: str | None = None
@@ -113,59 +126,131 @@ class ShardOutcome:
         return self.status in {"succeeded", "failed", "cancelled"}
 
 
+@dataclass
+class _Delivery:
+    """What the metrics need to know about one delivery."""
+
+    queue: str = "unknown"
+    timings: dict[str, float] = field(default_factory=dict)
+    items: int = 0
+    seconds: float = 0.0
+
+
 def execute_shard(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None = None) -> ShardOutcome:
     """Render one shard if this delivery can take it; safe to call for any delivery."""
+    delivery = _Delivery()
+    outcome = _deliver(res, shard_id, sent_at, delivery)
+    if res.metrics is not None:
+        res.metrics.observe_shard(delivery.queue, outcome.status, delivery.timings, delivery.items, delivery.seconds)
+    return outcome
+
+
+def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, delivery: _Delivery) -> ShardOutcome:
     settings = res.settings.worker
     claimed_at = time.time()
     with session_scope(res.session_factory) as session:
+        row = session.execute(select(Shard.job_id, Shard.queue).where(Shard.id == shard_id)).one_or_none()
+        if row is None:
+            return ShardOutcome("skipped")
+        delivery.queue = row.queue
+        if settings.blocklist_after and is_blocked(session, row.job_id, res.name):
+            refused = _refuse_blocked(session, res, shard_id, row.job_id, row.queue)
+            if refused is not None:
+                return refused
         lease = claim_shard(session, shard_id, res.name, settings.lease_seconds)
         if lease is None:
             remaining = lease_remaining(session, shard_id)
-            job_id = session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
     if lease is None:
         if remaining is not None:
             # Held by a live lease: look again once it could have expired (its holder may be dead).
-            return ShardOutcome("busy", job_id, retry_in=remaining + 1.0)
-        return ShardOutcome("skipped", job_id)
+            return ShardOutcome("busy", row.job_id, retry_in=remaining + 1.0)
+        return ShardOutcome("skipped", row.job_id)
 
-    timings: dict[str, float] = {"queue_wait_s": round(max(0.0, claimed_at - sent_at), 4) if sent_at else 0.0}
+    timings = delivery.timings
+    timings["queue_wait_s"] = round(max(0.0, claimed_at - sent_at), 4) if sent_at else 0.0
     res.shards_run += 1
+    res.current_shard = shard_id
+    started = time.perf_counter()
     interval = min(settings.heartbeat_seconds, max(settings.progress_interval_s, 0.05))
     keeper = LeaseKeeper(res.session_factory, lease, settings.lease_seconds, interval)
     try:
         with keeper:
-            items_done = _render_items(res, lease.shard_id, lease.job_id, keeper, timings)
+            delivery.items = _render_items(res, lease.shard_id, lease.job_id, keeper, timings)
             lease = keeper.lease
+        delivery.seconds = time.perf_counter() - started
         with session_scope(res.session_factory) as session:
-            finish_shard(session, lease, ShardStatus.SUCCEEDED, timings=timings, items_done=items_done)
+            finish_shard(session, lease, ShardStatus.SUCCEEDED, timings=timings, items_done=delivery.items)
+            record_success(session, lease.job_id, res.name)
         return ShardOutcome("succeeded", lease.job_id)
     except LeaseLost as exc:
         log.warning("shard %s: %s", shard_id, exc)
         return ShardOutcome("fenced", lease.job_id, error=str(exc))
     except ShardCancelled:
-        return _finish(res, keeper.lease, ShardStatus.CANCELLED, "job cancelled", timings, "cancelled")
+        try:
+            with session_scope(res.session_factory) as session:
+                finish_shard(session, keeper.lease, ShardStatus.CANCELLED, error="job cancelled", timings=timings)
+        except LeaseLost as exc:
+            return ShardOutcome("fenced", lease.job_id, error=str(exc))
+        return ShardOutcome("cancelled", lease.job_id, error="job cancelled")
     except Exception as exc:  # every failure is recorded on the shard, the worker keeps serving
         message = _describe(exc)
         log.exception("shard %s failed: %s", shard_id, message)
-        lease = keeper.lease  # the latest renewal (same attempt and token)
-        retryable = not isinstance(exc, UserError) and (not isinstance(exc, FarmError) or exc.retryable)
-        if retryable and lease.attempt < settings.max_attempts:
-            try:
-                with session_scope(res.session_factory) as session:
-                    release_shard_for_retry(session, lease, message)
-            except LeaseLost as lost:
-                return ShardOutcome("fenced", lease.job_id, error=str(lost))
-            return ShardOutcome("retry", lease.job_id, retry_in=min(60.0, 2.0**lease.attempt), error=message)
-        return _finish(res, lease, ShardStatus.FAILED, message, timings, "failed")
+        return _record_failure(res, keeper.lease, exc, message, timings)
+    finally:
+        res.current_shard = None
 
 
-def _finish(res: WorkerResources, lease, status: ShardStatus, error: str, timings: dict, outcome: str) -> ShardOutcome:
+def _record_failure(
+    res: WorkerResources, lease: Any, exc: Exception, message: str, timings: dict[str, float]
+) -> ShardOutcome:
+    """Keep the error, retry or fail the shard (attempts, distinct workers), and count the
+    failure towards this worker's streak on the job when a retry could have helped."""
+    settings = res.settings.worker
+    retryable = not isinstance(exc, UserError) and (not isinstance(exc, FarmError) or exc.retryable)
+    blocked = False
     try:
         with session_scope(res.session_factory) as session:
-            finish_shard(session, lease, status, error=error, timings=timings)
-    except LeaseLost as exc:
-        return ShardOutcome("fenced", lease.job_id, error=str(exc))
-    return ShardOutcome(outcome, lease.job_id, error=error)
+            status = record_failure(
+                session,
+                lease,
+                message,
+                retryable=retryable,
+                max_attempts=settings.max_attempts,
+                max_workers=settings.max_workers_per_shard,
+                timings=timings,
+            )
+            if retryable:
+                blocked = record_failure_streak(
+                    session, lease.job_id, res.name, message, block_after=settings.blocklist_after
+                )
+    except LeaseLost as lost:
+        return ShardOutcome("fenced", lease.job_id, error=str(lost))
+    if blocked:
+        log.warning(
+            "worker %s failed %d shards of job %s in a row: it no longer takes that job's shards",
+            res.name,
+            settings.blocklist_after,
+            lease.job_id,
+        )
+    if status == ShardStatus.QUEUED:
+        return ShardOutcome("retry", lease.job_id, retry_in=min(60.0, 2.0**lease.attempt), error=message)
+    return ShardOutcome("failed", lease.job_id, error=message)
+
+
+def _refuse_blocked(
+    session: Any, res: WorkerResources, shard_id: uuid.UUID, job_id: uuid.UUID, queue: str
+) -> ShardOutcome | None:
+    """This worker is blocked from the job: hand the shard back for another worker, or fail it
+    when no live worker on its queue may take it. ``None``: the shard is not there to take."""
+    settings = res.settings.worker
+    if unblocked_workers(session, job_id, queue, settings.lost_after_s):
+        return ShardOutcome("rejected", job_id, retry_in=REJECT_DELAY_S)
+    lease = claim_shard(session, shard_id, res.name, settings.lease_seconds)
+    if lease is None:
+        return None  # terminal, or held by a live lease: the usual answer
+    message = f"every live worker on {queue} is blocked from this job (worker.blocklist_after)"
+    finish_shard(session, lease, ShardStatus.FAILED, error=message)
+    return ShardOutcome("failed", job_id, error=message)
 
 
 def _describe(exc: BaseException) -> str:
@@ -223,13 +308,18 @@ def _render_items(
         shard_index = shard.index
         done_keys = set(session.scalars(select(Artifact.key).where(Artifact.shard_id == shard_id)))
         if shard.index in res.settings.worker.fail_shards:
-            raise InjectedFault(f"shard {shard.index}: injected fault (worker.fail_shards)")
+            fault = InjectedWorkerFault if res.settings.worker.fail_shards_retryable else InjectedFault
+            raise fault(f"shard {shard.index}: injected fault (worker.fail_shards)")
     keeper.check()
     runner = _runner(spec.kind)
 
     started = time.perf_counter()
-    loaded = res.model_cache().get(spec.model, spec.family)
+    cache = res.model_cache()
+    loads = cache.loads
+    loaded = cache.get(spec.model, spec.family)
     timings["load_s"] = round(time.perf_counter() - started, 4)
+    if res.metrics is not None:
+        res.metrics.observe_model(spec.family, loaded=cache.loads > loads)
     fingerprint = ""
     if not getattr(runner, "applies_patches", False):  # else the runner adds its own and applies
         started = time.perf_counter()
