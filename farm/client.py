@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from farm.scheduler import job_summary, parse_job_id, requeue_failed, submit_job
 from farm.settings import FarmSettings, load_settings
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Job
-from storage.objects.keys import join_key
+from storage.objects.keys import join_key, validate_part
 from storage.registry import list_workers
 from storage.status import JOB_TERMINAL, JobStatus
 from storage.transitions import cancel_unstarted_shards, set_job_status
@@ -129,11 +132,84 @@ class FarmClient:
         return self.get(job)
 
     def retry_failed(self, job_id: str | uuid.UUID) -> int:
-        """Re-queue the job's failed shards; returns how many."""
+        """Re-queue the job's failed shards; returns how many (a bulk job's are fed in windows)."""
         with session_scope(self._sessions) as session:
-            dispatches = requeue_failed(session, parse_job_id(job_id))
+            count, dispatches = requeue_failed(session, parse_job_id(job_id))
         publish_shards(self.app, dispatches)
-        return len(dispatches)
+        if count and not dispatches:
+            self.feed_bulk()
+        return count
+
+    # -- bulk -----------------------------------------------------------------------------------
+    def submit_bulk(
+        self,
+        name: str,
+        base: Any,
+        manifest: str | Path,
+        *,
+        feed_until: datetime | None = None,
+        now: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Create or extend the bulk job ``name``: ``base`` (a spec dict or file) with the rows of
+        ``manifest`` (a local JSONL/CSV file, or ``store:<key>``). Only rows it does not have yet
+        are added; then the windows are topped up. Returns counts."""
+        from farm.bulk import submit_bulk
+        from farm.bulk_manifest import read_manifest
+        from farm.inputs import upload_inputs
+        from farm.specs import read_spec_file
+
+        folder = Path.cwd()
+        if isinstance(base, str | Path):
+            folder = Path(base).parent
+            base = read_spec_file(Path(base))
+        source = str(manifest)
+        if source.startswith("store:"):
+            key = source.removeprefix("store:")
+            data = self.store.get_bytes(key)
+        else:
+            data = Path(manifest).read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            suffix = ".csv" if source.lower().endswith(".csv") else ".jsonl"
+            key = join_key("inputs", "bulk", validate_part(name, "name"), f"{digest}{suffix}")
+            self.store.put_bytes(key, data, content_type="text/csv" if suffix == ".csv" else "application/jsonl")
+        rows = read_manifest(data, source)
+        base = upload_inputs(base, self.store, folder)
+        with session_scope(self._sessions) as session:
+            result = submit_bulk(session, name, base, rows, manifest_key=key, feed_until=feed_until)
+        result["fed"] = self.feed_bulk(now)
+        return result
+
+    def feed_bulk(self, now: datetime | None = None) -> int:
+        """Top the bulk windows up (as of ``now``); returns how many shards were sent."""
+        from farm.feeder import feed
+
+        return feed(self.app, self._sessions, self.settings.bulk.window_per_queue, now)
+
+    def bulk_status(self, name: str) -> dict[str, Any]:
+        from farm.bulk import bulk_status
+
+        with session_scope(self._sessions) as session:
+            return bulk_status(session, name)
+
+    def retry_bulk(self, name: str) -> int:
+        """Feed a bulk job's failed rows again; returns how many shards."""
+        from farm.bulk import retry_failed_rows
+
+        with session_scope(self._sessions) as session:
+            count = retry_failed_rows(session, name)
+        self.feed_bulk()
+        return count
+
+    def export_bulk(self, name: str, out: Path) -> int:
+        """Write the dataset export (JSONL) of a bulk job; returns the number of rows."""
+        from farm.bulk import export_rows
+
+        n = 0
+        with session_scope(self._sessions) as session, Path(out).open("w", encoding="utf-8") as f:
+            for record in export_rows(session, name):
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+                n += 1
+        return n
 
     def previews(self, job_id: str | uuid.UUID) -> dict[str, Any]:
         """URLs a person looks at first: the contact sheet and the manifest (written once every

@@ -36,6 +36,19 @@ class ShardDispatch:
     priority: int
 
 
+def job_row(spec: JobSpec, **values: Any) -> Job:
+    """A new ``job`` row for ``spec``; ``values`` sets the status and anything else."""
+    values.setdefault("spec_hash", spec_fingerprint(spec))
+    return Job(
+        kind=spec.kind,
+        family=spec.family,
+        priority=spec.priority,
+        spec=spec.model_dump(mode="json"),
+        output_prefix=spec.output_prefix,
+        **values,
+    )
+
+
 def submit_job(session: Session, spec: JobSpec) -> tuple[Job, bool]:
     """Write the job row. With an idempotency key, a resubmission returns the existing job
     (``created`` False); the same key with a different spec is refused."""
@@ -45,16 +58,7 @@ def submit_job(session: Session, spec: JobSpec) -> tuple[Job, bool]:
         existing = session.scalar(select(Job).where(Job.idempotency_key == key))
         if existing is not None:
             return _same_spec(existing, fingerprint, key), False
-    job = Job(
-        kind=spec.kind,
-        family=spec.family,
-        status=JobStatus.PENDING,
-        priority=spec.priority,
-        spec=spec.model_dump(mode="json"),
-        spec_hash=fingerprint,
-        idempotency_key=key,
-        output_prefix=spec.output_prefix,
-    )
+    job = job_row(spec, status=JobStatus.PENDING, spec_hash=fingerprint, idempotency_key=key)
     try:
         with session.begin_nested():
             session.add(job)
@@ -113,8 +117,10 @@ def schedule_job(session: Session, job_id: uuid.UUID) -> list[ShardDispatch]:
     return [ShardDispatch(row.id, job.id, row.queue, job.priority) for row in rows]
 
 
-def requeue_failed(session: Session, job_id: uuid.UUID) -> list[ShardDispatch]:
-    """Put a job's failed shards back in the queue (``farm retry``); the job runs again."""
+def requeue_failed(session: Session, job_id: uuid.UUID) -> tuple[int, list[ShardDispatch]]:
+    """Put a job's failed shards back in the queue (``farm retry``); the job runs again. Returns
+    how many and the messages to send. A bulk job's shards go back to PENDING instead, for the
+    feeder to send in windows (no messages)."""
     from storage.transitions import set_shard_status
 
     job = session.get(Job, job_id)
@@ -124,14 +130,15 @@ def requeue_failed(session: Session, job_id: uuid.UUID) -> list[ShardDispatch]:
         select(Shard.id, Shard.queue).where(Shard.job_id == job_id, Shard.status == ShardStatus.FAILED)
     ).all()
     if not failed:
-        return []
+        return 0, []
+    to = ShardStatus.PENDING if job.bulk_id is not None else ShardStatus.QUEUED
     for row in failed:
-        set_shard_status(
-            session, row.id, ShardStatus.QUEUED, expected=ShardStatus.FAILED, enqueued_at=utcnow(), error=None
-        )
+        set_shard_status(session, row.id, to, expected=ShardStatus.FAILED, enqueued_at=utcnow(), error=None)
     if job.status in (JobStatus.PARTIAL, JobStatus.FAILED):
         set_job_status(session, job_id, JobStatus.RUNNING, finished_at=None, error=None)
-    return [ShardDispatch(row.id, job_id, row.queue, job.priority) for row in failed]
+    if job.bulk_id is not None:
+        return len(failed), []
+    return len(failed), [ShardDispatch(row.id, job_id, row.queue, job.priority) for row in failed]
 
 
 def finalize_job(session: Session, job_id: uuid.UUID) -> tuple[JobRollup, JobStatus]:

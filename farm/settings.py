@@ -140,6 +140,35 @@ class WorkerSettings(_Section):
     )
 
 
+class BulkSchedule(_Section):
+    """One nightly bulk render started by ``farm beat``."""
+
+    name: str = Field(description="The bulk job's name (its idempotency key: each night adds only new rows).")
+    base: Path = Field(description="Base job spec file (YAML/JSON) the manifest rows apply to.")
+    manifest: str = Field(description="Manifest: a local JSONL/CSV path, or store:<key> in the bucket.")
+    at: str = Field(default="01:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="Start time, HH:MM.")
+    timezone: str = Field(default="UTC", description="IANA time zone of `at` and `window_end`.")
+    window_end: str | None = Field(
+        default=None,
+        pattern=r"^([01]\d|2[0-3]):[0-5]\d$",
+        description="HH:MM after which feeding stops (the job stays resumable); empty = no end.",
+    )
+
+
+class BulkSettings(_Section):
+    """Bulk dataset renders: windowed feeding and nightly schedules."""
+
+    window_per_queue: int = Field(
+        default=32, ge=1, le=100_000, description="Most bulk shards queued or running at once per GPU queue."
+    )
+    feed_interval_s: float = Field(
+        default=60.0, gt=0, description="`farm beat` tops up the bulk windows this often (besides each shard's end)."
+    )
+    schedules: list[BulkSchedule] = Field(
+        default_factory=list, description="Nightly bulk renders for `farm beat` (JSON list)."
+    )
+
+
 class FlowerSettings(_Section):
     """``farm flower``: Celery's monitoring UI for the farm's app."""
 
@@ -167,6 +196,7 @@ class FarmSettings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
+    bulk: BulkSettings = Field(default_factory=BulkSettings)
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> FarmSettings:

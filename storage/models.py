@@ -1,4 +1,5 @@
-"""SQLAlchemy models for the farm's state: ``job``, ``shard``, ``artifact``, ``worker``, ``job_worker``.
+"""SQLAlchemy models for the farm's state: ``job``, ``shard``, ``artifact``, ``worker``, ``job_worker``,
+``bulk_job``.
 
 Typed declarative models (``Mapped[]``). UUID keys, timezone-aware UTC timestamps on every
 backend, JSON spec and params. Status columns are plain strings checked by the enums; which
@@ -84,6 +85,21 @@ class Timestamped:
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class BulkJob(Timestamped, Base):
+    """A bulk dataset render: manifest rows fed to normal jobs (one per model family and
+    settings group) a window of shards at a time. ``name`` is its idempotency key: submitting the
+    same name again adds only the rows it does not have yet."""
+
+    __tablename__ = "bulk_job"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    base_spec: Mapped[dict[str, Any]]
+    manifest_keys: Mapped[list[Any]] = mapped_column(default=list)  # every manifest submitted, in order
+    rows_total: Mapped[int] = mapped_column(Integer, default=0)
+    feed_until: Mapped[datetime | None]  # feeding stops at this time (the nightly window's end)
+
+
 class Job(Timestamped, Base):
     """One submitted job: its spec, its status and counts rolled up from its shards."""
 
@@ -107,6 +123,7 @@ class Job(Timestamped, Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    bulk_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("bulk_job.id", ondelete="CASCADE"), index=True)
 
     shards: Mapped[list[Shard]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="Shard.index"

@@ -8,7 +8,8 @@ transaction.
 Job:   pending -> running | failed | cancelled;  running -> succeeded | partial | failed | cancelled;
        partial | failed -> running (retry of failed shards).
 Shard: pending -> queued | running | cancelled;  queued -> running | failed | cancelled;
-       running -> succeeded | failed | queued (retryable failure) | cancelled;  failed -> queued (retry).
+       running -> succeeded | failed | queued (retryable failure) | cancelled;  failed -> queued (retry)
+       | pending (a bulk job's retry: fed again a window at a time).
 
 Leases: a worker *claims* a queued shard (or a running one whose lease expired: the holder is
 presumed dead). Each claim increments ``attempts`` and the ``fencing_token``; every later write of
@@ -46,7 +47,7 @@ SHARD_TRANSITIONS: dict[ShardStatus, frozenset[ShardStatus]] = {
     S.PENDING: frozenset({S.QUEUED, S.RUNNING, S.CANCELLED}),
     S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CANCELLED}),
     S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.QUEUED, S.CANCELLED}),
-    S.FAILED: frozenset({S.QUEUED}),
+    S.FAILED: frozenset({S.QUEUED, S.PENDING}),  # pending: a bulk job's retry, fed again in windows
     S.SUCCEEDED: frozenset(),
     S.CANCELLED: frozenset(),
 }

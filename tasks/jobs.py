@@ -1,14 +1,17 @@
-"""Control tasks: split a job into shards, and finalize it when every shard is terminal."""
+"""Control tasks: split a job into shards, finalize it when every shard is terminal, feed bulk jobs."""
 
 from __future__ import annotations
 
 from celery import shared_task
+from sqlalchemy import select
 
 from farm.dispatch import publish_shards
+from farm.feeder import feed
 from farm.scheduler import finalize_job as finalize
 from farm.scheduler import job_summary, parse_job_id
 from farm.scheduler import schedule_job as schedule
 from storage.db import session_scope
+from storage.models import Job
 from storage.transitions import mark_shards_queued
 from tasks.resources import worker_resources
 
@@ -33,6 +36,24 @@ def finalize_job(self, job_id: str) -> dict:
     job = parse_job_id(job_id)
     with session_scope(res.session_factory) as session:
         rollup, status = finalize(session, job)
+        bulk = session.scalar(select(Job.bulk_id).where(Job.id == job)) is not None
         if rollup.all_terminal:
             write_job_outputs(session, res.store, job, job_summary(session, job))
-    return {"job_id": job_id, "status": status.value, "all_terminal": rollup.all_terminal}
+    fed = feed(self.app, res.session_factory, res.settings.bulk.window_per_queue) if bulk else 0
+    return {"job_id": job_id, "status": status.value, "all_terminal": rollup.all_terminal, "fed": fed}
+
+
+@shared_task(bind=True, name="farm.feed_bulk")
+def feed_bulk(self) -> dict:
+    """Top the bulk windows up (``farm beat`` sends this every ``bulk.feed_interval_s``)."""
+    res = worker_resources(self.app)
+    return {"fed": feed(self.app, res.session_factory, res.settings.bulk.window_per_queue)}
+
+
+@shared_task(bind=True, name="farm.start_bulk")
+def start_bulk(self, name: str) -> dict:
+    """Start (or resume) the nightly bulk render ``name`` from ``bulk.schedules``."""
+    from farm.beat import start_scheduled_bulk
+
+    res = worker_resources(self.app)
+    return start_scheduled_bulk(self.app, res, name)

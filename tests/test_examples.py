@@ -26,3 +26,14 @@ def test_there_are_examples() -> None:
         "face_identity.yaml",
         "instantid.yaml",
     }
+
+
+def test_bulk_example_rows_make_valid_jobs() -> None:
+    from farm.bulk import group_spec
+    from farm.bulk_manifest import read_manifest
+
+    base = read_spec_file(ROOT / "examples" / "bulk_base.yaml")
+    rows = read_manifest((ROOT / "examples" / "bulk_rows.jsonl").read_bytes(), "bulk_rows.jsonl")
+    assert len(rows) == 4 and len({r.group for r in rows}) == 2
+    for row in rows:
+        assert parse_spec(group_spec(base, row)).family == "sd15"

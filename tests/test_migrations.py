@@ -12,10 +12,10 @@ from sqlalchemy import func, inspect, select
 
 from storage import migrate
 from storage.db import make_engine, make_session_factory, session_scope
-from storage.models import Artifact, Job, JobWorker, Shard, Worker, metadata
+from storage.models import Artifact, BulkJob, Job, JobWorker, Shard, Worker, metadata
 
-TABLES = {"job", "shard", "artifact", "worker", "job_worker"}
-HEAD = "0002"
+TABLES = {"job", "shard", "artifact", "worker", "job_worker", "bulk_job"}
+HEAD = "0003"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
@@ -47,6 +47,7 @@ def _insert_one_of_each(url: str) -> None:
         )
         session.add(Worker(name=f"w-{uuid.uuid4().hex[:6]}", hostname="h", device="cpu"))
         session.add(JobWorker(job_id=job.id, worker="w"))
+        session.add(BulkJob(name=f"bulk-{uuid.uuid4().hex[:6]}", base_spec={}))
     engine.dispose()
 
 
@@ -55,7 +56,7 @@ def _counts(url: str) -> dict[str, int]:
     with engine.connect() as conn:
         counts = {
             m.__tablename__: conn.scalar(select(func.count()).select_from(m))
-            for m in (Job, Shard, Artifact, Worker, JobWorker)
+            for m in (Job, Shard, Artifact, Worker, JobWorker, BulkJob)
         }
     engine.dispose()
     return counts
@@ -166,7 +167,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "9999"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

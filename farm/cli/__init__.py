@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import typer
 
-from farm.cli import config_cmd, db_cmd, flower_cmd, jobs_cmd, models_cmd, storage_cmd, worker_cmd, workers_cmd
+from farm.cli import (
+    bulk_cmd,
+    config_cmd,
+    db_cmd,
+    flower_cmd,
+    jobs_cmd,
+    models_cmd,
+    storage_cmd,
+    worker_cmd,
+    workers_cmd,
+)
 
 app = typer.Typer(
     name="farm",
@@ -48,6 +58,7 @@ jobs_cmd.register(app)
 worker_cmd.register(app)
 flower_cmd.register(app)
 workers_cmd.register(app)
+bulk_cmd.register(app)
 
 
 def main() -> None:

@@ -143,9 +143,16 @@ def cancel(job_id: str = typer.Argument(...)) -> None:
         print_job(client.cancel(job_id))
 
 
-def retry(job_id: str = typer.Argument(...)) -> None:
-    """Re-queue a job's failed shards."""
+def retry(job_id: str = typer.Argument(..., help="A job id, or a bulk job's name.")) -> None:
+    """Re-queue a job's failed shards, or re-feed a bulk job's failed rows."""
+    import uuid
+
     with _client() as client:
+        try:
+            uuid.UUID(job_id)
+        except ValueError:
+            console.print(f"re-fed {client.retry_bulk(job_id)} failed shard(s) of bulk job {job_id}")
+            return
         console.print(f"re-queued {client.retry_failed(job_id)} failed shard(s) of job {job_id}")
 
 

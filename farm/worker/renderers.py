@@ -119,9 +119,9 @@ def render_prompt_items(
     for position, item in selected:
         if item["key"] in run.done_keys:
             continue
-        request = RenderRequest(
-            prompt=spec.prompts[item["prompt_index"]],
-            negative_prompt=spec.negative_prompt,
+        request = RenderRequest(  # a bulk row's item carries its own prompt
+            prompt=item.get("prompt", spec.prompts[item["prompt_index"]]),
+            negative_prompt=item.get("negative_prompt", spec.negative_prompt),
             seed=int(item["seed"]),
             steps=spec.steps,
             guidance=spec.guidance,
@@ -136,6 +136,8 @@ def render_prompt_items(
         started = time.perf_counter()
         image = render_text_to_image(pipeline or run.pipeline, request, on_step, call_args)
         params = {**request.__dict__, **run.base_params(), **extra}
+        if "row_id" in item:
+            params["row_id"] = item["row_id"]
         png = encode_png(image, params)
         run.add_time("denoise_s", time.perf_counter() - started)
         run.record(

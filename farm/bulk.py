@@ -1,0 +1,238 @@
+"""Bulk dataset renders: manifest rows become shards of normal jobs, inserted in bulk and fed to
+the queues a window at a time (:mod:`farm.feeder`).
+
+:func:`submit_bulk` groups rows by their overrides (one job per group: same model family, model
+and settings, so workers keep their models warm), writes the jobs and their shards (PENDING) with
+bulk inserts, and returns without publishing anything. Submitting the same name again (the next
+night, or after a crash) adds only rows whose ids it does not have: rows already rendered are
+never rendered again, rows in flight carry on. Each row's output key is
+``{output_prefix}/{bulk name}/{row id}.{ext}``: stable across runs, and the dataset export
+(:func:`export_rows`) lists it with the row's parameters, seed, model hash and sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from farm.bulk_manifest import ManifestRow
+from farm.errors import NotFound, UserError
+from farm.scheduler import job_row
+from farm.sharding import ITEMS_BY_KIND, queue_for
+from farm.specs import JobSpec, parse_spec
+from storage.models import Artifact, BulkJob, Job, Shard, utcnow
+from storage.objects.keys import join_key, validate_part, validate_prefix
+from storage.status import JobStatus, ShardStatus
+
+BULK_KINDS = ("text_to_image", "face_identity")  # image kinds: one output per row
+
+
+def group_spec(base: dict[str, Any], row: ManifestRow) -> dict[str, Any]:
+    """The job spec of a row's group: the base with the row's overrides; prompts and seeds come
+    from each row's item, the ones here only satisfy the spec's shape."""
+    spec = {**base, **row.overrides}
+    spec.pop("idempotency_key", None)
+    for name in ("seeds", "base_seed", "count"):
+        spec.pop(name, None)
+    spec["seeds"] = [row.seed]
+    if row.prompt is not None:
+        spec["prompts"] = [row.prompt]
+    return spec
+
+
+def _check_base(base: dict[str, Any]) -> JobSpec:
+    kind = base.get("kind", "text_to_image")
+    if kind not in BULK_KINDS:
+        raise UserError(f"bulk renders take {' or '.join(BULK_KINDS)} base specs, not {kind}")
+    return parse_spec(base)
+
+
+def _base_hash(base: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(base, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def existing_row_ids(session: Session, bulk_id: uuid.UUID) -> set[str]:
+    ids: set[str] = set()
+    for params in session.scalars(select(Shard.params).join(Job, Job.id == Shard.job_id).where(Job.bulk_id == bulk_id)):
+        ids.update(item["row_id"] for item in params.get("items", ()))
+    return ids
+
+
+def submit_bulk(
+    session: Session,
+    name: str,
+    base: dict[str, Any],
+    rows: list[ManifestRow],
+    *,
+    manifest_key: str | None = None,
+    feed_until: datetime | None = None,
+) -> dict[str, Any]:
+    """Create the bulk job ``name`` (or extend it with the rows it lacks). Returns counts."""
+    name = validate_part(name, "name")
+    base_spec = _check_base(base)
+    bulk = session.scalar(select(BulkJob).where(BulkJob.name == name).with_for_update())
+    if bulk is None:
+        bulk = BulkJob(name=name, base_spec=base, manifest_keys=[], rows_total=0)
+        session.add(bulk)
+        session.flush()
+    elif _base_hash(bulk.base_spec) != _base_hash(base):
+        raise UserError(f"bulk job {name!r} exists with a different base spec; use a new name")
+    known = existing_row_ids(session, bulk.id)
+    new_rows = [r for r in rows if r.row_id not in known]
+    groups: dict[str, list[ManifestRow]] = {}
+    for row in new_rows:
+        groups.setdefault(row.group, []).append(row)
+    jobs = shards = 0
+    for members in groups.values():
+        created = _insert_group(session, bulk, base, base_spec, members)
+        jobs += 1
+        shards += created
+    bulk.rows_total = len(known) + len(new_rows)
+    if manifest_key:
+        bulk.manifest_keys = [*bulk.manifest_keys, manifest_key]
+    bulk.feed_until = feed_until
+    bulk.updated_at = utcnow()
+    return {
+        "bulk_id": str(bulk.id),
+        "name": name,
+        "rows": len(rows),
+        "new_rows": len(new_rows),
+        "known_rows": len(rows) - len(new_rows),
+        "jobs": jobs,
+        "shards": shards,
+    }
+
+
+def _insert_group(
+    session: Session, bulk: BulkJob, base: dict[str, Any], base_spec: JobSpec, rows: list[ManifestRow]
+) -> int:
+    first = rows[0]
+    try:
+        spec = parse_spec(group_spec(base, first))
+    except UserError as exc:
+        raise UserError(f"row {first.row_id} (line {first.line}): {exc}") from None
+    if spec.kind != base_spec.kind:
+        raise UserError(f"row {first.row_id} (line {first.line}): kind cannot be overridden")
+    ext = ITEMS_BY_KIND[spec.kind].ext
+    prefix = validate_prefix(spec.output_prefix, "output_prefix")
+    job = job_row(spec, status=JobStatus.RUNNING, bulk_id=bulk.id, started_at=utcnow(), items_total=len(rows))
+    session.add(job)
+    session.flush()
+    queue = queue_for(spec.family)
+    values = []
+    for index, chunk in enumerate(_chunks(rows, spec.shard_size)):
+        items = []
+        for row in chunk:
+            key = join_key(prefix, bulk.name, validate_part(f"{row.row_id}.{ext}", "id"))
+            item = {"index": row.line, "prompt_index": 0, "seed": row.seed, "key": key, "row_id": row.row_id}
+            item["prompt"] = row.prompt if row.prompt is not None else spec.prompts[0]
+            if row.negative_prompt is not None:
+                item["negative_prompt"] = row.negative_prompt
+            items.append(item)
+        values.append(
+            {
+                "id": uuid.uuid4(),
+                "job_id": job.id,
+                "index": index,
+                "queue": queue,
+                "status": ShardStatus.PENDING,
+                "params": {"items": items},
+                "items_total": len(items),
+            }
+        )
+    session.execute(insert(Shard), values)
+    job.shards_total = len(values)
+    return len(values)
+
+
+def _chunks(rows: list[ManifestRow], size: int) -> Iterator[list[ManifestRow]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def get_bulk(session: Session, name: str) -> BulkJob:
+    bulk = session.scalar(select(BulkJob).where(BulkJob.name == name))
+    if bulk is None:
+        raise NotFound(f"no bulk job {name!r}")
+    return bulk
+
+
+def bulk_status(session: Session, name: str) -> dict[str, Any]:
+    """Rows done / failed / remaining per model family (and in all)."""
+    bulk = get_bulk(session, name)
+    rows = session.execute(
+        select(Job.family, Shard.status, func.sum(Shard.items_total), func.sum(Shard.items_done))
+        .join(Job, Job.id == Shard.job_id)
+        .where(Job.bulk_id == bulk.id)
+        .group_by(Job.family, Shard.status)
+    ).all()
+    families: dict[str, dict[str, int]] = {}
+    for family, status, total, done in rows:
+        entry = families.setdefault(family, {"rows": 0, "done": 0, "failed": 0, "remaining": 0})
+        total, done = int(total or 0), int(done or 0)
+        entry["rows"] += total
+        entry["done"] += done
+        if ShardStatus(status) in (ShardStatus.FAILED, ShardStatus.CANCELLED):
+            entry["failed"] += total - done
+        else:
+            entry["remaining"] += total - done
+    overall = {k: sum(f[k] for f in families.values()) for k in ("rows", "done", "failed", "remaining")}
+    return {
+        "name": bulk.name,
+        "feed_until": bulk.feed_until.isoformat() if bulk.feed_until else None,
+        "manifests": list(bulk.manifest_keys),
+        "families": families,
+        **overall,
+    }
+
+
+def retry_failed_rows(session: Session, name: str) -> int:
+    """Failed shards of the bulk job back to PENDING (the feeder feeds them); returns how many."""
+    from storage.transitions import set_job_status, set_shard_status
+
+    bulk = get_bulk(session, name)
+    failed = session.execute(
+        select(Shard.id, Shard.job_id)
+        .join(Job, Job.id == Shard.job_id)
+        .where(Job.bulk_id == bulk.id, Shard.status == ShardStatus.FAILED)
+    ).all()
+    for row in failed:
+        set_shard_status(session, row.id, ShardStatus.PENDING, expected=ShardStatus.FAILED, error=None)
+    for job_id in {row.job_id for row in failed}:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        if status in (JobStatus.PARTIAL, JobStatus.FAILED):
+            set_job_status(session, job_id, JobStatus.RUNNING, finished_at=None, error=None)
+    return len(failed)
+
+
+def set_feed_until(session: Session, name: str, until: datetime | None) -> None:
+    session.execute(update(BulkJob).where(BulkJob.name == name).values(feed_until=until, updated_at=utcnow()))
+
+
+def export_rows(session: Session, name: str) -> Iterator[dict[str, Any]]:
+    """The dataset: one record per rendered row (row id, params, seed, model hash, key, sha256)."""
+    bulk = get_bulk(session, name)
+    query = (
+        select(Artifact)
+        .join(Job, Job.id == Artifact.job_id)
+        .where(Job.bulk_id == bulk.id)
+        .order_by(Artifact.key)
+        .execution_options(yield_per=1000)
+    )
+    for a in session.scalars(query):
+        params = dict(a.params or {})
+        yield {
+            "row_id": params.get("row_id"),
+            "params": params,
+            "seed": a.seed,
+            "model_hash": a.model_hash,
+            "key": a.key,
+            "sha256": a.sha256,
+        }

@@ -1,0 +1,281 @@
+"""Bulk renders without workers: manifest reading, grouping and expansion into jobs and shards,
+resubmission adding only new rows, windowed feeding, the nightly beat entry with an injected
+clock. Real SQLite and Postgres."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from farm import bulk as b
+from farm.beat import DailyAt, beat_schedule, next_at
+from farm.bulk_manifest import ManifestError, derived_seed, read_manifest
+from farm.errors import UserError
+from farm.feeder import feed_bulk, in_flight
+from farm.settings import FarmSettings
+from storage.models import Job, Shard
+from storage.status import ShardStatus
+from storage.transitions import claim_shard, finish_shard, mark_shards_queued
+
+BASE = {
+    "model": "/models/sd15",
+    "family": "sd15",
+    "prompts": ["a default prompt"],
+    "seeds": [1],
+    "steps": 2,
+    "width": 64,
+    "height": 64,
+    "shard_size": 4,
+    "output_prefix": "datasets",
+}
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return "\n".join(json.dumps(r) for r in rows).encode()
+
+
+# -- manifests -------------------------------------------------------------------------------------
+def test_jsonl_rows_defaults_and_overrides() -> None:
+    rows = read_manifest(
+        jsonl([{"id": "a", "prompt": "p", "seed": 3}, {"prompt": "q", "steps": 9}, {"overrides": {"family": "sdxl"}}]),
+        "m.jsonl",
+    )
+    assert [r.row_id for r in rows] == ["a", "row-000002", "row-000003"]
+    assert rows[0].seed == 3 and rows[1].seed == derived_seed("row-000002")  # stable, from the id
+    assert rows[1].overrides == {"steps": 9} and rows[2].overrides == {"family": "sdxl"}
+    assert rows[0].group != rows[1].group
+
+
+def test_csv_cells_are_json_when_they_parse() -> None:
+    data = b'id,prompt,seed,steps,family\nx1,a cat,7,12,sdxl\nx2,"a dog, running",8,,\n'
+    rows = read_manifest(data, "m.csv")
+    assert [(r.row_id, r.prompt, r.seed, r.overrides) for r in rows] == [
+        ("x1", "a cat", 7, {"steps": 12, "family": "sdxl"}),
+        ("x2", "a dog, running", 8, {}),
+    ]
+
+
+def test_every_bad_row_is_named() -> None:
+    data = jsonl([{"id": "../x"}, {"id": "ok", "seed": -1}, {"id": "ok2", "prompt": " "}, {"id": "d"}, {"id": "d"}])
+    with pytest.raises(ManifestError) as info:
+        read_manifest(data + b"\n", "m.jsonl")
+    text = str(info.value)
+    assert "line 1" in text and "line 2 (id ok): seed" in text and "line 5: id d repeats line 4" in text
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(ManifestError, match="line 1: not JSON"):
+        read_manifest(b"{nope", "m.jsonl")
+
+
+# -- submit, resubmit, status ---------------------------------------------------------------------
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """A database of this test's own: feeding counts every bulk shard in it."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    from storage.migrate import upgrade
+
+    url = request.getfixturevalue("empty_pg_url")
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def session(session_factory):
+    with session_factory() as s:
+        yield s
+
+
+def _name() -> str:
+    return f"bulk-{uuid.uuid4().hex[:8]}"
+
+
+def test_rows_become_jobs_by_group_with_stable_keys(session) -> None:
+    name = _name()
+    rows = read_manifest(
+        jsonl([{"id": f"r{i}", "prompt": f"p{i}"} for i in range(10)] + [{"id": "x", "family": "sdxl"}]), "m.jsonl"
+    )
+    result = b.submit_bulk(session, name, BASE, rows)
+    session.commit()
+    assert (result["new_rows"], result["jobs"], result["shards"]) == (11, 2, 3 + 1)
+    jobs = session.scalars(select(Job).where(Job.bulk_id == uuid.UUID(result["bulk_id"]))).all()
+    assert sorted(j.family for j in jobs) == ["sd15", "sdxl"] and all(j.status == "running" for j in jobs)
+    items = [
+        i
+        for s in session.scalars(select(Shard.params).where(Shard.job_id.in_([j.id for j in jobs])))
+        for i in s["items"]
+    ]
+    by_row = {i["row_id"]: i for i in items}
+    assert by_row["r3"]["key"] == f"datasets/{name}/r3.png" and by_row["r3"]["prompt"] == "p3"
+    assert by_row["x"]["prompt"] == "a default prompt"  # the base's, when the row has none
+    assert (
+        session.scalar(
+            select(func.count())
+            .select_from(Shard)
+            .where(Shard.status == ShardStatus.PENDING)
+            .where(Shard.job_id.in_([j.id for j in jobs]))
+        )
+        == 4
+    )
+
+
+def test_resubmitting_adds_only_new_rows(session) -> None:
+    name = _name()
+    first = [{"id": f"r{i}"} for i in range(6)]
+    b.submit_bulk(session, name, BASE, read_manifest(jsonl(first), "m.jsonl"))
+    again = b.submit_bulk(session, name, BASE, read_manifest(jsonl([*first, {"id": "r6"}, {"id": "r7"}]), "m.jsonl"))
+    session.commit()
+    assert (again["new_rows"], again["known_rows"], again["shards"]) == (2, 6, 1)
+    assert b.bulk_status(session, name)["rows"] == 8
+    with pytest.raises(UserError, match="different base spec"):
+        b.submit_bulk(session, name, {**BASE, "steps": 3}, read_manifest(jsonl(first), "m.jsonl"))
+    with pytest.raises(UserError, match="bulk renders take"):
+        b.submit_bulk(session, _name(), {**BASE, "kind": "temporal_video"}, read_manifest(jsonl(first), "m.jsonl"))
+
+
+def test_a_row_whose_overrides_break_the_spec_is_named(session) -> None:
+    with pytest.raises(UserError, match=r"row bad \(line 2\).*steps"):
+        b.submit_bulk(session, _name(), BASE, read_manifest(jsonl([{"id": "ok"}, {"id": "bad", "steps": 0}]), "m"))
+
+
+# -- feeding ----------------------------------------------------------------------------------------
+def _bulk_shards(session, name: str) -> list[Shard]:
+    bulk = b.get_bulk(session, name)
+    return session.scalars(select(Shard).join(Job).where(Job.bulk_id == bulk.id).order_by(Shard.index)).all()
+
+
+def test_feeding_keeps_each_queue_within_the_window(session) -> None:
+    name = _name()
+    b.submit_bulk(
+        session, name, {**BASE, "shard_size": 1}, read_manifest(jsonl([{"id": f"r{i}"} for i in range(12)]), "m")
+    )
+    session.commit()
+    window = 5
+    sent = feed_bulk(session, window)
+    mark_shards_queued(session, [d.shard_id for d in sent])
+    session.commit()
+    assert len(sent) == 5 and in_flight(session)["farm.gpu.sd15"] == window
+    assert feed_bulk(session, window) == []  # full
+    lease = claim_shard(session, sent[0].shard_id, "w", 60)
+    finish_shard(session, lease, ShardStatus.SUCCEEDED)
+    session.commit()
+    (refill,) = feed_bulk(session, window)  # one ended, one more goes
+    assert refill.shard_id not in {d.shard_id for d in sent}
+
+
+def test_feeding_stops_at_feed_until(session) -> None:
+    name = _name()
+    now = datetime.now(UTC)
+    b.submit_bulk(session, name, BASE, read_manifest(jsonl([{"id": "r"}]), "m"), feed_until=now + timedelta(hours=1))
+    session.commit()
+    mine = {s.id for s in _bulk_shards(session, name)}
+    assert mine & {d.shard_id for d in feed_bulk(session, 10_000, now)}
+    assert not mine & {d.shard_id for d in feed_bulk(session, 10_000, now + timedelta(hours=2))}
+
+
+def test_retry_feeds_failed_rows_again(session) -> None:
+    name = _name()
+    b.submit_bulk(session, name, BASE, read_manifest(jsonl([{"id": "r"}]), "m"))
+    session.commit()
+    (shard,) = _bulk_shards(session, name)
+    lease = claim_shard(session, shard.id, "w", 60)
+    finish_shard(session, lease, ShardStatus.FAILED, error="boom")
+    session.commit()
+    assert b.bulk_status(session, name)["failed"] == 1
+    assert b.retry_failed_rows(session, name) == 1
+    session.commit()
+    status = b.bulk_status(session, name)
+    assert (status["failed"], status["remaining"]) == (0, 1)
+    session.expire_all()
+    assert session.get(Shard, shard.id).status == ShardStatus.PENDING
+
+
+# -- the nightly entry ----------------------------------------------------------------------------
+def test_daily_at_fires_at_the_local_time_with_an_injected_clock() -> None:
+    clock = {"now": datetime(2026, 11, 25, 0, 58, tzinfo=UTC)}  # 01:58 in Berlin (UTC+1)
+    schedule = DailyAt("02:00", "Europe/Berlin", nowfun=lambda: clock["now"])
+    last_run = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+    due, wait = schedule.is_due(last_run)
+    assert not due and wait == pytest.approx(120)
+    clock["now"] = datetime(2026, 11, 25, 1, 0, 5, tzinfo=UTC)  # 02:00:05 local
+    due, wait = schedule.is_due(last_run)
+    assert due and wait == pytest.approx(24 * 3600 - 5)
+    assert next_at(clock["now"], "06:00", "Europe/Berlin") == datetime(2026, 11, 25, 5, 0, tzinfo=UTC)
+
+
+def test_beat_fires_the_nightly_entry(monkeypatch) -> None:
+    """A real celery beat Scheduler ticks over our entries with the clock moved past 02:00."""
+    from celery.beat import Scheduler
+
+    from farm.celery_app import create_app
+
+    settings = FarmSettings(
+        _env_file=None,
+        bulk={"schedules": [{"name": "nightly", "base": "b.yaml", "manifest": "m.jsonl", "at": "02:00",
+                             "timezone": "Europe/Berlin", "window_end": "06:00"}]},
+    )  # fmt: skip
+    clock = {"now": datetime(2026, 11, 25, 0, 50, tzinfo=UTC)}
+    app = create_app(settings)
+    app.conf.beat_schedule = beat_schedule(settings, nowfun=lambda: clock["now"])
+    sent: list[tuple[str, list]] = []
+    monkeypatch.setattr(Scheduler, "apply_async", lambda self, entry, *a, **k: sent.append((entry.task, entry.args)))
+    scheduler = Scheduler(app, lazy=True)
+    scheduler.setup_schedule()
+    for entry in scheduler.schedule.values():
+        entry.last_run_at = clock["now"] - timedelta(minutes=1)
+    scheduler.tick()
+    assert ("farm.start_bulk", ["nightly"]) not in sent
+    clock["now"] = datetime(2026, 11, 25, 1, 0, 30, tzinfo=UTC)
+    scheduler.tick()
+    assert ("farm.start_bulk", ["nightly"]) in sent
+    app.close()
+
+
+def test_the_nightly_task_submits_and_feeds_until_the_window_end(tmp_path) -> None:
+    """What ``farm.start_bulk`` does when the entry fires: the night's rows, feeding until 06:00."""
+    from types import SimpleNamespace
+
+    from farm.beat import start_scheduled_bulk
+    from storage.migrate import upgrade
+
+    (tmp_path / "base.json").write_text(json.dumps(BASE))
+    (tmp_path / "rows.jsonl").write_bytes(jsonl([{"id": f"r{i}"} for i in range(6)]))
+    entry = {"name": "nightly", "base": str(tmp_path / "base.json"), "manifest": str(tmp_path / "rows.jsonl"),
+             "at": "02:00", "timezone": "Europe/Berlin", "window_end": "06:00"}  # fmt: skip
+    settings = FarmSettings(
+        _env_file=None, data_dir=tmp_path / "data", bulk={"schedules": [entry], "window_per_queue": 1}
+    )
+    upgrade(settings.database_url)
+    night = datetime(2026, 11, 25, 1, 0, tzinfo=UTC)  # 02:00 in Berlin
+    result = start_scheduled_bulk(None, SimpleNamespace(settings=settings), "nightly", now=night)
+    assert (result["new_rows"], result["fed"]) == (6, 1)  # shard_size 4: 2 shards, a window of 1
+    assert result["feed_until"] == "2026-11-25T05:00:00+00:00"
+    again = start_scheduled_bulk(None, SimpleNamespace(settings=settings), "nightly", now=night + timedelta(days=1))
+    assert (again["new_rows"], again["known_rows"], again["fed"]) == (0, 6, 0)  # the window is still full
+
+
+def test_a_manifest_in_the_bucket(tmp_path) -> None:
+    """``store:<key>``: the manifest is read from the object store; a local one is kept there."""
+    from farm.client import FarmClient
+    from storage.migrate import upgrade
+
+    settings = FarmSettings(_env_file=None, data_dir=tmp_path / "data")
+    upgrade(settings.database_url)
+    (tmp_path / "base.json").write_text(json.dumps(BASE))
+    with FarmClient(settings) as client:
+        client.store.put_bytes("manifests/night.jsonl", jsonl([{"id": "a"}, {"id": "b"}]))
+        result = client.submit_bulk("from-bucket", tmp_path / "base.json", "store:manifests/night.jsonl")
+        assert (result["new_rows"], result["fed"]) == (2, 1)
+        (tmp_path / "more.jsonl").write_bytes(jsonl([{"id": "a"}, {"id": "c"}]))
+        more = client.submit_bulk("from-bucket", tmp_path / "base.json", tmp_path / "more.jsonl")
+        assert (more["new_rows"], more["known_rows"]) == (1, 1)
+        status = client.bulk_status("from-bucket")
+        assert status["rows"] == 3 and status["manifests"][0] == "manifests/night.jsonl"
+        kept = status["manifests"][1]
+        assert (
+            kept.startswith("inputs/bulk/from-bucket/")
+            and client.store.get_bytes(kept) == (tmp_path / "more.jsonl").read_bytes()
+        )
