@@ -130,3 +130,24 @@ def test_models_tiny_is_deterministic_and_careful(tmp_path: Path) -> None:
     assert again.returncode == 2 and "not empty" in again.stdout
     bad = farm("models", "tiny", "sd3", str(tmp_path / "c"), cwd=tmp_path)
     assert bad.returncode == 2 and "sd3" in bad.stderr
+
+
+def test_beat_sends_the_bulk_top_up_and_keeps_no_pickled_schedule(tmp_path: Path) -> None:
+    """`farm beat` with the in-memory scheduler: the window top-up goes out every interval."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    env |= {"FARM_BULK__FEED_INTERVAL_S": "0.5", "FARM_BULK__SCHEDULES": "[]"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farm", "beat"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=6)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert "Sending due task farm-feed-bulk (farm.feed_bulk)" in out, out[-3000:]
+    assert not list(tmp_path.glob("celerybeat-schedule*"))  # no shelve file: nothing pickled
