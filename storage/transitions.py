@@ -180,6 +180,7 @@ def claim_shard(
                 Shard.fencing_token,
                 Shard.attempts,
                 Shard.errors,
+                Shard.job_id,
             ).where(Shard.id == shard_id)
         ).one_or_none()
         if row is None:
@@ -223,8 +224,7 @@ def _try_claim(
     )
     if result.rowcount != 1:
         return None
-    job_id = session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
-    return ShardLease(shard_id, job_id, owner, row.attempts + 1, row.fencing_token + 1, expires)
+    return ShardLease(shard_id, row.job_id, owner, row.attempts + 1, row.fencing_token + 1, expires)
 
 
 def _leased_update(session: Session, lease: ShardLease, values: dict[str, Any], what: str) -> None:
@@ -282,11 +282,16 @@ def expire_leases(session: Session, owners: list[str], now: datetime | None = No
     return result.rowcount
 
 
-def _failure_values(session: Session, lease: ShardLease, error: str) -> dict[str, Any]:
-    """The error kept on the shard, its error history, and the workers it has failed on."""
-    row = session.execute(select(Shard.errors, Shard.failed_workers).where(Shard.id == lease.shard_id)).one()
-    errors = [*(row.errors or []), f"attempt {lease.attempt} by {lease.owner}: {error}"][-MAX_KEPT_ERRORS:]
-    workers = list(row.failed_workers or [])
+def _failure_history(session: Session, lease: ShardLease) -> Any:
+    """The shard's kept errors and the workers it has failed on, as they stand."""
+    return session.execute(select(Shard.errors, Shard.failed_workers).where(Shard.id == lease.shard_id)).one()
+
+
+def _failure_values(history: Any, lease: ShardLease, error: str) -> dict[str, Any]:
+    """The error kept on the shard, its error history, and the workers it has failed on, with
+    this attempt's failure added to ``history``."""
+    errors = [*(history.errors or []), f"attempt {lease.attempt} by {lease.owner}: {error}"][-MAX_KEPT_ERRORS:]
+    workers = list(history.failed_workers or [])
     if lease.owner not in workers:
         workers.append(lease.owner)
     return {"error": error, "errors": errors, "failed_workers": workers}
@@ -303,6 +308,20 @@ def finish_shard(
     now: datetime | None = None,
 ) -> None:
     """End the attempt with a terminal status. Raises :class:`LeaseLost` when fenced out."""
+    failure = _failure_values(_failure_history(session, lease), lease, error) if error else None
+    _finish(session, lease, to, error, failure, timings, items_done, now)
+
+
+def _finish(
+    session: Session,
+    lease: ShardLease,
+    to: ShardStatus,
+    error: str | None,
+    failure: dict[str, Any] | None,
+    timings: dict[str, Any] | None = None,
+    items_done: int | None = None,
+    now: datetime | None = None,
+) -> None:
     to = ShardStatus(to)
     if to not in SHARD_TERMINAL:
         raise InvalidTransition(f"finish_shard needs a terminal status, not {to.value}")
@@ -316,8 +335,7 @@ def finish_shard(
     }
     if to == S.SUCCEEDED:
         values["progress"] = 1.0
-    if error:
-        failure = _failure_values(session, lease, error)
+    if failure is not None:
         values["errors"] = failure["errors"]
         if to == S.FAILED:
             values["failed_workers"] = failure["failed_workers"]
@@ -330,15 +348,12 @@ def finish_shard(
 
 def release_shard_for_retry(session: Session, lease: ShardLease, error: str) -> None:
     """A retryable failure: back to QUEUED with the error kept, for this or another worker."""
-    values = {
-        "status": S.QUEUED,
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "progress": 0.0,
-        "items_done": 0,
-        **_failure_values(session, lease, error),
-    }
-    _leased_update(session, lease, values, "release for retry")
+    _release(session, lease, _failure_values(_failure_history(session, lease), lease, error))
+
+
+def _release(session: Session, lease: ShardLease, failure: dict[str, Any]) -> None:
+    values = {"status": S.QUEUED, "lease_owner": None, "lease_expires_at": None, "progress": 0.0, "items_done": 0}
+    _leased_update(session, lease, {**values, **failure}, "release for retry")
 
 
 def record_failure(
@@ -354,13 +369,16 @@ def record_failure(
     """End a failed attempt: QUEUED again when the failure is retryable, attempts are left and
     the shard has failed on fewer than ``max_workers`` different workers; FAILED for good
     otherwise. Every error is kept. Returns the new status."""
-    workers = _failure_values(session, lease, error)["failed_workers"]
+    history = _failure_history(session, lease)
+    failure = _failure_values(history, lease, error)
+    workers = failure["failed_workers"]
     if retryable and lease.attempt < max_attempts and len(workers) < max_workers:
-        release_shard_for_retry(session, lease, error)
+        _release(session, lease, failure)
         return S.QUEUED
     if retryable and len(workers) >= max_workers and lease.attempt < max_attempts:
         error = f"{error} (failed on {len(workers)} different workers: {', '.join(workers)})"
-    finish_shard(session, lease, S.FAILED, error=error, timings=timings)
+        failure = _failure_values(history, lease, error)  # the kept error says why, too
+    _finish(session, lease, S.FAILED, error, failure, timings)
     return S.FAILED
 
 
