@@ -19,12 +19,12 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from farm.bulk_manifest import ManifestRow
 from farm.errors import NotFound, UserError
-from farm.scheduler import job_row
+from farm.scheduler import job_row, requeue_failed
 from farm.sharding import ITEMS_BY_KIND, queue_for
 from farm.specs import JobSpec, parse_spec
 from storage.models import Artifact, BulkJob, Job, Shard, utcnow
@@ -195,25 +195,14 @@ def bulk_status(session: Session, name: str) -> dict[str, Any]:
 
 def retry_failed_rows(session: Session, name: str) -> int:
     """Failed shards of the bulk job back to PENDING (the feeder feeds them); returns how many."""
-    from storage.transitions import set_job_status, set_shard_status
-
     bulk = get_bulk(session, name)
-    failed = session.execute(
-        select(Shard.id, Shard.job_id)
-        .join(Job, Job.id == Shard.job_id)
+    jobs = session.scalars(
+        select(Job.id)
+        .join(Shard, Shard.job_id == Job.id)
         .where(Job.bulk_id == bulk.id, Shard.status == ShardStatus.FAILED)
+        .distinct()
     ).all()
-    for row in failed:
-        set_shard_status(session, row.id, ShardStatus.PENDING, expected=ShardStatus.FAILED, error=None)
-    for job_id in {row.job_id for row in failed}:
-        status = session.scalar(select(Job.status).where(Job.id == job_id))
-        if status in (JobStatus.PARTIAL, JobStatus.FAILED):
-            set_job_status(session, job_id, JobStatus.RUNNING, finished_at=None, error=None)
-    return len(failed)
-
-
-def set_feed_until(session: Session, name: str, until: datetime | None) -> None:
-    session.execute(update(BulkJob).where(BulkJob.name == name).values(feed_until=until, updated_at=utcnow()))
+    return sum(requeue_failed(session, job_id)[0] for job_id in jobs)
 
 
 def export_rows(session: Session, name: str) -> Iterator[dict[str, Any]]:
