@@ -22,7 +22,7 @@ from farm.scheduler import job_summary, parse_job_id, requeue_failed, submit_job
 from farm.settings import FarmSettings, load_settings
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Job
-from storage.objects.keys import join_key, validate_part
+from storage.objects.keys import contact_sheet_key, join_key, manifest_key, validate_part
 from storage.registry import list_workers
 from storage.status import JOB_TERMINAL, JobStatus
 from storage.transitions import cancel_unstarted_shards, set_job_status
@@ -225,9 +225,8 @@ class FarmClient:
                 .order_by(Artifact.item_index)
             ).all()
         found = {}
-        for name in ("contact_sheet.png", "manifest.json"):
-            key = join_key(prefix, str(job), name)
-            found[name.split(".")[0]] = self.store.url(key) if self.store.exists(key) else None
+        for name, key in (("contact_sheet", contact_sheet_key(prefix, job)), ("manifest", manifest_key(prefix, job))):
+            found[name] = self.store.url(key) if self.store.exists(key) else None
         return {**found, "gif_previews": [self.store.url(key) for key in gifs]}
 
     # -- workers --------------------------------------------------------------------------------

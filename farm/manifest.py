@@ -12,7 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.models import Artifact, Job
-from storage.objects import ObjectStore, join_key, manifest_key
+from storage.objects import ObjectStore, manifest_key
+from storage.objects.keys import contact_sheet_key
 
 CONTACT_SHEET_MAX = 64  # thumbnails on one sheet
 THUMB = 128
@@ -74,7 +75,7 @@ def write_job_outputs(session: Session, store: ObjectStore, job_id: uuid.UUID, s
     ]
     sheet = contact_sheet(images)
     if sheet is not None:
-        key = join_key(prefix, str(job_id), "contact_sheet.png")
+        key = contact_sheet_key(prefix, job_id)
         store.put_bytes(key, sheet, content_type="image/png")
         manifest["contact_sheet"] = key
     data = json.dumps(manifest, indent=2, sort_keys=True).encode()

@@ -110,3 +110,8 @@ def artifact_key(prefix: str, job_id: object, shard_index: int, item: str | int,
 def manifest_key(prefix: str, job_id: object) -> str:
     """``{prefix}/{job_id}/manifest.json``."""
     return join_key(job_prefix(prefix, job_id), "manifest.json")
+
+
+def contact_sheet_key(prefix: str, job_id: object) -> str:
+    """``{prefix}/{job_id}/contact_sheet.png``."""
+    return join_key(job_prefix(prefix, job_id), "contact_sheet.png")
