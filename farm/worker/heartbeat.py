@@ -39,8 +39,6 @@ class WorkerHeartbeat:
         self.interval = max(0.2, min(settings.heartbeat_seconds, settings.lost_after_s / 3))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.beats = 0
-        self.lost_seen: list[str] = []
 
     def _device(self) -> dict[str, Any]:
         if not any(q.startswith(GPU_QUEUE_PREFIX) for q in self.queues):
@@ -71,8 +69,6 @@ class WorkerHeartbeat:
             self.register()  # the row was removed or marked stopped: register again
         if lost:
             log.warning("workers silent past %ss, marked lost: %s", self.res.settings.worker.lost_after_s, lost)
-            self.lost_seen.extend(lost)
-        self.beats += 1
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

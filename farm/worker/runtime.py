@@ -65,8 +65,6 @@ class WorkerResources:
     memo: JobMemo = field(default_factory=JobMemo)  # per-job derived data (reference embeddings)
     metrics: Any = None  # farm.worker.metrics.WorkerMetrics when worker.metrics_port is set
     current_shard: uuid.UUID | None = None
-    shards_run: int = 0
-    timings: list[dict[str, float]] = field(default_factory=list)
 
     @classmethod
     def create(cls, settings: FarmSettings, name: str | None = None) -> WorkerResources:
@@ -168,7 +166,6 @@ def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, d
 
     timings = delivery.timings
     timings["queue_wait_s"] = round(max(0.0, claimed_at - sent_at), 4) if sent_at else 0.0
-    res.shards_run += 1
     res.current_shard = shard_id
     started = time.perf_counter()
     interval = min(settings.heartbeat_seconds, max(settings.progress_interval_s, 0.05))
