@@ -106,10 +106,14 @@ class FarmClient:
         poll: float = 0.5,
         on_progress: ProgressCallback | None = None,
     ) -> dict[str, Any]:
-        """Block until the job is final; returns its summary. Raises ``TimeoutError``."""
+        """Block until the job is final; returns its summary. Raises ``TimeoutError``. A database
+        restart while waiting is waited out (within ``timeout``)."""
+        from farm.outages import ride_out
+
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            summary = self.get(job_id)
+            left = self.settings.worker.service_wait_s if deadline is None else max(0.0, deadline - time.monotonic())
+            summary = ride_out(lambda: self.get(job_id), what=f"job {job_id}", wait_s=left)
             if on_progress is not None:
                 on_progress(summary)
             if JobStatus(summary["status"]) in JOB_TERMINAL and _settled(summary):

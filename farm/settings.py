@@ -115,6 +115,12 @@ class WorkerSettings(_Section):
     fail_shards_retryable: bool = Field(
         default=False, description="Fault drills only: make the fail_shards faults retryable (a broken worker)."
     )
+    service_wait_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="How long a worker waits, with backoff, for a restarting database, broker or object store "
+        "before it gives a task back to the queue.",
+    )
     lost_after_s: float = Field(
         default=60.0, gt=0, description="A worker silent this long is shown as lost and its shard leases expire."
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import shared_task
 from sqlalchemy import select
 
@@ -13,19 +15,23 @@ from farm.scheduler import schedule_job as schedule
 from storage.db import session_scope
 from storage.models import Job
 from storage.transitions import mark_shards_queued
-from tasks.resources import worker_resources
+from tasks.resources import outlasting, worker_resources
 
 
 @shared_task(bind=True, name="farm.schedule_job")
 def schedule_job(self, job_id: str) -> dict:
     res = worker_resources(self.app)
     job = parse_job_id(job_id)
-    with session_scope(res.session_factory) as session:
-        dispatches = schedule(session, job)
-    sent = publish_shards(self.app, dispatches)
-    with session_scope(res.session_factory) as session:
-        mark_shards_queued(session, sent)
-    return {"job_id": job_id, "shards_sent": len(sent)}
+
+    def run() -> int:  # repeatable: a second run publishes the shards still pending
+        with session_scope(res.session_factory) as session:
+            dispatches = schedule(session, job)
+        sent = publish_shards(self.app, dispatches)
+        with session_scope(res.session_factory) as session:
+            mark_shards_queued(session, sent)
+        return len(sent)
+
+    return {"job_id": job_id, "shards_sent": outlasting(res, run, f"job {job_id}: schedule")}
 
 
 @shared_task(bind=True, name="farm.finalize_job")
@@ -34,12 +40,18 @@ def finalize_job(self, job_id: str) -> dict:
 
     res = worker_resources(self.app)
     job = parse_job_id(job_id)
-    with session_scope(res.session_factory) as session:
-        rollup, status = finalize(session, job)
-        bulk = session.scalar(select(Job.bulk_id).where(Job.id == job)) is not None
-        if rollup.all_terminal:
-            write_job_outputs(session, res.store, job, job_summary(session, job))
-    fed = feed(self.app, res.session_factory, res.settings.bulk.window_per_queue) if bulk else 0
+
+    def run() -> tuple[Any, Any, bool]:  # repeatable: the outputs are rewritten whole
+        with session_scope(res.session_factory) as session:
+            rollup, status = finalize(session, job)
+            bulk = session.scalar(select(Job.bulk_id).where(Job.id == job)) is not None
+            if rollup.all_terminal:
+                write_job_outputs(session, res.store, job, job_summary(session, job))
+        return rollup, status, bulk
+
+    rollup, status, bulk = outlasting(res, run, f"job {job_id}: finalize")
+    window = res.settings.bulk.window_per_queue
+    fed = outlasting(res, lambda: feed(self.app, res.session_factory, window), "bulk feed") if bulk else 0
     return {"job_id": job_id, "status": status.value, "all_terminal": rollup.all_terminal, "fed": fed}
 
 
@@ -47,7 +59,8 @@ def finalize_job(self, job_id: str) -> dict:
 def feed_bulk(self) -> dict:
     """Top the bulk windows up (``farm beat`` sends this every ``bulk.feed_interval_s``)."""
     res = worker_resources(self.app)
-    return {"fed": feed(self.app, res.session_factory, res.settings.bulk.window_per_queue)}
+    window = res.settings.bulk.window_per_queue
+    return {"fed": outlasting(res, lambda: feed(self.app, res.session_factory, window), "bulk feed")}
 
 
 @shared_task(bind=True, name="farm.start_bulk")

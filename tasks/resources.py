@@ -1,10 +1,14 @@
 """The resources a worker process owns, attached to its Celery app and built on first use
-(after any fork, so CUDA is initialised in the process that renders)."""
+(after any fork, so CUDA is initialised in the process that renders), and how a task waits out a
+service outage."""
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _lock = threading.Lock()
 
@@ -18,3 +22,16 @@ def worker_resources(app: Any):
             res = WorkerResources.create(app.farm_settings)
             app.farm_resources = res
         return res
+
+
+def outlasting(res: Any, step: Callable[[], T], what: str) -> T:
+    """``step()`` waited through service outages (``worker.service_wait_s``); past that the
+    message goes back to its queue instead of being acknowledged as failed, so nothing is lost."""
+    from celery.exceptions import Reject
+
+    from farm.outages import ServiceUnavailable
+
+    try:
+        return res.outlast(step, what)
+    except ServiceUnavailable as exc:
+        raise Reject(str(exc), requeue=True) from exc

@@ -12,27 +12,35 @@ from farm.dispatch import publish_finalize, publish_shard
 from farm.worker.runtime import execute_shard
 from storage.db import session_scope
 from storage.models import Job, Shard
-from tasks.resources import worker_resources
+from tasks.resources import outlasting, worker_resources
 
 
 @shared_task(bind=True, name="farm.render_shard")
 def render_shard(self, shard_id: str, job_id: str, sent_at: float | None = None) -> dict:
     res = worker_resources(self.app)
-    shard = uuid.UUID(shard_id)
-    outcome = execute_shard(res, shard, sent_at)
+    shard, job = uuid.UUID(shard_id), uuid.UUID(job_id)
+    # Each step waits out a restarting database, broker or store on its own, so a step that
+    # already happened (the render) is not repeated because a later one (a publish) had to wait.
+    outcome = outlasting(res, lambda: execute_shard(res, shard, sent_at), f"shard {shard_id}")
     if outcome.status == "rejected":
         # Blocked from this job: hand the shard back. Sent now, not with a countdown: a message
         # with an ETA is held by whichever worker receives it, and on Redis that kept being this
         # one; while this task runs this worker is not polling, so another one receives it.
         # The pause keeps a lone blocked worker from spinning.
         time.sleep(outcome.retry_in or 0.0)
-        publish_shard(self.app, shard, uuid.UUID(job_id), *_route(res, shard))
+        outlasting(
+            res, lambda: publish_shard(self.app, shard, job, *_route(res, shard)), f"shard {shard_id}: hand back"
+        )
     elif outcome.retry_in is not None:
         # A retryable failure, a shard held by a lease that may belong to a dead worker, or a
         # worker blocked from the job handing the shard back for others.
-        publish_shard(self.app, shard, uuid.UUID(job_id), *_route(res, shard), countdown=outcome.retry_in)
+        outlasting(
+            res,
+            lambda: publish_shard(self.app, shard, job, *_route(res, shard), countdown=outcome.retry_in),
+            f"shard {shard_id}: requeue",
+        )
     if outcome.terminal:
-        publish_finalize(self.app, uuid.UUID(job_id))
+        outlasting(res, lambda: publish_finalize(self.app, job), f"job {job_id}: finalize")
     return {"shard_id": shard_id, "job_id": job_id, "outcome": outcome.status, "error": outcome.error}
 
 

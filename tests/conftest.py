@@ -4,5 +4,7 @@ pytest_plugins = [
     "tests.fixtures.brokers",
     "tests.fixtures.database",
     "tests.fixtures.farm",
+    "tests.fixtures.local_servers",
+    "tests.fixtures.reliability",
     "tests.fixtures.seaweed",
 ]

@@ -8,6 +8,7 @@ callback raises and the render stops.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -18,6 +19,8 @@ from storage.db import session_scope
 from storage.models import Job
 from storage.status import JobStatus
 from storage.transitions import ShardLease, renew_lease
+
+log = logging.getLogger(__name__)
 
 
 class ShardCancelled(FarmError):
@@ -76,8 +79,11 @@ class LeaseKeeper:
             except LeaseLost:
                 self.lost.set()
                 return
-            except Exception:  # a database hiccup: keep trying until the lease would expire
+            except Exception as exc:  # a database hiccup: keep trying until the lease would expire
                 failures += 1
+                if failures == 1:
+                    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                    log.warning("shard %s: lease renewal failed, trying again: %s", self.lease.shard_id, first_line)
                 if failures * self._interval >= self._lease_seconds:
                     self.lost.set()
                     return

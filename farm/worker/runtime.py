@@ -91,6 +91,13 @@ class WorkerResources:
             self.cache = ModelCache(placement, self.settings.worker.model_cache_mb * (1 << 20))
         return self.cache
 
+    def outlast(self, step: Any, what: str, check: Any = None) -> Any:
+        """``step()`` retried through database, broker and object-store outages for at most
+        ``worker.service_wait_s`` (see :func:`farm.outages.ride_out`)."""
+        from farm.outages import ride_out
+
+        return ride_out(step, what=what, wait_s=self.settings.worker.service_wait_s, check=check)
+
     def close(self) -> None:
         if self.engine is not None:
             self.engine.dispose()
@@ -175,9 +182,15 @@ def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, d
             delivery.items = _render_items(res, lease.shard_id, lease.job_id, keeper, timings)
             lease = keeper.lease
         delivery.seconds = time.perf_counter() - started
-        with session_scope(res.session_factory) as session:
-            finish_shard(session, lease, ShardStatus.SUCCEEDED, timings=timings, items_done=delivery.items)
-            record_success(session, lease.job_id, res.name)
+
+        def succeed() -> None:
+            with session_scope(res.session_factory) as session:
+                if _finished_by(session, lease, ShardStatus.SUCCEEDED):
+                    return  # an earlier try committed before its connection dropped
+                finish_shard(session, lease, ShardStatus.SUCCEEDED, timings=timings, items_done=delivery.items)
+                record_success(session, lease.job_id, res.name)
+
+        res.outlast(succeed, f"shard {shard_id}: finishing")
         return ShardOutcome("succeeded", lease.job_id)
     except LeaseLost as exc:
         log.warning("shard %s: %s", shard_id, exc)
@@ -197,6 +210,12 @@ def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, d
         res.current_shard = None
 
 
+def _finished_by(session: Any, lease: Any, status: ShardStatus) -> bool:
+    """Whether this very attempt already ended the shard with ``status``."""
+    row = session.execute(select(Shard.status, Shard.fencing_token).where(Shard.id == lease.shard_id)).one()
+    return row.status == status and row.fencing_token == lease.fencing_token
+
+
 def _record_failure(
     res: WorkerResources, lease: Any, exc: Exception, message: str, timings: dict[str, float]
 ) -> ShardOutcome:
@@ -204,8 +223,8 @@ def _record_failure(
     failure towards this worker's streak on the job when a retry could have helped."""
     settings = res.settings.worker
     retryable = not isinstance(exc, UserError) and (not isinstance(exc, FarmError) or exc.retryable)
-    blocked = False
-    try:
+
+    def record() -> tuple[ShardStatus, bool]:
         with session_scope(res.session_factory) as session:
             status = record_failure(
                 session,
@@ -216,10 +235,13 @@ def _record_failure(
                 max_workers=settings.max_workers_per_shard,
                 timings=timings,
             )
-            if retryable:
-                blocked = record_failure_streak(
-                    session, lease.job_id, res.name, message, block_after=settings.blocklist_after
-                )
+            blocked = retryable and record_failure_streak(
+                session, lease.job_id, res.name, message, block_after=settings.blocklist_after
+            )
+        return status, blocked
+
+    try:
+        status, blocked = res.outlast(record, f"shard {lease.shard_id}: recording its failure")
     except LeaseLost as lost:
         return ShardOutcome("fenced", lease.job_id, error=str(lost))
     if blocked:
@@ -297,16 +319,18 @@ def _render_items(
     from farm.specs import parse_spec
     from farm.worker.shard_run import ShardRun
 
-    with session_scope(res.session_factory) as session:
-        job = session.get(Job, job_id)
-        spec = parse_spec(job.spec)
-        shard = session.get(Shard, shard_id)
-        items = list(shard.params["items"])
-        shard_index = shard.index
-        done_keys = set(session.scalars(select(Artifact.key).where(Artifact.shard_id == shard_id)))
-        if shard.index in res.settings.worker.fail_shards:
-            fault = InjectedWorkerFault if res.settings.worker.fail_shards_retryable else InjectedFault
-            raise fault(f"shard {shard.index}: injected fault (worker.fail_shards)")
+    def read() -> tuple[dict[str, Any], list[dict[str, Any]], int, set[str]]:
+        with session_scope(res.session_factory) as session:
+            spec = session.scalar(select(Job.spec).where(Job.id == job_id))
+            shard = session.get(Shard, shard_id)
+            done = set(session.scalars(select(Artifact.key).where(Artifact.shard_id == shard_id)))
+            return spec, list(shard.params["items"]), shard.index, done
+
+    raw_spec, items, shard_index, done_keys = res.outlast(read, f"shard {shard_id}: reading", keeper.check)
+    spec = parse_spec(raw_spec)
+    if shard_index in res.settings.worker.fail_shards:
+        fault = InjectedWorkerFault if res.settings.worker.fail_shards_retryable else InjectedFault
+        raise fault(f"shard {shard_index}: injected fault (worker.fail_shards)")
     keeper.check()
     runner = _runner(spec.kind)
 

@@ -3,7 +3,8 @@
 :class:`ShardRun` carries the job spec, the shard's items, the keys already written by an
 earlier attempt (so a retry skips them), the resident model and the lease keeper. A runner calls
 :meth:`ShardRun.record` for every output: upload, then the artifact row written together with a
-fenced lease renewal, so a late write from an attempt that lost its lease never lands.
+fenced lease renewal, so a late write from an attempt that lost its lease never lands. Both wait
+out a restarting object store or database (``worker.service_wait_s``) instead of failing the item.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from sqlalchemy import select
 
 from farm.worker.lease_keeper import LeaseKeeper
 from storage.db import session_scope
@@ -89,31 +92,43 @@ class ShardRun:
             self.keeper.report(self.items_done, progress)
             return
         started = time.perf_counter()
-        info = self.store.put_bytes(key, data, content_type=content_type)
+        where = f"shard {self.shard_id}: writing {key}"
+        info = self.res.outlast(
+            lambda: self.store.put_bytes(key, data, content_type=content_type), where, self.keeper.check
+        )
         items_done = self.items_done + (1 if item_finished else 0)
-        with session_scope(self.res.session_factory) as session:
-            self.keeper.lease = renew_lease(
-                session,
-                self.keeper.lease,
-                self.res.settings.worker.lease_seconds,
-                items_done=items_done,
-                progress=progress,
-            )
-            session.add(
-                Artifact(
-                    job_id=self.job_id,
-                    shard_id=self.shard_id,
-                    key=key,
-                    item_index=int(item["index"]),
-                    seed=int(item["seed"]),
-                    sha256=info.sha256,
-                    size_bytes=info.size,
-                    content_type=content_type,
-                    params=params,
-                    model_hash=self.loaded.model_hash,
-                    fencing_token=self.keeper.lease.fencing_token,
+
+        tries = []
+
+        def write_row() -> None:
+            tries.append(1)
+            with session_scope(self.res.session_factory) as session:
+                if len(tries) > 1 and session.scalar(select(Artifact.id).where(Artifact.key == key)) is not None:
+                    return  # an earlier try committed before its connection dropped
+                self.keeper.lease = renew_lease(
+                    session,
+                    self.keeper.lease,
+                    self.res.settings.worker.lease_seconds,
+                    items_done=items_done,
+                    progress=progress,
                 )
-            )
+                session.add(
+                    Artifact(
+                        job_id=self.job_id,
+                        shard_id=self.shard_id,
+                        key=key,
+                        item_index=int(item["index"]),
+                        seed=int(item["seed"]),
+                        sha256=info.sha256,
+                        size_bytes=info.size,
+                        content_type=content_type,
+                        params=params,
+                        model_hash=self.loaded.model_hash,
+                        fencing_token=self.keeper.lease.fencing_token,
+                    )
+                )
+
+        self.res.outlast(write_row, where, self.keeper.check)
         self.done_keys.add(key)
         self.items_done = items_done
         self.keeper.report(items_done, progress)
