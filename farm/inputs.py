@@ -2,9 +2,10 @@
 
 A spec names an input image by its object key: ``{"key": "inputs/sha256/<hex>.png", "sha256":
 "<hex>"}`` (:class:`ImageRef`). People write ``{"path": "./face.jpg"}`` instead; the client
-(:func:`upload_inputs`) checks that the file is an image, uploads it under a content-addressed key
-and puts the reference in its place before the spec is validated, so specs stored in the
-database only ever point into the object store.
+(:func:`upload_inputs`) checks that every such file is an image, puts a content-addressed
+reference in its place, validates the whole spec with the references in place, and only then
+uploads the files: a refused spec (a bad image, a bad field anywhere) writes nothing to the store,
+and specs stored in the database only ever point into the object store.
 
 Workers read inputs with :func:`load_image`. Everything that can be wrong with an input (a
 missing object, a digest mismatch, bytes that are not an image, a truncated file, a decompression
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,38 +87,87 @@ def inspect_image(data: bytes, label: str) -> tuple[str, str, tuple[int, int]]:
     return ext, content_type, size
 
 
-def upload_image_file(store: Any, path: Path, label: str) -> dict[str, str]:
-    """Check and upload one local image; returns its reference as JSON-able data."""
+def _read_input(path: Path, label: str) -> bytes:
     try:
         if not path.is_file():
             raise InputImageError(f"{label}: {path} does not exist or is not a file")
         if path.stat().st_size > MAX_INPUT_BYTES:
             raise InputImageError(f"{label}: {path.name} is larger than {MAX_INPUT_BYTES >> 20} MiB")
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise InputImageError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+@dataclass(frozen=True)
+class _PendingUpload:
+    """A checked local image, not yet uploaded: where it is, where it goes, what it must hash to."""
+
+    path: Path
+    label: str
+    key: str
+    sha256: str
+    content_type: str
+
+
+def _check_image_file(path: Path, label: str) -> _PendingUpload:
+    data = _read_input(path, label)
     ext, content_type, _ = inspect_image(data, label)
     digest = hashlib.sha256(data).hexdigest()
-    key = join_key(INPUTS_PREFIX, f"{digest}.{ext}")
-    if not store.exists(key):
-        store.put_bytes(key, data, content_type=content_type)
-    return {"key": key, "sha256": digest}
+    return _PendingUpload(path, label, join_key(INPUTS_PREFIX, f"{digest}.{ext}"), digest, content_type)
 
 
-def upload_inputs(data: Any, store: Any, base_dir: Path, label: str = "spec") -> Any:
-    """``data`` with every ``{"path": ...}`` mapping replaced by an uploaded image reference
-    (relative paths are relative to ``base_dir``). Other values are returned unchanged."""
+def _upload(store: Any, pending: _PendingUpload) -> None:
+    """Upload a checked file, read again (images are not all held in memory at once); a file that
+    changed since it was checked is refused."""
+    if store.exists(pending.key):
+        return
+    data = _read_input(pending.path, pending.label)
+    if hashlib.sha256(data).hexdigest() != pending.sha256:
+        raise InputImageError(f"{pending.label}: {pending.path} changed while the job was being submitted")
+    store.put_bytes(pending.key, data, content_type=pending.content_type)
+
+
+def upload_image_file(store: Any, path: Path, label: str) -> dict[str, str]:
+    """Check and upload one local image; returns its reference as JSON-able data."""
+    pending = _check_image_file(path, label)
+    _upload(store, pending)
+    return {"key": pending.key, "sha256": pending.sha256}
+
+
+def _resolve_paths(data: Any, base_dir: Path, label: str, found: list[_PendingUpload]) -> Any:
+    """``data`` with every ``{"path": ...}`` mapping replaced by the reference its file will have;
+    each file is checked (an image within the limits) and listed in ``found``, nothing is written."""
     if isinstance(data, dict):
         if set(data) == {"path"}:
             raw = data["path"]
             if not isinstance(raw, str) or not raw:
                 raise InputImageError(f"{label}.path: expected a file path")
             path = Path(raw).expanduser()
-            return upload_image_file(store, path if path.is_absolute() else base_dir / path, label)
-        return {k: upload_inputs(v, store, base_dir, f"{label}.{k}") for k, v in data.items()}
+            pending = _check_image_file(path if path.is_absolute() else base_dir / path, label)
+            found.append(pending)
+            return {"key": pending.key, "sha256": pending.sha256}
+        return {k: _resolve_paths(v, base_dir, f"{label}.{k}", found) for k, v in data.items()}
     if isinstance(data, list):
-        return [upload_inputs(v, store, base_dir, f"{label}[{i}]") for i, v in enumerate(data)]
+        return [_resolve_paths(v, base_dir, f"{label}[{i}]", found) for i, v in enumerate(data)]
     return data
+
+
+def upload_inputs(data: Any, store: Any, base_dir: Path, label: str = "spec") -> Any:
+    """``data`` with every ``{"path": ...}`` mapping replaced by an uploaded image reference
+    (relative paths are relative to ``base_dir``). Other values are returned unchanged.
+
+    Every file is checked first; when ``data`` is a whole spec (a mapping, ``label`` ``"spec"``)
+    it is validated with the references in place (:class:`~farm.specs.SpecError`) before the
+    first upload, so nothing is stored for a spec that is refused."""
+    found: list[_PendingUpload] = []
+    out = _resolve_paths(data, base_dir, label, found)
+    if found and label == "spec" and isinstance(data, dict) and set(data) != {"path"}:
+        from farm.specs import parse_spec
+
+        parse_spec(out)
+    for pending in found:
+        _upload(store, pending)
+    return out
 
 
 def load_image(store: Any, ref: ImageRef, label: str) -> Any:

@@ -61,6 +61,8 @@ MAX_SHARD_SIZE = 256
 MAX_PATCHES = 16
 MAX_OUTPUT_PREFIX_CHARS = 256  # keeps every output key well under the key length limit
 MAX_SPEC_FILE_BYTES = 1 << 20
+MAX_SPEC_VALUES = 1 << 20  # values in a decoded spec file, YAML aliases expanded (no 1 MiB file has more)
+MAX_SPEC_DEPTH = 32  # nesting of a decoded spec file (real specs are about 4 deep)
 MAX_PROBLEMS_SHOWN = 20  # in a SpecError's message; ``problems`` keeps them all
 
 DEFAULT_KIND = "text_to_image"
@@ -487,7 +489,40 @@ def read_spec_file(path: str | os.PathLike[str]) -> Any:
     except (ValueError, yaml.YAMLError, RecursionError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SpecError([("file", f"{path.name} is not valid {suffix[1:].upper()}: {first}")]) from None
+    _check_shape(data, path.name)
     return data
+
+
+def _check_shape(data: Any, name: str) -> None:
+    """Refuse decoded data that is a trap rather than a spec: a YAML alias inside itself (a cycle),
+    nesting deeper than :data:`MAX_SPEC_DEPTH`, or more than :data:`MAX_SPEC_VALUES` values once
+    aliases are expanded (a "billion laughs" file is a few hundred bytes). Everything that walks a
+    spec (input uploads, validation, the JSON stored on the job row) would otherwise loop, overflow
+    the stack or expand it. Iterative, and each shared node is measured once."""
+    sizes: dict[int, int] = {}  # id(container) -> values under it, aliases expanded
+    open_: set[int] = set()  # containers on the current path (a repeat is a cycle)
+    stack: list[tuple[Any, int, bool]] = [(data, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        if done:
+            open_.discard(id(node))
+            total = 1 + sum(sizes.get(id(c), 1) if isinstance(c, dict | list) else 1 for c in children)
+            if total > MAX_SPEC_VALUES:
+                raise SpecError([("file", f"{name} expands to more than {MAX_SPEC_VALUES} values (YAML aliases?)")])
+            sizes[id(node)] = total
+            continue
+        if id(node) in open_:
+            raise SpecError([("file", f"{name} refers to itself (a YAML alias inside its own anchor)")])
+        if id(node) in sizes:
+            continue
+        if depth > MAX_SPEC_DEPTH:
+            raise SpecError([("file", f"{name} is nested more than {MAX_SPEC_DEPTH} levels deep")])
+        open_.add(id(node))
+        stack.append((node, depth, True))
+        stack.extend((child, depth + 1, False) for child in children)
 
 
 def spec_fingerprint(spec: JobSpec) -> str:

@@ -16,8 +16,10 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError  # to recognise the weights_only refusal; nothing is unpickled with it
 from typing import Any, ClassVar
 
 import torch
@@ -54,12 +56,38 @@ def read_checkpoint(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
             raise PatchError(f"{path.name}: expected a .safetensors or .bin IP-Adapter checkpoint")
     except PatchError:
         raise
-    except Exception as exc:  # corrupt, truncated, or a pickle with code in it
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    except UnpicklingError as exc:  # weights_only refused a global: code or a foreign object
+        found = _UNPICKLER_DETAIL.search(str(exc))
+        detail = f" ({_printable(found.group(1))[:160]})" if found else ""
+        raise PatchError(
+            f"{path.name} is not a loadable IP-Adapter checkpoint: refused, it holds pickled code or objects "
+            f"other than tensors{detail}; nothing in it was run (use a .safetensors file)"
+        ) from None
+    except Exception as exc:  # corrupt or truncated
+        first = (_printable(str(exc)).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise PatchError(f"{path.name} is not a loadable IP-Adapter checkpoint: {first}") from None
     if not isinstance(nested, dict) or not isinstance(nested.get("image_proj"), dict) or not nested.get("ip_adapter"):
         raise PatchError(f"{path.name}: no 'image_proj' and 'ip_adapter' weights (not an IP-Adapter checkpoint)")
+    for group in ("image_proj", "ip_adapter"):
+        weights = nested[group]
+        if not isinstance(weights, dict):
+            raise PatchError(f"{path.name}: '{group}' is a {type(weights).__name__}, not a mapping of tensors")
+        for name, value in weights.items():
+            if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+                raise PatchError(
+                    f"{path.name}: {group}.{str(name)[:80]} is not a tensor (not an IP-Adapter checkpoint)"
+                )
     return nested
+
+
+# torch's weights_only refusal: a long text with ANSI codes; the part after this names the global.
+_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error: (.*?)(?: was not an allowed global|\. |\.?$)", re.M)
+
+
+def _printable(text: str) -> str:
+    """``text`` without ANSI escape sequences or other control characters (newlines kept)."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+    return "".join(ch for ch in text if ch == "\n" or (ch.isprintable() and ch != "\x7f"))
 
 
 @dataclass(eq=False)

@@ -252,17 +252,18 @@ def test_video_job_on_real_services(farm_factory, tiny_models, pg_url, redis_url
 
 # -- resume after a failure in the middle of a clip -------------------------------------------------
 class FailingPuts:
-    """The real store, with the n-th upload failing the way an unreachable S3 does."""
+    """The real store, with the n-th upload failing with a retryable store error that is not an
+    outage (an outage is waited out inside the attempt: see tests/test_outages.py)."""
 
     def __init__(self, store: Any, fail_at: int) -> None:
         self.store, self.fail_at, self.puts = store, fail_at, 0
 
     def put_bytes(self, key: str, data: bytes, **kwargs: Any) -> Any:
-        from farm.errors import StorageUnavailable
+        from farm.errors import StorageError
 
         self.puts += 1
         if self.puts == self.fail_at:
-            raise StorageUnavailable("injected: the store went away")
+            raise StorageError("injected: the store refused the write", retryable=True)
         return self.store.put_bytes(key, data, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -1,7 +1,9 @@
-"""Loading the auxiliary models a worker pins beside its pipelines: IP-Adapter checkpoints and
-CLIP vision encoders. Used as the loader of a :class:`~farm.worker.model_cache.ModelCache`
-(``family`` names the kind of component), so each is loaded once per worker process and then
-reused across jobs; a job switch only swaps the attention patches built from them."""
+"""Loading the auxiliary models a worker pins beside its pipelines: IP-Adapter and InstantID
+checkpoints, CLIP vision encoders, ControlNets and face-analysis packs. Used as the loader of a
+:class:`~farm.worker.model_cache.ModelCache` (``family`` names the kind of component), so each is
+loaded once per worker process and then reused across jobs; a job switch only swaps the attention
+patches built from them. A file that cannot be loaded is a :class:`ModelLoadError` naming the
+spec field that points at it."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from typing import Any
 from farm.worker.devices import Placement
 from farm.worker.model_cache import ModelLoadError, model_fingerprint
 
-KINDS = ("ip_adapter", "clip_vision", "ip_negative", "controlnet", "face_analysis/<auto|cpu|cuda>")
+KINDS = ("ip_adapter", "instantid", "clip_vision", "ip_negative", "controlnet", "face_analysis/<auto|cpu|cuda>")
+# IP-Adapter-layout checkpoints by kind, and the spec field that names them (for error messages).
+CHECKPOINT_FIELDS = {"ip_adapter": "identity.adapter", "instantid": "identity.checkpoint"}
 
 
 def _from_folder(cls: Any, path: str, label: str, what: str, placement: Placement) -> tuple[Any, str]:
@@ -31,13 +35,13 @@ def load_component(path: str, kind: str, placement: Placement) -> tuple[Any, str
     from patching import PatchError
 
     location = Path(path).expanduser()
-    if kind == "ip_adapter":
+    if kind in CHECKPOINT_FIELDS:
         from patching.ip_adapter import load_ip_adapter
 
         try:
             adapter = load_ip_adapter(location)
         except PatchError as exc:
-            raise ModelLoadError(f"identity.adapter: {exc}") from None
+            raise ModelLoadError(f"{CHECKPOINT_FIELDS[kind]}: {exc}") from None
         return adapter.to(placement.device, placement.dtype), model_fingerprint(location)
     if kind == "ip_negative":
         from patching.ip_adapter import load_negative

@@ -111,7 +111,7 @@ def run_instantid_shard(run: Any) -> int:
 
     spec, ident = run.spec, run.spec.identity
     components = run.res.component_cache()
-    adapter = components.get(ident.checkpoint, "ip_adapter").pipeline
+    adapter = components.get(ident.checkpoint, "instantid").pipeline
     references = face_embeds(run)
     mask = _mask(run)
     controlnet = components.get(ident.controlnet, "controlnet").pipeline if ident.controlnet else None

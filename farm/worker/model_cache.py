@@ -59,6 +59,12 @@ def model_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type when the message is empty)."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 def load_pipeline(model: str, family: str, placement: Placement) -> tuple[Any, str]:
     """Load a diffusers pipeline of ``family`` from a local folder (or a hub id when the hub is
     reachable) onto the placement's device; returns it with its model hash."""
@@ -74,15 +80,22 @@ def load_pipeline(model: str, family: str, placement: Placement) -> tuple[Any, s
         index = path / "model_index.json"
         if not index.is_file():
             raise ModelLoadError(f"model {model!r}: {index} is missing; not a diffusers pipeline folder")
-        declared = json.loads(index.read_text()).get("_class_name", "")
+        try:
+            config = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+            raise ModelLoadError(
+                f"model {model!r}: {index.name} is not a readable JSON file ({_first_line(exc)})"
+            ) from None
+        declared = config.get("_class_name", "") if isinstance(config, dict) else ""
         expected = PIPELINE_CLASSES[family]
         if declared != expected:
-            raise ModelLoadError(f"model {model!r} is a {declared}, not a {expected} (family {family})")
+            what = f"a {declared}" if declared else "not a pipeline folder (model_index.json names no _class_name)"
+            raise ModelLoadError(f"model {model!r} is {what}, not a {expected} (family {family})")
     cls = getattr(diffusers, PIPELINE_CLASSES[family])
     try:
         pipeline = cls.from_pretrained(model, dtype=placement.dtype, use_safetensors=True, local_files_only=local)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"model {model!r} could not be loaded: {str(exc).splitlines()[0][:300]}") from None
+        raise ModelLoadError(f"model {model!r} could not be loaded: {_first_line(exc)}") from None
     pipeline.to(placement.device)
     pipeline.set_progress_bar_config(disable=True)
     model_hash = model_fingerprint(path) if local else hashlib.sha256(model.encode()).hexdigest()
