@@ -61,6 +61,13 @@ class BrokerSettings(_Section):
         description="Redis only: seconds before an unacknowledged message is redelivered. "
         "Set above your longest shard; the database lease covers the rest.",
     )
+    consumer_timeout_s: float | None = Field(
+        default=1800.0,
+        gt=0,
+        description="RabbitMQ only: the server's consumer_timeout (30 min unless rabbitmq.conf says otherwise). "
+        "A worker hands a longer shard back between items, keeping the items done, before the server would "
+        "close its channel; empty = never.",
+    )
 
 
 class S3Settings(_Section):

@@ -351,9 +351,20 @@ def release_shard_for_retry(session: Session, lease: ShardLease, error: str) -> 
     _release(session, lease, _failure_values(_failure_history(session, lease), lease, error))
 
 
-def _release(session: Session, lease: ShardLease, failure: dict[str, Any]) -> None:
+def _release(session: Session, lease: ShardLease, failure: dict[str, Any], memory: dict[str, Any] | None) -> None:
     values = {"status": S.QUEUED, "lease_owner": None, "lease_expires_at": None, "progress": 0.0, "items_done": 0}
+    if memory is not None:
+        params = session.scalar(select(Shard.params).where(Shard.id == lease.shard_id))
+        values["params"] = {**params, "memory": memory}
     _leased_update(session, lease, {**values, **failure}, "release for retry")
+
+
+def hand_back(session: Session, lease: ShardLease) -> None:
+    """End an attempt that stopped early on purpose (not a failure): the shard is QUEUED again
+    with the items it wrote kept, and the attempt does not count against ``max_attempts``.
+    Raises :class:`LeaseLost` when fenced out."""
+    values = {"status": S.QUEUED, "lease_owner": None, "lease_expires_at": None, "attempts": lease.attempt - 1}
+    _leased_update(session, lease, values, "hand back")
 
 
 def record_failure(
@@ -365,15 +376,17 @@ def record_failure(
     max_attempts: int,
     max_workers: int,
     timings: dict[str, Any] | None = None,
+    memory: dict[str, Any] | None = None,
 ) -> ShardStatus:
     """End a failed attempt: QUEUED again when the failure is retryable, attempts are left and
     the shard has failed on fewer than ``max_workers`` different workers; FAILED for good
-    otherwise. Every error is kept. Returns the new status."""
+    otherwise. Every error is kept. ``memory``: the limits a retry renders under (after an
+    out-of-memory), kept in the shard's params. Returns the new status."""
     history = _failure_history(session, lease)
     failure = _failure_values(history, lease, error)
     workers = failure["failed_workers"]
     if retryable and lease.attempt < max_attempts and len(workers) < max_workers:
-        _release(session, lease, failure)
+        _release(session, lease, failure, memory)
         return S.QUEUED
     if retryable and len(workers) >= max_workers and lease.attempt < max_attempts:
         error = f"{error} (failed on {len(workers)} different workers: {', '.join(workers)})"

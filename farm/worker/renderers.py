@@ -115,6 +115,8 @@ def render_prompt_items(
     ``call_args`` added to its call); ``extra`` is added to every output's parameters."""
     import time
 
+    from farm.worker.memory import vae_tiling
+
     spec, total = run.spec, len(run.items)
     for position, item in selected:
         if item["key"] in run.done_keys:
@@ -134,7 +136,8 @@ def render_prompt_items(
             run.progress((position + step / steps) / total)
 
         started = time.perf_counter()
-        image = render_text_to_image(pipeline or run.pipeline, request, on_step, call_args)
+        with vae_tiling(pipeline or run.pipeline, bool(run.memory.get("vae_tiling"))):
+            image = render_text_to_image(pipeline or run.pipeline, request, on_step, call_args)
         params = {**request.__dict__, **run.base_params(), **extra}
         if "row_id" in item:
             params["row_id"] = item["row_id"]

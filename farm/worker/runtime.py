@@ -21,12 +21,14 @@ from sqlalchemy import select
 from farm.errors import FarmError, LeaseLost, UserError
 from farm.settings import FarmSettings
 from farm.worker.lease_keeper import LeaseKeeper, ShardCancelled
+from farm.worker.memory import OutOfMemory, is_out_of_memory, out_of_memory
+from farm.worker.shard_run import ShardHandBack
 from storage.blocklist import is_blocked, record_failure_streak, record_success, unblocked_workers
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Job, Shard
 from storage.objects import ObjectStore, open_store
 from storage.status import ShardStatus
-from storage.transitions import claim_shard, finish_shard, lease_remaining, record_failure
+from storage.transitions import claim_shard, finish_shard, hand_back, lease_remaining, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,7 @@ REJECT_DELAY_S = 0.5  # a blocked worker pauses this long before handing a shard
 class ShardOutcome:
     """What happened to one delivery of a shard message, for the task to act on."""
 
-    status: str  # succeeded | failed | cancelled | retry | skipped | busy | fenced | rejected
+    status: str  # succeeded | failed | cancelled | retry | skipped | busy | fenced | rejected | handed_back
     job_id: uuid.UUID | None = None
     retry_in: float | None = None
     error: str | None = None
@@ -152,7 +154,7 @@ def execute_shard(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | No
 
 def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, delivery: _Delivery) -> ShardOutcome:
     settings = res.settings.worker
-    claimed_at = time.time()
+    claimed_at, claimed_mono = time.time(), time.monotonic()
     with session_scope(res.session_factory) as session:
         row = session.execute(select(Shard.job_id, Shard.queue).where(Shard.id == shard_id)).one_or_none()
         if row is None:
@@ -179,7 +181,7 @@ def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, d
     keeper = LeaseKeeper(res.session_factory, lease, settings.lease_seconds, interval)
     try:
         with keeper:
-            delivery.items = _render_items(res, lease.shard_id, lease.job_id, keeper, timings)
+            delivery.items = _render_items(res, lease.shard_id, lease.job_id, keeper, timings, claimed_mono)
             lease = keeper.lease
         delivery.seconds = time.perf_counter() - started
 
@@ -195,6 +197,18 @@ def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, d
     except LeaseLost as exc:
         log.warning("shard %s: %s", shard_id, exc)
         return ShardOutcome("fenced", lease.job_id, error=str(exc))
+    except ShardHandBack as back:
+        log.info("%s", back)
+
+        def release() -> None:
+            with session_scope(res.session_factory) as session:
+                hand_back(session, keeper.lease)
+
+        try:
+            res.outlast(release, f"shard {shard_id}: hand back")
+        except LeaseLost as exc:
+            return ShardOutcome("fenced", lease.job_id, error=str(exc))
+        return ShardOutcome("handed_back", lease.job_id, retry_in=0.0)
     except ShardCancelled:
         try:
             with session_scope(res.session_factory) as session:
@@ -205,7 +219,8 @@ def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, d
     except Exception as exc:  # every failure is recorded on the shard, the worker keeps serving
         message = _describe(exc)
         log.exception("shard %s failed: %s", shard_id, message)
-        return _record_failure(res, keeper.lease, exc, message, timings)
+        limits = exc.limits if isinstance(exc, OutOfMemory) else None
+        return _record_failure(res, keeper.lease, exc, message, timings, limits)
     finally:
         res.current_shard = None
 
@@ -217,10 +232,16 @@ def _finished_by(session: Any, lease: Any, status: ShardStatus) -> bool:
 
 
 def _record_failure(
-    res: WorkerResources, lease: Any, exc: Exception, message: str, timings: dict[str, float]
+    res: WorkerResources,
+    lease: Any,
+    exc: Exception,
+    message: str,
+    timings: dict[str, float],
+    memory: dict[str, Any] | None = None,
 ) -> ShardOutcome:
     """Keep the error, retry or fail the shard (attempts, distinct workers), and count the
-    failure towards this worker's streak on the job when a retry could have helped."""
+    failure towards this worker's streak on the job when a retry could have helped. ``memory``:
+    the smaller limits a retry after an out-of-memory renders under."""
     settings = res.settings.worker
     retryable = not isinstance(exc, UserError) and (not isinstance(exc, FarmError) or exc.retryable)
 
@@ -234,6 +255,7 @@ def _record_failure(
                 max_attempts=settings.max_attempts,
                 max_workers=settings.max_workers_per_shard,
                 timings=timings,
+                memory=memory,
             )
             blocked = retryable and record_failure_streak(
                 session, lease.job_id, res.name, message, block_after=settings.blocklist_after
@@ -313,8 +335,26 @@ def apply_job_patches(loaded: Any, spec: Any, extra: list[Any] | tuple[Any, ...]
     return loaded.patcher.fingerprint
 
 
+HAND_BACK_SHARE = 0.75  # of RabbitMQ's consumer_timeout a delivery may use before handing back
+
+
+def _delivery_deadline(settings: FarmSettings, claimed_at: float) -> float | None:
+    """When (``time.monotonic()``) a delivery that began at ``claimed_at`` must stop taking new
+    items: RabbitMQ closes a channel whose message stays unacknowledged past consumer_timeout,
+    and Celery then stops the whole worker."""
+    timeout = settings.broker.consumer_timeout_s
+    if timeout is None or not settings.broker.url.startswith(("amqp://", "amqps://", "pyamqp://")):
+        return None
+    return claimed_at + HAND_BACK_SHARE * timeout
+
+
 def _render_items(
-    res: WorkerResources, shard_id: uuid.UUID, job_id: uuid.UUID, keeper: LeaseKeeper, timings: dict[str, float]
+    res: WorkerResources,
+    shard_id: uuid.UUID,
+    job_id: uuid.UUID,
+    keeper: LeaseKeeper,
+    timings: dict[str, float],
+    claimed_at: float,
 ) -> int:
     from farm.specs import parse_spec
     from farm.worker.shard_run import ShardRun
@@ -324,9 +364,10 @@ def _render_items(
             spec = session.scalar(select(Job.spec).where(Job.id == job_id))
             shard = session.get(Shard, shard_id)
             done = set(session.scalars(select(Artifact.key).where(Artifact.shard_id == shard_id)))
-            return spec, list(shard.params["items"]), shard.index, done
+            return spec, shard.params, shard.index, done
 
-    raw_spec, items, shard_index, done_keys = res.outlast(read, f"shard {shard_id}: reading", keeper.check)
+    raw_spec, params, shard_index, done_keys = res.outlast(read, f"shard {shard_id}: reading", keeper.check)
+    items, memory = list(params["items"]), dict(params.get("memory") or {})
     spec = parse_spec(raw_spec)
     if shard_index in res.settings.worker.fail_shards:
         fault = InjectedWorkerFault if res.settings.worker.fail_shards_retryable else InjectedFault
@@ -347,8 +388,16 @@ def _render_items(
         fingerprint = apply_job_patches(loaded, spec)
         timings["patch_s"] = round(time.perf_counter() - started, 4)
     timings["denoise_s"] = timings["upload_s"] = 0.0
-    run = ShardRun(res, job_id, shard_id, shard_index, spec, items, done_keys, keeper, loaded, timings, fingerprint)
+    run = ShardRun(
+        res, job_id, shard_id, shard_index, spec, items, done_keys, keeper, loaded, timings, fingerprint, memory=memory
+    )
+    run.deadline = _delivery_deadline(res.settings, claimed_at)
     run.items_done = sum(1 for item in items if item["key"] in done_keys)
-    done = runner(run)
+    try:
+        done = runner(run)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise out_of_memory(exc, spec, memory, cache.placement.device) from exc
     timings["items"] = float(len(items))
     return done

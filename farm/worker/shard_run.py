@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
 
+from farm.errors import FarmError
 from farm.worker.lease_keeper import LeaseKeeper
 from storage.db import session_scope
 from storage.models import Artifact
 from storage.transitions import renew_lease
+
+
+class ShardHandBack(FarmError):
+    """The shard stops between items and goes back to the queue, keeping the items done."""
 
 
 @dataclass
@@ -36,6 +41,10 @@ class ShardRun:
     timings: dict[str, float]
     patches_fingerprint: str = ""
     items_done: int = 0
+    memory: dict[str, Any] = field(default_factory=dict)  # limits after an out-of-memory (farm.worker.memory)
+    deadline: float | None = None  # time.monotonic() by which this delivery must end (RabbitMQ consumer_timeout)
+    _item_mark: float = field(default_factory=time.monotonic)
+    _longest_item: float = 0.0
 
     @property
     def store(self) -> Any:
@@ -54,6 +63,7 @@ class ShardRun:
             "patches": [p.model_dump(mode="json") for p in self.spec.patches],
             "patches_fingerprint": self.patches_fingerprint,
             **({"sag": sag.model_dump()} if (sag := getattr(self.spec, "sag", None)) is not None else {}),
+            **({"memory": self.memory} if self.memory else {}),
         }
 
     def apply_patches(self, extra: list[Any]) -> None:
@@ -133,3 +143,16 @@ class ShardRun:
         self.items_done = items_done
         self.keeper.report(items_done, progress)
         self.add_time("upload_s", time.perf_counter() - started)
+        if item_finished:
+            self._before_next_item()
+
+    def _before_next_item(self) -> None:
+        """Hand the shard back when the next item would likely end after :attr:`deadline`."""
+        now = time.monotonic()
+        self._longest_item = max(self._longest_item, now - self._item_mark)
+        self._item_mark = now
+        if self.deadline is not None and self.items_done < len(self.items) and now + self._longest_item > self.deadline:
+            raise ShardHandBack(
+                f"shard {self.shard_id}: handed back after {self.items_done} of {len(self.items)} items, before the "
+                "broker's consumer_timeout (broker.consumer_timeout_s); a new delivery renders the rest"
+            )

@@ -112,7 +112,7 @@ def run_temporal_video_shard(run: Any) -> int:
                     fps=spec.fps,
                     motion_bucket_id=spec.motion_bucket_id,
                     noise_aug_strength=spec.noise_aug_strength,
-                    decode_chunk_size=spec.decode_chunk_size,
+                    decode_chunk_size=min(spec.decode_chunk_size, run.memory.get("decode_chunk_size", 64)),
                     width=spec.width,
                     height=spec.height,
                 )
