@@ -100,7 +100,15 @@ def _farm_flower(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[
 
 
 @pytest.mark.integration
-def test_flower_shows_the_farm_tasks_on_redis(farm_factory, tiny_models, redis_url, pg_url, tmp_path) -> None:
+def test_flower_shows_the_farm_tasks_on_redis(
+    farm_factory, tiny_models, redis_url, pg_url, tmp_path, fault_table
+) -> None:
+    row = fault_table.row(
+        "Security",
+        "Flower without credentials",
+        "`farm flower` with basic auth from FARM_FLOWER__USER/PASSWORD; requests with no or a wrong password",
+        "401 on the API and the UI; the password never on Flower's command line or in its output",
+    )
     farm = farm_factory(broker=redis_url, db_url=pg_url)
     user, password = "ops", secrets.token_urlsafe(18)
     auth = (user, password)
@@ -144,6 +152,7 @@ def test_flower_shows_the_farm_tasks_on_redis(farm_factory, tiny_models, redis_u
         assert flower.request("/api/tasks", (user, password + "x"))[0] == 401
         assert flower.request("/tasks")[0] == 401
         assert flower.request("/tasks", auth)[0] == 200
+        row.observed = "/api/tasks and /tasks: 401 without and with a wrong password, 200 with the right one"
         # ... but not /metrics (Prometheus) nor /healthcheck, as the README says.
         status, metrics = flower.request("/metrics")
         assert status == 200 and b'task="farm.render_shard"' in metrics
@@ -153,9 +162,16 @@ def test_flower_shows_the_farm_tasks_on_redis(farm_factory, tiny_models, redis_u
     output = flower.output()
     assert "Visit me at http://127.0.0.1:" in output and "Traceback" not in output
     assert password not in output
+    row.observed += "; password absent from /proc/PID/cmdline and from Flower's output"
 
 
-def test_flower_refuses_to_start_without_credentials_outside_embedded_mode(tmp_path: Path) -> None:
+def test_flower_refuses_to_start_without_credentials_outside_embedded_mode(tmp_path: Path, fault_table) -> None:
+    row = fault_table.row(
+        "Security",
+        "Flower started without credentials",
+        "`farm flower` with a Redis broker and no FARM_FLOWER__USER/PASSWORD",
+        "refuses to start, saying why",
+    )
     # Redis as broker makes the farm non-embedded; the refusal comes before any connection.
     base = {"FARM_DATA_DIR": str(tmp_path / "farm-data"), "FARM_BROKER__URL": "redis://127.0.0.1:6379/0"}
     out = _farm_flower(_clean_env(**base), tmp_path)
@@ -173,6 +189,9 @@ def test_flower_refuses_to_start_without_credentials_outside_embedded_mode(tmp_p
 
     placeholder = _farm_flower(_clean_env(**base, FARM_FLOWER__USER="ops", FARM_FLOWER__PASSWORD="changeme"), tmp_path)
     assert placeholder.returncode == 2 and "flower.password is a placeholder" in placeholder.stderr
+    row.observed = (
+        f"exit 2: {out.stderr.strip().splitlines()[-1][:160]}; also refused: no password, ',' in it, 'changeme'"
+    )
 
     # Embedded, without credentials: only on loopback.
     embedded = {"FARM_DATA_DIR": str(tmp_path / "farm-data"), "FARM_FLOWER__ADDRESS": "0.0.0.0"}
