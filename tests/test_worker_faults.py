@@ -193,35 +193,31 @@ def _rabbitmqctl(*args: str) -> str:
 CONSUMER_TIMEOUT_S = 10
 
 
+# RabbitMQ's own defaults, put back when a killed run left this fixture's values behind (a
+# channel_tick_interval that is unset makes RabbitMQ 3.10 fail every new channel).
+RABBITMQ_DEFAULTS = {"consumer_timeout": 1_800_000, "channel_tick_interval": 60_000}
+OURS = {"consumer_timeout": CONSUMER_TIMEOUT_S * 1000, "channel_tick_interval": 1000}
+
+
+def _rabbit_env(key: str) -> int | None:
+    value = _rabbitmqctl("eval", f"application:get_env(rabbit, {key}).")
+    return int(value[4:-1]) if value.startswith("{ok,") and value[4:-1].isdigit() else None
+
+
 @pytest.fixture
 def short_consumer_timeout(rabbitmq_url):
     """RabbitMQ's ``consumer_timeout`` at 10 s (checked every second) for channels opened meanwhile;
     the server's own values come back at the end."""
-    before = {
-        key: _rabbitmqctl("eval", f"application:get_env(rabbit, {key}).")
-        for key in ("consumer_timeout", "channel_tick_interval")
-    }
-    _rabbitmqctl("eval", f"application:set_env(rabbit, consumer_timeout, {CONSUMER_TIMEOUT_S * 1000}).")
-    _rabbitmqctl("eval", "application:set_env(rabbit, channel_tick_interval, 1000).")
+    before = {key: _rabbit_env(key) for key in OURS}
+    for key, value in OURS.items():
+        _rabbitmqctl("eval", f"application:set_env(rabbit, {key}, {value}).")
     try:
         yield CONSUMER_TIMEOUT_S
     finally:
         for key, value in before.items():
-            if key == "consumer_timeout" and _left_by_a_killed_run(value):
-                value = f"{{ok,{RABBITMQ_DEFAULT_CONSUMER_TIMEOUT_MS}}}"
-            if value.startswith("{ok,") and key == "consumer_timeout":
-                _rabbitmqctl("eval", f"application:set_env(rabbit, {key}, {value[4:-1]}).")
-            else:  # the tick interval is left to RabbitMQ's default, as this fixture found it
-                _rabbitmqctl("eval", f"application:unset_env(rabbit, {key}).")
-
-
-RABBITMQ_DEFAULT_CONSUMER_TIMEOUT_MS = 1_800_000
-
-
-def _left_by_a_killed_run(value: str) -> bool:
-    """A consumer_timeout under a minute is this fixture's own, left by a run killed before it
-    could restore the server's value: put RabbitMQ's default back instead."""
-    return value.startswith("{ok,") and value[4:-1].isdigit() and int(value[4:-1]) < 60_000
+            if value is None or value == OURS[key]:  # unset, or left by a killed run
+                value = RABBITMQ_DEFAULTS[key]
+            _rabbitmqctl("eval", f"application:set_env(rabbit, {key}, {value}).")
 
 
 @pytest.mark.integration
