@@ -47,3 +47,57 @@ def test_bulk_feed_bench_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert feeding["feed_calls"] > 1
     assert row["memory"]["submit_peak_mb"] > 0 and row["memory"]["feed_call_peak_kb"] > 0
     assert "feeder / direct rate" in capsys.readouterr().out
+
+
+def test_bench_entry_point_lists_and_dispatches(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.__main__ import BENCHES, main
+
+    assert main([]) == 0
+    listing = capsys.readouterr().out
+    for name in ("patch_apply", "sag_step", "bulk_feed", "celery_overhead", "farm_vs_diffusers"):
+        assert name in BENCHES and name in listing
+    assert main(["no_such_bench"]) == 2
+    assert "unknown benchmark 'no_such_bench'" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_celery_overhead_bench_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], redis_url: str, pg_database_factory
+) -> None:
+    import redis
+
+    from bench.celery_overhead import main
+
+    redis.Redis.from_url(redis_url).flushdb()  # this session's db; the bench wants it empty
+    out = tmp_path / "celery.json"
+    argv = ["--broker", "redis", "--tasks", "8", "--repeats", "1", "--warmup", "2", "--redis-url", redis_url]
+    result = main([*argv, "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    (row,) = result["results"]
+    assert row["broker"] == "redis" and row["tasks"] == 8
+    assert len(row["bare"]["runs"]) == len(row["farm"]["runs"]) == 1
+    assert row["bare"]["tasks_per_s"] > 0 and row["farm"]["shards_per_s"] > 0 and row["farm_over_bare"] > 0
+    assert row["farm"]["runs"][0]["retried_shards"] == 0
+    breakdown = row["breakdown"]
+    assert {"render_shard", "finalize_job", "schedule_job"} <= set(breakdown["tasks"])
+    assert breakdown["tasks"]["render_shard"]["count"] == 8
+    assert breakdown["in_process"]["per_shard"]["COMMIT"] > 0
+    assert "farm / bare" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_farm_vs_diffusers_bench_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.farm_vs_diffusers import main
+
+    out = tmp_path / "fvd.json"
+    argv = ["--images", "2", "--shard-size", "1", "--steps", "2", "--repeats", "1", "--threads", "1"]
+    result = main([*argv, "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert (result["size"], result["farm_mode"], result["device"], result["images"]) == ("tiny", "embedded", "cpu", 2)
+    farm, direct = result["farm"], result["direct"]
+    assert farm["runs"][0]["shards"] == 2 and farm["images_per_s"] > 0 and direct["images_per_s"] > 0
+    assert result["farm_over_direct"] > 0
+    assert result["max_pixel_diff"] <= 2  # the same images both ways
+    assert "farm / diffusers" in capsys.readouterr().out
