@@ -351,7 +351,9 @@ def release_shard_for_retry(session: Session, lease: ShardLease, error: str) -> 
     _release(session, lease, _failure_values(_failure_history(session, lease), lease, error))
 
 
-def _release(session: Session, lease: ShardLease, failure: dict[str, Any], memory: dict[str, Any] | None) -> None:
+def _release(
+    session: Session, lease: ShardLease, failure: dict[str, Any], memory: dict[str, Any] | None = None
+) -> None:
     values = {"status": S.QUEUED, "lease_owner": None, "lease_expires_at": None, "progress": 0.0, "items_done": 0}
     if memory is not None:
         params = session.scalar(select(Shard.params).where(Shard.id == lease.shard_id))

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("diffusers")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_patch_apply_bench_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -60,20 +65,30 @@ def test_bench_entry_point_lists_and_dispatches(capsys: pytest.CaptureFixture[st
     assert "unknown benchmark 'no_such_bench'" in capsys.readouterr().err
 
 
+def _bench_process(tmp_path: Path, *argv: str) -> tuple[dict, str]:
+    """Run ``python -m bench ARGV --json`` in its own process (a bench may register its job kind
+    or change torch's thread count: neither must leak into this test session)."""
+    out = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *argv, "--json", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-def test_celery_overhead_bench_runs(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], redis_url: str, pg_database_factory
-) -> None:
+def test_celery_overhead_bench_runs(tmp_path: Path, redis_url: str, pg_database_factory) -> None:
     import redis
 
-    from bench.celery_overhead import main
-
     redis.Redis.from_url(redis_url).flushdb()  # this session's db; the bench wants it empty
-    out = tmp_path / "celery.json"
     argv = ["--broker", "redis", "--tasks", "8", "--repeats", "1", "--warmup", "2", "--redis-url", redis_url]
-    result = main([*argv, "--json", str(out)])
-    assert json.loads(out.read_text()) == result
+    result, printed = _bench_process(tmp_path, "celery_overhead", *argv)
     (row,) = result["results"]
     assert row["broker"] == "redis" and row["tasks"] == 8
     assert len(row["bare"]["runs"]) == len(row["farm"]["runs"]) == 1
@@ -83,21 +98,17 @@ def test_celery_overhead_bench_runs(
     assert {"render_shard", "finalize_job", "schedule_job"} <= set(breakdown["tasks"])
     assert breakdown["tasks"]["render_shard"]["count"] == 8
     assert breakdown["in_process"]["per_shard"]["COMMIT"] > 0
-    assert "farm / bare" in capsys.readouterr().out
+    assert "farm / bare" in printed
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_farm_vs_diffusers_bench_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from bench.farm_vs_diffusers import main
-
-    out = tmp_path / "fvd.json"
+def test_farm_vs_diffusers_bench_runs(tmp_path: Path) -> None:
     argv = ["--images", "2", "--shard-size", "1", "--steps", "2", "--repeats", "1", "--threads", "1"]
-    result = main([*argv, "--json", str(out)])
-    assert json.loads(out.read_text()) == result
+    result, printed = _bench_process(tmp_path, "farm_vs_diffusers", *argv)
     assert (result["size"], result["farm_mode"], result["device"], result["images"]) == ("tiny", "embedded", "cpu", 2)
     farm, direct = result["farm"], result["direct"]
     assert farm["runs"][0]["shards"] == 2 and farm["images_per_s"] > 0 and direct["images_per_s"] > 0
     assert result["farm_over_direct"] > 0
     assert result["max_pixel_diff"] <= 2  # the same images both ways
-    assert "farm / diffusers" in capsys.readouterr().out
+    assert "farm / diffusers" in printed
