@@ -1,4 +1,4 @@
-"""Bulk renders through real workers on Redis + Postgres: a 1,000-row manifest fed in windows of
+"""Bulk renders through real workers on Redis + Postgres: a 400-row manifest fed in windows of
 20, and a crash (scheduler and worker killed) resumed by submitting again, then the next night's
 appended rows and the dataset export."""
 
@@ -68,12 +68,15 @@ def _broker_depth(redis_url: str, queue: str) -> int:
     return depth
 
 
-def test_thousand_rows_in_windows_of_twenty(farm_factory, tiny_models, pg_url, redis_url, tmp_path) -> None:
+ROWS = 400  # 40 shards of 10: twice the window (10k and 100k rows: bench/bulk_feed.py, no renders)
+
+
+def test_four_hundred_rows_in_windows_of_twenty(farm_factory, tiny_models, pg_url, redis_url, tmp_path) -> None:
     farm = farm_factory(broker=redis_url, db_url=pg_url, FARM_BULK__WINDOW_PER_QUEUE="20")
     farm.start_worker(["farm.control"], name="bulk-control")
     farm.start_worker(["farm.gpu.sd15"], name="bulk-gpu")
-    name = "thousand"
-    manifest = _manifest(tmp_path / "rows.jsonl", range(1000))
+    name = "four-hundred"
+    manifest = _manifest(tmp_path / "rows.jsonl", range(ROWS))
     depths: list[int] = []
     in_flight: list[int] = []
     stop = threading.Event()
@@ -93,23 +96,23 @@ def test_thousand_rows_in_windows_of_twenty(farm_factory, tiny_models, pg_url, r
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.monotonic()
-    base = _base(tiny_models["sd15"], tmp_path, shard_size=25)  # 40 shards through windows of 20
+    base = _base(tiny_models["sd15"], tmp_path, shard_size=10)  # 40 shards through windows of 20
     submitted = _farm_cli(farm, "bulk", "submit", str(manifest), "--base", str(base), "--name", name)
     submit_s = time.monotonic() - started
     assert submitted.returncode == 0, submitted.stderr
-    assert "1000 new row(s)" in " ".join(submitted.stdout.split()) and "20 sent now" in " ".join(
+    assert f"{ROWS} new row(s)" in " ".join(submitted.stdout.split()) and "20 sent now" in " ".join(
         submitted.stdout.split()
     )
     with farm.client() as client:
-        _wait_for(lambda: client.bulk_status(name)["done"] == 1000, 400, "1,000 rows")
+        _wait_for(lambda: client.bulk_status(name)["done"] == ROWS, 400, f"{ROWS} rows")
         status = client.bulk_status(name)
     stop.set()
     sampler.join(timeout=10)
-    assert (status["failed"], status["remaining"], status["families"]["sd15"]["done"]) == (0, 0, 1000)
+    assert (status["failed"], status["remaining"], status["families"]["sd15"]["done"]) == (0, 0, ROWS)
     assert max(depths) <= 20 and max(in_flight) <= 20 and max(in_flight) >= 10  # windows, used
     artifacts = _artifacts(pg_url, name)
-    assert len(artifacts) == 1000 and {k.rsplit("/", 1)[1] for k in artifacts} == {
-        f"row{i:05d}.png" for i in range(1000)
+    assert len(artifacts) == ROWS and {k.rsplit("/", 1)[1] for k in artifacts} == {
+        f"row{i:05d}.png" for i in range(ROWS)
     }
     print(f"submit {submit_s:.1f}s; max broker depth {max(depths)}; max in flight {max(in_flight)}")
 

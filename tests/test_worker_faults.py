@@ -73,7 +73,7 @@ def _outcomes(worker, outcome: str) -> int:
 def test_killed_worker_shard_is_rerun_by_another(
     broker, request, farm_factory, tiny_models, pg_url, factory, fault_table
 ):
-    redelivery = "after the 10 s visibility timeout" if broker == "redis" else "when its connection drops"
+    redelivery = "after the 5 s visibility timeout" if broker == "redis" else "when its connection drops"
     row = fault_table.row(
         "Worker death",
         f"worker SIGKILLed mid-shard ({broker})",
@@ -83,7 +83,7 @@ def test_killed_worker_shard_is_rerun_by_another(
     farm = farm_factory(
         broker=request.getfixturevalue(f"{broker}_url"),
         db_url=pg_url,
-        FARM_BROKER__VISIBILITY_TIMEOUT="10",
+        FARM_BROKER__VISIBILITY_TIMEOUT="5",
         **FAST_LOSS,
     )
     farm.start_worker(["farm.control"], name="control")
@@ -166,7 +166,7 @@ def test_shard_longer_than_redis_visibility_timeout_runs_once(
     farm.start_worker(["farm.control"], name="control")
     workers = [farm.start_worker(["farm.gpu.sd15"], name=n) for n in ("long-a", "long-b")]
     with farm.client() as client:
-        job_id = client.submit(text_job(tiny_models["sd15"], steps=100, count=1, prompts=["a", "b"], shard_size=2))
+        job_id = client.submit(text_job(tiny_models["sd15"], steps=70, count=1, prompts=["a", "b"], shard_size=2))
         summary = client.wait(job_id, timeout=300)
     assert summary["status"] == "succeeded", summary
     (shard,) = summary["shards"]
