@@ -36,6 +36,9 @@ def broker_options(settings: FarmSettings) -> dict[str, Any]:
             "data_folder_out": str(folder / "messages"),
             "control_folder": str(folder / "control"),
             "store_processed": False,
+            # kombu looks at an empty folder once a second by default: every job's scheduling
+            # message waited up to 1 s (bench.farm_vs_diffusers, embedded). A listing is cheap.
+            "polling_interval": 0.1,
         }
     if url.startswith(("redis://", "rediss://")):
         vt = settings.broker.visibility_timeout
