@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.cli import add_model_options, add_output_options, prepare_libraries, write_json
 
 FAMILIES = ("sd15", "sdxl", "svd")
 FAMILY_SHARE = {"sd15": 0.5, "sdxl": 0.3, "svd": 0.2}
@@ -217,9 +218,7 @@ def print_result(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_model_options(parser)
     parser.add_argument("--models", type=int, default=2, help="models per family")
     parser.add_argument("--jobs", type=int, default=40)
     parser.add_argument("--shards", type=int, default=2, help="shards per job")
@@ -227,20 +226,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", type=Path, default=None)
+    add_output_options(parser)
     args = parser.parse_args(argv)
-    import diffusers
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from transformers.utils import logging as transformers_logging
-
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
+    prepare_libraries(args.threads)
     result = bench(
         args.size,
         args.device,
@@ -254,8 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tuple(dict.fromkeys(args.families)),
     )
     print_result(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return result
 
 

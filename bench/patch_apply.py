@@ -26,13 +26,13 @@ since every patch kind patches the UNet. ``--json FILE`` writes the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.cli import add_model_options, add_output_options, prepare_libraries, write_json
 from farm.model_configs import REAL_UNETS
 
 TINY_PIPELINES = {
@@ -269,32 +269,19 @@ def print_result(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=["sd15", "sdxl", "svd", "all"], default="all")
-    parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_model_options(parser)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--patches", nargs="+", choices=PATCH_KINDS, default=list(PATCH_KINDS))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", type=Path, default=None)
+    add_output_options(parser)
     args = parser.parse_args(argv)
-    import diffusers
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    diffusers.utils.logging.disable_progress_bar()
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
+    prepare_libraries(args.threads)
     families = ["sd15", "sdxl", "svd"] if args.family == "all" else [args.family]
     results = []
     for family in families:
         result = bench_family(family, args.size, args.device, args.dtype, max(1, args.repeats), tuple(args.patches))
         print_result(result)
         results.append(result)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
     return results
 
 

@@ -32,13 +32,14 @@ writes the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench.cli import add_model_options, add_output_options, prepare_libraries, write_json
 
 FAMILIES = ("sd15", "sdxl", "svd")
 VARIANTS = {
@@ -305,28 +306,15 @@ def print_result(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=[*FAMILIES, "all"], default="all")
-    parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_model_options(parser)
     parser.add_argument("--latent", type=int, default=32, help="latent height and width")
     parser.add_argument("--frames", type=int, default=4, help="svd: frames per clip")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, default=list(ALL_VARIANTS))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", type=Path, default=None)
+    add_output_options(parser)
     args = parser.parse_args(argv)
-    import diffusers
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from transformers.utils import logging as transformers_logging
-
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
+    prepare_libraries(args.threads)
     families = list(FAMILIES) if args.family == "all" else [args.family]
     wanted = tuple(dict.fromkeys(["unpatched", *args.variants]))
     results = []
@@ -344,8 +332,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         )
         print_result(result)
         results.append(result)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
     return results
 
 

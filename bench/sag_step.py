@@ -18,13 +18,13 @@ same in all three runs). ``--json FILE`` writes the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.cli import add_model_options, add_output_options, prepare_libraries, write_json
 from farm.model_configs import REAL_UNETS
 
 
@@ -144,24 +144,16 @@ def print_result(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=["tiny", "real"], default="tiny")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_model_options(parser)
     parser.add_argument("--latent", type=int, default=32, help="latent height and width")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None)
+    add_output_options(parser, threads=False)
     args = parser.parse_args(argv)
-    import diffusers
-    from transformers.utils import logging as transformers_logging
-
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()  # the deprecated-pipeline notice
-    transformers_logging.disable_progress_bar()
+    prepare_libraries()
     result = bench(args.size, args.device, args.dtype, args.latent, max(1, args.steps), max(1, args.repeats))
     print_result(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return result
 
 
