@@ -14,7 +14,8 @@ from sqlalchemy import select
 
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, BulkJob, Job
-from tests.test_operations import _farm_cli, _wait_for
+from tests.fixtures.services import wait_for
+from tests.test_operations import _farm_cli
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +105,7 @@ def test_four_hundred_rows_in_windows_of_twenty(farm_factory, tiny_models, pg_ur
         submitted.stdout.split()
     )
     with farm.client() as client:
-        _wait_for(lambda: client.bulk_status(name)["done"] == ROWS, 400, f"{ROWS} rows")
+        wait_for(lambda: client.bulk_status(name)["done"] == ROWS, 400, f"{ROWS} rows")
         status = client.bulk_status(name)
     stop.set()
     sampler.join(timeout=10)
@@ -131,7 +132,7 @@ def test_crash_then_resume_renders_only_the_remainder(farm_factory, tiny_models,
     control = farm.start_worker(["farm.control"], name="bulk-sched")
     worker = farm.start_worker(["farm.gpu.sd15"], name="bulk-render")
     assert _farm_cli(farm, "bulk", "submit", str(manifest), "--base", str(base), "--name", name).returncode == 0
-    _wait_for(lambda: len(_artifacts(pg_url, name)) >= 10, 120, "some rows rendered")
+    wait_for(lambda: len(_artifacts(pg_url, name)) >= 10, 120, "some rows rendered")
     worker.kill()
     control.kill()
     before = _artifacts(pg_url, name)
@@ -142,7 +143,7 @@ def test_crash_then_resume_renders_only_the_remainder(farm_factory, tiny_models,
     resumed = _farm_cli(farm, "bulk", "submit", str(manifest), "--base", str(base), "--name", name)
     assert resumed.returncode == 0 and "0 new row(s), 40 already there" in " ".join(resumed.stdout.split())
     with farm.client() as client:
-        _wait_for(lambda: client.bulk_status(name)["done"] == 40, 240, "the remaining rows")
+        wait_for(lambda: client.bulk_status(name)["done"] == 40, 240, "the remaining rows")
         after = _artifacts(pg_url, name)
         assert len(after) == 40
         assert all(after[key] == value for key, value in before.items())  # nothing rendered twice
@@ -151,7 +152,7 @@ def test_crash_then_resume_renders_only_the_remainder(farm_factory, tiny_models,
         _manifest(manifest, range(40, 45))
         night2 = _farm_cli(farm, "bulk", "submit", str(manifest), "--base", str(base), "--name", name)
         assert "5 new row(s), 40 already there" in " ".join(night2.stdout.split())
-        _wait_for(lambda: client.bulk_status(name)["done"] == 45, 120, "the appended rows")
+        wait_for(lambda: client.bulk_status(name)["done"] == 45, 120, "the appended rows")
         status = _farm_cli(farm, "bulk", "status", name)
         assert status.returncode == 0 and "45" in status.stdout
     final = _artifacts(pg_url, name)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -16,7 +15,7 @@ from farm.worker.metrics import STAGES
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Shard
 from tests.fixtures.farm import ROOT, text_job
-from tests.fixtures.services import free_port
+from tests.fixtures.services import free_port, wait_for
 
 
 def _farm_cli(farm, *args: str) -> subprocess.CompletedProcess:
@@ -29,16 +28,6 @@ def _workers(farm) -> dict[str, dict]:
     result = _farm_cli(farm, "workers", "--json")
     assert result.returncode == 0, result.stderr
     return {w["name"]: w for w in json.loads(result.stdout)}
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.integration
@@ -69,11 +58,11 @@ def test_registry_shows_workers_and_a_killed_one_goes_lost(farm_factory, tiny_mo
                 held = s.scalar(select(func.count()).where(Shard.job_id == job_id, Shard.lease_owner == "ops-victim"))
             return bool(held) and (_workers(farm)["ops-victim"]["current_shard"] or {}).get("job_id") == str(job_id)
 
-        _wait_for(victim_holds_a_shard, 60, "the victim to hold a shard")
+        wait_for(victim_holds_a_shard, 60, "the victim to hold a shard")
         pinned = [f"sd15:{tiny_models['sd15']}"]
-        _wait_for(lambda: _workers(farm)["ops-victim"]["pinned_models"] == pinned, 20, "the pinned model to show")
+        wait_for(lambda: _workers(farm)["ops-victim"]["pinned_models"] == pinned, 20, "the pinned model to show")
         victim.kill()
-        _wait_for(lambda: _workers(farm)["ops-victim"]["status"] == "lost", 30, "the victim to be shown lost")
+        wait_for(lambda: _workers(farm)["ops-victim"]["status"] == "lost", 30, "the victim to be shown lost")
         farm.start_worker(["farm.gpu.sd15"], name="ops-rescuer")
         summary = client.wait(job_id, timeout=90)  # well inside the 120 s lease: the sweep expired it
     assert summary["status"] == "succeeded", summary

@@ -18,6 +18,7 @@ from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Shard
 from storage.status import ShardStatus
 from tests.fixtures.farm import text_job
+from tests.fixtures.services import wait_for
 
 DOWN_S = 3.0
 SHARDS = 10
@@ -26,18 +27,6 @@ SHARDS = 10
 def _count(factory, *where) -> int:
     with session_scope(factory) as session:
         return session.scalar(select(func.count()).select_from(Shard).where(*where))
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except Exception:  # the database itself may be coming back
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # What a worker logs when it runs into an outage of each service and backs off: our own waits
@@ -96,26 +85,28 @@ def test_job_survives_postgres_redis_and_seaweedfs_restarts(
             seen = []
             for server, service, _ in drills:
                 done_before = _count(factory, Shard.job_id == job_id, Shard.status == ShardStatus.SUCCEEDED)
-                _wait_for(
+                wait_for(
                     lambda: _count(factory, Shard.job_id == job_id, Shard.status == ShardStatus.RUNNING),
                     120,
                     "a running shard",
+                    tolerate=(Exception,),  # the database itself may be coming back
                 )
                 before = _waits(logs, service)
                 server.stop()
                 stopped = time.monotonic()
                 # Down until a worker has run into the outage (and at least DOWN_S), then back.
                 noticed = f"a worker to notice the {server.name} outage"
-                _wait_for(lambda service=service, before=before: _waits(logs, service) > before, 180, noticed)
+                wait_for(lambda service=service, before=before: _waits(logs, service) > before, 180, noticed)
                 time.sleep(max(0.0, DOWN_S - (time.monotonic() - stopped)))
                 server.start()
                 down = time.monotonic() - stopped
-                _wait_for(
+                wait_for(
                     lambda before=done_before: (
                         _count(factory, Shard.job_id == job_id, Shard.status == ShardStatus.SUCCEEDED) > before + 1
                     ),
                     180,
                     f"progress after the {server.name} restart",
+                    tolerate=(Exception,),
                 )
                 seen.append((server.name, service, down, done_before, _waits(logs, service) - before))
             summary = client.wait(job_id, timeout=300)

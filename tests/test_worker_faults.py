@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Job, Shard
 from tests.fixtures.farm import text_job
-from tests.fixtures.services import service_missing
+from tests.fixtures.services import service_missing, wait_for
 
 FAST_LOSS = {"FARM_WORKER__LEASE_SECONDS": "5", "FARM_WORKER__LOST_AFTER_S": "4"}
 
@@ -33,16 +33,6 @@ def factory(pg_url):
     engine = make_engine(pg_url)
     yield make_session_factory(engine)
     engine.dispose()
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _running_on(factory, job_id, owner: str) -> bool:
@@ -90,7 +80,7 @@ def test_killed_worker_shard_is_rerun_by_another(
     victim = farm.start_worker(["farm.gpu.sd15"], name="victim")
     with farm.client() as client:
         job_id = client.submit(text_job(tiny_models["sd15"], steps=60, count=1, prompts=["a", "b"], shard_size=1))
-        _wait_for(lambda: _running_on(factory, job_id, "victim"), 90, "the victim to hold a lease")
+        wait_for(lambda: _running_on(factory, job_id, "victim"), 90, "the victim to hold a lease")
         victim.kill()
         killed = time.monotonic()
         farm.start_worker(["farm.gpu.sd15"], name="rescuer")
@@ -123,7 +113,7 @@ def test_frozen_worker_late_writes_are_fenced_out(farm_factory, tiny_models, pg_
     frozen = farm.start_worker(["farm.gpu.sd15"], name="frozen")
     with farm.client() as client:
         job_id = client.submit(text_job(tiny_models["sd15"], steps=60, count=1, prompts=["a", "b"], shard_size=2))
-        _wait_for(lambda: _running_on(factory, job_id, "frozen"), 90, "the frozen worker to hold the lease")
+        wait_for(lambda: _running_on(factory, job_id, "frozen"), 90, "the frozen worker to hold the lease")
         frozen.proc.send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
         try:
@@ -132,7 +122,7 @@ def test_frozen_worker_late_writes_are_fenced_out(farm_factory, tiny_models, pg_
         finally:
             frozen.proc.send_signal(signal.SIGCONT)
         frozen_s = time.monotonic() - stopped
-        fenced = _wait_for(lambda: _outcomes(frozen, "fenced"), 90, "the thawed attempt to be fenced out")
+        fenced = wait_for(lambda: _outcomes(frozen, "fenced"), 90, "the thawed attempt to be fenced out")
         store = client.store
         artifacts = _artifacts(factory, job_id)
         stored = {a.key: hashlib.sha256(store.get_bytes(a.key)).hexdigest() for a in artifacts}
