@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.model_configs import REAL_UNETS
+from farm.tiny_models import _tiny_vision_encoder
 
 ADAPTER_KINDS = ("ip_adapter", "ip_adapter_plus", "instantid")
 PIPELINES = {
@@ -55,29 +56,11 @@ def real_unet(family: str, device: str = "cpu", dtype: Any = None, seed: int = 0
     return unet.to(dtype=dtype) if dtype is not None else unet
 
 
-def tiny_vision_encoder(projection_dim: int, seed: int = 0) -> Any:
-    """The tiny CLIP vision encoder of :mod:`farm.tiny_models`, projecting to ``projection_dim``."""
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=224,
-        patch_size=32,
-        projection_dim=projection_dim,
-    )
-    return CLIPVisionModelWithProjection(config)
-
-
 def around_real_unet(pipe: Any, family: str, unet: Any, *, keep_text_encoders: bool = False) -> Any:
     """``pipe`` (a tiny pipeline of ``family``) rebuilt around the real-size ``unet``."""
     components = {**pipe.components, "unet": unet}
     if family == "svd":
-        components["image_encoder"] = tiny_vision_encoder(unet.config.cross_attention_dim)
+        components["image_encoder"] = _tiny_vision_encoder(0, unet.config.cross_attention_dim)
     elif not keep_text_encoders:  # tiny encoders make 32/64-wide context; the benches pass real-width embeddings
         for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
             if name in components:

@@ -335,7 +335,8 @@ def build_tiny_model(family: str, out_dir: Path, *, seed: int = 0) -> Path:
     return out_dir
 
 
-def _tiny_vision_encoder(seed: int) -> Any:
+def _tiny_vision_encoder(seed: int, projection_dim: int = 32) -> Any:
+    """A tiny CLIP vision encoder; ``projection_dim`` is the width of its image embeddings."""
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -348,6 +349,6 @@ def _tiny_vision_encoder(seed: int) -> Any:
             num_attention_heads=2,
             image_size=224,
             patch_size=32,
-            projection_dim=32,
+            projection_dim=projection_dim,
         )
     )
