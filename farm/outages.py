@@ -68,16 +68,21 @@ def ride_out(
     what: str,
     wait_s: float,
     check: Callable[[], None] | None = None,
+    landed: Callable[[], bool] | None = None,
     sleep: Callable[[float], None] = time.sleep,
-) -> T:
+) -> T | None:
     """``step()``, called again after a service outage (0.5 s, 1 s, 2 s ... at most 15 s apart)
     until it succeeds or ``wait_s`` seconds have passed. ``check`` runs before each new try and
-    may raise to stop waiting (a lost lease, a cancelled job). ``step`` must be safe to repeat."""
+    may raise to stop waiting (a lost lease, a cancelled job). ``step`` must be safe to repeat;
+    for a write whose commit may have landed before the connection dropped, ``landed()`` says so
+    before each new try (not the first), and the step is then not repeated (``None``)."""
     started = time.monotonic()
     delay = FIRST_DELAY_S
     tries = 0
     while True:
         try:
+            if tries and landed is not None and landed():
+                return None
             return step()
         except Exception as exc:
             service = unavailable_service(exc)

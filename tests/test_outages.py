@@ -81,3 +81,14 @@ def test_ride_out_stops_waiting_when_the_check_says_so() -> None:
 
     with pytest.raises(LeaseLost):
         ride_out(down, what="put", wait_s=60, check=lease_gone, sleep=lambda _: None)
+
+
+def test_a_write_that_landed_before_the_outage_is_not_repeated() -> None:
+    writes: list[str] = []
+
+    def write() -> None:
+        writes.append("row")
+        raise StorageUnavailable("the answer to the commit was lost")
+
+    assert ride_out(write, what="row", wait_s=60, landed=lambda: bool(writes), sleep=lambda _: None) is None
+    assert writes == ["row"]  # checked before the retry, not before the first try

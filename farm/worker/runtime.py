@@ -93,12 +93,12 @@ class WorkerResources:
             self.cache = ModelCache(placement, self.settings.worker.model_cache_mb * (1 << 20))
         return self.cache
 
-    def outlast(self, step: Any, what: str, check: Any = None) -> Any:
+    def outlast(self, step: Any, what: str, check: Any = None, landed: Any = None) -> Any:
         """``step()`` retried through database, broker and object-store outages for at most
         ``worker.service_wait_s`` (see :func:`farm.outages.ride_out`)."""
         from farm.outages import ride_out
 
-        return ride_out(step, what=what, wait_s=self.settings.worker.service_wait_s, check=check)
+        return ride_out(step, what=what, wait_s=self.settings.worker.service_wait_s, check=check, landed=landed)
 
     def close(self) -> None:
         if self.engine is not None:
@@ -187,12 +187,14 @@ def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, d
 
         def succeed() -> None:
             with session_scope(res.session_factory) as session:
-                if _finished_by(session, lease, ShardStatus.SUCCEEDED):
-                    return  # an earlier try committed before its connection dropped
                 finish_shard(session, lease, ShardStatus.SUCCEEDED, timings=timings, items_done=delivery.items)
                 record_success(session, lease.job_id, res.name)
 
-        res.outlast(succeed, f"shard {shard_id}: finishing")
+        def succeeded() -> bool:  # an earlier try committed before its connection dropped
+            with session_scope(res.session_factory) as session:
+                return _finished_by(session, lease, ShardStatus.SUCCEEDED)
+
+        res.outlast(succeed, f"shard {shard_id}: finishing", landed=succeeded)
         return ShardOutcome("succeeded", lease.job_id)
     except LeaseLost as exc:
         log.warning("shard %s: %s", shard_id, exc)

@@ -108,13 +108,8 @@ class ShardRun:
         )
         items_done = self.items_done + (1 if item_finished else 0)
 
-        tries = []
-
         def write_row() -> None:
-            tries.append(1)
             with session_scope(self.res.session_factory) as session:
-                if len(tries) > 1 and session.scalar(select(Artifact.id).where(Artifact.key == key)) is not None:
-                    return  # an earlier try committed before its connection dropped
                 self.keeper.lease = renew_lease(
                     session,
                     self.keeper.lease,
@@ -138,7 +133,11 @@ class ShardRun:
                     )
                 )
 
-        self.res.outlast(write_row, where, self.keeper.check)
+        def row_written() -> bool:  # an earlier try committed before its connection dropped
+            with session_scope(self.res.session_factory) as session:
+                return session.scalar(select(Artifact.id).where(Artifact.key == key)) is not None
+
+        self.res.outlast(write_row, where, self.keeper.check, landed=row_written)
         self.done_keys.add(key)
         self.items_done = items_done
         self.keeper.report(items_done, progress)
