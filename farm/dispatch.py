@@ -4,10 +4,11 @@ Flower shows them as ``job_id``, ``shard_id``."""
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from farm.celery_app import CONTROL_QUEUE
 
@@ -47,3 +48,22 @@ def publish_shards(app: Celery, dispatches: Iterable[ShardDispatch]) -> list[uui
         publish_shard(app, d.shard_id, d.job_id, d.queue, d.priority)
         sent.append(d.shard_id)
     return sent
+
+
+SEND_CHUNK = 500  # shards published, then marked queued, per transaction
+
+
+def send_shards(app: Celery, session_factory: Any, dispatches: Iterable[ShardDispatch], chunk: int = SEND_CHUNK) -> int:
+    """Publish shard messages a chunk at a time, marking each chunk queued once it is on the
+    broker: a publisher killed part-way leaves only the unsent shards PENDING (a restart re-sends
+    at most one chunk twice). Returns how many were sent."""
+    from storage.db import session_scope
+    from storage.transitions import mark_shards_queued
+
+    total = 0
+    for batch in itertools.batched(dispatches, chunk):
+        sent = publish_shards(app, batch)
+        with session_scope(session_factory) as session:
+            mark_shards_queued(session, sent)
+        total += len(sent)
+    return total

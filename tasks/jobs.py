@@ -7,14 +7,13 @@ from typing import Any
 from celery import shared_task
 from sqlalchemy import select
 
-from farm.dispatch import publish_shards
+from farm.dispatch import send_shards
 from farm.feeder import feed
 from farm.scheduler import finalize_job as finalize
 from farm.scheduler import job_summary, parse_job_id
 from farm.scheduler import schedule_job as schedule
 from storage.db import session_scope
 from storage.models import Job
-from storage.transitions import mark_shards_queued
 from tasks.resources import outlasting, worker_resources
 
 
@@ -26,10 +25,7 @@ def schedule_job(self, job_id: str) -> dict:
     def run() -> int:  # repeatable: a second run publishes the shards still pending
         with session_scope(res.session_factory) as session:
             dispatches = schedule(session, job)
-        sent = publish_shards(self.app, dispatches)
-        with session_scope(res.session_factory) as session:
-            mark_shards_queued(session, sent)
-        return len(sent)
+        return send_shards(self.app, res.session_factory, dispatches)
 
     return {"job_id": job_id, "shards_sent": outlasting(res, run, f"job {job_id}: schedule")}
 
