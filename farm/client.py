@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 
 from farm.dispatch import publish_finalize, publish_schedule, publish_shards
-from farm.errors import NotFound
+from farm.errors import JobNotScheduled, NotFound
 from farm.scheduler import job_summary, parse_job_id, requeue_failed, submit_job
 from farm.settings import FarmSettings, load_settings
 from storage.db import make_engine, make_session_factory, session_scope
@@ -87,8 +87,26 @@ class FarmClient:
             job, _created = submit_job(session, spec)
             job_id, status = job.id, JobStatus(job.status)
         if status == JobStatus.PENDING:
-            publish_schedule(self.app, job_id)
+            self._publish_schedule(job_id)
         return job_id
+
+    def _publish_schedule(self, job_id: uuid.UUID) -> None:
+        """Send the job's scheduling message; with the broker down, say that the job is kept and
+        who will schedule it (the reconciler) instead of failing with a broker traceback."""
+        from farm.outages import unavailable_service
+
+        try:
+            publish_schedule(self.app, job_id)
+        except Exception as exc:
+            if unavailable_service(exc) != "broker":
+                raise
+            wait = self.settings.reconcile.stuck_after_s
+            raise JobNotScheduled(
+                f"job {job_id} is recorded but not scheduled yet: the broker is unreachable "
+                f"({type(exc).__name__}); the farm's reconciler schedules it within {wait:g}s of the broker "
+                f"coming back (`farm status {job_id}` shows it)",
+                job_id=job_id,
+            ) from None
 
     def get(self, job_id: str | uuid.UUID) -> dict[str, Any]:
         with session_scope(self._sessions) as session:
@@ -136,13 +154,23 @@ class FarmClient:
         return self.get(job)
 
     def retry_failed(self, job_id: str | uuid.UUID) -> int:
-        """Re-queue the job's failed shards; returns how many (a bulk job's are fed in windows)."""
+        """Re-queue the job's failed shards; returns how many (a bulk job's are fed in windows).
+        ``farm retry`` also calls :meth:`resend_stuck`."""
         with session_scope(self._sessions) as session:
             count, dispatches = requeue_failed(session, parse_job_id(job_id))
         publish_shards(self.app, dispatches)
         if count and not dispatches:
             self.feed_bulk()
         return count
+
+    def resend_stuck(self, job_id: str | uuid.UUID) -> int:
+        """Send again, now, every shard of the job that waits for a worker on a queue someone
+        consumes, or whose lease expired: a lost message never leaves a job waiting for good.
+        Returns how many messages were sent (a duplicate is harmless: the lease turns it away)."""
+        from farm.reconciler import Reconciler
+
+        report = Reconciler(self.settings, self._sessions, self.app, self.store).resend_job(parse_job_id(job_id))
+        return report.resent_waiting + report.resent_orphaned
 
     # -- bulk -----------------------------------------------------------------------------------
     def submit_bulk(

@@ -61,7 +61,8 @@ def send_shards(app: Celery, session_factory: Any, dispatches: Iterable[ShardDis
     from storage.transitions import mark_shards_queued
 
     total = 0
-    for batch in itertools.batched(dispatches, chunk):
+    pending = iter(dispatches)
+    while batch := list(itertools.islice(pending, chunk)):
         sent = publish_shards(app, batch)
         with session_scope(session_factory) as session:
             mark_shards_queued(session, sent)

@@ -60,3 +60,14 @@ class StorageUnavailable(StorageError):
     """The object store could not be reached or answered with a transient failure."""
 
     retryable = True
+
+
+class JobNotScheduled(FarmError):
+    """A job was recorded but its scheduling message could not be sent (the broker is down): the
+    reconciler schedules it once the broker is back."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, job_id: object) -> None:
+        super().__init__(message)
+        self.job_id = job_id

@@ -135,7 +135,7 @@ def requeue_failed(session: Session, job_id: uuid.UUID) -> tuple[int, list[Shard
     for row in failed:
         set_shard_status(session, row.id, to, expected=ShardStatus.FAILED, enqueued_at=utcnow(), error=None)
     if job.status in (JobStatus.PARTIAL, JobStatus.FAILED):
-        set_job_status(session, job_id, JobStatus.RUNNING, finished_at=None, error=None)
+        set_job_status(session, job_id, JobStatus.RUNNING, finished_at=None, error=None, outputs_written_at=None)
     if job.bulk_id is not None:
         return len(failed), []
     return len(failed), [ShardDispatch(row.id, job_id, row.queue, job.priority) for row in failed]

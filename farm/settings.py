@@ -182,6 +182,22 @@ class BulkSettings(_Section):
     )
 
 
+class ReconcileSettings(_Section):
+    """The reconciler: restores progress from the database alone after any lost message or worker."""
+
+    enabled: bool = Field(
+        default=True, description="Run the reconciler in every worker that consumes farm.control and in `farm beat`."
+    )
+    interval_s: float = Field(default=30.0, gt=0, description="Seconds between two reconciler passes.")
+    stuck_after_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="A shard waiting this long while every live worker on its queue has been idle as long, or a "
+        "job still pending after this long, has lost its message: it is sent again.",
+    )
+    batch: int = Field(default=1000, ge=1, le=100_000, description="Most shards or jobs one pass acts on per step.")
+
+
 class FlowerSettings(_Section):
     """``farm flower``: Celery's monitoring UI for the farm's app."""
 
@@ -210,6 +226,7 @@ class FarmSettings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     bulk: BulkSettings = Field(default_factory=BulkSettings)
+    reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> FarmSettings:

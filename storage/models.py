@@ -123,6 +123,7 @@ class Job(Timestamped, Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    outputs_written_at: Mapped[datetime | None]  # manifest and contact sheet in the store (terminal jobs)
     bulk_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("bulk_job.id", ondelete="CASCADE"), index=True)
 
     shards: Mapped[list[Shard]] = relationship(
@@ -210,6 +211,7 @@ class Worker(Timestamped, Base):
     pinned_models: Mapped[list[Any]] = mapped_column(default=list)
     status: Mapped[WorkerStatus] = mapped_column(_status(WorkerStatus), default=WorkerStatus.ONLINE)
     current_shard_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    idle_since: Mapped[datetime | None]  # holding no shard since then (None while it renders)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
 

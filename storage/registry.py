@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from storage.models import Job, Shard, Worker, utcnow
@@ -50,6 +51,7 @@ def register_worker(
         "pinned_models": list(pinned_models),
         "status": W.ONLINE,
         "current_shard_id": None,
+        "idle_since": now,
         "started_at": now,
         "heartbeat_at": now,
         "updated_at": now,
@@ -71,7 +73,12 @@ def worker_heartbeat(
     """Record that the worker is alive (a lost worker that speaks again is online again).
     Returns False when it has no row (it must register)."""
     now = now or utcnow()
-    values: dict[str, Any] = {"heartbeat_at": now, "current_shard_id": current_shard_id, "status": W.ONLINE}
+    values: dict[str, Any] = {
+        "heartbeat_at": now,
+        "current_shard_id": current_shard_id,
+        "status": W.ONLINE,
+        "idle_since": None if current_shard_id is not None else func.coalesce(Worker.idle_since, now),
+    }
     if pinned_models is not None:
         values["pinned_models"] = list(pinned_models)
     result = session.execute(
@@ -112,6 +119,30 @@ def live_workers(session: Session, queue: str, lost_after_s: float, now: datetim
         select(Worker.name, Worker.queues).where(Worker.status == W.ONLINE, Worker.heartbeat_at >= cutoff)
     )
     return [name for name, queues in rows if queue in (queues or [])]
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A live worker consuming a queue: the shard it renders, or since when it holds none."""
+
+    name: str
+    current_shard_id: uuid.UUID | None
+    idle_since: datetime | None
+
+
+def queue_consumers(session: Session, lost_after_s: float, now: datetime | None = None) -> dict[str, list[Consumer]]:
+    """The workers online and heard from within ``lost_after_s``, by each queue they consume."""
+    cutoff = (now or utcnow()) - timedelta(seconds=lost_after_s)
+    rows = session.execute(
+        select(Worker.name, Worker.queues, Worker.current_shard_id, Worker.idle_since).where(
+            Worker.status == W.ONLINE, Worker.heartbeat_at >= cutoff
+        )
+    )
+    found: dict[str, list[Consumer]] = {}
+    for row in rows:
+        for queue in row.queues or []:
+            found.setdefault(queue, []).append(Consumer(row.name, row.current_shard_id, row.idle_since))
+    return found
 
 
 def list_workers(session: Session, lost_after_s: float, now: datetime | None = None) -> list[dict[str, Any]]:

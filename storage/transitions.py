@@ -164,12 +164,19 @@ class ShardLease:
 
 
 def claim_shard(
-    session: Session, shard_id: uuid.UUID, owner: str, lease_seconds: float, now: datetime | None = None
+    session: Session,
+    shard_id: uuid.UUID,
+    owner: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+    *,
+    max_attempts: int | None = None,
 ) -> ShardLease | None:
     """Take a shard for rendering. Returns ``None`` when it is terminal, held by a live lease, or
-    another claimer won the race; a lease that expired is taken over. A change that is not a claim
-    landing between our read and our write (the scheduler marking the shard queued) is no reason
-    to give up: read again."""
+    another claimer won the race; a lease that expired is taken over, unless the shard has used
+    ``max_attempts`` already (a crash loop: :func:`storage.recovery.fail_crash_loop` ends it). A
+    change that is not a claim landing between our read and our write (the scheduler marking the
+    shard queued) is no reason to give up: read again."""
     now = now or utcnow()
     for _ in range(5):
         row = session.execute(
@@ -187,6 +194,8 @@ def claim_shard(
             raise NotFound(f"no shard {shard_id}")
         takeover = row.status == S.RUNNING and row.lease_expires_at is not None and row.lease_expires_at <= now
         if row.status not in (S.PENDING, S.QUEUED) and not takeover:
+            return None
+        if takeover and max_attempts is not None and row.attempts >= max_attempts:
             return None
         lease = _try_claim(session, shard_id, owner, lease_seconds, now, row, takeover)
         if lease is not None:

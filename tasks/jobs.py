@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from celery import shared_task
-from sqlalchemy import select
 
 from farm.dispatch import send_shards
 from farm.feeder import feed
-from farm.scheduler import finalize_job as finalize
-from farm.scheduler import job_summary, parse_job_id
+from farm.finalizer import finalize
+from farm.scheduler import parse_job_id
 from farm.scheduler import schedule_job as schedule
 from storage.db import session_scope
-from storage.models import Job
 from tasks.resources import outlasting, worker_resources
 
 
@@ -32,23 +28,18 @@ def schedule_job(self, job_id: str) -> dict:
 
 @shared_task(bind=True, name="farm.finalize_job")
 def finalize_job(self, job_id: str) -> dict:
-    from farm.manifest import write_job_outputs
-
     res = worker_resources(self.app)
     job = parse_job_id(job_id)
-
-    def run() -> tuple[Any, Any, bool]:  # repeatable: the outputs are rewritten whole
-        with session_scope(res.session_factory) as session:
-            rollup, status = finalize(session, job)
-            bulk = session.scalar(select(Job.bulk_id).where(Job.id == job)) is not None
-            if rollup.all_terminal:
-                write_job_outputs(session, res.store, job, job_summary(session, job))
-        return rollup, status, bulk
-
-    rollup, status, bulk = outlasting(res, run, f"job {job_id}: finalize")
+    done = outlasting(res, lambda: finalize(res.session_factory, res.store, job), f"job {job_id}: finalize")
     window = res.settings.bulk.window_per_queue
-    fed = outlasting(res, lambda: feed(self.app, res.session_factory, window), "bulk feed") if bulk else 0
-    return {"job_id": job_id, "status": status.value, "all_terminal": rollup.all_terminal, "fed": fed}
+    fed = outlasting(res, lambda: feed(self.app, res.session_factory, window), "bulk feed") if done.bulk else 0
+    return {
+        "job_id": job_id,
+        "status": done.status.value,
+        "all_terminal": done.rollup.all_terminal,
+        "outputs_written": done.outputs_written,
+        "fed": fed,
+    }
 
 
 @shared_task(bind=True, name="farm.feed_bulk")

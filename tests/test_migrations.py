@@ -15,7 +15,7 @@ from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, BulkJob, Job, JobWorker, Shard, Worker, metadata
 
 TABLES = {"job", "shard", "artifact", "worker", "job_worker", "bulk_job"}
-HEAD = "0003"
+HEAD = "0004"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
@@ -167,7 +167,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "9999"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

@@ -16,6 +16,7 @@ from farm.cli import (
     flower_cmd,
     jobs_cmd,
     models_cmd,
+    reconcile_cmd,
     storage_cmd,
     worker_cmd,
     workers_cmd,
@@ -59,6 +60,7 @@ worker_cmd.register(app)
 flower_cmd.register(app)
 workers_cmd.register(app)
 bulk_cmd.register(app)
+reconcile_cmd.register(app)
 
 
 def main() -> None:

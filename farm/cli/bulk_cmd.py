@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,7 +88,13 @@ def beat(loglevel: str = typer.Option("INFO", help="Log level.")) -> None:
     for entry in cfg.bulk.schedules:
         until = entry.window_end or "-"
         console.print(f"nightly bulk {entry.name}: {entry.at} {entry.timezone}, feeding until {until}")
-    celery.start(["beat", "--loglevel", loglevel, "--scheduler", "celery.beat:Scheduler"])
+    with contextlib.ExitStack() as running:
+        if cfg.reconcile.enabled:
+            from farm.reconciler import Reconciler, ReconcilerLoop
+
+            running.enter_context(ReconcilerLoop(Reconciler.for_settings(cfg, celery)))
+            console.print(f"reconciler: a pass every {cfg.reconcile.interval_s:g}s")
+        celery.start(["beat", "--loglevel", loglevel, "--scheduler", "celery.beat:Scheduler"])
 
 
 def register(root: typer.Typer) -> None:

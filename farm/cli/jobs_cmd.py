@@ -153,7 +153,11 @@ def retry(job_id: str = typer.Argument(..., help="A job id, or a bulk job's name
         except ValueError:
             console.print(f"re-fed {client.retry_bulk(job_id)} failed shard(s) of bulk job {job_id}")
             return
-        console.print(f"re-queued {client.retry_failed(job_id)} failed shard(s) of job {job_id}")
+        failed = client.retry_failed(job_id)
+        console.print(f"re-queued {failed} failed shard(s) of job {job_id}")
+        resent = client.resend_stuck(job_id)
+        if resent:
+            console.print(f"re-sent {resent} stuck shard(s) of job {job_id} (their messages were lost)")
 
 
 def results(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -42,7 +43,13 @@ def worker(
         resources.metrics = WorkerMetrics()
         resources.metrics.serve(cfg.worker.metrics_port, cfg.worker.metrics_address)
         console.print(f"metrics on http://{cfg.worker.metrics_address}:{cfg.worker.metrics_port}/metrics")
-    with WorkerHeartbeat(resources, selected):
+    with contextlib.ExitStack() as running:
+        running.enter_context(WorkerHeartbeat(resources, selected))
+        if CONTROL_QUEUE in selected and cfg.reconcile.enabled:
+            from farm.reconciler import Reconciler, ReconcilerLoop
+
+            reconciler = Reconciler(cfg, resources.session_factory, app, resources.store, resources.metrics)
+            running.enter_context(ReconcilerLoop(reconciler))
         app.worker_main(
             [
                 "worker",

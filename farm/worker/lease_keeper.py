@@ -75,15 +75,18 @@ class LeaseKeeper:
         while not self._stop.wait(self._interval):
             try:
                 self.beat()
+                if failures:
+                    log.info("shard %s: lease renewed again after %d failed tries", self.lease.shard_id, failures)
                 failures = 0
             except LeaseLost:
                 self.lost.set()
                 return
-            except Exception as exc:  # a database hiccup: keep trying until the lease would expire
+            except Exception as exc:
+                # A database outage: keep trying for as long as the render goes on. The lease may
+                # expire meanwhile; it stays ours unless another attempt took it over, which the
+                # next renewal (or the next artifact row) learns as LeaseLost. Giving up here would
+                # stop a render that the outage's end lets finish.
                 failures += 1
                 if failures == 1:
                     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                     log.warning("shard %s: lease renewal failed, trying again: %s", self.lease.shard_id, first_line)
-                if failures * self._interval >= self._lease_seconds:
-                    self.lost.set()
-                    return

@@ -56,6 +56,12 @@ class WorkerMetrics:
         self.items_per_second = Gauge(
             "farm_items_per_second", "Items per second of the last shard rendered", ["queue"], registry=r
         )
+        self.reconcile_actions = Counter(
+            "farm_reconciler_actions", "What reconciler passes did, by action", ["action"], registry=r
+        )
+        self.reconcile_seconds = Histogram(
+            "farm_reconciler_pass_seconds", "Seconds per reconciler pass", buckets=SECONDS_BUCKETS, registry=r
+        )
         r.register(_GpuMemory())
         self.server: Any = None
 
@@ -79,6 +85,14 @@ class WorkerMetrics:
             self.items.labels(queue).inc(items)
             if seconds > 0:
                 self.items_per_second.labels(queue).set(items / seconds)
+
+    def observe_reconcile(self, report: Any) -> None:
+        """One reconciler pass (a :class:`farm.reconciler.ReconcileReport`)."""
+        for action in report.ACTIONS:
+            count = getattr(report, action)
+            if count:
+                self.reconcile_actions.labels(action).inc(count)
+        self.reconcile_seconds.observe(report.seconds)
 
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         """Serve ``/metrics`` on ``address:port`` from a daemon thread."""

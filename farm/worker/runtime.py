@@ -27,6 +27,7 @@ from storage.blocklist import is_blocked, record_failure_streak, record_success,
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Job, Shard
 from storage.objects import ObjectStore, open_store
+from storage.recovery import fail_crash_loop
 from storage.status import ShardStatus
 from storage.transitions import claim_shard, finish_shard, hand_back, lease_remaining, record_failure
 
@@ -164,9 +165,14 @@ def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, d
             refused = _refuse_blocked(session, res, shard_id, row.job_id, row.queue)
             if refused is not None:
                 return refused
-        lease = claim_shard(session, shard_id, res.name, settings.lease_seconds)
+        lease = claim_shard(session, shard_id, res.name, settings.lease_seconds, max_attempts=settings.max_attempts)
         if lease is None:
             remaining = lease_remaining(session, shard_id)
+            # An expired lease we may not take over: its workers died on every attempt.
+            crashed = fail_crash_loop(session, shard_id, settings.max_attempts) if remaining == 0.0 else None
+    if lease is None and crashed is not None:
+        log.warning("shard %s failed for good: %s", shard_id, crashed)
+        return ShardOutcome("failed", row.job_id, error=crashed)
     if lease is None:
         if remaining is not None:
             # Held by a live lease: look again once it could have expired (its holder may be dead).
