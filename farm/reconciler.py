@@ -192,7 +192,8 @@ class Reconciler:
         ended: set[uuid.UUID] = set()
         with session_scope(self.sessions) as session:
             live = {c.name: c for cs in self._consumers(session, now).values() for c in cs}
-            for orphan in orphaned_shards(session, now, resent_before, self.settings.reconcile.batch, job_id=job_id):
+            batch = self.settings.reconcile.batch
+            for orphan in orphaned_shards(session, now, resent_before, batch, max_attempts=max_attempts, job_id=job_id):
                 holder = live.get(orphan.owner or "")
                 if (
                     holder is not None
@@ -248,7 +249,9 @@ class Reconciler:
         done = finalize(self.sessions, self.store, job_id)
         report.finalized += int(done.status in JOB_TERMINAL)
         report.outputs_written += int(bool(done.outputs_written))
-        report.outputs_failed += int(done.outputs_written is None)
+        if done.outputs_written is None:
+            report.outputs_failed += 1
+            self._back_off(job_id)
 
     # -- 5. outputs ---------------------------------------------------------------------------------
     def _write_missing_outputs(self, now: datetime, report: ReconcileReport) -> None:
@@ -259,20 +262,25 @@ class Reconciler:
                 .order_by(Job.finished_at)
                 .limit(self.settings.reconcile.batch)
             ).all()
-        clock = time.monotonic()
         for job_id in ids:
-            next_try, delay = self._output_backoff.get(job_id, (0.0, self.settings.reconcile.interval_s))
-            if clock < next_try:
+            if time.monotonic() < self._output_backoff.get(job_id, (0.0, 0.0))[0]:
                 continue
             try:
                 written = write_outputs(self.sessions, self.store, job_id)
             except StorageError as exc:
-                self._output_backoff[job_id] = (clock + delay, min(MAX_OUTPUT_BACKOFF_S, delay * 2))
+                delay = self._back_off(job_id)
                 report.outputs_failed += 1
                 log.warning("job %s: outputs not written, next try in %.0fs: %s", job_id, delay, exc)
                 continue
             self._output_backoff.pop(job_id, None)
             report.outputs_written += int(written)
+
+    def _back_off(self, job_id: uuid.UUID) -> float:
+        """Try the job's outputs again after a pass interval, doubling up to 10 minutes."""
+        _, delay = self._output_backoff.get(job_id, (0.0, self.settings.reconcile.interval_s / 2))
+        delay = min(MAX_OUTPUT_BACKOFF_S, delay * 2)
+        self._output_backoff[job_id] = (time.monotonic() + delay, delay)
+        return delay
 
     # -- 6. bulk windows ----------------------------------------------------------------------------
     def _feed_bulk(self, now: datetime, report: ReconcileReport) -> None:

@@ -96,11 +96,26 @@ class Orphan:
     lease_expires_at: datetime
 
 
+def _not_resent(resent_before: datetime) -> Any:
+    """Not re-sent since its lease expired, nor within the stuck period (a re-sent message that
+    was lost too is sent once more after it)."""
+    return or_(
+        Shard.enqueued_at.is_(None), Shard.enqueued_at < Shard.lease_expires_at, Shard.enqueued_at < resent_before
+    )
+
+
 def orphaned_shards(
-    session: Session, expired_before: datetime, resent_before: datetime, limit: int, *, job_id: uuid.UUID | None = None
+    session: Session,
+    expired_before: datetime,
+    resent_before: datetime,
+    limit: int,
+    *,
+    max_attempts: int,
+    job_id: uuid.UUID | None = None,
 ) -> list[Orphan]:
-    """RUNNING shards whose lease expired before ``expired_before`` and that were not re-sent
-    since ``resent_before`` (oldest expiry first)."""
+    """RUNNING shards whose lease expired before ``expired_before``: those that were not re-sent
+    since, or since ``resent_before``, and every crash loop (``max_attempts`` used), oldest
+    expiry first."""
     query = (
         select(
             Shard.id,
@@ -116,7 +131,7 @@ def orphaned_shards(
         .where(
             Shard.status == S.RUNNING,
             Shard.lease_expires_at < expired_before,
-            or_(Shard.enqueued_at.is_(None), Shard.enqueued_at < resent_before),
+            or_(Shard.attempts >= max_attempts, _not_resent(resent_before)),
         )
         .order_by(Shard.lease_expires_at)
         .limit(limit)
@@ -138,7 +153,7 @@ def take_orphaned(session: Session, orphan: Orphan, resent_before: datetime, now
             Shard.status == S.RUNNING,
             Shard.fencing_token == orphan.fencing_token,
             Shard.lease_expires_at <= now,
-            or_(Shard.enqueued_at.is_(None), Shard.enqueued_at < resent_before),
+            _not_resent(resent_before),
         )
         .values(enqueued_at=now)
         .execution_options(synchronize_session=False)
