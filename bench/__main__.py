@@ -18,6 +18,7 @@ BENCHES: dict[str, str] = {
     "farm_vs_diffusers": "N images through one farm worker vs a plain diffusers loop",
     "patch_overhead": "step time with each patch applied vs unpatched; our IP-Adapter vs diffusers'",
     "model_cache_mix": "pinned-model cache hits in a mixed job stream: routed by family vs unrouted",
+    "reconcile_pass": "one reconciler pass over 100,000 shards vs a GROUP BY over them (Postgres)",
     "gpu": "the GPU figures in one command (real sizes on a CUDA device)",
 }
 
