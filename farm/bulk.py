@@ -28,7 +28,7 @@ from farm.scheduler import job_row, requeue_failed
 from farm.sharding import ITEMS_BY_KIND, queue_for
 from farm.specs import JobSpec, parse_spec
 from storage.models import Artifact, BulkJob, Job, Shard, utcnow
-from storage.objects.keys import join_key, validate_part, validate_prefix
+from storage.objects.keys import check_output_folder, join_key, validate_part, validate_prefix
 from storage.status import JobStatus, ShardStatus
 
 BULK_KINDS = ("text_to_image", "face_identity")  # image kinds: one output per row
@@ -122,6 +122,8 @@ def _insert_group(
         raise UserError(f"row {first.row_id} (line {first.line}): kind cannot be overridden")
     ext = ITEMS_BY_KIND[spec.kind].ext
     prefix = validate_prefix(spec.output_prefix, "output_prefix")
+    if not prefix:  # the bulk name is then the outputs' top-level folder
+        check_output_folder(bulk.name, "name")
     job = job_row(spec, status=JobStatus.RUNNING, bulk_id=bulk.id, started_at=utcnow(), items_total=len(rows))
     session.add(job)
     session.flush()

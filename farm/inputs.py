@@ -5,7 +5,9 @@ A spec names an input image by its object key: ``{"key": "inputs/sha256/<hex>.pn
 (:func:`upload_inputs`) checks that every such file is an image, puts a content-addressed
 reference in its place, validates the whole spec with the references in place, and only then
 uploads the files: a refused spec (a bad image, a bad field anywhere) writes nothing to the store,
-and specs stored in the database only ever point into the object store.
+and specs stored in the database only ever point into the object store. A key that is already
+taken is not trusted: the stored object is checked (:func:`stored_intact`) and replaced when its
+content differs. No output can land under ``inputs/`` (see ``storage.objects.keys``).
 
 Workers read inputs with :func:`load_image`. Everything that can be wrong with an input (a
 missing object, a digest mismatch, bytes that are not an image, a truncated file, a decompression
@@ -25,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from farm.errors import InvalidKey, ObjectNotFound, UserError
+from storage.objects.base import ObjectInfo
 from storage.objects.keys import join_key, validate_key
 
 INPUTS_PREFIX = "inputs/sha256"
@@ -32,6 +35,7 @@ MAX_INPUT_BYTES = 32 << 20
 MAX_INPUT_PIXELS = 64 << 20  # 64 megapixels
 FORMATS = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "WEBP": ("webp", "image/webp")}
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
+MD5_RE = re.compile(r"[0-9a-f]{32}")
 
 
 class InputImageError(UserError):
@@ -116,14 +120,31 @@ def _check_image_file(path: Path, label: str) -> _PendingUpload:
     return _PendingUpload(path, label, join_key(INPUTS_PREFIX, f"{digest}.{ext}"), digest, content_type)
 
 
+def stored_intact(info: ObjectInfo | None, data: bytes, sha256: str) -> bool:
+    """Whether the stored object ``info`` holds exactly ``data`` (whose digest is ``sha256``).
+
+    The size must match, and the sha256 the store reports (computed from the file by a local
+    store; recorded at upload by S3); where S3 gives a plain MD5 entity tag (a single-part
+    upload), the server's own MD5 of the content must match too. Anything unknown or different
+    is not intact: the input is uploaded again."""
+    if info is None or info.size != len(data) or info.sha256 != sha256:
+        return False
+    etag = (info.etag or "").strip('"')
+    if MD5_RE.fullmatch(etag):  # multipart and encrypted uploads have other tags: not comparable
+        return etag == hashlib.md5(data, usedforsecurity=False).hexdigest()
+    return True
+
+
 def _upload(store: Any, pending: _PendingUpload) -> None:
     """Upload a checked file, read again (images are not all held in memory at once); a file that
-    changed since it was checked is refused."""
-    if store.exists(pending.key):
-        return
+    changed since it was checked is refused. An object already under the key is kept only when
+    it is intact (:func:`stored_intact`), otherwise it is replaced: a content-addressed key does
+    not prove its content."""
     data = _read_input(pending.path, pending.label)
     if hashlib.sha256(data).hexdigest() != pending.sha256:
         raise InputImageError(f"{pending.label}: {pending.path} changed while the job was being submitted")
+    if stored_intact(store.head(pending.key), data, pending.sha256):
+        return
     store.put_bytes(pending.key, data, content_type=pending.content_type)
 
 

@@ -47,7 +47,7 @@ from farm.errors import InvalidKey, UserError
 from farm.guidance import SelfAttentionGuidanceSpec
 from farm.spec_problems import problems_from
 from farm.spec_problems import shown as _shown
-from storage.objects.keys import validate_prefix
+from storage.objects.keys import check_output_folder, validate_prefix
 
 # -- limits --------------------------------------------------------------------------------------
 MAX_MODEL_CHARS = 512
@@ -285,7 +285,7 @@ class JobSpec(BaseModel):
     @classmethod
     def _output_prefix(cls, value: str) -> str:
         try:
-            return validate_prefix(value, "output_prefix")
+            return check_output_folder(validate_prefix(value, "output_prefix"))
         except InvalidKey as exc:
             raise _problem((), str(exc).removeprefix("output_prefix").lstrip(": "), value) from None
 

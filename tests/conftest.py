@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.fixtures.brokers",
     "tests.fixtures.database",
+    "tests.fixtures.disks",
     "tests.fixtures.farm",
     "tests.fixtures.local_servers",
     "tests.fixtures.reliability",

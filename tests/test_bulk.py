@@ -141,6 +141,25 @@ def test_a_row_whose_overrides_break_the_spec_is_named(session) -> None:
         b.submit_bulk(session, _name(), BASE, read_manifest(jsonl([{"id": "ok"}, {"id": "bad", "steps": 0}]), "m"))
 
 
+def test_bulk_outputs_never_land_in_the_farms_own_folders(session) -> None:
+    """Outputs are ``{output_prefix}/{name}/{id}.png``: no base, row override or empty prefix may
+    make that ``inputs/...`` (content-addressed uploads) or ``models/...``."""
+    digest = "ab" * 32
+    rows = read_manifest(jsonl([{"id": digest}]), "m.jsonl")
+    with pytest.raises(UserError, match=r"output_prefix: 'inputs' would put outputs in 'inputs/'") as info:
+        b.submit_bulk(session, "sha256", {**BASE, "output_prefix": "inputs"}, rows)
+    assert isinstance(info.value, ValueError) and not info.value.retryable
+    override = read_manifest(jsonl([{"id": "ok"}, {"id": digest, "output_prefix": "Inputs/sha256"}]), "m.jsonl")
+    with pytest.raises(UserError, match=rf"row {digest} \(line 2\).*output_prefix: 'Inputs/sha256' would put"):
+        b.submit_bulk(session, _name(), BASE, override)
+    with pytest.raises(UserError, match=r"name: 'models' would put outputs in 'models/'"):
+        b.submit_bulk(session, "models", {**BASE, "output_prefix": ""}, rows)
+    session.rollback()
+    fine = b.submit_bulk(session, "models", BASE, rows)  # the name is not the top folder here
+    (params,) = session.scalars(select(Shard.params).join(Job).where(Job.bulk_id == uuid.UUID(fine["bulk_id"])))
+    assert params["items"][0]["key"] == f"datasets/models/{digest}.png"
+
+
 # -- feeding ----------------------------------------------------------------------------------------
 def _bulk_shards(session, name: str) -> list[Shard]:
     bulk = b.get_bulk(session, name)

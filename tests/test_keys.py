@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from farm.errors import FarmError, InvalidKey
 from storage.objects.keys import (
     MAX_PART_LENGTH,
+    RESERVED_FOLDERS,
     artifact_key,
+    check_output_folder,
     job_prefix,
     join_key,
     manifest_key,
@@ -44,6 +46,18 @@ def test_artifact_key_is_deterministic() -> None:
     assert first == again
     assert len(set(first)) == 9
     assert first == sorted(first)  # zero padding keeps the natural order
+
+
+def test_reserved_top_level_folders() -> None:
+    assert set(RESERVED_FOLDERS) == {"inputs", "models"}
+    for folder in ("inputs", "inputs/sha256", "Models", "models/sd15/v1", "INPUTS/bulk"):
+        with pytest.raises(InvalidKey, match=r"output_prefix: .* which the farm keeps for") as info:
+            check_output_folder(folder)
+        assert isinstance(info.value, ValueError) and not info.value.retryable
+    with pytest.raises(InvalidKey, match=r"^name: 'inputs' would put outputs in 'inputs/'"):
+        check_output_folder("inputs", "name")
+    for folder in ("", "renders", "inputs-x", "team/inputs", "model", str(JOB)):
+        assert check_output_folder(folder) == folder
 
 
 def test_prefix_and_join() -> None:

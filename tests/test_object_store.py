@@ -6,12 +6,14 @@ Run with the SeaweedFS fixtures loaded (``pytest_plugins`` in tests/conftest.py,
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -220,6 +222,79 @@ def test_local_writes_are_atomic_and_readable(tmp_path: Path) -> None:
     folder = tmp_path / "objects" / "a"
     assert [p.name for p in folder.iterdir()] == ["b.png"]  # the temporary file was renamed
     assert (folder / "b.png").stat().st_mode & 0o044  # readable by others (mkstemp would give 0600)
+
+
+def test_local_full_or_read_only_disk_is_retryable_and_leaves_nothing(small_disk) -> None:
+    """A real full (ENOSPC) and read-only (EROFS) disk: retryable, store and key named, no
+    temporary file left, and the same write succeeds once the disk has recovered."""
+    disk = small_disk(size_mb=2)
+    store = LocalStore(disk.path / "objects")
+    store.put_bytes("a/first.png", b"x")
+    big = os.urandom(3 << 20)  # more than the disk holds: fails part-way through the write
+    with pytest.raises(StorageUnavailable) as part_way:
+        store.put_bytes("a/big.png", big)
+    disk.fill()
+    with pytest.raises(StorageUnavailable) as full:
+        store.put_bytes("b/c.png", b"png")
+    disk.free()
+    disk.read_only()
+    try:
+        with pytest.raises(StorageUnavailable) as read_only:
+            store.put_bytes("b/c.png", b"png")
+    finally:
+        disk.writable()
+    for error, code in ((part_way.value, "ENOSPC"), (full.value, "ENOSPC"), (read_only.value, "EROFS")):
+        assert error.retryable and isinstance(error, StorageError), error
+        assert f"({code})" in str(error) and store.describe() in str(error), error
+    assert "'a/big.png'" in str(part_way.value) and "'b/c.png'" in str(read_only.value)
+    assert disk.leftovers() == [], "a failed write left its temporary file"
+    assert [o.key for o in store.list("")] == ["a/first.png"]
+    assert store.put_bytes("b/c.png", b"png").size == 3  # recovered: the same write succeeds
+    assert store.get_bytes("b/c.png") == b"png"
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "retryable"),
+    [
+        (errno.ENOSPC, StorageUnavailable, True),
+        (errno.EDQUOT, StorageUnavailable, True),
+        (errno.EROFS, StorageUnavailable, True),
+        (errno.EIO, StorageUnavailable, True),
+        (errno.EAGAIN, StorageUnavailable, True),
+        (errno.ESTALE, StorageUnavailable, True),
+        (errno.EACCES, StorageAccessDenied, False),
+        (errno.ENAMETOOLONG, StorageError, False),
+        (errno.EINVAL, StorageError, False),
+    ],
+)
+def test_local_errors_say_whether_retrying_helps(code: int, kind: type, retryable: bool, tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "objects")
+    error = store._failed(OSError(code, os.strerror(code)), "put", "renders/j/00000/a.png")
+    assert type(error) is kind and error.retryable is retryable
+    assert "'renders/j/00000/a.png'" in str(error) and store.describe() in str(error)
+
+
+def test_a_temporary_file_that_could_not_be_removed_is_swept_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where removing a failed write's temporary file fails too (the folder went read-only
+    mid-write), the next write of the store removes it."""
+    import storage.objects.local as local
+
+    store = LocalStore(tmp_path / "objects")
+
+    def broken() -> Iterator[bytes]:
+        yield b"half"
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(local, "_remove", lambda path: False)
+    with pytest.raises(StorageUnavailable, match=r"\(EIO\)"):
+        store._write("a/b.png", broken)
+    left = [p.name for p in (tmp_path / "objects" / "a").iterdir()]
+    assert len(left) == 1 and left[0].startswith(".tmp-")
+    monkeypatch.undo()
+    store.put_bytes("c/d.png", b"ok")
+    assert list((tmp_path / "objects" / "a").iterdir()) == []
 
 
 def test_open_store_local(tmp_path: Path) -> None:

@@ -86,6 +86,12 @@ def test_output_prefix_is_normalised() -> None:
     assert parse_spec(minimal(output_prefix="")).output_prefix == ""
 
 
+@pytest.mark.parametrize("prefix", ["inputs-2024", "my/inputs", "team/models/sd15", "input", "modelsx", "renders"])
+def test_prefixes_near_the_reserved_folders_are_fine(prefix: str) -> None:
+    """Only the first segment ``inputs`` or ``models`` is the farm's own."""
+    assert parse_spec(minimal(output_prefix=prefix)).output_prefix == prefix
+
+
 def test_scheduler_names_match_the_diffusers_map() -> None:
     assert set(get_args(SchedulerName)) == set(SCHEDULERS)
     assert all(name.endswith("Scheduler") for name in SCHEDULERS.values())
@@ -163,6 +169,14 @@ REJECTED: list[tuple[str, dict[str, Any], str]] = [
     ("prefix absolute", minimal(output_prefix="/abs"), "output_prefix: must be relative"),
     ("prefix backslash", minimal(output_prefix="a\\b"), "output_prefix: segment 1: 'a\\\\b' is not allowed"),
     ("prefix long", minimal(output_prefix="a/" * 200), "output_prefix: String should have at most 256"),
+    ("prefix inputs", minimal(output_prefix="inputs"), "output_prefix: 'inputs' would put outputs in 'inputs/'"),
+    (
+        "prefix input digests",
+        minimal(output_prefix="inputs/sha256/"),
+        "output_prefix: 'inputs/sha256' would put outputs in 'inputs/', which the farm keeps for uploaded inputs",
+    ),
+    ("prefix models", minimal(output_prefix="models/x"), "output_prefix: 'models/x' would put outputs in 'models/'"),
+    ("prefix INPUTS", minimal(output_prefix="INPUTS/a"), "output_prefix: 'INPUTS/a' would put outputs in 'INPUTS/'"),
     ("idempotency space", minimal(idempotency_key="a b"), "idempotency_key: must be 1-128 characters of"),
     ("idempotency slash", minimal(idempotency_key="a/b"), "idempotency_key: must be 1-128 characters of"),
     ("idempotency empty", minimal(idempotency_key=""), "idempotency_key: must be 1-128 characters of"),

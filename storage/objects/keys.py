@@ -9,11 +9,19 @@ backslashes, no control characters, no empty segments.
 Layout: ``{prefix}/{job_id}/{shard_index:05d}/{item}.{ext}`` and ``{prefix}/{job_id}/manifest.json``
 (with an empty prefix the key starts at ``{job_id}``). Every problem raises
 :class:`farm.errors.InvalidKey` naming the field and the reason.
+
+Namespaces: the top-level folders in :data:`RESERVED_FOLDERS` belong to the farm (``inputs``:
+content-addressed uploads and bulk manifests; ``models``: the model registry). No output may be
+written there: :func:`check_output_folder` refuses an output prefix (or a bulk name that would
+be the outputs' top folder) starting with one, in any letter case, so no spec can overwrite an
+input.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from farm.errors import InvalidKey
 
@@ -21,6 +29,9 @@ MAX_PART_LENGTH = 128
 MAX_KEY_LENGTH = 1024
 PART_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_PART_LENGTH - 1}}}")
 MAX_SHARD_INDEX = 99_999  # five digits in the key
+RESERVED_FOLDERS: Mapping[str, str] = MappingProxyType(
+    {"inputs": "uploaded inputs and bulk manifests", "models": "the model registry"}
+)
 EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "gif", "mp4", "json", "jsonl", "txt", "safetensors"})
 
 
@@ -72,6 +83,19 @@ def validate_key(key: object, what: str = "key") -> str:
     for i, part in enumerate(key.split("/"), start=1):
         validate_part(part, f"{what} segment {i}")
     return key
+
+
+def check_output_folder(folder: str, what: str = "output_prefix") -> str:
+    """Return ``folder`` (a valid prefix) unless its first segment is a reserved top-level folder
+    (compared case-insensitively: a case-insensitive disk would merge them), else :class:`InvalidKey`."""
+    first = folder.split("/", 1)[0]
+    purpose = RESERVED_FOLDERS.get(first.lower())
+    if purpose is not None:
+        raise InvalidKey(
+            f"{what}: {_shown(folder)} would put outputs in '{first}/', which the farm keeps for {purpose}; "
+            f"outputs may not start with {' or '.join(repr(name) for name in RESERVED_FOLDERS)}"
+        )
+    return folder
 
 
 def join_key(*parts: str) -> str:

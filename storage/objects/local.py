@@ -2,8 +2,14 @@
 
 The key is the path relative to ``root``. Writes are atomic: the bytes go to a hidden temporary
 file in the target folder, are fsynced, then ``os.replace``d over the target, so a reader never
-sees half an object (downloads work the same way). The sha256 is computed while writing and, for
-``head``, from the file.
+sees half an object (downloads work the same way). A write that fails removes its temporary file
+(or, where the folder has turned read-only, the next write does). The sha256 is computed while
+writing and, for ``head``, from the file.
+
+A disk that is full, read-only, over quota or failing (``ENOSPC``, ``EROFS``, ``EDQUOT``, ``EIO``
+and the like, :data:`ENVIRONMENT_ERRNOS`) is an environment fault, not a property of the object:
+it raises :class:`~farm.errors.StorageUnavailable` (retryable) naming the store and the key, so
+workers wait it out like any store outage.
 
 No sidecar files: the content type is always guessed from the key's extension and custom
 metadata is accepted and dropped, so ``put_*`` returns exactly what ``head`` later reports (a
@@ -12,6 +18,7 @@ metadata is accepted and dropped, so ``put_*`` returns exactly what ``head`` lat
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import secrets
@@ -21,12 +28,35 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from farm.errors import InvalidKey, ObjectNotFound, StorageAccessDenied, StorageError
+from farm.errors import InvalidKey, ObjectNotFound, StorageAccessDenied, StorageError, StorageUnavailable
 from storage.objects.base import ObjectInfo, guess_content_type
 from storage.objects.keys import validate_key, validate_prefix
 
 _CHUNK = 1 << 20
 _TMP_PREFIX = ".tmp-"  # no valid key part starts with "."; list() skips these
+
+# errno values that describe the disk, not the object: retrying once it is fixed can succeed.
+ENVIRONMENT_ERRNOS: frozenset[int] = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ENOSPC",  # no space left on device
+        "EDQUOT",  # disk quota exceeded
+        "EROFS",  # read-only file system (remounted read-only after an error, a full snapshot...)
+        "EIO",  # I/O error
+        "EAGAIN",  # resource temporarily unavailable
+        "EBUSY",
+        "EINTR",
+        "ENOMEM",
+        "ENFILE",  # the system's open-file table is full
+        "EMFILE",  # this process's open-file limit
+        "ETIMEDOUT",  # a network file system timed out
+        "ESTALE",  # a network file system's handle went stale
+        "ENOTCONN",
+        "EREMOTEIO",
+        "ENOLCK",
+    )
+    if hasattr(errno, name)
+)
 
 
 def _sha256_file(path: Path) -> str:
@@ -37,8 +67,20 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(dest: Path, fill: Callable[[BinaryIO], None]) -> None:
-    """Create ``dest`` via a temporary file in its folder (mode 0666 minus umask) and ``os.replace``."""
+def _remove(path: Path) -> bool:
+    """Remove ``path`` if it is there; ``False`` when it could not be removed (a read-only folder)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        return False
+    return True
+
+
+def _atomic_write(dest: Path, fill: Callable[[BinaryIO], None], leftovers: set[Path] | None = None) -> None:
+    """Create ``dest`` via a temporary file in its folder (mode 0666 minus umask) and ``os.replace``.
+
+    On failure the temporary file is removed; one that cannot be (the folder turned read-only
+    mid-write) is added to ``leftovers`` for a later sweep, and the original error is raised."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{_TMP_PREFIX}{secrets.token_hex(8)}.part")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -49,7 +91,8 @@ def _atomic_write(dest: Path, fill: Callable[[BinaryIO], None]) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if not _remove(tmp) and leftovers is not None:
+            leftovers.add(tmp)
         raise
 
 
@@ -58,6 +101,7 @@ class LocalStore:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).resolve()
+        self._leftovers: set[Path] = set()  # temporary files a failed write could not remove
 
     def describe(self) -> str:
         return f"LocalStore at {self.root}"
@@ -83,12 +127,24 @@ class LocalStore:
         )
 
     def _failed(self, exc: OSError, op: str, key: str) -> StorageError:
-        where = f"{op} {key!r} in {self.root}"
+        """The farm's error for ``exc``: an environment fault (:data:`ENVIRONMENT_ERRNOS`) is
+        :class:`StorageUnavailable` (retryable); the message names the store and the key."""
+        where = f"{op} {key!r} in {self.describe()}"
         if isinstance(exc, PermissionError):
             return StorageAccessDenied(f"{where}: permission denied")
         if isinstance(exc, NotADirectoryError | FileExistsError | IsADirectoryError):
             return StorageError(f"{where}: a folder and an object would share a name")
-        return StorageError(f"{where}: {exc.strerror or type(exc).__name__}")
+        reason = exc.strerror or type(exc).__name__
+        code = errno.errorcode.get(exc.errno or -1)
+        if exc.errno in ENVIRONMENT_ERRNOS:  # the cause first: log lines cut long messages short
+            return StorageUnavailable(f"{op} {key!r}: {reason} ({code}) in {self.describe()}; retry when it recovers")
+        return StorageError(f"{where}: {reason}" + (f" ({code})" if code else ""))
+
+    def _sweep(self) -> None:
+        """Remove temporary files earlier failed writes had to leave (the store was read-only)."""
+        for path in list(self._leftovers):
+            if _remove(path):
+                self._leftovers.discard(path)
 
     # -- writes -----------------------------------------------------------------------------
     def _write(self, key: str, source: Callable[[], Iterator[bytes]]) -> ObjectInfo:
@@ -100,8 +156,9 @@ class LocalStore:
                 digest.update(chunk)
                 fh.write(chunk)
 
+        self._sweep()
         try:
-            _atomic_write(path, fill)
+            _atomic_write(path, fill, self._leftovers)
         except OSError as exc:
             raise self._failed(exc, "put", key) from exc
         return self._info(key, path, digest.hexdigest())
