@@ -47,10 +47,15 @@ def group_spec(base: dict[str, Any], row: ManifestRow) -> dict[str, Any]:
     return spec
 
 
-def _check_base(base: dict[str, Any]) -> JobSpec:
+def check_bulk_kind(base: dict[str, Any]) -> None:
     kind = base.get("kind", "text_to_image")
     if kind not in BULK_KINDS:
         raise UserError(f"bulk renders take {' or '.join(BULK_KINDS)} base specs, not {kind}")
+
+
+def check_base(base: dict[str, Any]) -> JobSpec:
+    """The bulk run's base spec (input images as uploaded references), validated."""
+    check_bulk_kind(base)
     return parse_spec(base)
 
 
@@ -76,7 +81,7 @@ def submit_bulk(
 ) -> dict[str, Any]:
     """Create the bulk job ``name`` (or extend it with the rows it lacks). Returns counts."""
     name = validate_part(name, "name")
-    base_spec = _check_base(base)
+    base_spec = check_base(base)
     bulk = session.scalar(select(BulkJob).where(BulkJob.name == name).with_for_update())
     if bulk is None:
         bulk = BulkJob(name=name, base_spec=base, manifest_keys=[], rows_total=0)

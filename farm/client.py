@@ -185,7 +185,7 @@ class FarmClient:
         """Create or extend the bulk job ``name``: ``base`` (a spec dict or file) with the rows of
         ``manifest`` (a local JSONL/CSV file, or ``store:<key>``). Only rows it does not have yet
         are added; then the windows are topped up. Returns counts."""
-        from farm.bulk import submit_bulk
+        from farm.bulk import check_base, check_bulk_kind, submit_bulk
         from farm.bulk_manifest import read_manifest
         from farm.inputs import upload_inputs
         from farm.specs import read_spec_file
@@ -195,6 +195,7 @@ class FarmClient:
             folder = Path(base).parent
             base = read_spec_file(Path(base))
         source = str(manifest)
+        upload = None
         if source.startswith("store:"):
             key = source.removeprefix("store:")
             data = self.store.get_bytes(key)
@@ -203,9 +204,15 @@ class FarmClient:
             digest = hashlib.sha256(data).hexdigest()
             suffix = ".csv" if source.lower().endswith(".csv") else ".jsonl"
             key = join_key("inputs", "bulk", validate_part(name, "name"), f"{digest}{suffix}")
-            self.store.put_bytes(key, data, content_type="text/csv" if suffix == ".csv" else "application/jsonl")
+            upload = "text/csv" if suffix == ".csv" else "application/jsonl"
+        # Everything is checked before anything is stored: a refused bulk leaves no object behind
+        # (upload_inputs validates a spec with input files before uploading them).
         rows = read_manifest(data, source)
+        check_bulk_kind(base)
         base = upload_inputs(base, self.store, folder)
+        check_base(base)
+        if upload is not None:
+            self.store.put_bytes(key, data, content_type=upload)
         with session_scope(self._sessions) as session:
             result = submit_bulk(session, name, base, rows, manifest_key=key, feed_until=feed_until)
         result["fed"] = self.feed_bulk(now)
