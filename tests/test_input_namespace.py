@@ -25,7 +25,6 @@ from farm.specs import SpecError
 from storage.db import make_engine
 from storage.models import Artifact, BulkJob, Job, Shard
 
-BULK_MANIFESTS = "inputs/bulk/"
 
 
 def _png(colour: tuple[int, int, int], path: Path | None = None) -> bytes:
