@@ -235,10 +235,11 @@ class Reconciler:
     # -- 4. ended jobs ------------------------------------------------------------------------------
     def _finalize_ended(self, now: datetime, report: ReconcileReport) -> None:
         unfinished = exists().where(Shard.job_id == Job.id, Shard.status.not_in(list(SHARD_TERMINAL)))
+        any_shard = exists().where(Shard.job_id == Job.id)
         with session_scope(self.sessions) as session:
             ids = session.scalars(
                 select(Job.id)
-                .where(Job.status == JobStatus.RUNNING, Job.shards_total > 0, ~unfinished)
+                .where(Job.status == JobStatus.RUNNING, any_shard, ~unfinished)
                 .order_by(Job.created_at)
                 .limit(self.settings.reconcile.batch)
             ).all()
