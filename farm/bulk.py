@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from farm.bulk_manifest import ManifestRow
@@ -27,6 +27,7 @@ from farm.errors import NotFound, UserError
 from farm.scheduler import job_row, requeue_failed
 from farm.sharding import ITEMS_BY_KIND, queue_for
 from farm.specs import JobSpec, parse_spec
+from storage.chunking import insert_rows
 from storage.models import Artifact, BulkJob, Job, Shard, utcnow
 from storage.objects.keys import check_output_folder, join_key, validate_part, validate_prefix
 from storage.status import JobStatus, ShardStatus
@@ -154,9 +155,8 @@ def _insert_group(
                 "items_total": len(items),
             }
         )
-    session.execute(insert(Shard), values)
-    job.shards_total = len(values)
-    return len(values)
+    job.shards_total = insert_rows(session, Shard, values)
+    return job.shards_total
 
 
 def _chunks(rows: list[ManifestRow], size: int) -> Iterator[list[ManifestRow]]:

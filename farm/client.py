@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import select
 
 from farm.dispatch import publish_finalize, publish_schedule, publish_shards
-from farm.errors import JobNotScheduled, NotFound
-from farm.scheduler import job_summary, parse_job_id, requeue_failed, submit_job
+from farm.errors import JobNotScheduled, NotFound, UserError
+from farm.scheduler import SUMMARY_SHARDS, job_summary, parse_job_id, requeue_failed, submit_job
 from farm.settings import FarmSettings, load_settings
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Job
@@ -108,14 +108,19 @@ class FarmClient:
                 job_id=job_id,
             ) from None
 
-    def get(self, job_id: str | uuid.UUID) -> dict[str, Any]:
+    def get(self, job_id: str | uuid.UUID, shards: int | str = SUMMARY_SHARDS) -> dict[str, Any]:
+        """The job with its counts by shard status and at most ``shards`` of its shards (failed,
+        running, most recently changed; all of them when it has no more); ``shards="all"``
+        lists every shard."""
+        limit = shard_limit(shards)
         with session_scope(self._sessions) as session:
-            return job_summary(session, parse_job_id(job_id))
+            return job_summary(session, parse_job_id(job_id), shard_limit=limit)
 
     def list_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The latest jobs with their counts (no shards listed)."""
         with session_scope(self._sessions) as session:
             ids = session.scalars(select(Job.id).order_by(Job.created_at.desc()).limit(limit)).all()
-            return [job_summary(session, i) for i in ids]
+            return [job_summary(session, i, shard_limit=0) for i in ids]
 
     def wait(
         self,
@@ -304,4 +309,18 @@ class FarmClient:
 
 def _settled(summary: dict[str, Any]) -> bool:
     """A cancelled job is settled once no shard is still running."""
-    return all(s["status"] not in ("running",) for s in summary["shards"]) or summary["status"] != "cancelled"
+    return summary["status"] != "cancelled" or not summary["shards_by_status"].get("running", 0)
+
+
+def shard_limit(shards: int | str) -> int | None:
+    """How many shards a summary lists: a count (0 or more), or ``"all"`` (``None``: every one)."""
+    if isinstance(shards, str):
+        if shards.strip().lower() == "all":
+            return None
+        try:
+            shards = int(shards)
+        except ValueError:
+            raise UserError(f"shards: give a number or 'all', not {shards!r}") from None
+    if shards < 0:
+        raise UserError(f"shards: give a number (0 or more) or 'all', not {shards}")
+    return shards

@@ -4,7 +4,6 @@ Flower shows them as ``job_id``, ``shard_id``."""
 
 from __future__ import annotations
 
-import itertools
 import time
 import uuid
 from collections.abc import Iterable
@@ -31,7 +30,13 @@ def publish_finalize(app: Celery, job_id: uuid.UUID) -> None:
 
 
 def publish_shard(
-    app: Celery, shard_id: uuid.UUID, job_id: uuid.UUID, queue: str, priority: int = 0, countdown: float | None = None
+    app: Celery,
+    shard_id: uuid.UUID,
+    job_id: uuid.UUID,
+    queue: str,
+    priority: int = 0,
+    countdown: float | None = None,
+    producer: Any = None,
 ) -> None:
     app.send_task(
         RENDER_SHARD,
@@ -39,13 +44,15 @@ def publish_shard(
         queue=queue,
         priority=priority,
         countdown=countdown,
+        producer=producer,
     )
 
 
-def publish_shards(app: Celery, dispatches: Iterable[ShardDispatch]) -> list[uuid.UUID]:
+def publish_shards(app: Celery, dispatches: Iterable[ShardDispatch], producer: Any = None) -> list[uuid.UUID]:
+    """Publish one message per shard (on ``producer``'s connection when given); returns their ids."""
     sent = []
     for d in dispatches:
-        publish_shard(app, d.shard_id, d.job_id, d.queue, d.priority)
+        publish_shard(app, d.shard_id, d.job_id, d.queue, d.priority, producer=producer)
         sent.append(d.shard_id)
     return sent
 
@@ -56,15 +63,47 @@ SEND_CHUNK = 500  # shards published, then marked queued, per transaction
 def send_shards(app: Celery, session_factory: Any, dispatches: Iterable[ShardDispatch], chunk: int = SEND_CHUNK) -> int:
     """Publish shard messages a chunk at a time, marking each chunk queued once it is on the
     broker: a publisher killed part-way leaves only the unsent shards PENDING (a restart re-sends
-    at most one chunk twice). Returns how many were sent."""
+    at most one chunk twice). ``dispatches`` is read lazily, a chunk at a time, and every message
+    goes out on one producer. Returns how many were sent."""
+    from storage.chunking import chunked
     from storage.db import session_scope
     from storage.transitions import mark_shards_queued
 
     total = 0
-    pending = iter(dispatches)
-    while batch := list(itertools.islice(pending, chunk)):
-        sent = publish_shards(app, batch)
-        with session_scope(session_factory) as session:
-            mark_shards_queued(session, sent)
-        total += len(sent)
+    with app.producer_or_acquire() as producer:
+        for batch in chunked(dispatches, chunk):
+            sent = publish_shards(app, batch, producer)
+            with session_scope(session_factory) as session:
+                mark_shards_queued(session, sent)
+            total += len(sent)
     return total
+
+
+SCHEDULE_SLICE = 5_000  # shards one scheduling message sends before it makes way for other control work
+
+
+def send_pending(
+    app: Celery, session_factory: Any, job_id: uuid.UUID, *, chunk: int = SEND_CHUNK, limit: int | None = None
+) -> tuple[int, bool]:
+    """Publish a job's PENDING shards a chunk at a time, streaming from the database: each chunk
+    is read and locked (a concurrent sender skips it), published, marked queued and committed
+    before the next is read. A sender killed part-way leaves only its unsent chunk PENDING (at
+    most one chunk is sent twice). Stops after ``limit`` shards; returns how many were sent and
+    whether PENDING shards may be left."""
+    from farm.scheduler import ShardDispatch, pending_shards
+    from storage.db import session_scope
+    from storage.transitions import mark_shards_queued
+
+    sent, after = 0, -1
+    with app.producer_or_acquire() as producer:
+        while limit is None or sent < limit:
+            size = chunk if limit is None else min(chunk, limit - sent)
+            with session_scope(session_factory) as session:
+                rows = pending_shards(session, job_id, after=after, limit=size, lock=True)
+                dispatches = [ShardDispatch(row.id, job_id, row.queue, row.priority) for row in rows]
+                mark_shards_queued(session, publish_shards(app, dispatches, producer))
+            sent += len(rows)
+            if len(rows) < size:
+                return sent, False
+            after = rows[-1].index
+    return sent, True

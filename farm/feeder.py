@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from farm.scheduler import ShardDispatch
@@ -43,12 +43,12 @@ def feed_bulk(session: Session, window: int, now: datetime | None = None) -> lis
     a call does not grow with the rows already fed or still waiting."""
     now = now or utcnow()
     bulks = session.execute(select(BulkJob.id, BulkJob.feed_until).order_by(BulkJob.id).with_for_update()).all()
-    active = [b.id for b in bulks if b.feed_until is None or b.feed_until > now]
-    if not active:
+    if not any(b.feed_until is None or b.feed_until > now for b in bulks):
         return []
-    jobs = session.execute(
+    feeding = select(BulkJob.id).where(or_(BulkJob.feed_until.is_(None), BulkJob.feed_until > now))
+    jobs = session.execute(  # a subquery, not a list of ids: no bound on how many bulk jobs there are
         select(Job.id, Job.priority)
-        .where(Job.bulk_id.in_(active), Job.status == JobStatus.RUNNING)
+        .where(Job.bulk_id.in_(feeding), Job.status == JobStatus.RUNNING)
         .order_by(Job.priority.desc(), Job.created_at, Job.id)
     ).all()
     busy = in_flight(session)

@@ -38,11 +38,7 @@ def unavailable_service(exc: BaseException) -> str | None:
         return "object store"
     if isinstance(exc, ServiceUnavailable):
         return None  # already waited for
-    from sqlalchemy import exc as sa
-
-    if isinstance(exc, (sa.OperationalError, sa.InterfaceError, sa.TimeoutError)):
-        return "database"
-    if isinstance(exc, sa.DBAPIError) and exc.connection_invalidated:
+    if database_unreachable(exc):
         return "database"
     from kombu.exceptions import OperationalError as KombuOperationalError
 
@@ -60,6 +56,39 @@ def unavailable_service(exc: BaseException) -> str | None:
     if isinstance(exc, (RecoverableConnectionError, ConnectionError)):
         return "broker"
     return None
+
+
+# SQLSTATEs of a connection the server ended or refused: class 08 (connection exception) and
+# 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now (starting up or shutting
+# down), 57P05 idle_session_timeout.
+PG_CONNECTION_CLASS = "08"
+PG_CONNECTION_STATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6  # another process holds the file: wait, as for a restart
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether a SQLAlchemy error means the database cannot be reached right now: no connection
+    could be made, the connection was lost or ended by the server (invalidated, SQLSTATE class 08,
+    57P0x), the pool timed out, or an SQLite file is locked. Anything the server or the driver
+    refused about the statement itself (bad SQL, bad data, a constraint, too many parameters,
+    which psycopg raises as an ``OperationalError`` too) is not: retrying it cannot help."""
+    from sqlalchemy import exc as sa
+
+    if isinstance(exc, (sa.TimeoutError, sa.DisconnectionError)):
+        return True
+    if not isinstance(exc, sa.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    state = getattr(exc.orig, "sqlstate", None)
+    if state:
+        return state.startswith(PG_CONNECTION_CLASS) or state in PG_CONNECTION_STATES
+    sqlite_code = getattr(exc.orig, "sqlite_errorcode", None)
+    if sqlite_code is not None:
+        return sqlite_code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
+    # No code from the server: failing to connect (no statement yet) is an outage; a statement
+    # the driver would not send is not.
+    return exc.statement is None and isinstance(exc, (sa.OperationalError, sa.InterfaceError))
 
 
 def ride_out(

@@ -9,18 +9,20 @@ finalizing a job that is already final rewrites nothing but its manifest.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from farm.errors import NotFound, UserError
-from farm.sharding import plan_shards
+from farm.sharding import iter_shards
 from farm.specs import JobSpec, parse_spec, spec_fingerprint
 from storage.blocklist import blocked_workers
+from storage.chunking import insert_rows
 from storage.models import Job, Shard, utcnow
 from storage.status import JOB_TERMINAL, JobStatus, ShardStatus
 from storage.transitions import JobRollup, refresh_job_counts, set_job_status
@@ -80,41 +82,72 @@ def _same_spec(job: Job, fingerprint: str, key: str | None) -> Job:
 def schedule_job(session: Session, job_id: uuid.UUID) -> list[ShardDispatch]:
     """Split a pending job into shards (deterministically) and mark it running. Returns the
     shards to publish: all of them the first time, the still-pending ones on a redelivery."""
+    if not create_shards(session, job_id):
+        return []
+    return pending_dispatches(session, job_id)
+
+
+def create_shards(session: Session, job_id: uuid.UUID) -> bool:
+    """Insert a pending job's shards (deterministically; a statement per few hundred rows, the
+    plans built as they are inserted) and mark the job running. Returns whether the job is
+    running, i.e. may have shards to send; a job already running is left as it is."""
     job = session.get(Job, job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
     if job.status == JobStatus.PENDING:
         spec = parse_spec(job.spec)
-        plans = plan_shards(spec, job.id)
-        session.add_all(
-            Shard(
-                job_id=job.id,
-                index=plan.index,
-                queue=plan.queue,
-                status=ShardStatus.PENDING,
-                params=plan.to_params(),
-                items_total=len(plan.items),
-            )
-            for plan in plans
-        )
-        session.flush()
+        items = 0
+
+        def rows() -> Iterator[dict[str, Any]]:
+            nonlocal items
+            for plan in iter_shards(spec, job.id):
+                items += len(plan.items)
+                yield {
+                    "id": uuid.uuid4(),
+                    "job_id": job.id,
+                    "index": plan.index,
+                    "queue": plan.queue,
+                    "status": ShardStatus.PENDING,
+                    "params": plan.to_params(),
+                    "items_total": len(plan.items),
+                }
+
+        shards = insert_rows(session, Shard, rows())
         set_job_status(
             session,
             job.id,
             JobStatus.RUNNING,
             expected=JobStatus.PENDING,
             started_at=utcnow(),
-            shards_total=len(plans),
-            items_total=sum(len(p.items) for p in plans),
+            shards_total=shards,
+            items_total=items,
         )
-    elif job.status != JobStatus.RUNNING:
-        return []
-    rows = session.execute(
-        select(Shard.id, Shard.queue)
-        .where(Shard.job_id == job.id, Shard.status == ShardStatus.PENDING)
+        return True
+    return job.status == JobStatus.RUNNING
+
+
+def pending_dispatches(session: Session, job_id: uuid.UUID) -> list[ShardDispatch]:
+    """Every PENDING shard of the job, in order."""
+    return [ShardDispatch(row.id, job_id, row.queue, row.priority) for row in pending_shards(session, job_id)]
+
+
+def pending_shards(
+    session: Session, job_id: uuid.UUID, *, after: int = -1, limit: int | None = None, lock: bool = False
+) -> list[Any]:
+    """``(id, queue, index, priority)`` of the job's PENDING shards past index ``after``, in
+    order. ``lock``: lock them until the transaction ends, skipping shards another transaction
+    holds (Postgres; SQLite serializes writers anyway), so concurrent senders never take the same
+    shards."""
+    query = (
+        select(Shard.id, Shard.queue, Shard.index, Job.priority)
+        .join(Job, Job.id == Shard.job_id)
+        .where(Shard.job_id == job_id, Shard.status == ShardStatus.PENDING, Shard.index > after)
         .order_by(Shard.index)
-    ).all()
-    return [ShardDispatch(row.id, job.id, row.queue, job.priority) for row in rows]
+        .limit(limit)
+    )
+    if lock:
+        query = query.with_for_update(skip_locked=True, of=Shard)
+    return list(session.execute(query))
 
 
 def requeue_failed(session: Session, job_id: uuid.UUID) -> tuple[int, list[ShardDispatch]]:
@@ -159,13 +192,27 @@ def finalize_job(session: Session, job_id: uuid.UUID) -> tuple[JobRollup, JobSta
     return rollup, status
 
 
-def job_summary(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
-    """A job and its shards as plain data (for the CLI, the client and the manifest)."""
+def job_summary(session: Session, job_id: uuid.UUID, *, shard_limit: int | None = None) -> dict[str, Any]:
+    """A job and its shards as plain data (for the CLI, the client and the manifest).
+
+    Every shard by default. With ``shard_limit`` (the client's and the CLI's default) the counts
+    come from one aggregate and at most ``shard_limit`` shards are listed, the ones worth
+    showing (:func:`shards_worth_showing`); a job with no more shards than that lists them all.
+    ``shards_by_status`` counts every shard; ``shards_listed`` says how many are listed."""
     job = session.get(Job, job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
-    shards = session.scalars(select(Shard).where(Shard.job_id == job_id).order_by(Shard.index)).all()
-    items_done = sum(s.items_done for s in shards)
+    shard_rows: list[Any] | None = None
+    if shard_limit is None:
+        shard_rows = session.execute(_shard_query(job_id).order_by(Shard.index)).all()
+        by_status, items_done = _counts(shard_rows)
+    else:
+        by_status, items_done = _aggregate_counts(session, job_id)
+        if sum(by_status.values()) <= shard_limit:
+            shard_rows = session.execute(_shard_query(job_id).order_by(Shard.index)).all()
+            by_status, items_done = _counts(shard_rows)
+        else:
+            shard_rows = shards_worth_showing(session, job_id, shard_limit)
     return {
         "id": str(job.id),
         "kind": job.kind,
@@ -178,29 +225,101 @@ def job_summary(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
         "items_total": job.items_total,
         "items_done": items_done,
         **_pace(job, items_done),
-        "shards_total": len(shards),
-        "shards_done": sum(s.status == ShardStatus.SUCCEEDED for s in shards),
-        "shards_failed": sum(s.status == ShardStatus.FAILED for s in shards),
+        "shards_total": sum(by_status.values()),
+        "shards_done": by_status.get(ShardStatus.SUCCEEDED.value, 0),
+        "shards_failed": by_status.get(ShardStatus.FAILED.value, 0),
+        "shards_by_status": by_status,
+        "shards_listed": len(shard_rows),
         "error": job.error,
         "blocked_workers": blocked_workers(session, job_id),
-        "shards": [
-            {
-                "index": s.index,
-                "id": str(s.id),
-                "queue": s.queue,
-                "status": ShardStatus(s.status).value,
-                "items_done": s.items_done,
-                "items_total": s.items_total,
-                "progress": round(s.progress, 4),
-                "attempts": s.attempts,
-                "worker": s.lease_owner,
-                "error": s.error,
-                "errors": list(s.errors or []),
-                "failed_workers": list(s.failed_workers or []),
-                "timings": dict(s.timings or {}),
-            }
-            for s in shards
-        ],
+        "shards": [_shard_data(row) for row in shard_rows],
+    }
+
+
+SUMMARY_SHARDS = 20  # shards a summarized job lists: failed, running, most recently changed
+
+
+def shards_worth_showing(session: Session, job_id: uuid.UUID, limit: int) -> list[Any]:
+    """At most ``limit`` of the job's shards, in index order: up to half of them failed ones and
+    a quarter running ones (most recently changed first), the rest the most recently changed of
+    any status (topped up with more failed or running ones when there are not enough)."""
+    if limit <= 0:
+        return []
+    newest = (Shard.updated_at.desc(), Shard.index)
+    failed = session.execute(
+        _shard_query(job_id).where(Shard.status == ShardStatus.FAILED).order_by(*newest).limit(limit)
+    ).all()
+    running = session.execute(
+        _shard_query(job_id).where(Shard.status == ShardStatus.RUNNING).order_by(*newest).limit(limit)
+    ).all()
+    latest = session.execute(_shard_query(job_id).order_by(*newest).limit(limit)).all()
+    chosen: dict[uuid.UUID, Any] = {}
+    for rows, share in (
+        (failed, -(-limit // 2)),
+        (running, -(-limit // 4)),
+        (latest, limit),
+        (failed, limit),
+        (running, limit),
+    ):
+        for row in rows[:share]:
+            if len(chosen) >= limit:
+                break
+            chosen.setdefault(row.id, row)
+    return sorted(chosen.values(), key=lambda row: row.index)
+
+
+def _shard_query(job_id: uuid.UUID) -> Any:
+    """The columns a summary shows of the job's shards (not their params)."""
+    return select(
+        Shard.index,
+        Shard.id,
+        Shard.queue,
+        Shard.status,
+        Shard.items_done,
+        Shard.items_total,
+        Shard.progress,
+        Shard.attempts,
+        Shard.lease_owner,
+        Shard.error,
+        Shard.errors,
+        Shard.failed_workers,
+        Shard.timings,
+    ).where(Shard.job_id == job_id)
+
+
+def _counts(rows: list[Any]) -> tuple[dict[str, int], int]:
+    by_status: dict[str, int] = {}
+    for row in rows:
+        key = ShardStatus(row.status).value
+        by_status[key] = by_status.get(key, 0) + 1
+    return by_status, sum(row.items_done for row in rows)
+
+
+def _aggregate_counts(session: Session, job_id: uuid.UUID) -> tuple[dict[str, int], int]:
+    """Shards per status and items done, counted by the database."""
+    rows = session.execute(
+        select(Shard.status, func.count(), func.sum(Shard.items_done))
+        .where(Shard.job_id == job_id)
+        .group_by(Shard.status)
+    ).all()
+    return {ShardStatus(status).value: int(n) for status, n, _ in rows}, sum(int(done or 0) for *_, done in rows)
+
+
+def _shard_data(row: Any) -> dict[str, Any]:
+    return {
+        "index": row.index,
+        "id": str(row.id),
+        "queue": row.queue,
+        "status": ShardStatus(row.status).value,
+        "items_done": row.items_done,
+        "items_total": row.items_total,
+        "progress": round(row.progress, 4),
+        "attempts": row.attempts,
+        "worker": row.lease_owner,
+        "error": row.error,
+        "errors": list(row.errors or []),
+        "failed_workers": list(row.failed_workers or []),
+        "timings": dict(row.timings or {}),
     }
 
 

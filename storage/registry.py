@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from storage.chunking import chunked
 from storage.models import Job, Shard, Worker, utcnow
 from storage.status import ShardStatus, WorkerStatus
 from storage.transitions import expire_leases
@@ -102,13 +103,13 @@ def sweep_lost_workers(session: Session, lost_after_s: float, now: datetime | No
     now = now or utcnow()
     cutoff = now - timedelta(seconds=lost_after_s)
     names = list(session.scalars(select(Worker.name).where(Worker.status == W.ONLINE, Worker.heartbeat_at < cutoff)))
-    if names:
+    for chunk in chunked(names):
         session.execute(
             update(Worker)
-            .where(Worker.name.in_(names), Worker.status == W.ONLINE, Worker.heartbeat_at < cutoff)
+            .where(Worker.name.in_(chunk), Worker.status == W.ONLINE, Worker.heartbeat_at < cutoff)
             .values(status=W.LOST, current_shard_id=None, updated_at=now)
         )
-        expire_leases(session, names, now)
+        expire_leases(session, chunk, now)
     return names
 
 

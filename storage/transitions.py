@@ -28,6 +28,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from farm.errors import InvalidTransition, LeaseLost, NotFound
+from storage.chunking import chunked
 from storage.models import Job, Shard, utcnow
 from storage.status import JOB_TERMINAL, SHARD_TERMINAL, JobStatus, ShardStatus
 
@@ -116,16 +117,17 @@ def set_shard_status(
 def mark_shards_queued(session: Session, shard_ids: list[uuid.UUID]) -> int:
     """Pending -> queued for shards whose messages are on the broker (ones a worker already
     claimed are left alone). Returns how many changed."""
-    if not shard_ids:
-        return 0
     now = utcnow()
-    result = session.execute(
-        update(Shard)
-        .where(Shard.id.in_(shard_ids), Shard.status == S.PENDING)
-        .values(status=S.QUEUED, enqueued_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount
+    changed = 0
+    for chunk in chunked(shard_ids):  # one IN list per statement stays far below the driver's limit
+        result = session.execute(
+            update(Shard)
+            .where(Shard.id.in_(chunk), Shard.status == S.PENDING)
+            .values(status=S.QUEUED, enqueued_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        changed += result.rowcount
+    return changed
 
 
 def lease_remaining(session: Session, shard_id: uuid.UUID, now: datetime | None = None) -> float | None:

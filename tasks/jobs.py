@@ -4,26 +4,30 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from farm.dispatch import send_shards
+from farm.dispatch import SCHEDULE_SLICE, publish_schedule, send_pending
 from farm.feeder import feed
 from farm.finalizer import finalize
-from farm.scheduler import parse_job_id
-from farm.scheduler import schedule_job as schedule
+from farm.scheduler import create_shards, parse_job_id
 from storage.db import session_scope
 from tasks.resources import outlasting, worker_resources
 
 
 @shared_task(bind=True, name="farm.schedule_job")
 def schedule_job(self, job_id: str) -> dict:
+    """Split the job into shards and send them, at most ``SCHEDULE_SLICE`` per message: a larger
+    job sends the rest from a new scheduling message, behind the control work queued meanwhile."""
     res = worker_resources(self.app)
     job = parse_job_id(job_id)
 
-    def run() -> int:  # repeatable: a second run publishes the shards still pending
+    def run() -> tuple[int, bool]:  # repeatable: a second run publishes the shards still pending
         with session_scope(res.session_factory) as session:
-            dispatches = schedule(session, job)
-        return send_shards(self.app, res.session_factory, dispatches)
+            running = create_shards(session, job)
+        return send_pending(self.app, res.session_factory, job, limit=SCHEDULE_SLICE) if running else (0, False)
 
-    return {"job_id": job_id, "shards_sent": outlasting(res, run, f"job {job_id}: schedule")}
+    sent, more = outlasting(res, run, f"job {job_id}: schedule")
+    if more:
+        outlasting(res, lambda: publish_schedule(self.app, job), f"job {job_id}: schedule the rest")
+    return {"job_id": job_id, "shards_sent": sent, "more": more}
 
 
 @shared_task(bind=True, name="farm.finalize_job")

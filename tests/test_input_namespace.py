@@ -26,7 +26,6 @@ from storage.db import make_engine
 from storage.models import Artifact, BulkJob, Job, Shard
 
 
-
 def _png(colour: tuple[int, int, int], path: Path | None = None) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")

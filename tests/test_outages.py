@@ -92,3 +92,107 @@ def test_a_write_that_landed_before_the_outage_is_not_repeated() -> None:
 
     assert ride_out(write, what="row", wait_s=60, landed=lambda: bool(writes), sleep=lambda _: None) is None
     assert writes == ["row"]  # checked before the retry, not before the first try
+
+
+def _raised(engine, sql: str, **params) -> Exception:
+    from sqlalchemy import bindparam, text
+
+    statement = text(sql)
+    if "ids" in params:
+        statement = statement.bindparams(bindparam("ids", expanding=True))
+    try:
+        with engine.connect() as conn:
+            conn.execute(statement, params)
+    except Exception as exc:
+        return exc
+    raise AssertionError(f"{sql} did not fail")
+
+
+@pytest.mark.integration
+def test_errors_about_the_statement_are_not_outages(pg_url: str) -> None:
+    """psycopg raises an OperationalError (no SQLSTATE) for a statement with more than 65,535
+    parameters: it is the statement's fault, so it is raised at once, never waited out. The same
+    for bad SQL and bad data."""
+    from sqlalchemy import create_engine
+    from sqlalchemy import exc as sa
+
+    engine = create_engine(pg_url)
+    try:
+        too_many = _raised(engine, "select 1 where 1 in :ids", ids=list(range(70_000)))
+        assert isinstance(too_many, sa.OperationalError) and "65535" in str(too_many.orig)
+        bad_sql = _raised(engine, "selec 1")
+        bad_data = _raised(engine, "select 1 / 0")
+        for exc in (too_many, bad_sql, bad_data):
+            assert unavailable_service(exc) is None, exc
+
+            def step(exc: Exception = exc) -> None:
+                raise exc
+
+            slept: list[float] = []
+            with pytest.raises(type(exc)):
+                ride_out(step, what="schedule", wait_s=60, sleep=slept.append)
+            assert slept == []  # not a single retry
+        with engine.connect() as conn:  # the connection that refused the statement is fine
+            assert conn.exec_driver_sql("select 2").scalar() == 2
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.integration
+def test_connection_failures_are_outages(private_postgres) -> None:
+    """A backend terminated by an administrator (57P01), a server stopped under an open
+    connection, and a refused connection are all database outages."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(private_postgres.url(), pool_pre_ping=True)
+    admin = create_engine(private_postgres.url(), poolclass=NullPool)
+    seen: dict[str, Exception] = {}
+    try:
+        with engine.connect() as conn:
+            pid = conn.execute(text("select pg_backend_pid()")).scalar()
+            with admin.connect() as other:
+                other.execute(text(f"select pg_terminate_backend({pid})"))
+            seen["terminated"] = _failing(conn)
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+            private_postgres.stop()
+            seen["stopped"] = _failing(conn)
+        seen["refused"] = _raised(engine, "select 1")
+    finally:
+        engine.dispose()
+        admin.dispose()
+    for what, exc in seen.items():
+        assert unavailable_service(exc) == "database", (what, exc)
+    assert getattr(seen["terminated"].orig, "sqlstate", None) == "57P01"
+
+
+def _failing(conn) -> Exception:
+    from sqlalchemy import text
+
+    try:
+        conn.execute(text("select 1"))
+    except Exception as exc:
+        return exc
+    raise AssertionError("the connection still works")
+
+
+def test_a_locked_sqlite_file_is_waited_for(tmp_path) -> None:
+    """Another process holding the SQLite file's write lock is waited out like a restart."""
+    from sqlalchemy import create_engine, text
+
+    url = f"sqlite:///{tmp_path / 'locked.db'}"
+    holder = create_engine(url)
+    waiter = create_engine(url, connect_args={"timeout": 0})
+    try:
+        with holder.connect() as conn:
+            conn.execute(text("create table t (x integer)"))
+            conn.commit()
+            conn.exec_driver_sql("begin immediate")
+            conn.execute(text("insert into t values (1)"))
+            locked = _raised(waiter, "insert into t values (2)")
+        assert "locked" in str(locked) and unavailable_service(locked) == "database"
+        assert unavailable_service(_raised(waiter, "insert into missing values (1)")) is None
+    finally:
+        holder.dispose()
+        waiter.dispose()

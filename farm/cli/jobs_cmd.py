@@ -50,6 +50,10 @@ def duration(seconds: float | None) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+SHARD_COLUMNS = ("shard", "queue", "status", "items", "progress", "attempt", "worker", "error")
+TABLE_ROWS = 500  # more shards than this are printed as tab-separated lines
+
+
 def print_job(summary: dict, previews: dict | None = None) -> None:
     pace = f"  {summary['seconds_per_item']:.2f} s/item" if summary.get("seconds_per_item") else ""
     eta = f"  ETA {duration(summary['eta_s'])}" if summary.get("eta_s") is not None else ""
@@ -60,30 +64,56 @@ def print_job(summary: dict, previews: dict | None = None) -> None:
     )
     if summary.get("error"):
         console.print(f"error: {summary['error']}", highlight=False)
-    table = Table()
-    for column in ("shard", "queue", "status", "items", "progress", "attempt", "worker", "error"):
-        table.add_column(column, overflow="fold")
-    for s in summary["shards"]:
-        errors = s["error"] or ""
-        if len(s.get("failed_workers") or []) > 1:
-            errors += f" (failed on {', '.join(s['failed_workers'])})"
-        table.add_row(
-            str(s["index"]),
-            s["queue"],
-            s["status"],
-            f"{s['items_done']}/{s['items_total']}",
-            f"{s['progress']:.0%}",
-            str(s["attempts"]),
-            s["worker"] or "",
-            errors,
+    by_status = summary.get("shards_by_status") or {}
+    listed, total = len(summary["shards"]), summary["shards_total"]
+    if listed < total:
+        counts = ", ".join(f"{n:,} {status}" for status, n in sorted(by_status.items(), key=lambda kv: -kv[1]))
+        console.print(f"shards: {counts}", highlight=False)
+        console.print(
+            f"listing {listed} of {total:,} shards (failed, running, most recently changed); "
+            "--shards all lists every one",
+            highlight=False,
         )
-    console.print(table)
+    if listed > TABLE_ROWS:  # a table of thousands of rows takes rich minutes: plain lines instead
+        typer.echo("\t".join(SHARD_COLUMNS))
+        typer.echo("\n".join("\t".join(" ".join(c.split()) for c in _shard_cells(s)) for s in summary["shards"]))
+    elif listed:
+        table = Table()
+        for column in SHARD_COLUMNS:
+            table.add_column(column, overflow="fold")
+        for s in summary["shards"]:
+            table.add_row(*_shard_cells(s))
+        console.print(table)
+    _print_blocked(summary)
+    _print_previews(previews)
+
+
+def _shard_cells(s: dict) -> tuple[str, ...]:
+    errors = s["error"] or ""
+    if len(s.get("failed_workers") or []) > 1:
+        errors += f" (failed on {', '.join(s['failed_workers'])})"
+    return (
+        str(s["index"]),
+        s["queue"],
+        s["status"],
+        f"{s['items_done']}/{s['items_total']}",
+        f"{s['progress']:.0%}",
+        str(s["attempts"]),
+        s["worker"] or "",
+        errors,
+    )
+
+
+def _print_blocked(summary: dict) -> None:
     for b in summary.get("blocked_workers") or []:
         console.print(
             f"blocked: worker {b['worker']} no longer takes this job's shards after {b['failures_in_a_row']} "
             f"failures in a row (since {b['blocked_at'][:19]}); last error: {b['last_error']}",
             highlight=False,
         )
+
+
+def _print_previews(previews: dict | None) -> None:
     for name, url in (previews or {}).items():
         for link in url if isinstance(url, list) else [url] if url else []:
             console.print(f"{name.replace('_', ' ')}: {link}", highlight=False)
@@ -101,11 +131,23 @@ def submit(
             print_job(wait_with_progress(client, job_id))
 
 
-def status(job_id: str | None = typer.Argument(None, help="A job id; without it, the latest jobs.")) -> None:
-    """Show one job with its shards, or a table of recent jobs."""
+SHARDS_HELP = "Shards to list: a number (failed, running, most recently changed first; default 20) or 'all'."
+
+
+def _get(client, job_id: str, shards: str | None) -> dict:
+    """The job's summary, listing the client's default number of shards unless ``shards`` says."""
+    return client.get(job_id) if shards is None else client.get(job_id, shards=shards)
+
+
+def status(
+    job_id: str | None = typer.Argument(None, help="A job id; without it, the latest jobs."),
+    shards: str | None = typer.Option(None, "--shards", help=SHARDS_HELP),
+) -> None:
+    """Show one job with its counts by shard status and the shards worth a look, or a table of
+    recent jobs."""
     with _client() as client:
         if job_id:
-            print_job(client.get(job_id), client.previews(job_id))
+            print_job(_get(client, job_id, shards), client.previews(job_id))
             return
         table = Table(title="jobs")
         for column in ("id", "status", "kind", "family", "items", "failed shards", "s/item", "ETA", "created"):
@@ -137,10 +179,14 @@ def wait(
         raise typer.Exit(1)
 
 
-def cancel(job_id: str = typer.Argument(...)) -> None:
+def cancel(
+    job_id: str = typer.Argument(...),
+    shards: str | None = typer.Option(None, "--shards", help=SHARDS_HELP),
+) -> None:
     """Cancel a job: pending shards now, running shards at their next step."""
     with _client() as client:
-        print_job(client.cancel(job_id))
+        summary = client.cancel(job_id)
+        print_job(summary if shards is None else client.get(job_id, shards=shards))
 
 
 def retry(job_id: str = typer.Argument(..., help="A job id, or a bulk job's name.")) -> None:
