@@ -63,13 +63,15 @@ def unavailable_service(exc: BaseException) -> str | None:
 # down), 57P05 idle_session_timeout.
 PG_CONNECTION_CLASS = "08"
 PG_CONNECTION_STATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
+PG_TRANSIENT_STATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock: the step runs again
 SQLITE_BUSY, SQLITE_LOCKED = 5, 6  # another process holds the file: wait, as for a restart
 
 
 def database_unreachable(exc: BaseException) -> bool:
     """Whether a SQLAlchemy error means the database cannot be reached right now: no connection
     could be made, the connection was lost or ended by the server (invalidated, SQLSTATE class 08,
-    57P0x), the pool timed out, or an SQLite file is locked. Anything the server or the driver
+    57P0x), the pool timed out, an SQLite file is locked, or the transaction lost a deadlock or a
+    serialization conflict (40P01, 40001: the step is repeated whole). Anything the server or the driver
     refused about the statement itself (bad SQL, bad data, a constraint, too many parameters,
     which psycopg raises as an ``OperationalError`` too) is not: retrying it cannot help."""
     from sqlalchemy import exc as sa
@@ -82,7 +84,7 @@ def database_unreachable(exc: BaseException) -> bool:
         return True
     state = getattr(exc.orig, "sqlstate", None)
     if state:
-        return state.startswith(PG_CONNECTION_CLASS) or state in PG_CONNECTION_STATES
+        return state.startswith(PG_CONNECTION_CLASS) or state in PG_CONNECTION_STATES | PG_TRANSIENT_STATES
     sqlite_code = getattr(exc.orig, "sqlite_errorcode", None)
     if sqlite_code is not None:
         return sqlite_code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)

@@ -196,3 +196,43 @@ def test_a_locked_sqlite_file_is_waited_for(tmp_path) -> None:
     finally:
         holder.dispose()
         waiter.dispose()
+
+
+@pytest.mark.integration
+def test_a_lost_deadlock_is_tried_again(pg_url: str) -> None:
+    """Two transactions lock two rows in opposite orders: Postgres aborts one (40P01). That step
+    is repeated whole, as for a restart, instead of failing the shard or control task."""
+    import threading
+
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(pg_url)
+    table = f"deadlock_{free_port()}"
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(f"create table {table} (id int primary key, n int)"))
+            conn.execute(text(f"insert into {table} values (1, 0), (2, 0)"))
+        both_hold_one = threading.Barrier(2)
+        errors: list[Exception] = []
+
+        def lock(first: int, second: int) -> None:
+            try:
+                with engine.begin() as conn:
+                    conn.execute(text(f"update {table} set n = n + 1 where id = {first}"))
+                    both_hold_one.wait(timeout=10)
+                    conn.execute(text(f"update {table} set n = n + 1 where id = {second}"))
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=lock, args=pair) for pair in ((1, 2), (2, 1))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        (deadlock,) = errors
+        assert deadlock.orig.sqlstate == "40P01"
+        assert unavailable_service(deadlock) == "database"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"drop table if exists {table}"))
+        engine.dispose()
