@@ -10,24 +10,37 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from farm.dispatch import publish_finalize, publish_schedule, publish_shards
 from farm.errors import JobNotScheduled, NotFound, UserError
-from farm.scheduler import SUMMARY_SHARDS, job_summary, parse_job_id, requeue_failed, submit_job
+from farm.job_refs import resolve_job_id, short_id
+from farm.scheduler import SUMMARY_SHARDS, job_summary, requeue_failed, submit_job
 from farm.settings import FarmSettings, load_settings
+from farm.waiting import why_waiting
 from storage.db import make_engine, make_session_factory, session_scope
-from storage.models import Artifact, Job
+from storage.models import Artifact, Job, Shard
 from storage.objects.keys import contact_sheet_key, join_key, manifest_key, validate_part
 from storage.registry import list_workers
-from storage.status import JOB_TERMINAL, JobStatus
+from storage.status import JOB_TERMINAL, SHARD_TERMINAL, JobStatus
 from storage.transitions import cancel_unstarted_shards, set_job_status
 
 ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What a submit did: the job's id, whether it is new (``False``: its ``idempotency_key`` was
+    already used, for the same spec), and its status."""
+
+    job_id: uuid.UUID
+    created: bool
+    status: str
 
 
 class FarmClient:
@@ -75,6 +88,11 @@ class FarmClient:
 
         Input images given as ``{"path": ...}`` (relative to the spec file, or to the current
         folder for a dict) are checked and uploaded to the object store first."""
+        return self.submit_job(spec).job_id
+
+    def submit_job(self, spec: Any) -> Submitted:
+        """:meth:`submit`, also saying whether the job is new or was already submitted under its
+        ``idempotency_key`` (then nothing is submitted again)."""
         from farm.inputs import upload_inputs
         from farm.specs import parse_spec, read_spec_file
 
@@ -84,11 +102,11 @@ class FarmClient:
         elif isinstance(spec, dict):
             spec = parse_spec(upload_inputs(spec, self.store, Path.cwd()))
         with session_scope(self._sessions) as session:
-            job, _created = submit_job(session, spec)
+            job, created = submit_job(session, spec)
             job_id, status = job.id, JobStatus(job.status)
         if status == JobStatus.PENDING:
             self._publish_schedule(job_id)
-        return job_id
+        return Submitted(job_id, created, status.value)
 
     def _publish_schedule(self, job_id: uuid.UUID) -> None:
         """Send the job's scheduling message; with the broker down, say that the job is kept and
@@ -108,13 +126,23 @@ class FarmClient:
                 job_id=job_id,
             ) from None
 
+    def job_id(self, ref: str | uuid.UUID) -> uuid.UUID:
+        """The id of the job ``ref`` names: its whole id or a unique prefix (``farm status`` prints 8
+        characters). Ambiguous or unknown prefixes are refused with what they matched."""
+        with session_scope(self._sessions) as session:
+            return resolve_job_id(session, ref)
+
     def get(self, job_id: str | uuid.UUID, shards: int | str = SUMMARY_SHARDS) -> dict[str, Any]:
         """The job with its counts by shard status and at most ``shards`` of its shards (failed,
         running, most recently changed; all of them when it has no more); ``shards="all"``
-        lists every shard."""
+        lists every shard. ``waiting`` says, in words, why work of a job that is not moving waits
+        (no live worker on its queue, every one busy, nobody to schedule it)."""
         limit = shard_limit(shards)
         with session_scope(self._sessions) as session:
-            return job_summary(session, parse_job_id(job_id), shard_limit=limit)
+            job = resolve_job_id(session, job_id)
+            summary = job_summary(session, job, shard_limit=limit)
+            summary["waiting"] = why_waiting(session, job, self.settings.worker.lost_after_s)
+            return summary
 
     def list_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
         """The latest jobs with their counts (no shards listed)."""
@@ -146,23 +174,57 @@ class FarmClient:
             time.sleep(poll)
 
     def cancel(self, job_id: str | uuid.UUID) -> dict[str, Any]:
-        """Cancel a job: pending shards are cancelled now, running ones stop at their next step."""
-        job = parse_job_id(job_id)
+        """Cancel a job: pending shards are cancelled now, running ones stop at their next step.
+        The summary's ``cancel`` says what happened, in words: ``cancelled``, ``already <status>``
+        for a job that had ended, or ``finishing`` for a job whose every shard had already ended
+        (it keeps the status its shards give it: a cancel never spoils a finished render)."""
+        job = self.job_id(job_id)
         with session_scope(self._sessions) as session:
-            status = session.scalar(select(Job.status).where(Job.id == job))
-            if status is None:
-                raise NotFound(f"no job {job_id}")
-            if status not in JOB_TERMINAL:
+            status = JobStatus(session.scalar(select(Job.status).where(Job.id == job).with_for_update()))
+            unfinished = session.scalar(
+                select(func.count())
+                .select_from(Shard)
+                .where(Shard.job_id == job, Shard.status.not_in(list(SHARD_TERMINAL)))
+            )
+            if status in JOB_TERMINAL:
+                outcome = f"already {status.value}"
+            elif status == JobStatus.RUNNING and not unfinished:
+                outcome = "finishing"  # every shard ended: the finalizer gives the job its status
+            else:
                 set_job_status(session, job, JobStatus.CANCELLED, error="cancelled by request")
-            cancel_unstarted_shards(session, job)
-        publish_finalize(self.app, job)
-        return self.get(job)
+                cancel_unstarted_shards(session, job)
+                outcome = "cancelled"
+        if outcome == "finishing":
+            from farm.finalizer import finalize
+
+            finalize(self._sessions, self.store, job)
+        elif outcome == "cancelled":
+            publish_finalize(self.app, job)
+        return {**self.get(job), "cancel": outcome}
+
+    def retry(self, job_id: str | uuid.UUID) -> dict[str, Any]:
+        """``farm retry``: re-queue the job's failed shards and send its stuck ones again. Returns
+        ``requeued``, ``resent`` and ``note``: what was done, or why nothing was (a cancelled job
+        is not retried: submit it again; a job with nothing failed or stuck has nothing to do)."""
+        job = self.job_id(job_id)
+        with session_scope(self._sessions) as session:
+            status = JobStatus(session.scalar(select(Job.status).where(Job.id == job)))
+        if status == JobStatus.CANCELLED:
+            note = f"job {short_id(job)} was cancelled: nothing re-queued (submit its spec again to render it)"
+            return {"job_id": str(job), "requeued": 0, "resent": 0, "note": note}
+        requeued = self.retry_failed(job)
+        resent = self.resend_stuck(job)
+        if requeued or resent:
+            note = f"re-queued {requeued} failed shard(s), re-sent {resent} stuck shard(s) of job {short_id(job)}"
+        else:
+            note = f"nothing to retry: job {short_id(job)} is {status.value} with no failed or stuck shards"
+        return {"job_id": str(job), "requeued": requeued, "resent": resent, "note": note}
 
     def retry_failed(self, job_id: str | uuid.UUID) -> int:
         """Re-queue the job's failed shards; returns how many (a bulk job's are fed in windows).
         ``farm retry`` also calls :meth:`resend_stuck`."""
         with session_scope(self._sessions) as session:
-            count, dispatches = requeue_failed(session, parse_job_id(job_id))
+            count, dispatches = requeue_failed(session, resolve_job_id(session, job_id))
         publish_shards(self.app, dispatches)
         if count and not dispatches:
             self.feed_bulk()
@@ -174,7 +236,7 @@ class FarmClient:
         Returns how many messages were sent (a duplicate is harmless: the lease turns it away)."""
         from farm.reconciler import Reconciler
 
-        report = Reconciler(self.settings, self._sessions, self.app, self.store).resend_job(parse_job_id(job_id))
+        report = Reconciler(self.settings, self._sessions, self.app, self.store).resend_job(self.job_id(job_id))
         return report.resent_waiting + report.resent_orphaned
 
     # -- bulk -----------------------------------------------------------------------------------
@@ -255,10 +317,11 @@ class FarmClient:
                 n += 1
         return n
 
-    def previews(self, job_id: str | uuid.UUID) -> dict[str, Any]:
+    def previews(self, job_id: str | uuid.UUID, download: Path | None = None) -> dict[str, Any]:
         """URLs a person looks at first: the contact sheet and the manifest (written once every
-        shard has ended), and each video clip's GIF preview."""
-        job = parse_job_id(job_id)
+        shard has ended), and each video clip's GIF preview. With ``download``, the contact sheet
+        and the manifest are saved there too (``contact_sheet_path``, ``manifest_path``)."""
+        job = self.job_id(job_id)
         with session_scope(self._sessions) as session:
             prefix = session.scalar(select(Job.output_prefix).where(Job.id == job))
             if prefix is None:
@@ -268,9 +331,12 @@ class FarmClient:
                 .where(Artifact.job_id == job, Artifact.content_type == "image/gif")
                 .order_by(Artifact.item_index)
             ).all()
-        found = {}
+        found: dict[str, Any] = {}
         for name, key in (("contact_sheet", contact_sheet_key(prefix, job)), ("manifest", manifest_key(prefix, job))):
-            found[name] = self.store.url(key) if self.store.exists(key) else None
+            there = self.store.exists(key)
+            found[name] = self.store.url(key) if there else None
+            if there and download is not None:
+                found[f"{name}_path"] = str(self.store.download(key, Path(download) / key.rsplit("/", 1)[-1]))
         return {**found, "gif_previews": [self.store.url(key) for key in gifs]}
 
     # -- workers --------------------------------------------------------------------------------
@@ -283,16 +349,20 @@ class FarmClient:
     def results(self, job_id: str | uuid.UUID, download: Path | None = None) -> list[dict[str, Any]]:
         """The job's artifacts with URLs (presigned for S3); with ``download``, files are saved
         there too (``path`` added)."""
-        job = parse_job_id(job_id)
+        job = self.job_id(job_id)
         with session_scope(self._sessions) as session:
             rows = session.scalars(
                 select(Artifact).where(Artifact.job_id == job).order_by(Artifact.item_index, Artifact.key)
             ).all()
+            kind = session.scalar(select(Job.kind).where(Job.id == job))
             artifacts = [
                 {
                     "key": a.key,
                     "item_index": a.item_index,
+                    "kind": kind,
+                    "prompt": (a.params or {}).get("prompt"),
                     "seed": a.seed,
+                    "frame": frame if isinstance(frame := (a.params or {}).get("frame"), int) else None,
                     "sha256": a.sha256,
                     "size": a.size_bytes,
                     "content_type": a.content_type,

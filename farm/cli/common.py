@@ -10,7 +10,7 @@ from rich.console import Console
 from farm.errors import FarmError
 from farm.settings import FarmSettings, load_settings
 
-console = Console()
+console = Console(soft_wrap=True)  # ids, URLs, paths and errors are never folded mid-word
 err_console = Console(stderr=True, soft_wrap=True)
 
 

@@ -52,18 +52,37 @@ def duration(seconds: float | None) -> str:
 
 SHARD_COLUMNS = ("shard", "queue", "status", "items", "progress", "attempt", "worker", "error")
 TABLE_ROWS = 500  # more shards than this are printed as tab-separated lines
+TABLE_WIDTH = 100  # narrower terminals and pipes get plain lines: nothing folded mid-word
+
+
+def plain_output() -> bool:
+    """Plain lines instead of tables: piped, or a terminal too narrow for a table to keep ids,
+    paths and errors whole."""
+    return not console.is_terminal or console.width < TABLE_WIDTH
+
+
+def _items(summary: dict) -> str:
+    if summary["status"] == "pending" or not summary.get("items_total"):
+        return "items: not split into shards yet"
+    return f"items {summary['items_done']}/{summary['items_total']}"
 
 
 def print_job(summary: dict, previews: dict | None = None) -> None:
     pace = f"  {summary['seconds_per_item']:.2f} s/item" if summary.get("seconds_per_item") else ""
     eta = f"  ETA {duration(summary['eta_s'])}" if summary.get("eta_s") is not None else ""
+    shards = (
+        f"  shards {summary['shards_done']}/{summary['shards_total']} done, {summary['shards_failed']} failed"
+        if summary["shards_total"]
+        else ""
+    )
     console.print(
         f"job {summary['id']}  [bold]{summary['status']}[/]  {summary['kind']}/{summary['family']}  "
-        f"items {summary['items_done']}/{summary['items_total']}  shards {summary['shards_done']}/"
-        f"{summary['shards_total']} done, {summary['shards_failed']} failed{pace}{eta}"
+        f"{_items(summary)}{shards}{pace}{eta}"
     )
     if summary.get("error"):
         console.print(f"error: {summary['error']}", highlight=False)
+    for reason in summary.get("waiting") or []:
+        console.print(f"waiting: {reason}", highlight=False)
     by_status = summary.get("shards_by_status") or {}
     listed, total = len(summary["shards"]), summary["shards_total"]
     if listed < total:
@@ -74,16 +93,20 @@ def print_job(summary: dict, previews: dict | None = None) -> None:
             "--shards all lists every one",
             highlight=False,
         )
-    if listed > TABLE_ROWS:  # a table of thousands of rows takes rich minutes: plain lines instead
+    rows = [_shard_cells(s) for s in summary["shards"]]
+    if listed > TABLE_ROWS or (listed and plain_output()):
         typer.echo("\t".join(SHARD_COLUMNS))
-        typer.echo("\n".join("\t".join(" ".join(c.split()) for c in _shard_cells(s)) for s in summary["shards"]))
+        typer.echo("\n".join("\t".join(" ".join(cell.split()) for cell in row) for row in rows))
     elif listed:
         table = Table()
         for column in SHARD_COLUMNS:
-            table.add_column(column, overflow="fold")
-        for s in summary["shards"]:
-            table.add_row(*_shard_cells(s))
+            table.add_column(column, no_wrap=column != "error")
+        for row in rows:  # errors in full under the table: never folded mid-word in a cell
+            table.add_row(*row[:-1], "see below" if row[-1] else "")
         console.print(table)
+        for s, row in zip(summary["shards"], rows, strict=True):
+            if row[-1]:
+                console.print(f"shard {s['index']}: {row[-1]}", highlight=False)
     _print_blocked(summary)
     _print_previews(previews)
 
@@ -119,19 +142,44 @@ def _print_previews(previews: dict | None) -> None:
             console.print(f"{name.replace('_', ' ')}: {link}", highlight=False)
 
 
+EXIT_CODES = (
+    "Exit codes: 0 the job succeeded; 1 it failed, ended partial or was cancelled (or a service "
+    "failed); 2 a usage or validation error (a bad spec, an unknown job id)."
+)
+
+
+def _exit_for(summary: dict) -> None:
+    if summary["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
 def submit(
     spec_file: Path = typer.Argument(..., help="Job spec, YAML or JSON."),
-    wait: bool = typer.Option(False, "--wait", help="Wait for the job and show progress."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the job and show progress; exit 1 unless it succeeds."),
 ) -> None:
-    """Validate and submit a job spec; prints the job id."""
+    """Validate and submit a job spec; prints the job id.
+
+    Exit codes: 0 submitted (with --wait: the job succeeded); 1 with --wait the job failed, ended
+    partial or was cancelled, or the broker was down (the job is kept and scheduled later); 2 a
+    usage or validation error."""
     with _client() as client:
-        job_id = client.submit(spec_file)
-        console.print(f"submitted job {job_id}")
+        done = client.submit_job(spec_file)
+        if done.created:
+            console.print(f"submitted job {done.job_id}", highlight=False)
+        else:
+            console.print(
+                f"already submitted as job {done.job_id} ({done.status}): its idempotency_key was used before "
+                "with this spec; nothing new was submitted",
+                highlight=False,
+            )
         if wait:
-            print_job(wait_with_progress(client, job_id))
+            summary = wait_with_progress(client, done.job_id)
+            print_job(summary)
+            _exit_for(summary)
 
 
 SHARDS_HELP = "Shards to list: a number (failed, running, most recently changed first; default 20) or 'all'."
+JOB_HELP = "A job id, or its first characters (at least 4; `farm status` prints 8)."
 
 
 def _get(client, job_id: str, shards: str | None) -> dict:
@@ -140,89 +188,143 @@ def _get(client, job_id: str, shards: str | None) -> dict:
 
 
 def status(
-    job_id: str | None = typer.Argument(None, help="A job id; without it, the latest jobs."),
+    job_id: str | None = typer.Argument(None, help=JOB_HELP + " Without it, the latest jobs."),
     shards: str | None = typer.Option(None, "--shards", help=SHARDS_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    limit: int = typer.Option(20, "--limit", min=1, max=1000, help="How many recent jobs to list."),
 ) -> None:
-    """Show one job with its counts by shard status and the shards worth a look, or a table of
-    recent jobs."""
+    """Show one job with its counts by shard status, the shards worth a look and why it waits, or
+    the latest jobs."""
+    from farm.job_refs import short_id
+
     with _client() as client:
         if job_id:
-            print_job(_get(client, job_id, shards), client.previews(job_id))
+            summary = _get(client, job_id, shards)
+            previews = client.previews(summary["id"])
+            if as_json:
+                typer.echo(json.dumps({**summary, "previews": previews}, indent=2))
+            else:
+                print_job(summary, previews)
             return
-        table = Table(title="jobs")
-        for column in ("id", "status", "kind", "family", "items", "failed shards", "s/item", "ETA", "created"):
-            table.add_column(column)
-        for j in client.list_jobs():
-            table.add_row(
-                j["id"],
-                j["status"],
-                j["kind"],
-                j["family"],
-                f"{j['items_done']}/{j['items_total']}",
-                str(j["shards_failed"]),
-                f"{j['seconds_per_item']:.2f}" if j["seconds_per_item"] else "",
-                duration(j["eta_s"]),
-                j["created_at"][:19],
-            )
-        console.print(table)
+        jobs = client.list_jobs(limit=limit)
+    if as_json:
+        typer.echo(json.dumps(jobs, indent=2))
+        return
+    columns = ("id", "status", "kind", "family", "items", "failed shards", "s/item", "ETA", "created")
+    rows = [
+        (
+            short_id(j["id"]),
+            j["status"],
+            j["kind"],
+            j["family"],
+            f"{j['items_done']}/{j['items_total']}" if j["items_total"] else "-",
+            str(j["shards_failed"]),
+            f"{j['seconds_per_item']:.2f}" if j["seconds_per_item"] else "",
+            duration(j["eta_s"]),
+            j["created_at"][:19],
+        )
+        for j in jobs
+    ]
+    if plain_output():
+        typer.echo("\t".join(columns))
+        typer.echo("\n".join("\t".join(row) for row in rows))
+        return
+    table = Table(title="jobs")
+    for column in columns:
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 def wait(
-    job_id: str = typer.Argument(...),
+    job_id: str = typer.Argument(..., help=JOB_HELP),
     timeout: float | None = typer.Option(None, help="Give up after this many seconds."),
 ) -> None:
-    """Wait for a job to finish, with a progress bar."""
+    """Wait for a job to finish, with a progress bar.
+
+    Exit codes: 0 the job succeeded; 1 it failed, ended partial, was cancelled, or the wait timed
+    out; 2 a usage error (an unknown job id)."""
     with _client() as client:
-        summary = wait_with_progress(client, job_id, timeout)
+        summary = wait_with_progress(client, client.job_id(job_id), timeout)
     print_job(summary)
-    if summary["status"] != "succeeded":
-        raise typer.Exit(1)
+    _exit_for(summary)
 
 
 def cancel(
-    job_id: str = typer.Argument(...),
+    job_id: str = typer.Argument(..., help=JOB_HELP),
     shards: str | None = typer.Option(None, "--shards", help=SHARDS_HELP),
 ) -> None:
-    """Cancel a job: pending shards now, running shards at their next step."""
+    """Cancel a job: pending shards now, running shards at their next step. A job that has
+    already ended, or whose shards have all ended, is left as it is (exit 0)."""
     with _client() as client:
         summary = client.cancel(job_id)
-        print_job(summary if shards is None else client.get(job_id, shards=shards))
+        outcome = summary["cancel"]
+        words = {
+            "cancelled": "cancelled",
+            "finishing": "not cancelled: every shard had already ended; the job keeps the status they give it",
+        }
+        console.print(f"job {summary['id']}: {words.get(outcome, outcome)}", highlight=False)
+        print_job(summary if shards is None else client.get(summary["id"], shards=shards))
 
 
-def retry(job_id: str = typer.Argument(..., help="A job id, or a bulk job's name.")) -> None:
-    """Re-queue a job's failed shards, or re-feed a bulk job's failed rows."""
-    import uuid
+def retry(job_id: str = typer.Argument(..., help=JOB_HELP + " Or a bulk job's name.")) -> None:
+    """Re-queue a job's failed shards and send its stuck ones again, or re-feed a bulk job's
+    failed rows. A cancelled job is not retried; nothing to retry is not an error (exit 0)."""
+    from farm.errors import NotFound, UserError
 
     with _client() as client:
         try:
-            uuid.UUID(job_id)
-        except ValueError:
-            console.print(f"re-fed {client.retry_bulk(job_id)} failed shard(s) of bulk job {job_id}")
+            client.job_id(job_id)
+        except (NotFound, UserError) as not_a_job:
+            try:
+                count = client.retry_bulk(job_id)
+            except NotFound:
+                raise NotFound(f"{not_a_job}; no bulk job is named {job_id!r} either") from None
+            console.print(f"re-fed {count} failed shard(s) of bulk job {job_id}", highlight=False)
             return
-        failed = client.retry_failed(job_id)
-        console.print(f"re-queued {failed} failed shard(s) of job {job_id}")
-        resent = client.resend_stuck(job_id)
-        if resent:
-            console.print(f"re-sent {resent} stuck shard(s) of job {job_id} (their messages were lost)")
+        console.print(client.retry(job_id)["note"], highlight=False)
 
 
 def results(
-    job_id: str = typer.Argument(...),
-    download: Path | None = typer.Option(None, "--download", help="Save the outputs into this folder."),
+    job_id: str = typer.Argument(..., help=JOB_HELP),
+    download: Path | None = typer.Option(
+        None, "--download", help="Save the outputs (and the contact sheet and manifest) into this folder."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """List a job's outputs with URLs (presigned on S3), or download them."""
+    """List a job's outputs (kind, prompt, seed, frame, type) with URLs (presigned on S3), or
+    download them."""
     with _client() as client:
-        artifacts = client.results(job_id, download)
-        previews = client.previews(job_id)
+        job = client.job_id(job_id)
+        artifacts = client.results(job, download)
+        previews = client.previews(job, download=download)
     if as_json:
-        typer.echo(json.dumps(artifacts, indent=2))
+        typer.echo(json.dumps({"artifacts": artifacts, "previews": previews}, indent=2))
         return
-    for a in artifacts:
-        console.print(f"{a['item_index']:>6}  seed {a['seed']:<12} {a.get('path') or a['url']}", highlight=False)
+    columns = ("item", "kind", "prompt", "seed", "frame", "type", "where")
+    rows = [
+        (
+            str(a["item_index"]),
+            a.get("kind") or "",
+            _shorten(a.get("prompt") or "", 32),
+            str(a["seed"]),
+            "" if a.get("frame") is None else str(a["frame"]),
+            (a["content_type"] or "").split("/")[-1],
+            a.get("path") or a["url"],
+        )
+        for a in artifacts
+    ]
+    typer.echo("\t".join(columns))  # plain lines: URLs and paths are never folded
+    typer.echo("\n".join("\t".join(row) for row in rows))
     for name in ("contact_sheet", "manifest"):
-        if previews[name]:
-            console.print(f"{name.replace('_', ' ')}: {previews[name]}", highlight=False)
+        if previews.get(name):
+            typer.echo(f"{name.replace('_', ' ')}: {previews.get(name + '_path') or previews[name]}")
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
 
 
 def register(app: typer.Typer) -> None:
