@@ -101,12 +101,29 @@ class FarmClient:
             spec = parse_spec(upload_inputs(read_spec_file(path), self.store, path.parent))
         elif isinstance(spec, dict):
             spec = parse_spec(upload_inputs(spec, self.store, Path.cwd()))
+        spec = self._local_model(spec)
         with session_scope(self._sessions) as session:
             job, created = submit_job(session, spec)
             job_id, status = job.id, JobStatus(job.status)
         if status == JobStatus.PENDING:
             self._publish_schedule(job_id)
         return Submitted(job_id, created, status.value)
+
+    def _local_model(self, spec: Any) -> Any:
+        """In the embedded mode the workers run on this machine: a local model path is checked now
+        (before anything is stored) and made absolute, so a worker started in another folder finds
+        it. Elsewhere a model path is each worker's own (its host, its working folder)."""
+        from farm.specs import LOCAL_PATH_PREFIXES
+
+        if not self.settings.embedded or not (spec.model.startswith(LOCAL_PATH_PREFIXES) or spec.model in ("~", ".")):
+            return spec
+        path = Path(spec.model).expanduser()
+        resolved = (path if path.is_absolute() else Path.cwd() / path).resolve()
+        if not (resolved / "model_index.json").is_file():
+            where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+            found = "is not a diffusers model folder (no model_index.json)" if resolved.is_dir() else "does not exist"
+            raise UserError(f"model: {spec.model!r}{where} {found} on this machine: {resolved}")
+        return spec if str(resolved) == spec.model else spec.model_copy(update={"model": str(resolved)})
 
     def _publish_schedule(self, job_id: uuid.UUID) -> None:
         """Send the job's scheduling message; with the broker down, say that the job is kept and

@@ -92,11 +92,29 @@ def test_job_commands_through_a_pipe(farm_factory, tiny_models, tmp_path: Path) 
 def test_submit_wait_exits_non_zero_unless_the_job_succeeds(farm_factory, tmp_path: Path) -> None:
     farm = farm_factory()
     farm.start_worker(["farm.control", "farm.gpu.sd15"], name="all")
-    spec = _spec(tmp_path, tmp_path / "no-such-model", "broken", prompts=["x"], count=1)
-    out = run(farm, "submit", str(spec), "--wait")
+    refused = run(farm, "submit", str(_spec(tmp_path, "./no-such-model", "absent", prompts=["x"], count=1)))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert (
+        "model: './no-such-model' (relative to " in refused.stderr
+        and "does not exist on this machine" in refused.stderr
+    )
+    assert run(farm, "status", "--json").stdout.strip() == "[]", "nothing stored for a refused spec"
+    out = run(
+        farm,
+        "submit",
+        str(_spec(tmp_path, _broken_model(tmp_path / "broken"), "broken", prompts=["x"], count=1)),
+        "--wait",
+    )
     assert out.returncode == 1, out.stdout + out.stderr
     assert "failed" in out.stdout
     assert "Exit codes" in run(farm, "submit", "--help").stdout
+
+
+def _broken_model(folder: Path) -> Path:
+    """A folder that looks like a diffusers model to the submit check but does not load."""
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    return folder
 
 
 def test_a_narrow_terminal_folds_no_id_path_or_error(farm_factory, tmp_path: Path) -> None:
@@ -104,7 +122,7 @@ def test_a_narrow_terminal_folds_no_id_path_or_error(farm_factory, tmp_path: Pat
         pytest.skip("util-linux script is not installed")
     farm = farm_factory()
     farm.start_worker(["farm.control", "farm.gpu.sd15"], name="all")
-    missing = tmp_path / "a-model-folder-with-a-rather-long-name-that-does-not-exist"
+    missing = _broken_model(tmp_path / "a-model-folder-with-a-rather-long-name-that-does-not-load")
     spec = _spec(tmp_path, missing, "narrow", prompts=["x"], count=1)
     job_id = run(farm, "submit", str(spec)).stdout.split("submitted job ")[1].split()[0]
     run(farm, "wait", job_id[:8])
