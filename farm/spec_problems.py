@@ -5,6 +5,7 @@ unknown field names the closest known one (``guidence: unknown field; did you me
 from __future__ import annotations
 
 import difflib
+import types
 import typing
 from collections.abc import Sequence
 from typing import Any, get_args, get_origin
@@ -129,7 +130,7 @@ def _unwrap(annotation: Any) -> list[Any]:
     origin = get_origin(annotation)
     if origin is typing.Annotated:
         return _unwrap(get_args(annotation)[0])
-    if origin is typing.Union or type(annotation).__name__ == "UnionType":
+    if origin is typing.Union or isinstance(annotation, types.UnionType):
         return [m for arg in get_args(annotation) for m in _unwrap(arg)]
     return [annotation]
 
