@@ -15,17 +15,26 @@ import csv
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from farm.errors import InvalidKey, UserError
-from farm.specs import MAX_SEED, NegativePrompt, Prompt
-from storage.objects.keys import validate_part
+from farm.spec_problems import shown, utf8_error_at
+from farm.specs import MAX_SEED, MAX_SPEC_DEPTH, NegativePrompt, Prompt
+from storage.objects.keys import MAX_PART_LENGTH, validate_part
 
 CORE_FIELDS = ("id", "prompt", "negative_prompt", "seed")
 MAX_SHOWN = 20
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_MANIFEST_ROWS = 1_000_000
+MAX_ROW_DEPTH = MAX_SPEC_DEPTH  # nesting of one row (its overrides become part of a job spec)
+# A row's output is ``{id}.{ext}``, one key part of at most MAX_PART_LENGTH characters; ids leave
+# room for the longest extension an image output has (".webp").
+MAX_ROW_ID_CHARS = MAX_PART_LENGTH - len(".webp")
 _prompt = TypeAdapter(Prompt)
 _negative = TypeAdapter(NegativePrompt)
 
@@ -60,43 +69,114 @@ def derived_seed(row_id: str) -> int:
     return int(hashlib.sha256(row_id.encode()).hexdigest()[:15], 16)
 
 
+def _decode(data: bytes, source: str) -> str:
+    _decode_size(data, source)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line, column = utf8_error_at(data, exc)
+        raise ManifestError(
+            source, [f"line {line}, column {column}: not UTF-8 text (save the file as UTF-8)"]
+        ) from None
+
+
+def _too_deep(value: Any, limit: int = MAX_ROW_DEPTH) -> bool:
+    """Whether ``value`` nests lists and objects more than ``limit`` levels deep (iterative)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
+
+
+def _csv_records(text: str, source: str) -> list[tuple[int, dict[str, Any]]]:
+    records: list[tuple[int, dict[str, Any]]] = []
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    while True:
+        line = reader.line_num + 1  # where the next record starts (a quoted cell may span lines)
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            if "field larger than field limit" in str(exc):
+                reason = (
+                    f"a cell is longer than {csv.field_size_limit()} characters (128 KiB), the most a CSV cell may hold"
+                )
+            else:
+                reason = f"not CSV ({exc})"
+            raise ManifestError(source, [f"line {line}: {reason}"]) from None
+        if header is None:
+            header = cells
+            continue
+        if not cells:  # a blank line
+            continue
+        record: dict[str, Any] = {}
+        for key, value in zip(header, cells, strict=False):
+            if value == "":
+                continue
+            if key in ("id", "prompt", "negative_prompt"):
+                record[key] = value
+                continue
+            try:
+                record[key] = json.loads(value)
+            except ValueError:  # not JSON (or a number too long to convert): the text itself
+                record[key] = value
+            except RecursionError:
+                raise ManifestError(source, [f"line {line}: column {shown(key)}: nested too deeply to read"]) from None
+            if _too_deep(record[key]):
+                reason = f"column {shown(key)}: nested more than {MAX_ROW_DEPTH} levels deep"
+                raise ManifestError(source, [f"line {line}: {reason}"])
+        records.append((line, record))
+        _check_count(records, source)
+    return records
+
+
+def _check_count(records: list[Any], source: str) -> None:
+    if len(records) > MAX_MANIFEST_ROWS:
+        raise ManifestError(source, [f"more than {MAX_MANIFEST_ROWS} rows; split the manifest"])
+
+
 def _records(data: bytes, source: str) -> list[tuple[int, dict[str, Any]]]:
-    text = data.decode("utf-8-sig")
+    text = _decode(data, source)
     if source.lower().endswith(".csv"):
-        records = []
-        for line, raw in enumerate(csv.DictReader(io.StringIO(text)), start=2):
-            record: dict[str, Any] = {}
-            for key, value in raw.items():
-                if key is None or value in (None, ""):
-                    continue
-                if key in ("id", "prompt", "negative_prompt"):
-                    record[key] = value
-                else:
-                    try:
-                        record[key] = json.loads(value)
-                    except json.JSONDecodeError:
-                        record[key] = value
-            records.append((line, record))
-        return records
+        return _csv_records(text, source)
     records = []
-    for line, raw in enumerate(text.splitlines(), start=1):
+    for line, raw in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
         if not raw.strip():
             continue
         try:
             record = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise ManifestError(source, [f"line {line}: not JSON ({exc.msg})"]) from None
+            raise ManifestError(source, [f"line {line}: not JSON ({exc.msg}, column {exc.colno})"]) from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise ManifestError(source, [f"line {line}: not JSON ({str(exc).split(':')[0]})"]) from None
+        except RecursionError:
+            raise ManifestError(source, [f"line {line}: nested too deeply to read"]) from None
+        if _too_deep(record):
+            raise ManifestError(source, [f"line {line}: nested more than {MAX_ROW_DEPTH} levels deep"])
         if not isinstance(record, dict):
             raise ManifestError(source, [f"line {line}: a row must be a JSON object"])
         records.append((line, record))
+        _check_count(records, source)
     return records
 
 
 def _row(line: int, record: dict[str, Any], problems: list[str]) -> ManifestRow | None:
     where = f"line {line}"
-    raw_id = record.get("id", f"row-{line:06d}")
+    raw_id = str(record.get("id", f"row-{line:06d}"))
+    if len(raw_id) > MAX_ROW_ID_CHARS:
+        problems.append(
+            f"{where}: id: {len(raw_id)} characters; an id may have at most {MAX_ROW_ID_CHARS} (its output file "
+            f"name, the id and an extension, must fit in {MAX_PART_LENGTH})"
+        )
+        return None
     try:
-        row_id = validate_part(str(raw_id), "id")
+        row_id = validate_part(raw_id, "id")
     except InvalidKey as exc:
         problems.append(f"{where}: {exc}")
         return None
@@ -114,14 +194,39 @@ def _row(line: int, record: dict[str, Any], problems: list[str]) -> ManifestRow 
             except ValidationError as exc:
                 problems.append(f"{where}: {name}: {exc.errors()[0]['msg']}")
                 return None
-    overrides = dict(record.get("overrides") or {})
+    extra = record.get("overrides") or {}
+    if not isinstance(extra, dict):
+        problems.append(f"{where}: overrides must be an object of spec fields, not {type(extra).__name__}")
+        return None
+    overrides = dict(extra)
     overrides.update({k: v for k, v in record.items() if k not in (*CORE_FIELDS, "overrides")})
     return ManifestRow(row_id, line, seed, texts.get("prompt"), texts.get("negative_prompt"), overrides)
 
 
+def read_manifest_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a local manifest, refused (naming the file) when it is missing or larger than
+    :data:`MAX_MANIFEST_BYTES`: a huge file is never read whole."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise ManifestError(str(path), [f"cannot read it: {exc.strerror or exc}"]) from None
+    _decode_size(data, str(path))
+    return data
+
+
+def _decode_size(data: bytes, source: str) -> None:
+    if len(data) > MAX_MANIFEST_BYTES:
+        limit = f"{MAX_MANIFEST_BYTES >> 20} MiB" if MAX_MANIFEST_BYTES >= 1 << 20 else f"{MAX_MANIFEST_BYTES} bytes"
+        raise ManifestError(source, [f"larger than {limit}, the most a manifest may have; split it"])
+
+
 def read_manifest(data: bytes, source: str) -> list[ManifestRow]:
     """Every row of a JSONL (default) or ``.csv`` manifest, checked; a :class:`ManifestError`
-    lists every bad row."""
+    names the file and lists every bad row by line. Limits: :data:`MAX_MANIFEST_BYTES`,
+    :data:`MAX_MANIFEST_ROWS`, rows nested at most :data:`MAX_ROW_DEPTH` levels, CSV cells of at
+    most 128 KiB, ids of at most :data:`MAX_ROW_ID_CHARS` characters."""
     problems: list[str] = []
     rows: list[ManifestRow] = []
     first_line: dict[str, int] = {}

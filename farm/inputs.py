@@ -11,8 +11,9 @@ content differs. No output can land under ``inputs/`` (see ``storage.objects.key
 
 Workers read inputs with :func:`load_image`. Everything that can be wrong with an input (a
 missing object, a digest mismatch, bytes that are not an image, a truncated file, a decompression
-bomb) is an :class:`InputImageError` naming the field and the key: a user error, the shard fails
-with that reason and the worker carries on.
+bomb) is an :class:`InputImageError` naming the field, the file as the spec gave it (a reference
+keeps it as ``name``) and the key (:func:`describe`): a user error, the shard fails with that
+reason and the worker carries on.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from farm.errors import InvalidKey, ObjectNotFound, UserError
 from storage.objects.base import ObjectInfo
@@ -36,6 +37,7 @@ MAX_INPUT_PIXELS = 64 << 20  # 64 megapixels
 FORMATS = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "WEBP": ("webp", "image/webp")}
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 MD5_RE = re.compile(r"[0-9a-f]{32}")
+MAX_NAME_CHARS = 200  # the file name an uploaded reference keeps for messages
 
 
 class InputImageError(UserError):
@@ -49,6 +51,12 @@ class ImageRef(BaseModel):
 
     key: str
     sha256: str | None = None
+    name: str | None = Field(
+        default=None,
+        max_length=MAX_NAME_CHARS,
+        description="the file as the spec gave it (shown in messages)",
+        exclude_if=lambda value: value is None,  # a reference without one dumps as before
+    )
 
     @field_validator("key")
     @classmethod
@@ -64,6 +72,29 @@ class ImageRef(BaseModel):
         if value is not None and SHA256_RE.fullmatch(value) is None:
             raise ValueError("must be 64 lowercase hex characters")
         return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise ValueError("must not contain control characters")
+        return value
+
+
+def describe(label: str, ref: ImageRef) -> str:
+    """How a message names an input: ``identity.references[0] 'face.jpg' (inputs/sha256/ab...png)``:
+    the field, the file as the spec gave it (when known) and the object key."""
+    return f"{label} '{ref.name}' ({ref.key})" if ref.name else f"{label} ({ref.key})"
+
+
+def _given_name(raw: str) -> str:
+    """A path as the user wrote it, fit for messages and :attr:`ImageRef.name`: control characters
+    replaced, long paths shortened in the middle."""
+    clean = "".join("?" if ord(ch) < 32 or ord(ch) == 127 else ch for ch in raw)
+    if len(clean) <= MAX_NAME_CHARS:
+        return clean
+    keep = (MAX_NAME_CHARS - 3) // 2
+    return f"{clean[:keep]}...{clean[-keep:]}"
 
 
 def inspect_image(data: bytes, label: str) -> tuple[str, str, tuple[int, int]]:
@@ -91,10 +122,13 @@ def inspect_image(data: bytes, label: str) -> tuple[str, str, tuple[int, int]]:
     return ext, content_type, size
 
 
-def _read_input(path: Path, label: str) -> bytes:
+def _read_input(path: Path, label: str, resolved_from: str = "") -> bytes:
+    """The bytes of a local input file; ``resolved_from`` says where a relative path was looked
+    for (shown when the file is missing)."""
     try:
         if not path.is_file():
-            raise InputImageError(f"{label}: {path} does not exist or is not a file")
+            what = "is not a file" if path.exists() else "does not exist"
+            raise InputImageError(f"{label}: {path} {what}{resolved_from}")
         if path.stat().st_size > MAX_INPUT_BYTES:
             raise InputImageError(f"{label}: {path.name} is larger than {MAX_INPUT_BYTES >> 20} MiB")
         return path.read_bytes()
@@ -113,8 +147,8 @@ class _PendingUpload:
     content_type: str
 
 
-def _check_image_file(path: Path, label: str) -> _PendingUpload:
-    data = _read_input(path, label)
+def _check_image_file(path: Path, label: str, resolved_from: str = "") -> _PendingUpload:
+    data = _read_input(path, label, resolved_from)
     ext, content_type, _ = inspect_image(data, label)
     digest = hashlib.sha256(data).hexdigest()
     return _PendingUpload(path, label, join_key(INPUTS_PREFIX, f"{digest}.{ext}"), digest, content_type)
@@ -163,10 +197,16 @@ def _resolve_paths(data: Any, base_dir: Path, label: str, found: list[_PendingUp
             raw = data["path"]
             if not isinstance(raw, str) or not raw:
                 raise InputImageError(f"{label}.path: expected a file path")
+            name = _given_name(raw)
             path = Path(raw).expanduser()
-            pending = _check_image_file(path if path.is_absolute() else base_dir / path, label)
+            if path.is_absolute():
+                resolved_from = f" (~ is {Path.home()})" if raw.startswith("~") else ""
+            else:
+                path = base_dir / path
+                resolved_from = f" (a relative path is resolved against {base_dir})"
+            pending = _check_image_file(path, f"{label} '{name}'", resolved_from)
             found.append(pending)
-            return {"key": pending.key, "sha256": pending.sha256}
+            return {"key": pending.key, "sha256": pending.sha256, "name": name}
         return {k: _resolve_paths(v, base_dir, f"{label}.{k}", found) for k, v in data.items()}
     if isinstance(data, list):
         return [_resolve_paths(v, base_dir, f"{label}[{i}]", found) for i, v in enumerate(data)]
@@ -195,12 +235,13 @@ def load_image(store: Any, ref: ImageRef, label: str) -> Any:
     """The referenced image as an RGB PIL image, fully decoded."""
     from PIL import Image
 
+    named = describe(label, ref)
     try:
         data = store.get_bytes(ref.key)
     except ObjectNotFound:
-        raise InputImageError(f"{label}: {ref.key} is not in the object store") from None
+        raise InputImageError(f"{named}: not in the object store") from None
     if ref.sha256 is not None and hashlib.sha256(data).hexdigest() != ref.sha256:
-        raise InputImageError(f"{label}: {ref.key} does not match its sha256 (changed since submit)")
-    inspect_image(data, f"{label} ({ref.key})")
+        raise InputImageError(f"{named}: the stored object does not match its sha256 (changed since submit)")
+    inspect_image(data, named)
     with Image.open(io.BytesIO(data)) as image:
         return image.convert("RGB")

@@ -1,4 +1,5 @@
-"""Encode rendered video frames (equal-size PIL images) into deliverables: H.264 mp4, GIF previews, PNG frames.
+"""Encode rendered video frames (equal-size PIL images) into deliverables: H.264 mp4, GIF previews, PNG frames,
+and the rows of a video job's contact sheet (:func:`clip_rows`: one row of sampled frames per clip).
 
 The mp4 is written by the ffmpeg binary that ``imageio-ffmpeg`` ships, so no system ffmpeg is needed.
 Importing this module has no side effects and loads neither PIL, numpy nor imageio-ffmpeg; they are
@@ -19,11 +20,24 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["VideoInfo", "decode_png", "encode_frame_png", "encode_gif", "encode_mp4", "probe_video"]
+__all__ = [
+    "ClipRow",
+    "VideoInfo",
+    "clip_rows",
+    "decode_png",
+    "encode_frame_png",
+    "encode_gif",
+    "encode_mp4",
+    "probe_video",
+    "sample_frames",
+]
 
 MAX_FPS = 240.0
 _GIF_TICK_MS = 10  # GIF frame delays are stored in hundredths of a second
 _GIF_MIN_DELAY_MS = 20  # browsers play shorter delays as 100 ms
+SHEET_FRAMES = 8  # frames shown per clip on a contact sheet
+SHEET_FRAME_HEIGHT = 112
+CLIP_GAP = 22  # between two clips' rows on a contact sheet (a rule runs through it)
 
 
 @dataclass(frozen=True)
@@ -209,3 +223,64 @@ def encode_frame_png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=False)
     return buf.getvalue()
+
+
+def sample_frames(count: int, shown: int = SHEET_FRAMES) -> list[int]:
+    """Indexes of ``shown`` frames spread evenly over ``count`` (the first and last included)."""
+    if count <= 0:
+        return []
+    if count <= shown:
+        return list(range(count))
+    if shown == 1:
+        return [0]
+    return sorted({round(i * (count - 1) / (shown - 1)) for i in range(shown)})
+
+
+@dataclass(frozen=True)
+class ClipRow:
+    """One clip on a contact sheet: its caption, its sampled ``(label, image)`` frames (the label,
+    e.g. ``f7``, goes under the frame), and ``note`` saying why there are none (a failed clip)."""
+
+    caption: str
+    frames: Sequence[tuple[str, Image.Image]]
+    note: str = "no frames"
+
+
+def clip_rows(clips: Sequence[ClipRow], frames_per_row: int = SHEET_FRAMES) -> Image.Image:
+    """The body of a video contact sheet: per clip, its caption over a strip of its frames, each
+    numbered below; a gap with a rule between clips."""
+    from PIL import Image, ImageDraw
+
+    from farm import sheets
+
+    first = next((image for clip in clips for _, image in clip.frames), None)
+    aspect = first.width / first.height if first is not None else 16 / 9
+    box = (max(64, min(224, round(SHEET_FRAME_HEIGHT * aspect))), SHEET_FRAME_HEIGHT)
+    step = box[0] + 4
+    width = max(frames_per_row * step - 4, sheets.MIN_WIDTH - 2 * sheets.PAD)
+    caption_h, number_h = sheets.line_height(sheets.TEXT_SIZE), sheets.line_height(sheets.SMALL_SIZE)
+    row_h = caption_h + 4 + box[1] + 2 + number_h
+    height = len(clips) * row_h + max(0, len(clips) - 1) * CLIP_GAP
+    canvas = Image.new("RGB", (width, max(1, height)), sheets.BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    small = sheets.font(sheets.SMALL_SIZE)
+    for r, clip in enumerate(clips):
+        top = r * (row_h + CLIP_GAP)
+        if r:
+            rule = top - CLIP_GAP // 2
+            draw.line((0, rule, width - 1, rule), fill=sheets.RULE, width=2)
+        caption = sheets.fit(clip.caption, sheets.TEXT_SIZE, width)
+        draw.text((0, top), caption, fill=sheets.INK, font=sheets.font(sheets.TEXT_SIZE))
+        strip = top + caption_h + 4
+        if not clip.frames:
+            canvas.paste(sheets.placeholder((min(width, 2 * step - 4), box[1]), clip.note), (0, strip))
+            continue
+        for i, (label, image) in enumerate(clip.frames[:frames_per_row]):
+            sheets.paste_centered(canvas, sheets.fit_image(image, box), (i * step, strip, box[0], box[1]))
+            draw.text(
+                (i * step, strip + box[1] + 2),
+                sheets.fit(label, sheets.SMALL_SIZE, box[0]),
+                fill=sheets.MUTED,
+                font=small,
+            )
+    return canvas

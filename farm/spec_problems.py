@@ -1,17 +1,30 @@
 """Turning pydantic's validation errors of a job spec into ``(field path, reason)`` pairs a
-person can act on: ``identity.references[1].key: ...``, never pydantic's internal union tags."""
+person can act on: ``identity.references[1].key: ...``, never pydantic's internal union tags. An
+unknown field names the closest known one (``guidence: unknown field; did you mean guidance?``)."""
 
 from __future__ import annotations
 
+import difflib
+import types
+import typing
 from collections.abc import Sequence
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+
+TAG_FIELDS = ("kind", "method", "type")  # one-value Literal fields that pick a model of a union
 
 
 def shown(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def utf8_error_at(raw: bytes, exc: UnicodeDecodeError) -> tuple[int, int]:
+    """``(line, column)``, both 1-based, of the first byte of ``raw`` that is not UTF-8."""
+    line_start = raw.rfind(b"\n", 0, exc.start) + 1
+    column = len(raw[line_start : exc.start].decode("utf-8", "replace")) + 1
+    return raw.count(b"\n", 0, exc.start) + 1, column
 
 
 def _path(loc: Sequence[Any]) -> str:
@@ -38,9 +51,10 @@ def _reason(error: Any) -> str:
     return str(error["msg"]).removeprefix("Value error, ")
 
 
-def problems_from(exc: ValidationError, job_kinds: dict[str, Any]) -> list[tuple[str, str]]:
+def problems_from(exc: ValidationError, job_kinds: dict[str, Any], data: Any = None) -> list[tuple[str, str]]:
     """``(field path, reason)`` for every error of a spec validation; the kind union's tag is
-    left out of paths, and tagged-union errors say which tags exist."""
+    left out of paths, and tagged-union errors say which tags exist. ``data`` (the validated
+    input) lets an unknown field inside a union or a patch suggest the right model's fields."""
     known = ", ".join(sorted(job_kinds))
     problems: list[tuple[str, str]] = []
     for error in exc.errors(include_url=False, include_input=False):
@@ -71,9 +85,86 @@ def problems_from(exc: ValidationError, job_kinds: dict[str, Any]) -> list[tuple
                 reason = f"missing or not a string; known: {expected}" if expected else "missing"
             problems.append((_path((*loc, field)), reason))
             continue
+        reason = _reason(error)
+        if error["type"] == "extra_forbidden" and loc and kind_model is not None:
+            reason += _did_you_mean(loc[-1], _fields_at(kind_model, loc[:-1], data))
         loc = _drop_nested_tags(kind_model, loc)
-        problems.append((_path(loc), _reason(error)))
+        problems.append((_path(loc), reason))
     return problems
+
+
+def _did_you_mean(name: Any, known: Sequence[str]) -> str:
+    """``"; did you mean guidance?"`` for the known field closest to ``name``, or ``""``."""
+    if not isinstance(name, str) or not known:
+        return ""
+    lowered = {field.lower(): field for field in known if field != name}
+    match = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
+    return f"; did you mean {lowered[match[0]]}?" if match else ""
+
+
+def _fields_at(model: Any, loc: Sequence[Any], data: Any) -> list[str]:
+    """The field names the mapping at ``loc`` (below ``model``) may have; ``[]`` when unknown.
+    Walks annotations and ``data`` together, so a union member or a registered subclass (a patch
+    type) is picked by its tag, whether pydantic put the tag in the path or not."""
+    annotation: Any = model
+    value = data if isinstance(data, dict) else None
+    for part in loc:
+        if isinstance(part, str) and part in _tags_of(annotation):  # a union's tag in the path
+            annotation = _tags_of(annotation)[part]
+            continue
+        if isinstance(part, int):
+            annotation = _element_type(annotation)
+            value = value[part] if isinstance(value, list) and -len(value) <= part < len(value) else None
+            continue
+        current = _pick_model(annotation, value)
+        if current is None or part not in current.model_fields:
+            return []
+        annotation = current.model_fields[part].annotation
+        value = value.get(part) if isinstance(value, dict) else None
+    current = _pick_model(annotation, value)
+    return list(current.model_fields) if current is not None else []
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The members of an ``Annotated``/``Optional``/union annotation, flattened."""
+    origin = get_origin(annotation)
+    if origin is typing.Annotated:
+        return _unwrap(get_args(annotation)[0])
+    if origin is typing.Union or isinstance(annotation, types.UnionType):
+        return [m for arg in get_args(annotation) for m in _unwrap(arg)]
+    return [annotation]
+
+
+def _element_type(annotation: Any) -> Any:
+    """``X`` of ``list[X]`` (or ``tuple[X, ...]``) inside an optional annotation; else ``None``."""
+    for member in _unwrap(annotation):
+        if get_origin(member) in (list, tuple, Sequence) and get_args(member):
+            return get_args(member)[0]
+    return None
+
+
+def _subclasses(model: type[BaseModel]) -> list[type[BaseModel]]:
+    found = [model]
+    for sub in model.__subclasses__():
+        found.extend(_subclasses(sub))
+    return found
+
+
+def _pick_model(annotation: Any, value: Any) -> type[BaseModel] | None:
+    """The one model ``annotation`` stands for: its only model, or the member (or registered
+    subclass) whose tag field equals ``value``'s."""
+    members = [m for m in _unwrap(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
+    if len(members) == 1 and not members[0].__subclasses__():
+        return members[0]
+    candidates = {c for m in members for c in _subclasses(m)}
+    if isinstance(value, dict):
+        for model in candidates:
+            for name in TAG_FIELDS:
+                info = model.model_fields.get(name)
+                tags = get_args(info.annotation) if info is not None else ()
+                if len(tags) == 1 and name in value and value[name] == tags[0]:
+                    return model
+    return members[0] if len(members) == 1 else None
 
 
 def _drop_nested_tags(model: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:

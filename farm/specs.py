@@ -45,7 +45,7 @@ from pydantic_core import PydanticCustomError
 
 from farm.errors import InvalidKey, UserError
 from farm.guidance import SelfAttentionGuidanceSpec
-from farm.spec_problems import problems_from
+from farm.spec_problems import problems_from, utf8_error_at
 from farm.spec_problems import shown as _shown
 from storage.objects.keys import check_output_folder, validate_prefix
 
@@ -418,7 +418,7 @@ def parse_spec(data: Any) -> JobSpec:
     try:
         return spec_adapter().validate_python(data)
     except ValidationError as exc:
-        raise SpecError(problems_from(exc, JOB_KINDS)) from None
+        raise SpecError(problems_from(exc, JOB_KINDS, data)) from None
 
 
 def _yaml_loader() -> Any:
@@ -477,8 +477,9 @@ def read_spec_file(path: str | os.PathLike[str]) -> Any:
         raise SpecError([("file", f"{path.name} is larger than {MAX_SPEC_FILE_BYTES} bytes")])
     try:
         text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise SpecError([("file", f"{path.name} is not UTF-8 text")]) from None
+    except UnicodeDecodeError as exc:
+        line, column = utf8_error_at(raw, exc)
+        raise SpecError([("file", f"{path.name} is not UTF-8 text (line {line}, column {column})")]) from None
     import yaml
 
     try:
@@ -487,10 +488,28 @@ def read_spec_file(path: str | os.PathLike[str]) -> Any:
         else:
             data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
     except (ValueError, yaml.YAMLError, RecursionError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SpecError([("file", f"{path.name} is not valid {suffix[1:].upper()}: {first}")]) from None
+        raise SpecError([("file", f"{path.name} is not valid {suffix[1:].upper()}: {_syntax_error(exc)}")]) from None
     _check_shape(data, path.name)
     return data
+
+
+def _syntax_error(exc: BaseException) -> str:
+    """What a YAML or JSON parser refused, with the line and column where it knows them
+    (``mapping values are not allowed here (line 3, column 9)``)."""
+    import yaml
+
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to read"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} (line {exc.lineno}, column {exc.colno})"
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or type(exc).__name__
+        if exc.problem and exc.context:
+            problem = f"{problem} {exc.context}"
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return f"{problem}{where}"
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _check_shape(data: Any, name: str) -> None:

@@ -70,6 +70,75 @@ def test_every_bad_row_is_named() -> None:
         read_manifest(b"{nope", "m.jsonl")
 
 
+def test_a_row_nested_10000_levels_deep_is_named_by_line() -> None:
+    deep = "[" * 10_000 + "]" * 10_000
+    with pytest.raises(ManifestError, match=r"^manifest m\.jsonl: line 2: nested too deeply to read$"):
+        read_manifest(b'{"id": "a"}\n{"id": "b", "overrides": {"x": ' + deep.encode() + b"}}\n", "m.jsonl")
+    with pytest.raises(ManifestError, match=r"^manifest m\.csv: line 3: column 'steps': nested too deeply to read$"):
+        read_manifest(b"id,steps\na,4\nb," + deep.encode() + b"\n", "m.csv")
+    forty = "[" * 40 + "]" * 40  # readable, but deeper than any spec may be
+    with pytest.raises(ManifestError, match=r"line 1: nested more than 32 levels deep"):
+        read_manifest(b'{"id": "a", "overrides": {"x": ' + forty.encode() + b"}}", "m.jsonl")
+
+
+def test_a_csv_cell_over_128_kib_is_named_by_line() -> None:
+    data = b"id,prompt\nr1,a cat\nr2," + b"x" * (129 << 10) + b"\n"
+    with pytest.raises(ManifestError) as info:
+        read_manifest(data, "rows.csv")
+    assert str(info.value) == (
+        "manifest rows.csv: line 3: a cell is longer than 131072 characters (128 KiB), the most a CSV cell may hold"
+    )
+
+
+def test_a_manifest_that_is_not_utf8_is_named_by_line_and_column() -> None:
+    with pytest.raises(ManifestError, match=r"^manifest m\.jsonl: line 2, column 12: not UTF-8 text"):
+        read_manifest(b'{"id": "a"}\n{"id": "caf\xe9"}\n', "m.jsonl")
+    with pytest.raises(ManifestError, match=r"^manifest m\.csv: line 3, column 6: not UTF-8 text"):
+        read_manifest(b"id,prompt\na,cat\nb,caf\xe9 au lait\n", "m.csv")
+
+
+def test_ids_fit_their_output_name_and_the_limit_is_stated_truly() -> None:
+    (row,) = read_manifest(jsonl([{"id": "i" * 123}]), "m.jsonl")
+    assert len(row.row_id) == 123
+    with pytest.raises(ManifestError) as info:
+        read_manifest(jsonl([{"id": "i" * 128}]), "m.jsonl")
+    message = str(info.value)
+    assert "line 1: id: 128 characters; an id may have at most 123" in message
+    assert "longer than 128" not in message
+
+
+def test_rows_are_counted_by_physical_line() -> None:
+    rows = read_manifest('{"id": "a", "prompt": "one\u2028two"}\n\n{"id": "b"}\n'.encode(), "m.jsonl")
+    assert [(r.row_id, r.line) for r in rows] == [("a", 1), ("b", 3)] and rows[0].prompt == "one\u2028two"
+    rows = read_manifest(b'id,prompt\nr1,"a\ncat"\n\nr2,dog\n', "m.csv")
+    assert [(r.row_id, r.line, r.prompt) for r in rows] == [("r1", 2, "a\ncat"), ("r2", 5, "dog")]
+
+
+def test_bad_overrides_and_huge_numbers_are_row_errors() -> None:
+    with pytest.raises(ManifestError, match=r"line 1 \(id a\): overrides must be an object of spec fields, not list"):
+        read_manifest(jsonl([{"id": "a", "overrides": [1]}]), "m.jsonl")
+    with pytest.raises(ManifestError, match=r"line 1: not JSON \(Exceeds the limit \(4300 digits\)"):
+        read_manifest(b'{"id": "a", "seed": ' + b"9" * 5000 + b"}", "m.jsonl")
+
+
+def test_manifests_have_a_size_limit(tmp_path, monkeypatch) -> None:
+    from farm import bulk_manifest
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(jsonl([{"id": f"r{i}"} for i in range(100)]))
+    assert read_manifest(bulk_manifest.read_manifest_file(path), "rows.jsonl")
+    monkeypatch.setattr(bulk_manifest, "MAX_MANIFEST_BYTES", 1000)
+    with pytest.raises(ManifestError, match=rf"^manifest {path}: larger than 1000 bytes, the most a manifest may"):
+        bulk_manifest.read_manifest_file(path)
+    with pytest.raises(ManifestError, match=r"^manifest rows\.jsonl: larger than"):
+        read_manifest(path.read_bytes(), "rows.jsonl")
+    monkeypatch.setattr(bulk_manifest, "MAX_MANIFEST_ROWS", 10)
+    with pytest.raises(ManifestError, match=r"more than 10 rows; split the manifest"):
+        read_manifest(jsonl([{"id": f"r{i}"} for i in range(11)]), "rows.jsonl")
+    with pytest.raises(ManifestError, match=r"cannot read it"):
+        bulk_manifest.read_manifest_file(tmp_path / "missing.jsonl")
+
+
 # -- submit, resubmit, status ---------------------------------------------------------------------
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
 def db_url(request: pytest.FixtureRequest) -> str:

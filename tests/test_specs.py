@@ -236,6 +236,48 @@ def test_every_problem_is_listed_and_structured() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (minimal(guidence=3.0), ("guidence", "unknown field; did you mean guidance?")),
+        (minimal(Steps=20), ("Steps", "unknown field; did you mean steps?")),
+        (minimal(sag={"scal": 1.0}), ("sag.scal", "unknown field; did you mean scale?")),
+        (
+            minimal(patches=[{"type": "unet_self_attention_multiply", "out_": 1.0}]),
+            ("patches[0].out_", "unknown field; did you mean out?"),
+        ),
+        (
+            minimal(
+                kind="face_identity",
+                family="sdxl",
+                identity={
+                    "method": "instantid",
+                    "checkpoint": "/m/c.bin",
+                    "references": [{"key": "inputs/a.png"}],
+                    "strat_at": 0.1,
+                },
+            ),
+            ("identity.strat_at", "unknown field; did you mean start_at?"),
+        ),
+        (
+            minimal(kind="temporal_video", family="svd", prompts=[], images=[{"key": "inputs/a.png", "sha265": "x"}]),
+            ("images[0].sha265", "unknown field; did you mean sha256?"),
+        ),
+        (minimal(colour="red"), ("colour", "unknown field")),  # nothing close: no guess
+    ],
+    ids=["top-level", "case", "nested", "patch", "identity-union", "image-ref", "no-guess"],
+)
+def test_unknown_fields_suggest_the_closest_known_one(data: dict[str, Any], expected: tuple[str, str]) -> None:
+    assert expected in problems_of(data)
+
+
+def test_a_typo_in_a_spec_file_is_named_with_its_suggestion(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("model: org/name\nfamily: sd15\nprompts: [a cat]\nseeds: [1]\nguidence: 5\n")
+    with pytest.raises(SpecError, match=r"guidence: unknown field; did you mean guidance\?"):
+        load_spec_file(path)
+
+
 def test_long_problem_lists_are_cut_in_the_message() -> None:
     err_problems = problems_of(minimal(prompts=[""] * 30))
     assert len(err_problems) == 30
@@ -316,11 +358,25 @@ def test_huge_file_refused(tmp_path: Path) -> None:
         ("job.txt", "model: x", "job.txt: use a .yaml, .yml or .json file"),
         ("bad.yaml", "prompts: [unclosed", "bad.yaml is not valid YAML"),
         ("bad.json", "{", "bad.json is not valid JSON"),
-        ("dup.yaml", "model: org/a\nmodel: org/b\n", "dup.yaml is not valid YAML: duplicate key 'model'"),
+        (
+            "dup.yaml",
+            "model: org/a\nmodel: org/b\n",
+            "dup.yaml is not valid YAML: duplicate key 'model' (line 2, column 1)",
+        ),
         ("dup.json", '{"steps": 1, "steps": 2}', "dup.json is not valid JSON: duplicate key 'steps'"),
-        ("tag.yaml", "!!python/object:os.system {}", "tag.yaml is not valid YAML"),
-        ("deep.json", "[" * 200_000, "deep.json is not valid JSON"),
-        ("latin1.yaml", b"model: caf\xe9", "latin1.yaml is not UTF-8 text"),
+        ("tag.yaml", "!!python/object:os.system {}", "tag.yaml is not valid YAML: could not determine a constructor"),
+        (
+            "indent.yaml",
+            "model: org/a\n  family: sd15\n",
+            "indent.yaml is not valid YAML: mapping values are not allowed here (line 2, column 9)",
+        ),
+        (
+            "comma.json",
+            '{"steps": 1,\n "seeds": }',
+            "comma.json is not valid JSON: Expecting value (line 2, column 11)",
+        ),
+        ("deep.json", "[" * 200_000, "deep.json is not valid JSON: nested too deeply"),
+        ("latin1.yaml", b"steps: 1\nmodel: caf\xe9", "latin1.yaml is not UTF-8 text (line 2, column 11)"),
     ],
 )
 def test_bad_files_refused(tmp_path: Path, name: str, content: str | bytes, reason: str) -> None:

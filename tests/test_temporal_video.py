@@ -118,7 +118,9 @@ def test_local_images_are_uploaded_content_addressed(tmp_path: Path) -> None:
     data = video(images=[{"path": "a.png"}, {"path": str(tmp_path / "a.png")}])
     out = upload_inputs(data, store, tmp_path)
     first, second = out["images"]
-    assert first == second and first["key"].startswith(INPUTS_PREFIX + "/") and first["key"].endswith(".png")
+    assert (first["key"], first["sha256"]) == (second["key"], second["sha256"])  # one object for one content
+    assert first["key"].startswith(INPUTS_PREFIX + "/") and first["key"].endswith(".png")
+    assert (first["name"], second["name"]) == ("a.png", str(tmp_path / "a.png"))  # as the spec gave them
     spec = parse_spec(out)
     image = load_image(store, spec.images[0], "images[0]")
     assert image.size == (64, 64) and image.getpixel((0, 0)) == (200, 80, 40)

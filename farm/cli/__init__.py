@@ -47,8 +47,18 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="Let library messages through (model loading warnings, broker notices, progress bars); "
+        "they are hidden by default. Goes before the command: farm --verbose submit job.yaml",
+    ),
 ) -> None:
     """Render farm for patched diffusion models."""
+    from farm.cli.common import setup_logging
+
+    setup_logging(verbose)
 
 
 app.add_typer(db_cmd.app, name="db")

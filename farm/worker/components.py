@@ -11,11 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from farm.worker.devices import Placement
-from farm.worker.model_cache import ModelLoadError, model_fingerprint
+from farm.worker.model_cache import ModelLoadError, missing_path_message, model_fingerprint
 
 KINDS = ("ip_adapter", "instantid", "clip_vision", "ip_negative", "controlnet", "face_analysis/<auto|cpu|cuda>")
 # IP-Adapter-layout checkpoints by kind, and the spec field that names them (for error messages).
 CHECKPOINT_FIELDS = {"ip_adapter": "identity.adapter", "instantid": "identity.checkpoint"}
+# Every spec-named component: (spec field, "file" or "folder"), for a path missing on this host.
+SPEC_PATHS = {
+    **{kind: (label, "file") for kind, label in CHECKPOINT_FIELDS.items()},
+    "ip_negative": ("identity.negative", "file"),
+    "clip_vision": ("identity.image_encoder", "folder"),
+    "controlnet": ("identity.controlnet", "folder"),
+}
 
 
 def _from_folder(cls: Any, path: str, label: str, what: str, placement: Placement) -> tuple[Any, str]:
@@ -35,6 +42,9 @@ def load_component(path: str, kind: str, placement: Placement) -> tuple[Any, str
     from patching import PatchError
 
     location = Path(path).expanduser()
+    if kind in SPEC_PATHS and not location.exists():  # resolved on this worker's host, not the submitter's
+        label, what = SPEC_PATHS[kind]
+        raise ModelLoadError(missing_path_message(label, path, what))
     if kind in CHECKPOINT_FIELDS:
         from patching.ip_adapter import load_ip_adapter
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -66,17 +68,76 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return (lines[0] if lines else type(exc).__name__)[:limit]
 
 
+def missing_path_message(label: str, given: str, what: str = "folder") -> str:
+    """``model './models/sd15': no such folder on worker host gpu-01 (relative paths are resolved
+    against this worker's working folder /srv/farm: /srv/farm/models/sd15)``."""
+    host = socket.gethostname()
+    path = Path(given).expanduser()
+    if given.startswith("~"):
+        where = f" (~ is the home folder of the worker's user: {path})"
+    elif not path.is_absolute():
+        where = f" (relative paths are resolved against this worker's working folder {Path.cwd()}: {Path.cwd() / path})"
+    else:
+        where = ""
+    return f"{label} {given!r}: no such {what} on worker host {host}{where}"
+
+
+HUB_OFFLINE_HINTS = (
+    "local_files_only",
+    "outgoing traffic has been disabled",
+    "offline mode",
+    "couldn't connect",
+    "connection",
+    "name or service not known",
+    "temporary failure in name resolution",
+    "not fully cached",
+)
+
+
+def _hub_message(model: str, exc: BaseException) -> str:
+    """Why a hub id did not load, in words a farm user can act on: with no network, the model is
+    simply not on this machine, and the fix is a local folder (never ``local_files_only``)."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or any(hint in text for hint in HUB_OFFLINE_HINTS):
+        return (
+            f"model {model!r} is not on this machine: it is a Hugging Face hub id, worker host "
+            f"{socket.gethostname()} has no copy in its hub cache {_hub_cache()}, and the hub cannot be reached. "
+            f"Download it where there is network (`hf download {model} --local-dir DIR`), copy DIR to the worker "
+            "hosts and set the job's model to that folder (an absolute path, or one starting with ./ that "
+            "each worker resolves against its working folder)"
+        )
+    return (
+        f"model {model!r} could not be loaded from the Hugging Face hub: {_first_line(exc)} "
+        "(a local folder must be an absolute path or start with ./)"
+    )
+
+
+def _hub_cache() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except (ImportError, AttributeError):  # pragma: no cover - huggingface_hub comes with diffusers
+        return "~/.cache/huggingface/hub"
+
+
 def load_pipeline(model: str, family: str, placement: Placement) -> tuple[Any, str]:
-    """Load a diffusers pipeline of ``family`` from a local folder (or a hub id when the hub is
-    reachable) onto the placement's device; returns it with its model hash."""
+    """Load a diffusers pipeline of ``family`` from a local folder (or a hub id: from this
+    machine's hub cache, else from the hub when it is reachable) onto the placement's device;
+    returns it with its model hash. A relative folder is resolved against the worker's working
+    folder, ``~`` against its user's home."""
     import diffusers
 
     if family not in PIPELINE_CLASSES:
         raise ModelLoadError(f"model family {family!r} is not one of {', '.join(PIPELINE_CLASSES)}")
-    path = Path(model)
+    path = Path(model).expanduser()
     local = path.is_dir()
     if not local and (model.startswith(("/", ".", "~")) or model.count("/") != 1):
-        raise ModelLoadError(f"model {model!r}: no such folder (and not a hub id of the form org/name)")
+        if path.exists():
+            raise ModelLoadError(f"model {model!r} is a file, not a diffusers pipeline folder")
+        hub_like = "" if model.startswith(("/", ".", "~")) else " (and not a hub id of the form org/name)"
+        raise ModelLoadError(missing_path_message("model", model) + hub_like)
     if local:
         index = path / "model_index.json"
         if not index.is_file():
@@ -93,10 +154,20 @@ def load_pipeline(model: str, family: str, placement: Placement) -> tuple[Any, s
             what = f"a {declared}" if declared else "not a pipeline folder (model_index.json names no _class_name)"
             raise ModelLoadError(f"model {model!r} is {what}, not a {expected} (family {family})")
     cls = getattr(diffusers, PIPELINE_CLASSES[family])
-    try:
-        pipeline = cls.from_pretrained(model, dtype=placement.dtype, use_safetensors=True, local_files_only=local)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"model {model!r} could not be loaded: {_first_line(exc)}") from None
+    options = {"dtype": placement.dtype, "use_safetensors": True}
+    if local:
+        try:
+            pipeline = cls.from_pretrained(str(path), local_files_only=True, **options)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"model {model!r} could not be loaded: {_first_line(exc)}") from None
+    else:
+        try:  # this machine's hub cache first: no network needed when the model is there
+            pipeline = cls.from_pretrained(model, local_files_only=True, **options)
+        except (OSError, ValueError, RuntimeError):
+            try:
+                pipeline = cls.from_pretrained(model, local_files_only=False, **options)
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise ModelLoadError(_hub_message(model, exc)) from None
     pipeline.to(placement.device)
     pipeline.set_progress_bar_config(disable=True)
     model_hash = model_fingerprint(path) if local else hashlib.sha256(model.encode()).hexdigest()
