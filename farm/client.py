@@ -270,7 +270,7 @@ class FarmClient:
         ``manifest`` (a local JSONL/CSV file, or ``store:<key>``). Only rows it does not have yet
         are added; then the windows are topped up. Returns counts."""
         from farm.bulk import check_base, check_bulk_kind, submit_bulk
-        from farm.bulk_manifest import read_manifest
+        from farm.bulk_manifest import read_manifest, read_manifest_file
         from farm.inputs import upload_inputs
         from farm.specs import read_spec_file
 
@@ -284,7 +284,7 @@ class FarmClient:
             key = source.removeprefix("store:")
             data = self.store.get_bytes(key)
         else:
-            data = Path(manifest).read_bytes()
+            data = read_manifest_file(manifest)
             digest = hashlib.sha256(data).hexdigest()
             suffix = ".csv" if source.lower().endswith(".csv") else ".jsonl"
             key = join_key("inputs", "bulk", validate_part(name, "name"), f"{digest}{suffix}")

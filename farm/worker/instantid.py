@@ -33,11 +33,11 @@ def _detect(run: Any, refs: list[Any], labels: list[str]) -> dict[str, Any]:
     the first image without one."""
     import torch
 
-    from farm.inputs import load_image
+    from farm.inputs import describe, load_image
     from patching.face_analysis import NoFaceFound
 
     images = [load_image(run.store, ref, label) for ref, label in zip(refs, labels, strict=True)]
-    named = [f"{label} ({ref.key})" for ref, label in zip(refs, labels, strict=True)]
+    named = [describe(label, ref) for ref, label in zip(refs, labels, strict=True)]
     try:
         embeds, faces = _analyzer(run).embed(images, named)
     except NoFaceFound as exc:
