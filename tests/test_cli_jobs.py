@@ -153,3 +153,15 @@ def test_job_prefixes_resolve_once_and_refuse_ambiguity(session_factory) -> None
             resolve_job_id(session, "9999")
         with pytest.raises(UserError, match="at least its first 4 hex digits"):
             resolve_job_id(session, "ab")
+
+
+def test_worker_refuses_unknown_queues_and_warns_without_a_control_worker(farm_factory) -> None:
+    farm = farm_factory()
+    typo = run(farm, "worker", "--queues", "farm.control,farm.gpu.sd51")
+    assert typo.returncode == 2, typo.stdout + typo.stderr
+    assert "--queues: unknown queue(s) 'farm.gpu.sd51'; known: farm.control, farm.gpu.sd15" in typo.stderr
+    gpu = farm.start_worker(["farm.gpu.sd15"], name="lonely")
+    assert "warning: no live worker consumes farm.control" in gpu.log.read_text()
+    farm.start_worker(["farm.control"], name="control")
+    second = farm.start_worker(["farm.gpu.sd15"], name="second")
+    assert "no live worker consumes farm.control" not in second.log.read_text()

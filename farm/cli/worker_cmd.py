@@ -11,7 +11,7 @@ import time
 
 import typer
 
-from farm.cli.common import console, settings
+from farm.cli.common import console, err_console, settings
 
 
 def worker(
@@ -28,15 +28,16 @@ def worker(
     from farm.worker.runtime import WorkerResources
 
     cfg = settings()
+    selected = known_queues([q.strip() for q in (queues.split(",") if queues else [*cfg.worker.queues, CONTROL_QUEUE])])
     app = create_app(cfg)
     resources = WorkerResources.create(cfg, name)
     app.farm_resources = resources
+    if CONTROL_QUEUE not in selected:
+        _warn_without_control(resources)
     for ref in preload:
         family, _, model = ref.partition(":")
         loaded = resources.model_cache().get(model, family)
         console.print(f"pinned {family} model {model} ({loaded.load_seconds:.2f}s)")
-    selected = [q.strip() for q in (queues.split(",") if queues else [*cfg.worker.queues, CONTROL_QUEUE])]
-    selected = [q for q in selected if q]
     if cfg.worker.metrics_port is not None:
         from farm.worker.metrics import WorkerMetrics
 
@@ -65,6 +66,39 @@ def worker(
                 "--without-gossip",
                 "--without-mingle",
             ]
+        )
+
+
+def known_queues(names: list[str]) -> list[str]:
+    """The queues named, refused (listing the known ones) when one is not a farm queue: a typo
+    would leave a worker waiting on a queue nobody sends to."""
+    from farm.celery_app import CONTROL_QUEUE, GPU_QUEUES
+    from farm.errors import UserError
+
+    names = [name for name in names if name]
+    known = (CONTROL_QUEUE, *GPU_QUEUES)
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise UserError(
+            f"--queues: unknown queue(s) {', '.join(repr(n) for n in unknown) or '(none given)'}; "
+            f"known: {', '.join(known)}"
+        )
+    return names
+
+
+def _warn_without_control(resources) -> None:
+    """Say so when nothing would schedule or finalize jobs: no live worker consumes farm.control."""
+    from farm.celery_app import CONTROL_QUEUE
+    from storage.db import session_scope
+    from storage.registry import live_workers
+
+    with session_scope(resources.session_factory) as session:
+        control = live_workers(session, CONTROL_QUEUE, resources.settings.worker.lost_after_s)
+    if not control:
+        err_console.print(
+            f"warning: no live worker consumes {CONTROL_QUEUE}: jobs are not scheduled or finalized until one "
+            f"runs (farm worker --queues {CONTROL_QUEUE})",
+            highlight=False,
         )
 
 
