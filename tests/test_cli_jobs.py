@@ -165,3 +165,39 @@ def test_worker_refuses_unknown_queues_and_warns_without_a_control_worker(farm_f
     farm.start_worker(["farm.control"], name="control")
     second = farm.start_worker(["farm.gpu.sd15"], name="second")
     assert "no live worker consumes farm.control" not in second.log.read_text()
+
+
+def test_racing_cancel_and_retry_answer_in_words(tmp_path: Path) -> None:
+    """A cancel that lands after every shard ended (the finalize still on its way) leaves the job
+    succeeded; cancelling or retrying again says what is, and a cancelled job is not retried."""
+    from farm.client import FarmClient
+    from farm.settings import FarmSettings
+    from storage import migrate
+    from storage.db import session_scope
+    from storage.status import ShardStatus
+    from storage.transitions import claim_shard, finish_shard
+
+    settings = FarmSettings(_env_file=None, data_dir=tmp_path / "data")
+    migrate.upgrade(settings.database_url)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    with FarmClient(settings) as client:
+        done = client.submit(text_job(model, prompts=["a"], count=2, shard_size=1))
+        other = client.submit(text_job(model, prompts=["b"], count=1))
+        from farm.scheduler import schedule_job
+
+        with session_scope(client._sessions) as session:
+            shards = schedule_job(session, done)
+            schedule_job(session, other)
+        with session_scope(client._sessions) as session:
+            for d in shards:
+                finish_shard(session, claim_shard(session, d.shard_id, "w", 60), ShardStatus.SUCCEEDED)
+        finishing = client.cancel(str(done)[:8])
+        assert finishing["cancel"] == "finishing" and finishing["status"] == "succeeded"
+        assert client.cancel(done)["cancel"] == "already succeeded"
+        assert client.retry(done)["note"].startswith("nothing to retry: job")
+        assert client.cancel(other)["cancel"] == "cancelled"
+        assert client.cancel(other)["cancel"] == "already cancelled"
+        refused = client.retry(other)
+        assert refused["requeued"] == 0 and "was cancelled: nothing re-queued" in refused["note"]

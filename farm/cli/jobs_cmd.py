@@ -35,6 +35,8 @@ def wait_with_progress(client, job_id, timeout: float | None = None) -> dict:
         def update(summary: dict) -> None:
             failed = summary["shards_failed"]
             state = summary["status"] + (f", {failed} shard(s) failed" if failed else "")
+            if summary.get("waiting"):
+                state += f" ({summary['waiting'][0]})"
             progress.update(task, total=summary["items_total"] or None, completed=summary["items_done"], state=state)
 
         return client.wait(job_id, timeout=timeout, on_progress=update)
