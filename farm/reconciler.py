@@ -27,7 +27,6 @@ at once (every control worker and ``farm beat`` run one) without acting twice.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ from farm.errors import FarmError, StorageError
 from farm.feeder import feed
 from farm.finalizer import finalize, write_outputs
 from farm.outages import unavailable_service
+from farm.periodic import PeriodicThread
 from farm.scheduler import schedule_job
 from farm.settings import FarmSettings
 from farm.sharding import QUEUES
@@ -315,31 +315,12 @@ class ReconcilerLoop:
 
     def __init__(self, reconciler: Reconciler) -> None:
         self.reconciler = reconciler
-        self.interval = reconciler.settings.reconcile.interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.passes = 0
+        interval = reconciler.settings.reconcile.interval_s
+        self._thread = PeriodicThread("farm-reconciler", interval, reconciler.run_pass, "reconciler pass")
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.reconciler.run_pass()
-            except Exception as exc:  # never let the loop die
-                log.warning("reconciler pass failed: %s", exc)
-            self.passes += 1
-
-    def start(self) -> ReconcilerLoop:
-        self._thread = threading.Thread(target=self._run, name="farm-reconciler", daemon=True)
+    def __enter__(self) -> ReconcilerLoop:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def __enter__(self) -> ReconcilerLoop:
-        return self.start()
-
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._thread.stop()

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 from collections.abc import Sequence
 from typing import Any
 
+from farm.periodic import PeriodicThread
 from storage.db import session_scope
 from storage.registry import register_worker, stop_worker, sweep_lost_workers, worker_heartbeat
 
@@ -37,8 +37,8 @@ class WorkerHeartbeat:
         self.queues = list(queues)
         settings = res.settings.worker
         self.interval = max(0.2, min(settings.heartbeat_seconds, settings.lost_after_s / 3))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # A failed beat (the database restarting) is logged and tried again on the next one.
+        self._thread = PeriodicThread("farm-heartbeat", self.interval, self.beat, "worker heartbeat")
 
     def _device(self) -> dict[str, Any]:
         if not any(q.startswith(GPU_QUEUE_PREFIX) for q in self.queues):
@@ -70,23 +70,13 @@ class WorkerHeartbeat:
         if lost:
             log.warning("workers silent past %ss, marked lost: %s", self.res.settings.worker.lost_after_s, lost)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.beat()
-            except Exception as exc:  # the database may be restarting: try again next beat
-                log.warning("worker heartbeat failed: %s", exc)
-
     def start(self) -> WorkerHeartbeat:
         self.register()
-        self._thread = threading.Thread(target=self._run, name="farm-heartbeat", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._thread.stop(timeout=10)
         try:
             with session_scope(self.res.session_factory) as session:
                 stop_worker(session, self.res.name)
