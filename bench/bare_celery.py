@@ -8,7 +8,7 @@ configuration choices. Its only queue is :data:`QUEUE` (priorities enabled like 
 queues). The task body appends its end time to a Redis list (``BENCH_COUNTER_URL``) so the bench
 sees each task end (and the gaps between them), on either broker.
 
-    python -m bench.bare_celery --name NAME [--loglevel L]   # a solo-pool worker, like ``farm worker``
+    python -m bench.bare_celery --name NAME [--loglevel L]   # a worker started like ``farm worker``
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ MIRRORED = (
     "task_reject_on_worker_lost",
     "task_acks_on_failure_or_timeout",
     "worker_prefetch_multiplier",
+    "worker_pool",
+    "worker_concurrency",
+    "broker_heartbeat",
     "worker_send_task_events",
     "task_send_sent_event",
     "task_track_started",
@@ -76,29 +79,15 @@ def make_app(settings: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from farm.celery_app import worker_argv
     from farm.settings import load_settings
 
-    parser = argparse.ArgumentParser(description="A bare Celery worker (solo pool) for bench.celery_overhead")
+    parser = argparse.ArgumentParser(description="A bare Celery worker, as farm worker starts (bench.celery_overhead)")
     parser.add_argument("--name", required=True)
     parser.add_argument("--loglevel", default="WARNING")
     args = parser.parse_args(argv)
     app = make_app(load_settings())
-    app.worker_main(  # the flags `farm worker` passes
-        [
-            "worker",
-            "--queues",
-            QUEUE,
-            "--pool",
-            "solo",
-            "--hostname",
-            f"{args.name}@%h",
-            "--loglevel",
-            args.loglevel,
-            "--task-events",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    app.worker_main(worker_argv([QUEUE], f"{args.name}@%h", args.loglevel))  # the flags `farm worker` passes
 
 
 if __name__ == "__main__":

@@ -4,29 +4,29 @@ For each broker (Redis, RabbitMQ), on a scratch Postgres database, a scratch Red
 times, and the result backend of the Redis runs) and, for RabbitMQ, a scratch vhost:
 
 - **farm**: ``--workers`` real worker processes, ``python -m bench.farm_worker`` (exactly
-  ``farm worker``: solo pool, ``farm.control`` + ``farm.gpu.sd15``, a tiny SD1.5 model pinned with
-  ``--preload``, plus the bench-only ``bench_noop`` job kind, see :mod:`bench.noop_kind`). One job
-  of ``--tasks`` shards (one item each) is submitted with ``FarmClient.submit`` and timed until the
-  job row's ``finished_at``: ``farm.schedule_job`` (spec parsed, shards inserted and published),
-  every shard claimed under a lease, its "render" (an 8x8 PNG written to the local object store +
-  artifact row + fenced lease renewal), finished, ``farm.finalize_job`` per shard (roll-up; the
-  last one writes the manifest and the contact sheet).
+  ``farm worker``: one task at a time on a pool thread, ``farm.control`` + ``farm.gpu.sd15``, a
+  tiny SD1.5 model pinned with ``--preload``, plus the bench-only ``bench_noop`` job kind, see
+  :mod:`bench.noop_kind`). One job of ``--tasks`` shards (one item each) is submitted with
+  ``FarmClient.submit`` and timed until the job row's ``finished_at``: ``farm.schedule_job`` (spec
+  parsed, shards inserted and published), every shard claimed under a lease, its "render" (an 8x8
+  PNG written to the local object store + artifact row + fenced lease renewal), finished,
+  ``farm.finalize_job`` per shard (roll-up; the last one writes the manifest and the contact sheet).
 - **bare** (the baseline): the same number of workers, ``python -m bench.bare_celery``: a plain
-  Celery app with the farm app's Celery settings (see :mod:`bench.bare_celery`), same solo pool
+  Celery app with the farm app's Celery settings (see :mod:`bench.bare_celery`), same pool
   and flags, one no-op task that records its end time in Redis; ``--tasks`` tasks sent by this
   process, timed until the last task's end.
 
 Runs alternate (bare, farm, farm, bare, ...) ``--repeats`` times after a warm-up; medians of
 tasks/s and their ratio. End times come from the workers, so this process polls only every 0.1 s
 (a tight poll takes CPU from the workers on a small machine). A *stall* is a worker idle for more
-than 0.5 s between two of its tasks with work queued (seen on RabbitMQ: 1-2 s gaps, bare and farm
-alike); the rates without the stalled time are printed beside the raw ones (exact for one worker
-per kind). Then, unless ``--no-breakdown``: one more farm run with a Celery event receiver in this
-process gives the worker-side runtime of each farm task (render_shard, finalize_job,
-schedule_job; that run's rate is shown but not used: the receiver costs CPU), and the farm's code
-for one more job runs in this process without a broker (``execute_shard`` and the finalize
-roll-up, as the tasks call them), timed, with its SQL counted per shard. With the shard rows'
-timestamps and timings that says where a shard's time goes.
+than 0.5 s between two of its tasks with work queued (1-2 s gaps on RabbitMQ, bare and farm alike,
+while workers ran the solo pool: see bench/README.md); the rates without the stalled time are
+printed beside the raw ones (exact for one worker per kind). Then, unless ``--no-breakdown``: one
+more farm run with a Celery event receiver in this process gives the worker-side runtime of each
+farm task (render_shard, finalize_job, schedule_job; that run's rate is shown but not used: the
+receiver costs CPU), and the farm's code for one more job runs in this process without a broker
+(``execute_shard`` and the finalize roll-up, as the tasks call them), timed, with its SQL counted
+per shard. With the shard rows' timestamps and timings that says where a shard's time goes.
 
     python -m bench.celery_overhead                                # both brokers, 300 tasks, 3 repeats
     python -m bench.celery_overhead --broker redis --tasks 1000 --workers 2
@@ -408,6 +408,8 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
 
 
 def bench_broker(broker: str, args: argparse.Namespace, model: Path, tmp: Path) -> dict[str, Any]:
+    from farm.celery_app import WORKER_CONCURRENCY, WORKER_POOL
+
     with ExitStack() as stack:
         rig = Rig(broker, args, model, tmp, stack)
         rig.bare_run(args.warmup * 5)
@@ -445,12 +447,13 @@ def bench_broker(broker: str, args: argparse.Namespace, model: Path, tmp: Path) 
         "stalls": stall,
         "breakdown": breakdown,
         "worker_start": start,
+        "pool": f"{WORKER_POOL}, concurrency {WORKER_CONCURRENCY}",
     }
 
 
 def print_result(r: dict[str, Any]) -> None:
     b, f, p = r["bare"], r["farm"], r["farm"]["per_shard"]
-    print(f"{r['broker']}: {r['tasks']} tasks, {r['workers']} worker(s) of each kind (solo pool)")
+    print(f"{r['broker']}: {r['tasks']} tasks, {r['workers']} worker(s) of each kind (pool: {r['pool']})")
     print(f"  bare Celery   {b['tasks_per_s']:8.1f} tasks/s   {b['ms_per_task']:6.2f} ms/task")
     print(f"  farm no-op    {f['shards_per_s']:8.1f} shards/s  {f['ms_per_shard']:6.2f} ms/shard")
     print(

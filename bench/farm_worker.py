@@ -1,7 +1,7 @@
 """``farm worker`` with the bench's job kinds registered: ``python -m bench.farm_worker [options]``.
 
 Takes exactly the options of ``farm worker`` and runs the same command (same app, resources,
-heartbeat, solo pool); the only difference is that :mod:`bench.noop_kind` is imported first, so
+heartbeat, pool); the only difference is that :mod:`bench.noop_kind` is imported first, so
 this worker also runs ``bench_noop`` shards. Used by ``bench.celery_overhead``.
 """
 

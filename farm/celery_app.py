@@ -7,6 +7,14 @@ points call :func:`create_app` with the settings they already hold.
 Messages are JSON only. Tasks are acknowledged late and rejected when the worker dies, a worker
 prefetches one message at a time, and task events are on for Flower. Job and shard state lives
 in our own tables, so no result backend is needed.
+
+A worker runs one task at a time on one pool thread (``threads`` pool, concurrency 1), never on
+the thread of its consumer loop: that loop must stay free while a shard renders, because it
+sends the worker heartbeats and task events Flower shows, answers control commands, keeps the
+AMQP heartbeats, and sends the late acknowledgements. With the ``solo`` pool the task ran inside
+that loop: Flower saw the worker offline and its shard PENDING for the whole render, RabbitMQ
+dropped the connection of a render longer than two heartbeats, and an acknowledgement queued from
+inside the loop waited for the loop's next timer (up to 2 s between tasks on RabbitMQ).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ CONTROL_QUEUE = "farm.control"
 GPU_QUEUES = tuple(QUEUES.values())
 TASK_MODULES = ("tasks.jobs", "tasks.shards")
 MAX_PRIORITY = 9
+WORKER_POOL, WORKER_CONCURRENCY = "threads", 1  # one render at a time, off the consumer loop's thread
 
 
 def broker_options(settings: FarmSettings) -> dict[str, Any]:
@@ -74,6 +83,9 @@ def create_app(settings: FarmSettings, *, name: str = "farm") -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
+        worker_pool=WORKER_POOL,
+        worker_concurrency=WORKER_CONCURRENCY,
+        broker_heartbeat=settings.broker.heartbeat_s,
         worker_send_task_events=True,
         task_send_sent_event=True,
         task_track_started=True,
@@ -88,6 +100,26 @@ def create_app(settings: FarmSettings, *, name: str = "farm") -> Celery:
     )
     app.farm_settings = settings  # type: ignore[attr-defined]
     return app
+
+
+def worker_argv(queues: list[str], hostname: str, loglevel: str) -> list[str]:
+    """The ``worker`` command line ``farm worker`` runs (the bench's bare Celery worker runs it too)."""
+    return [
+        "worker",
+        "--queues",
+        ",".join(queues),
+        "--pool",
+        WORKER_POOL,
+        "--concurrency",
+        str(WORKER_CONCURRENCY),
+        "--hostname",
+        hostname,
+        "--loglevel",
+        loglevel,
+        "--task-events",
+        "--without-gossip",
+        "--without-mingle",
+    ]
 
 
 def __getattr__(name: str) -> Celery:

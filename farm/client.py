@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from farm.dispatch import publish_finalize, publish_schedule, publish_shards
+from farm.dispatch import publish_finalize, publish_schedule, publish_shards, shard_labels
 from farm.errors import JobNotScheduled, NotFound, UserError
 from farm.job_refs import resolve_job_id, short_id
 from farm.scheduler import SUMMARY_SHARDS, job_summary, requeue_failed, submit_job
@@ -242,7 +242,8 @@ class FarmClient:
         ``farm retry`` also calls :meth:`resend_stuck`."""
         with session_scope(self._sessions) as session:
             count, dispatches = requeue_failed(session, resolve_job_id(session, job_id))
-        publish_shards(self.app, dispatches)
+            labels = shard_labels(session, [d.shard_id for d in dispatches])
+        publish_shards(self.app, dispatches, labels=labels)
         if count and not dispatches:
             self.feed_bulk()
         return count

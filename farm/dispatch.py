@@ -1,15 +1,20 @@
 """Publishing farm messages. Tasks are sent by name, so publishers (client, scheduler) never
 import the task modules or anything heavy; arguments are named, plain JSON (ids as strings), so
-Flower shows them as ``job_id``, ``shard_id``."""
+Flower shows them as ``job_id``, ``shard_id``. Each message also carries a line for people as its
+``argsrepr`` (the tasks take no positional arguments), which Flower shows as the task's args and
+searches: ``job=3f2a91c0 shard=2 sd15 text_to_image`` (job id, shard index, family, kind) for a
+shard, ``job=3f2a91c0`` for the control tasks."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from farm.celery_app import CONTROL_QUEUE
+from farm.sharding import QUEUES
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -21,12 +26,52 @@ RENDER_SHARD = "farm.render_shard"
 FINALIZE_JOB = "farm.finalize_job"
 
 
+SHORT_ID = 8  # hex digits of a job id shown to people
+
+
+@dataclass(frozen=True)
+class ShardLabel:
+    """What a person looking for a shard in Flower knows it by."""
+
+    index: int
+    kind: str
+    family: str
+
+
+def shard_labels(session: Any, shard_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, ShardLabel]:
+    """The labels of these shards (one query)."""
+    from sqlalchemy import select
+
+    from storage.models import Job, Shard
+
+    ids = list(shard_ids)
+    if not ids:
+        return {}
+    rows = session.execute(
+        select(Shard.id, Shard.index, Job.kind, Job.family).join(Job, Job.id == Shard.job_id).where(Shard.id.in_(ids))
+    )
+    return {row.id: ShardLabel(row.index, row.kind, row.family) for row in rows}
+
+
+def job_argsrepr(job_id: uuid.UUID | str) -> str:
+    return f"job={str(job_id)[:SHORT_ID]}"
+
+
+def shard_argsrepr(job_id: uuid.UUID | str, queue: str, label: ShardLabel | None) -> str:
+    """``job=3f2a91c0 shard=2 sd15 text_to_image`` (short enough for Flower's args column); without
+    a label, the family its queue says: ``job=3f2a91c0 sd15``."""
+    if label is not None:
+        return f"{job_argsrepr(job_id)} shard={label.index} {label.family} {label.kind}"
+    family = next((f for f, q in QUEUES.items() if q == queue), None)
+    return f"{job_argsrepr(job_id)} {family or queue}"
+
+
 def publish_schedule(app: Celery, job_id: uuid.UUID) -> None:
-    app.send_task(SCHEDULE_JOB, kwargs={"job_id": str(job_id)}, queue=CONTROL_QUEUE)
+    app.send_task(SCHEDULE_JOB, kwargs={"job_id": str(job_id)}, queue=CONTROL_QUEUE, argsrepr=job_argsrepr(job_id))
 
 
 def publish_finalize(app: Celery, job_id: uuid.UUID) -> None:
-    app.send_task(FINALIZE_JOB, kwargs={"job_id": str(job_id)}, queue=CONTROL_QUEUE)
+    app.send_task(FINALIZE_JOB, kwargs={"job_id": str(job_id)}, queue=CONTROL_QUEUE, argsrepr=job_argsrepr(job_id))
 
 
 def publish_shard(
@@ -37,6 +82,7 @@ def publish_shard(
     priority: int = 0,
     countdown: float | None = None,
     producer: Any = None,
+    label: ShardLabel | None = None,
 ) -> None:
     app.send_task(
         RENDER_SHARD,
@@ -45,14 +91,22 @@ def publish_shard(
         priority=priority,
         countdown=countdown,
         producer=producer,
+        argsrepr=shard_argsrepr(job_id, queue, label),
     )
 
 
-def publish_shards(app: Celery, dispatches: Iterable[ShardDispatch], producer: Any = None) -> list[uuid.UUID]:
-    """Publish one message per shard (on ``producer``'s connection when given); returns their ids."""
+def publish_shards(
+    app: Celery,
+    dispatches: Iterable[ShardDispatch],
+    producer: Any = None,
+    labels: Mapping[uuid.UUID, ShardLabel] | None = None,
+) -> list[uuid.UUID]:
+    """One message per shard (on ``producer``'s connection when given), labelled from ``labels``
+    (:func:`shard_labels`) when given; returns their ids."""
     sent = []
+    labels = labels or {}
     for d in dispatches:
-        publish_shard(app, d.shard_id, d.job_id, d.queue, d.priority, producer=producer)
+        publish_shard(app, d.shard_id, d.job_id, d.queue, d.priority, producer=producer, label=labels.get(d.shard_id))
         sent.append(d.shard_id)
     return sent
 
@@ -72,7 +126,9 @@ def send_shards(app: Celery, session_factory: Any, dispatches: Iterable[ShardDis
     total = 0
     with app.producer_or_acquire() as producer:
         for batch in chunked(dispatches, chunk):
-            sent = publish_shards(app, batch, producer)
+            with session_scope(session_factory) as session:
+                labels = shard_labels(session, [d.shard_id for d in batch])
+            sent = publish_shards(app, batch, producer, labels)
             with session_scope(session_factory) as session:
                 mark_shards_queued(session, sent)
             total += len(sent)
@@ -101,7 +157,8 @@ def send_pending(
             with session_scope(session_factory) as session:
                 rows = pending_shards(session, job_id, after=after, limit=size, lock=True)
                 dispatches = [ShardDispatch(row.id, job_id, row.queue, row.priority) for row in rows]
-                mark_shards_queued(session, publish_shards(app, dispatches, producer))
+                labels = shard_labels(session, [d.shard_id for d in dispatches])
+                mark_shards_queued(session, publish_shards(app, dispatches, producer, labels))
             sent += len(rows)
             if len(rows) < size:
                 return sent, False

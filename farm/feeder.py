@@ -72,11 +72,12 @@ def feed_bulk(session: Session, window: int, now: datetime | None = None) -> lis
 def feed(app: Any, session_factory: Any, window: int, now: datetime | None = None) -> int:
     """Top every queue's window up: publish the shards :func:`feed_bulk` picks, then mark them
     queued, under the feeder's lock. Returns how many were sent."""
-    from farm.dispatch import publish_shards
+    from farm.dispatch import publish_shards, shard_labels
     from storage.db import session_scope
     from storage.transitions import mark_shards_queued
 
     with session_scope(session_factory) as session:
-        sent = publish_shards(app, feed_bulk(session, window, now))
+        dispatches = feed_bulk(session, window, now)
+        sent = publish_shards(app, dispatches, labels=shard_labels(session, [d.shard_id for d in dispatches]))
         mark_shards_queued(session, sent)
     return len(sent)

@@ -35,7 +35,7 @@ from typing import Any
 
 from sqlalchemy import exists, select
 
-from farm.dispatch import publish_shard, send_shards
+from farm.dispatch import publish_shard, send_shards, shard_labels
 from farm.errors import FarmError, StorageError
 from farm.feeder import feed
 from farm.finalizer import finalize, write_outputs
@@ -209,8 +209,10 @@ class Reconciler:
                         ended.add(orphan.job_id)
                 elif take_orphaned(session, orphan, resent_before, now):
                     resend.append(orphan)
+            labels = shard_labels(session, [orphan.shard_id for orphan in resend])
         for orphan in resend:
-            publish_shard(self.app, orphan.shard_id, orphan.job_id, orphan.queue, orphan.priority)
+            label = labels.get(orphan.shard_id)
+            publish_shard(self.app, orphan.shard_id, orphan.job_id, orphan.queue, orphan.priority, label=label)
             report.resent_orphaned += 1
         for ended_job in ended:
             self._finalize(ended_job, report)
@@ -228,8 +230,9 @@ class Reconciler:
                 continue  # a worker rendered recently: the queue moves; lost messages show once it stops
             with session_scope(self.sessions) as session:
                 resends = take_waiting(session, queue, before, self.settings.reconcile.batch, job_id=job_id, now=now)
+                labels = shard_labels(session, [r.shard_id for r in resends])
             for r in resends:
-                publish_shard(self.app, r.shard_id, r.job_id, r.queue, r.priority)
+                publish_shard(self.app, r.shard_id, r.job_id, r.queue, r.priority, label=labels.get(r.shard_id))
             report.resent_waiting += len(resends)
 
     # -- 4. ended jobs ------------------------------------------------------------------------------

@@ -68,6 +68,12 @@ class BrokerSettings(_Section):
         "A worker hands a longer shard back between items, keeping the items done, before the server would "
         "close its channel; empty = never.",
     )
+    heartbeat_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="RabbitMQ only: the AMQP heartbeat interval a worker asks for (the smaller of this and the "
+        "server's, 60 s by default, is used); kept up while a shard renders. 0 = no heartbeats.",
+    )
 
 
 class S3Settings(_Section):
@@ -121,6 +127,14 @@ class WorkerSettings(_Section):
     )
     fail_shards_retryable: bool = Field(
         default=False, description="Fault drills only: make the fail_shards faults retryable (a broken worker)."
+    )
+    slow_shards: list[int] = Field(
+        default_factory=list,
+        description="Fault drills only: shard indexes this worker holds for slow_shards_s before rendering "
+        "(a slow GPU; cancellation and lease loss still stop it).",
+    )
+    slow_shards_s: float = Field(
+        default=60.0, ge=0, description="Fault drills only: how long each of the slow_shards is held, in seconds."
     )
     service_wait_s: float = Field(
         default=900.0,

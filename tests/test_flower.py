@@ -6,17 +6,21 @@ import base64
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures.farm import ROOT, text_job
+from tests.fixtures.services import wait_for
 
 FARM_TASKS = {"farm.schedule_job", "farm.render_shard", "farm.finalize_job"}
 
@@ -143,6 +147,16 @@ def test_flower_shows_the_farm_tasks_on_redis(
             assert task["worker"].startswith(f"{worker.name}@"), task
         shard = next(t for t in ours if t["name"] == "farm.render_shard")
         assert "'shard_id': '" in shard["kwargs"] and "'sent_at': " in shard["kwargs"]
+        # A person finds a shard by its args (short job id, index, kind, family); its result says
+        # how many items it rendered and where they are.
+        shards = sorted((t for t in ours if t["name"] == "farm.render_shard"), key=lambda t: t["args"])
+        labels = [f"job={job_id[:8]} shard={i} sd15 text_to_image" for i in range(3)]
+        assert [t["args"] for t in shards] == labels, shards
+        for i, task in enumerate(shards):
+            assert "'items_done': '2/2'" in task["result"] and f"/{job_id}/{i:05d}'" in task["result"], task
+        query = urllib.parse.quote(f"{job_id[:8]} shard=1")
+        status, body = flower.request(f"/api/tasks?search={query}", auth)
+        assert status == 200 and [t["args"] for t in json.loads(body).values()] == [labels[1]], body
 
         status, body = flower.request("/api/workers?refresh=1", auth)
         assert status == 200 and any(name.startswith(f"{worker.name}@") for name in json.loads(body)), body
@@ -151,7 +165,9 @@ def test_flower_shows_the_farm_tasks_on_redis(
         assert flower.request("/api/tasks")[0] == 401
         assert flower.request("/api/tasks", (user, password + "x"))[0] == 401
         assert flower.request("/tasks")[0] == 401
-        assert flower.request("/tasks", auth)[0] == 200
+        status, page = flower.request("/tasks", auth)
+        # The tasks page shows each task's args (which shard) and result (what it did).
+        assert status == 200 and b'data-column="args"' in page and b'data-column="result"' in page
         row.observed = "/api/tasks and /tasks: 401 without and with a wrong password, 200 with the right one"
         # ... but not /metrics (Prometheus) nor /healthcheck, as the README says.
         status, metrics = flower.request("/metrics")
@@ -219,3 +235,134 @@ def test_embedded_flower_runs_unauthenticated_on_loopback_and_cleans_up(tmp_path
     assert "WITHOUT authentication on 127.0.0.1" in output and "Redis or RabbitMQ" in output
     # ... and removes it when it stops, so workers do not keep writing events nobody reads.
     assert json.loads(events.read_text()) == []
+
+
+HOLD_S = 60.0  # worker.slow_shards_s: how long the drill holds the shard
+AMQP_HEARTBEAT_S = 10  # RabbitMQ: a 60 s render spans six heartbeat intervals
+SHARD_LABEL = "shard=0 sd15 text_to_image"
+
+
+def _job_tasks(flower: Flower, auth: tuple[str, str], job_id: str) -> list[dict]:
+    status, body = flower.request("/api/tasks", auth)
+    assert status == 200, body
+    return [t for t in json.loads(body).values() if job_id in (t.get("kwargs") or "")]
+
+
+def _render_task(flower: Flower, auth: tuple[str, str], job_id: str) -> dict | None:
+    return next((t for t in _job_tasks(flower, auth, job_id) if t["name"] == "farm.render_shard"), None)
+
+
+def _screenshots(flower: Flower, auth: tuple[str, str], broker: str) -> None:
+    """With FARM_TEST_FLOWER_SCREENSHOTS=DIR (and Chromium installed), Flower's tasks and workers
+    pages as PNGs in DIR, taken now (how docs/flower.png is made: mid-render)."""
+    folder = os.environ.get("FARM_TEST_FLOWER_SCREENSHOTS")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not folder or not chromium:
+        return
+    for page in ("tasks", "workers"):
+        out = Path(folder) / f"flower-{broker}-{page}.png"
+        url = f"http://{auth[0]}:{auth[1]}@127.0.0.1:{flower.port}/{page}"
+        args = ["--headless", "--no-sandbox", "--hide-scrollbars", "--virtual-time-budget=8000"]
+        subprocess.run(
+            [chromium, *args, "--window-size=1800,1000", f"--screenshot={out}", url], capture_output=True, timeout=120
+        )
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_flower_sees_a_worker_while_it_renders(
+    broker, request, farm_factory, tiny_models, pg_url, tmp_path, fault_table
+) -> None:
+    """A worker holding one shard for 60 s (a fault drill, ``worker.slow_shards``) stays online in
+    Flower, its shard shows STARTED on it from the start with a readable label, it answers Flower's
+    inspect calls, and (RabbitMQ, 10 s heartbeats) its connection lives through the render."""
+    heartbeat = f"; AMQP heartbeat {AMQP_HEARTBEAT_S} s" if broker == "rabbitmq" else ""
+    row = fault_table.row(
+        "Long shards",
+        f"Flower while a worker renders for a minute ({broker})",
+        f"one worker on farm.control + farm.gpu.sd15 holds its shard {HOLD_S:.0f} s (worker.slow_shards)"
+        f"{heartbeat}; Flower's HTTP API polled during the render",
+        "worker online, its shard STARTED on it with job, shard, kind and family in its args, the worker "
+        "answers inspect; no reconnect, no redelivery; the result says items done and where the outputs are",
+    )
+    extra = {"FARM_WORKER__SLOW_SHARDS": "[0]", "FARM_WORKER__SLOW_SHARDS_S": str(HOLD_S)}
+    if broker == "rabbitmq":
+        extra["FARM_BROKER__HEARTBEAT_S"] = str(AMQP_HEARTBEAT_S)
+    farm = farm_factory(broker=request.getfixturevalue(f"{broker}_url"), db_url=pg_url, **extra)
+    auth = ("ops", secrets.token_urlsafe(18))
+    env = _clean_env(farm.env, FARM_FLOWER__USER=auth[0], FARM_FLOWER__PASSWORD=auth[1])
+    flower = Flower(env, tmp_path / "flower.log")
+    try:
+        flower.wait_healthy()
+        worker = farm.start_worker(["farm.control", "farm.gpu.sd15"])
+        with farm.client() as client:
+            job_id = str(client.submit(text_job(tiny_models["sd15"], prompts=["a red cube"], count=1)))
+
+            def shard_running() -> bool:
+                return client.get(job_id)["shards"][0]["status"] == "running"
+
+            def seen_past_pending() -> dict | None:
+                task = _render_task(flower, auth, job_id)
+                return task if task and task["state"] not in {"PENDING", "RECEIVED"} else None
+
+            first = wait_for(seen_past_pending, 120, "Flower to see the shard's task received and started")
+            seen_at = time.monotonic()
+            # The render has 60 s to go: Flower must already know it STARTED, on this worker.
+            assert shard_running(), "the shard ended before Flower saw it start"
+            assert first["state"] == "STARTED" and first["worker"].startswith(f"{worker.name}@"), first
+            assert first["args"] == f"job={job_id[:8]} {SHARD_LABEL}", first
+            assert f"'shard_id': '{client.get(job_id)['shards'][0]['id']}'" in first["kwargs"], first
+
+            _screenshots(flower, auth, broker)
+            observations = []
+            for offset in (5.0, 20.0, 35.0):  # past two AMQP heartbeat intervals
+                time.sleep(max(0.0, seen_at + offset - time.monotonic()))
+                status, body = flower.request("/api/workers?status=true", auth)
+                assert status == 200, body
+                online = json.loads(body)
+                task = _render_task(flower, auth, job_id)
+                assert shard_running(), f"the shard ended before {offset:.0f} s: lower offsets or a longer hold"
+                observations.append((offset, online, task["state"]))
+                assert online.get(task["worker"]) is True, (offset, online)
+                assert task["state"] == "STARTED", (offset, task)
+
+            _screenshots(flower, auth, broker)
+
+            # The worker's consumer loop answers Flower's inspect calls mid-render.
+            def active_on_worker() -> list:
+                status, body = flower.request(f"/api/workers?refresh=1&workername={first['worker']}", auth)
+                info = json.loads(body).get(first["worker"], {}) if status == 200 else {}
+                return [t["id"] for t in info.get("active") or []]
+
+            active = wait_for(active_on_worker, 30, "the worker to list its shard as active", interval=1.0)
+            assert active == [first["uuid"]], active
+            summary = client.wait(job_id, timeout=300)
+        assert summary["status"] == "succeeded", summary
+        (shard,) = summary["shards"]
+        assert shard["attempts"] == 1, shard
+
+        def final_states() -> list[dict] | None:
+            tasks = _job_tasks(flower, auth, job_id)
+            names = sorted(t["name"] for t in tasks if t["state"] == "SUCCESS")
+            return tasks if names == sorted(FARM_TASKS) else None
+
+        tasks = {t["name"]: t for t in wait_for(final_states, 60, "every task of the job SUCCESS in Flower")}
+        done = tasks["farm.render_shard"]
+        outputs = str(Path(farm.env["FARM_DATA_DIR"]).resolve() / "objects" / "tests" / job_id / "00000")
+        assert "'items_done': '1/1'" in done["result"] and f"'outputs': '{outputs}'" in done["result"], done
+        assert tasks["farm.finalize_job"]["args"] == tasks["farm.schedule_job"]["args"] == f"job={job_id[:8]}"
+    finally:
+        code = flower.stop()
+    assert code == 0, flower.output()[-4000:]
+    log = worker.log.read_text(errors="replace")
+    # One delivery: no reconnection (a missed heartbeat drops the connection) and no redelivery.
+    assert "Connection to broker lost" not in log and "missed heartbeats" not in log, log[-4000:]
+    assert log.count("'outcome': ") == 1 and "'outcome': 'succeeded'" in log, log[-4000:]
+    ran = datetime.fromisoformat(summary["finished_at"]) - datetime.fromisoformat(summary["started_at"])
+    offsets = ", +".join(f"{o:.0f}" for o, _, _ in observations)
+    row.observed = (
+        f"job ran {ran.total_seconds():.0f} s; Flower saw the shard STARTED on {first['worker']} with args "
+        f"'{first['args']}' while it ran; at +{offsets} s the worker online and the shard STARTED every time; "
+        f"inspect listed it active; 1 attempt, 1 delivery, no reconnect; result {done['result'][:200]}"
+    )

@@ -18,6 +18,9 @@ from farm.cli.common import err_console, settings
 from farm.errors import ConfigError
 
 USER_VAR, PASSWORD_VAR = "FARM_FLOWER__USER", "FARM_FLOWER__PASSWORD"
+# The tasks page's columns unless FLOWER_TASKS_COLUMNS says otherwise: Flower 2.2 leaves out args
+# and result, which say which job and shard a task renders and what it did (tasks.shards).
+TASKS_COLUMNS = "name,args,state,received,runtime,worker,result"
 
 
 def _is_loopback(address: str) -> bool:
@@ -88,6 +91,7 @@ def flower(
             "tasks of a real farm",
             highlight=False,
         )
+    os.environ.setdefault("FLOWER_TASKS_COLUMNS", TASKS_COLUMNS)
     app = create_app(cfg)
     before = _event_bindings(app) if filesystem else set()
     # Flower reads the rest of its options from FLOWER_* variables; only the address and the port

@@ -23,7 +23,7 @@ def worker(
     loglevel: str = typer.Option("INFO", help="Log level."),
 ) -> None:
     """Run a worker: one process, one device, models pinned in memory."""
-    from farm.celery_app import CONTROL_QUEUE, create_app
+    from farm.celery_app import CONTROL_QUEUE, create_app, worker_argv
     from farm.worker.heartbeat import WorkerHeartbeat
     from farm.worker.runtime import WorkerResources
 
@@ -51,22 +51,8 @@ def worker(
 
             reconciler = Reconciler(cfg, resources.session_factory, app, resources.store, resources.metrics)
             running.enter_context(ReconcilerLoop(reconciler))
-        app.worker_main(
-            [
-                "worker",
-                "--queues",
-                ",".join(selected),
-                "--pool",
-                "solo",
-                "--hostname",
-                f"{resources.name}@%h",
-                "--loglevel",
-                loglevel,
-                "--task-events",
-                "--without-gossip",
-                "--without-mingle",
-            ]
-        )
+        # Tasks run one at a time on a pool thread; this thread runs the consumer loop.
+        app.worker_main(worker_argv(selected, f"{resources.name}@%h", loglevel))
 
 
 def known_queues(names: list[str]) -> list[str]:

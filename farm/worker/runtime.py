@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import socket
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -122,12 +124,17 @@ REJECT_DELAY_S = 0.5  # a blocked worker pauses this long before handing a shard
 
 @dataclass(frozen=True)
 class ShardOutcome:
-    """What happened to one delivery of a shard message, for the task to act on."""
+    """What happened to one delivery of a shard message, for the task to act on (and, through the
+    task's result, for Flower: which shard, how many items it has done, where its outputs go)."""
 
     status: str  # succeeded | failed | cancelled | retry | skipped | busy | fenced | rejected | handed_back
     job_id: uuid.UUID | None = None
     retry_in: float | None = None
     error: str | None = None
+    shard_index: int | None = None  # known once the delivery has read its shard
+    items: int | None = None
+    items_done: int | None = None  # of ``items``, when the shard succeeded
+    outputs: str | None = None  # the folder (or bucket prefix) of its outputs
 
     @property
     def terminal(self) -> bool:
@@ -136,12 +143,15 @@ class ShardOutcome:
 
 @dataclass
 class _Delivery:
-    """What the metrics need to know about one delivery."""
+    """What the metrics and the task's result need to know about one delivery."""
 
     queue: str = "unknown"
     timings: dict[str, float] = field(default_factory=dict)
     items: int = 0
     seconds: float = 0.0
+    index: int | None = None
+    items_total: int | None = None
+    outputs: str | None = None
 
 
 def execute_shard(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None = None) -> ShardOutcome:
@@ -150,7 +160,28 @@ def execute_shard(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | No
     outcome = _deliver(res, shard_id, sent_at, delivery)
     if res.metrics is not None:
         res.metrics.observe_shard(delivery.queue, outcome.status, delivery.timings, delivery.items, delivery.seconds)
-    return outcome
+    return replace(
+        outcome,
+        shard_index=delivery.index,
+        items=delivery.items_total,
+        items_done=delivery.items if outcome.status == "succeeded" else None,
+        outputs=delivery.outputs,
+    )
+
+
+def output_location(store: ObjectStore, keys: list[str]) -> str | None:
+    """Where the objects ``keys`` are, for people: their common folder, as a path for a local
+    store and as ``s3://bucket/prefix`` for S3."""
+    if not keys:
+        return None
+    folder = posixpath.commonpath(keys) if len(keys) > 1 else posixpath.dirname(keys[0])
+    root = getattr(store, "root", None)  # LocalStore
+    if root is not None:
+        return str(Path(root) / folder)
+    bucket = getattr(store, "bucket", None)  # S3Store: keys are relative to its prefix
+    if bucket is not None:
+        return f"s3://{bucket}/" + "/".join(p for p in (getattr(store, "prefix", ""), folder) if p)
+    return folder
 
 
 def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, delivery: _Delivery) -> ShardOutcome:
@@ -187,7 +218,7 @@ def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, d
     keeper = LeaseKeeper(res.session_factory, lease, settings.lease_seconds, interval)
     try:
         with keeper:
-            delivery.items = _render_items(res, lease.shard_id, lease.job_id, keeper, timings, claimed_mono)
+            delivery.items = _render_items(res, lease.shard_id, lease.job_id, keeper, delivery, claimed_mono)
             lease = keeper.lease
         delivery.seconds = time.perf_counter() - started
 
@@ -356,12 +387,23 @@ def _delivery_deadline(settings: FarmSettings, claimed_at: float) -> float | Non
     return claimed_at + HAND_BACK_SHARE * timeout
 
 
+def _drill_hold(keeper: LeaseKeeper, shard_index: int, seconds: float) -> None:
+    """``worker.slow_shards`` (fault drills): hold a claimed shard ``seconds`` before rendering it,
+    as a slow GPU would, still stopping for a cancelled job or a lost lease."""
+    log.warning("shard %d: held %.0f s before rendering (worker.slow_shards, a fault drill)", shard_index, seconds)
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        keeper.check()
+        time.sleep(min(0.25, left))
+    keeper.check()
+
+
 def _render_items(
     res: WorkerResources,
     shard_id: uuid.UUID,
     job_id: uuid.UUID,
     keeper: LeaseKeeper,
-    timings: dict[str, float],
+    delivery: _Delivery,
     claimed_at: float,
 ) -> int:
     from farm.specs import parse_spec
@@ -376,6 +418,9 @@ def _render_items(
 
     raw_spec, params, shard_index, done_keys = res.outlast(read, f"shard {shard_id}: reading", keeper.check)
     items, memory = list(params["items"]), dict(params.get("memory") or {})
+    timings = delivery.timings
+    delivery.index, delivery.items_total = shard_index, len(items)
+    delivery.outputs = output_location(res.store, [item["key"] for item in items])
     spec = parse_spec(raw_spec)
     if shard_index in res.settings.worker.fail_shards:
         fault = InjectedWorkerFault if res.settings.worker.fail_shards_retryable else InjectedFault
@@ -401,6 +446,8 @@ def _render_items(
     )
     run.deadline = _delivery_deadline(res.settings, claimed_at)
     run.items_done = sum(1 for item in items if item["key"] in done_keys)
+    if shard_index in res.settings.worker.slow_shards:
+        _drill_hold(keeper, shard_index, res.settings.worker.slow_shards_s)
     try:
         done = runner(run)
     except Exception as exc:
