@@ -42,15 +42,13 @@ def shard_labels(session: Any, shard_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID
     """The labels of these shards (one query per 1,000)."""
     from sqlalchemy import select
 
-    from storage.models import Job, Shard
-
     from storage.chunking import chunked
+    from storage.models import Job, Shard
 
     labels: dict[uuid.UUID, ShardLabel] = {}
     for ids in chunked(shard_ids):  # below the driver's parameter limit, however many
-        rows = session.execute(
-            select(Shard.id, Shard.index, Job.kind, Job.family).join(Job, Job.id == Shard.job_id).where(Shard.id.in_(ids))
-        )
+        query = select(Shard.id, Shard.index, Job.kind, Job.family).join(Job, Job.id == Shard.job_id)
+        rows = session.execute(query.where(Shard.id.in_(ids)))
         labels.update({row.id: ShardLabel(row.index, row.kind, row.family) for row in rows})
     return labels
 
