@@ -9,7 +9,8 @@ IP-Adapter, or ``fooocus``'s joint attention).
 
 ``identity.method = instantid`` finds the largest face of each reference (insightface, the
 pack in ``worker.face_models_dir``), combines the raw ArcFace embeddings, and applies InstantID's
-attention patch (weight, ``start_at``/``end_at``, noise, optional mask) and, with a ``controlnet``
+attention patch (weight, ``start_at``/``end_at``, noise, optional mask shrunk to each layer's
+token grid ``bicubic`` by default or ``bilinear`` per ``mask_resize``) and, with a ``controlnet``
 folder, IdentityNet on the face keypoints. The embeddings are computed once per job and stored
 beside its outputs (``face_embeds.safetensors``) for every shard to reuse.
 
@@ -102,6 +103,11 @@ class InstantIDIdentity(BaseModel):
     end_at: float = Field(default=1.0, ge=0.0, le=1.0)
     noise: float = Field(default=0.0, ge=0.0, le=1.0)
     mask: ImageRef | None = Field(default=None, description="greyscale; white is where the identity applies")
+    mask_resize: Literal["bicubic", "bilinear"] = Field(
+        default="bicubic",
+        description="how the mask shrinks to each attention layer's token grid: bicubic (the seed node and "
+        "diffusers' IPAdapterMaskProcessor) or bilinear (ComfyUI_InstantID at HEAD)",
+    )
     controlnet: str | None = Field(default=None, max_length=MAX_PATH_CHARS, description="IdentityNet folder")
     controlnet_strength: float = Field(default=0.8, ge=0.0, le=2.0)
     controlnet_start: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -124,6 +130,8 @@ class InstantIDIdentity(BaseModel):
             raise _problem(("start_at",), f"must not be after end_at ({self.end_at})", self.start_at)
         if self.controlnet_start > self.controlnet_end:
             raise _problem(("controlnet_start",), f"must not be after controlnet_end ({self.controlnet_end})", 0)
+        if self.mask_resize != "bicubic" and self.mask is None:
+            raise _problem(("mask_resize",), "needs identity.mask (it says how the mask is resized)", self.mask_resize)
         if self.pose is not None and self.controlnet is None:
             raise _problem(("pose",), "needs identity.controlnet (the pose drives IdentityNet)", None)
         return self

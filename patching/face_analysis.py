@@ -5,7 +5,8 @@
 onnxruntime-gpu and a GPU are present, else CPU). :meth:`FaceAnalyzer.analyze` tries detector
 sizes 640, 576, ..., 192 until a face is found and keeps the largest by box area; the raw
 ``embedding`` (not the normalised one) is what InstantID uses (reference ``patch_semantics.md``
-2.1). :func:`draw_keypoints` draws IdentityNet's keypoint image.
+2.1). :func:`keypoint_image` draws IdentityNet's keypoint image as upstream does: on the
+reference's canvas (:func:`draw_keypoints`), then resized to the output size.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ EXPECTED_FILES = (
     "(ArcFace 112x112 -> 512, e.g. glintr100.onnx): the antelopev2 pack's files"
 )
 KEYPOINT_COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255))
+NOSE = 2  # keypoint order: eye, eye, nose, mouth corner, mouth corner
+LIMBS = (0, 1, 3, 4)  # each joined to the nose
+DOT_RADIUS = 10  # pixels, on the canvas the keypoints were found in
+LIMB_HALF_WIDTH = 4
 
 
 class FaceModelsMissing(PatchError):
@@ -138,28 +143,65 @@ class FaceAnalyzer:
 
 
 def draw_keypoints(size: tuple[int, int], keypoints: Any) -> Any:
-    """IdentityNet's control image: on black, four limbs from eyes and mouth corners to the nose
-    (ellipses 4 px thick along each segment, in the first point's colour), all dimmed to 60%, then
-    a 10 px dot in full colour on each of the 5 keypoints."""
+    """IdentityNet's control image on a ``size`` canvas, drawn as upstream's ``draw_kps`` does
+    (reference ``patch_semantics.md`` 2.8) with its integer geometry: on black, four limbs from
+    the eyes and mouth corners to the nose, each a filled ellipse centred at the segment's
+    truncated midpoint with half-axes ``int(length / 2)`` and :data:`LIMB_HALF_WIDTH`, turned by the
+    truncated angle in whole degrees, outlined by one rounded vertex per degree, in the first
+    point's colour; everything dimmed to 60% (truncated); then a full-colour disc of radius
+    :data:`DOT_RADIUS` (the pixels within that distance of the truncated keypoint) on each of the
+    5 keypoints. Marks have these pixel sizes on *this* canvas: draw on the canvas the keypoints
+    were detected in and resize (:func:`keypoint_image`)."""
     from PIL import Image, ImageDraw
 
     points = [(float(x), float(y)) for x, y in keypoints]
     canvas = Image.new("RGB", size, (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
-    for start in (0, 1, 3, 4):
-        (x0, y0), (x1, y1) = points[start], points[2]
-        length, angle = math.hypot(x1 - x0, y1 - y0), math.atan2(y1 - y0, x1 - x0)
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        outline = []
-        for k in range(36):
-            t = 2 * math.pi * k / 36
-            ex, ey = (length / 2) * math.cos(t), 4 * math.sin(t)
-            outline.append(
-                (cx + ex * math.cos(angle) - ey * math.sin(angle), cy + ex * math.sin(angle) + ey * math.cos(angle))
-            )
+    for start in LIMBS:
+        outline = _limb_outline(points[start], points[NOSE])
         draw.polygon(outline, fill=KEYPOINT_COLOURS[start])
+        draw.line([*outline, outline[0]], fill=KEYPOINT_COLOURS[start])  # the edge pixels too
     canvas = Image.eval(canvas, lambda v: int(v * 0.6))
     draw = ImageDraw.Draw(canvas)
     for (x, y), colour in zip(points, KEYPOINT_COLOURS, strict=True):
-        draw.ellipse((x - 10, y - 10, x + 10, y + 10), fill=colour)
+        cx, cy = int(x), int(y)
+        for dy in range(-DOT_RADIUS, DOT_RADIUS + 1):  # one row of the disc x^2 + y^2 <= r^2 per line
+            half = math.isqrt(DOT_RADIUS * DOT_RADIUS - dy * dy)
+            draw.rectangle((cx - half, cy + dy, cx + half, cy + dy), fill=colour)
     return canvas
+
+
+def _limb_outline(start: tuple[float, float], end: tuple[float, float]) -> list[tuple[int, int]]:
+    """The polygon of one limb: an ellipse around the segment ``start``-``end``, one vertex per
+    degree rounded to whole pixels (repeated vertices dropped)."""
+    (x0, y0), (x1, y1) = start, end
+    cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+    half_length = int(math.hypot(x0 - x1, y0 - y1) / 2)
+    turn = math.radians(int(math.degrees(math.atan2(y0 - y1, x0 - x1))))
+    cos_turn, sin_turn = math.cos(turn), math.sin(turn)
+    outline: list[tuple[int, int]] = []
+    for degree in range(361):
+        t = math.radians(degree)
+        ex, ey = half_length * math.cos(t), LIMB_HALF_WIDTH * math.sin(t)
+        vertex = (round(cx + ex * cos_turn - ey * sin_turn), round(cy + ex * sin_turn + ey * cos_turn))
+        if not outline or outline[-1] != vertex:
+            outline.append(vertex)
+    return outline
+
+
+def keypoint_image(keypoints: Any, source_size: tuple[int, int], output_size: tuple[int, int]) -> Any:
+    """IdentityNet's control image for an output of ``output_size`` (width, height) from
+    keypoints found in an image of ``source_size``: drawn on the source's own canvas
+    (:func:`draw_keypoints`), then resized to the output, as upstream does (its drawing is made on
+    the face image and the ControlNet pipeline resizes it). The resize is PIL's Lanczos stretch,
+    the filter diffusers' control image processor uses, so handing the pipeline this image or
+    the source-size drawing gives the same pixels; marks scale with the image, like the face."""
+    from PIL import Image
+
+    width, height = int(source_size[0]), int(source_size[1])
+    if width < 1 or height < 1:
+        raise PatchError(f"keypoint source size {source_size}: need a positive width and height")
+    canvas = draw_keypoints((width, height), keypoints)
+    if canvas.size == tuple(output_size):
+        return canvas
+    return canvas.resize(tuple(int(v) for v in output_size), Image.Resampling.LANCZOS)

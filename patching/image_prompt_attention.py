@@ -11,6 +11,20 @@ batch, with its weight, its active window and an optional mask. Two ways to comb
   token-mean of ``V_i`` rescaled to ``W * mean`` where ``W = w_i * C / 1280`` (the channel
   penalty). Weight 0 is *not* a no-op there: the tokens keep softmax mass (logits 0).
 
+A mask gates one additive branch per spatial token. It is resized to each layer's token grid
+(the latent's exact downsampled grid) with ``F.interpolate`` in one of :data:`MASK_RESIZES`:
+
+- ``bicubic`` (default): what diffusers' ``IPAdapterMaskProcessor.downsample`` and the seed
+  version of ComfyUI_InstantID compute (reference ``patch_semantics.md`` 2.5 and 7), overshoot
+  included: next to an edge that falls between grid cells the resized mask dips below 0 or
+  rises above 1 (by up to 9%), and the branch is scaled by exactly that, as diffusers does.
+- ``bilinear``: what ComfyUI_InstantID computes since it switched (HEAD); stays within 0..1. For
+  reproducing renders made with that node.
+
+Both agree on masks whose edges fall on the grid (and on constant masks). An all-ones mask is
+no mask and an all-zeros mask no branch (:class:`patching.ip_adapter.IPAdapterPatch`), so those
+give the unmasked and the unpatched output bit for bit.
+
 A branch is active while ``start <= progress < stop`` (``<= stop`` for InstantID's window;
 progress = 1 - t/(T-1), read from the patcher's :class:`~patching.state.StepState`; ``stop >= 1``
 means to the end). With no active
@@ -29,6 +43,7 @@ import torch.nn.functional as F
 from patching.state import COND, StepState
 
 MODES = ("additive", "fooocus")
+MASK_RESIZES = ("bicubic", "bilinear")  # see the module docstring; bicubic is the default
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +57,7 @@ class ImagePromptBranch:
     stop: float = 1.0
     mode: str = "additive"
     mask: torch.Tensor | None = None  # (H, W) in 0..1, additive only
+    mask_resize: str = "bicubic"  # one of MASK_RESIZES: how the mask shrinks to a layer's grid
     stop_inclusive: bool = False  # InstantID's sigma window includes its end; Fooocus' stop does not
 
     def active(self, state: StepState) -> bool:
@@ -64,6 +80,16 @@ class ImagePromptBranch:
         k = torch.stack(keys).repeat_interleave(per_chunk, dim=0)
         v = torch.stack(values).repeat_interleave(per_chunk, dim=0)
         return k.to(dtype), v.to(dtype)
+
+    def token_mask(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The mask on a ``grid`` of tokens, ``(1, h*w, 1)`` in float32: ``F.interpolate`` in
+        ``mask_resize`` mode (align_corners False, no antialias, no clamping), as diffusers and
+        ComfyUI_InstantID do."""
+        if self.mask is None:
+            raise ValueError("this branch has no mask")
+        h, w = grid
+        resized = F.interpolate(self.mask[None, None].float(), size=(h, w), mode=self.mask_resize)
+        return resized.reshape(1, h * w, 1)
 
 
 def _grid(state: StepState, tokens: int) -> tuple[int, int]:
@@ -151,9 +177,7 @@ class ImagePromptAttnProcessor:
             extra = F.scaled_dot_product_attention(query, heads(k), heads(v))
             extra = extra.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
             if branch.mask is not None:
-                h, w = _grid(self.state, extra.shape[1])
-                mask = F.interpolate(branch.mask[None, None].float(), size=(h, w), mode="bilinear")
-                extra = extra * mask.reshape(1, h * w, 1).to(extra)
+                extra = extra * branch.token_mask(_grid(self.state, extra.shape[1])).to(extra)
             out = out + branch.weight * extra
 
         out = attn.to_out[0](out)

@@ -7,10 +7,13 @@ it to **every** cross-attention layer, the SDXL middle block's ten included (the
 HEAD skips those through a ``('middle', 1)`` key; we do not), additively:
 ``out = Attn(q, K_txt, V_txt) + weight * mask * Attn(q, K_face, V_face)``, active while the
 sampling progress is within ``start_at``..``end_at`` (both ends included, on the model's timestep
-axis). The uncond face tokens are the Resampler applied to zeros, or with ``noise > 0`` to
-``noise * U[0,1)`` drawn from a generator seeded by the embedding (floor of its sum mod 1e9+7),
-so the same face always gets the same noise. Weight 0 leaves the model unpatched; the face tokens
-(``FACE_EMBEDS``) are still available from :meth:`InstantIDPatch.face_tokens`.
+axis). The mask is shrunk to each layer's token grid ``bicubic`` by default, as the seed node and
+diffusers' ``IPAdapterMaskProcessor`` do; ``mask_resize="bilinear"`` follows ComfyUI_InstantID at
+HEAD instead (see :mod:`patching.image_prompt_attention`). The uncond face tokens are the
+Resampler applied to zeros, or with ``noise > 0`` to ``noise * U[0,1)`` drawn from a generator
+seeded by the embedding (floor of its sum mod 1e9+7), so the same face always gets the same noise.
+Weight 0 leaves the model unpatched; the face tokens (``FACE_EMBEDS``) are still available from
+:meth:`InstantIDPatch.face_tokens`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from patching.errors import PatchError
+from patching.image_prompt_attention import MASK_RESIZES
 from patching.ip_adapter import ImagePrompt, IPAdapter, IPAdapterPatch, tensor_digest
 from patching.patcher import Patch, PatchContext
 
@@ -56,7 +60,8 @@ def uncond_embedding(embedding: torch.Tensor, noise: float) -> torch.Tensor:
 @dataclass(frozen=True, eq=False)
 class InstantIDPatch(Patch):
     """The seed node's parameters: weight -1..3 (default 1), start_at/end_at 0..1, noise 0..1,
-    optional mask (H, W) gating the identity branch only."""
+    optional mask (H, W) gating the identity branch only, shrunk to each layer's token grid by
+    ``mask_resize`` (``bicubic``: the seed node and diffusers; ``bilinear``: the node at HEAD)."""
 
     name: ClassVar[str] = "instantid"
     adapter: IPAdapter
@@ -67,6 +72,7 @@ class InstantIDPatch(Patch):
     noise: float = 0.0
     combine: str = "average"
     mask: torch.Tensor | None = None
+    mask_resize: str = "bicubic"
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.weight <= 3.0:
@@ -75,6 +81,8 @@ class InstantIDPatch(Patch):
             raise PatchError(f"instantid window {self.start_at}..{self.end_at}: need 0 <= start_at <= end_at <= 1")
         if not 0.0 <= self.noise <= 1.0:
             raise PatchError(f"instantid.noise {self.noise} is outside 0..1")
+        if self.mask_resize not in MASK_RESIZES:
+            raise PatchError(f"instantid.mask_resize {self.mask_resize!r}: expected one of {', '.join(MASK_RESIZES)}")
         if not self.adapter.plus:
             raise PatchError("an InstantID checkpoint has a Resampler image_proj (with 'latents'); this one has not")
 
@@ -88,6 +96,7 @@ class InstantIDPatch(Patch):
             "noise": self.noise,
             "combine": self.combine,
             "mask": tensor_digest(self.mask),
+            "mask_resize": self.mask_resize,
         }
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +120,7 @@ class InstantIDPatch(Patch):
             start=self.start_at,
             stop=self.end_at,
             mask=self.mask,
+            mask_resize=self.mask_resize,
             uncond_embeds=uncond,
             stop_inclusive=True,
         )

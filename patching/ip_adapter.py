@@ -10,7 +10,9 @@
   plus adapters take the penultimate hidden states, plain ones the projected image embedding).
 - :class:`IPAdapterPatch` maps the K/V weights onto the UNet's cross-attention layers in
   diffusers processor order (down, up, mid) and installs :class:`ImagePromptAttnProcessor`
-  branches: several image prompts, each with weight, start/stop and (additive) mask.
+  branches: several image prompts, each with weight, start/stop and (additive) mask, resized to
+  each layer's token grid ``bicubic`` (diffusers, the seed) or ``bilinear`` (ComfyUI_InstantID
+  HEAD); see :mod:`patching.image_prompt_attention`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from patching.errors import PatchError
-from patching.image_prompt_attention import MODES, ImagePromptAttnProcessor, ImagePromptBranch
+from patching.image_prompt_attention import MASK_RESIZES, MODES, ImagePromptAttnProcessor, ImagePromptBranch
 from patching.patcher import Patch, PatchContext
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -205,13 +207,16 @@ def cross_attention_layers(unet: Any) -> list[str]:
 @dataclass(frozen=True, eq=False)
 class ImagePrompt:
     """One image prompt: its embedding (one image, or several averaged by the caller), weight,
-    active window (fractions of sampling progress) and an optional (H, W) mask in 0..1."""
+    active window (fractions of sampling progress) and an optional (H, W) mask in 0..1 with the
+    mode that shrinks it to each layer's token grid (``bicubic`` as diffusers and the seed node,
+    or ``bilinear`` as ComfyUI_InstantID at HEAD)."""
 
     embeds: torch.Tensor
     weight: float = 1.0
     start: float = 0.0
     stop: float = 1.0
     mask: torch.Tensor | None = None
+    mask_resize: str = "bicubic"
     uncond_embeds: torch.Tensor | None = None  # default: the patch's negative tokens, else zeros
     stop_inclusive: bool = False
 
@@ -220,6 +225,10 @@ class ImagePrompt:
             raise PatchError(f"image prompt weight {self.weight} is outside -1..5")
         if not 0.0 <= self.start <= self.stop <= 1.0:
             raise PatchError(f"image prompt window {self.start}..{self.stop}: need 0 <= start <= stop <= 1")
+        if self.mask_resize not in MASK_RESIZES:
+            raise PatchError(f"mask_resize {self.mask_resize!r}: expected one of {', '.join(MASK_RESIZES)}")
+        if self.mask is not None and (self.mask.ndim != 2 or 0 in self.mask.shape):
+            raise PatchError(f"an image prompt mask must be (H, W), got {tuple(self.mask.shape)}")
 
 
 def tensor_digest(tensor: torch.Tensor | None) -> str | None:
@@ -254,6 +263,7 @@ class IPAdapterPatch(Patch):
                     "start": p.start,
                     "stop": p.stop,
                     "mask": tensor_digest(p.mask),
+                    "mask_resize": p.mask_resize,
                 }
                 for p in self.prompts
             ],
@@ -285,6 +295,7 @@ class IPAdapterPatch(Patch):
             else:
                 uncond = self.adapter.project(torch.zeros_like(prompt.embeds))
             tokens.append((cond.reshape(-1, cond.shape[-1]), uncond.reshape(-1, uncond.shape[-1])))
+        plans = [_mask_plan(prompt) for prompt in self.prompts]
         wanted = set(self.layers) or set(paths)
         for path, (k_weight, v_weight) in zip(paths, self.adapter.layers, strict=True):
             if path not in wanted:
@@ -296,19 +307,37 @@ class IPAdapterPatch(Patch):
                     f"({attn.to_k.out_features}, {attn.to_k.in_features}) (an adapter for another model family?)"
                 )
             branches = [
-                _branch(k_weight, v_weight, cond, uncond, prompt, self.mode)
-                for prompt, (cond, uncond) in zip(self.prompts, tokens, strict=True)
+                _branch(k_weight, v_weight, cond, uncond, prompt, mask, self.mode)
+                for prompt, (alive, mask), (cond, uncond) in zip(self.prompts, plans, tokens, strict=True)
+                if alive
             ]
+            if not branches:
+                continue
             ctx.replace_processor(
                 f"unet.{path}", lambda previous, b=branches: ImagePromptAttnProcessor(previous, b, ctx.state)
             )
 
 
+def _mask_plan(prompt: ImagePrompt) -> tuple[bool, torch.Tensor | None]:
+    """Whether the prompt gets a branch, and the mask that branch gets. An all-zeros mask adds
+    nothing anywhere: no branch (a layer left without branches keeps its processor, so the output
+    is the unpatched one, bit for bit). An all-ones mask is no mask (every resize of a constant 1
+    is 1): the unmasked branch, bit for bit."""
+    mask = prompt.mask
+    if mask is None:
+        return True, None
+    if not bool(mask.any()):
+        return False, None
+    if bool((mask == 1).all()):
+        return True, None
+    return True, mask
+
+
 @torch.no_grad()
-def _branch(k_weight, v_weight, cond, uncond, prompt: ImagePrompt, mode: str) -> ImagePromptBranch:
+def _branch(k_weight, v_weight, cond, uncond, prompt: ImagePrompt, mask, mode: str) -> ImagePromptBranch:
     k_weight = k_weight.to(cond)
     v_weight = v_weight.to(cond)
-    mask = prompt.mask.to(cond.device) if prompt.mask is not None else None
+    mask = mask.to(cond.device) if mask is not None else None
     return ImagePromptBranch(
         cond_keys=cond @ k_weight.T,
         cond_values=cond @ v_weight.T,
@@ -319,5 +348,6 @@ def _branch(k_weight, v_weight, cond, uncond, prompt: ImagePrompt, mode: str) ->
         stop=prompt.stop,
         mode=mode,
         mask=mask,
+        mask_resize=prompt.mask_resize,
         stop_inclusive=prompt.stop_inclusive,
     )

@@ -99,3 +99,59 @@ def test_keypoint_image() -> None:
     assert image.getpixel((30, 40)) == (255, 0, 0) and image.getpixel((50, 60)) == (0, 0, 255)
     limb = image.getpixel((40, 50))  # halfway from the first eye to the nose, outside both dots
     assert limb == (153, 0, 0)  # the eye's red at 60%
+
+
+# A face in a 640x480 photo (SCRFD order: eyes, nose, mouth corners) and one twice as large.
+PHOTO_KEYPOINTS = [(271.3, 201.7), (372.9, 198.2), (322.4, 262.6), (281.1, 318.4), (362.8, 315.9)]
+
+
+def _control_pixels(image: Image.Image, width: int, height: int) -> np.ndarray:
+    """What diffusers' ControlNet pipelines feed the ControlNet: their control image processor
+    (RGB, Lanczos resize to the output, 0..1), as 0..255."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
+    tensor = processor.preprocess(image, height=height, width=width)[0]
+    return (tensor.permute(1, 2, 0).numpy() * 255).round().astype(int)
+
+
+def test_keypoints_are_drawn_like_upstream_on_the_reference_canvas() -> None:
+    pytest.importorskip("cv2")
+    from tests.fixtures.keypoints import opencv_keypoint_drawing
+
+    for size, scale in (((640, 480), 1.0), ((1280, 960), 2.0)):
+        keypoints = [(x * scale, y * scale) for x, y in PHOTO_KEYPOINTS]
+        ours = np.asarray(draw_keypoints(size, keypoints)).astype(int)
+        theirs = np.asarray(opencv_keypoint_drawing(size, keypoints)).astype(int)
+        lit, differing = (theirs.max(-1) > 0).sum(), (np.abs(ours - theirs).max(-1) > 0).sum()
+        print(f"{size}: {differing} of {lit} lit pixels differ from the OpenCV drawing")
+        # Same discs and limb outlines; only the fill of the (rounded, not quite convex) limb
+        # outline differs from cv2.fillConvexPoly at a few edge pixels of long limbs.
+        assert differing <= 0.01 * lit
+
+
+@pytest.mark.parametrize(("source", "output"), [((640, 480), (64, 64)), ((1280, 960), (96, 64))])
+def test_keypoint_image_at_another_output_size_is_the_resized_reference_drawing(
+    source: tuple[int, int], output: tuple[int, int]
+) -> None:
+    pytest.importorskip("cv2")
+    pytest.importorskip("diffusers")
+    from patching.face_analysis import keypoint_image
+    from tests.fixtures.keypoints import opencv_keypoint_drawing
+
+    scale = source[0] / 640
+    keypoints = [(x * scale, y * scale) for x, y in PHOTO_KEYPOINTS]
+    image = keypoint_image(keypoints, source, output)
+    assert image.size == output
+    ours = _control_pixels(image, *output)
+    # What upstream hands the pipeline: its drawing on the photo's canvas, resized by diffusers.
+    expected = _control_pixels(opencv_keypoint_drawing(source, keypoints), *output)
+    # What the project did before: fixed-size marks drawn on the output canvas.
+    sx, sy = output[0] / source[0], output[1] / source[1]
+    before = _control_pixels(draw_keypoints(output, [(x * sx, y * sy) for x, y in keypoints]), *output)
+    count = output[0] * output[1]
+    differing, worst = (np.abs(ours - expected).max(-1) > 0).sum(), np.abs(ours - expected).max()
+    was = (np.abs(before - expected).max(-1) > 0).sum()
+    print(f"{source}->{output}: {differing} of {count} pixels differ (max {worst}/255); before: {was}")
+    assert differing <= 0.01 * count and worst <= 16
+    assert was > 0.1 * count

@@ -39,6 +39,8 @@ def _spec(identity: dict) -> dict:
         ({"combine": "max"}, "identity.combine", "'average', 'norm_average' or 'concat'"),
         ({"pose": {"key": "inputs/p.png"}}, "identity.pose", "needs identity.controlnet"),
         ({"controlnet": "models/cn"}, "identity.controlnet", "must be a local path"),
+        ({"mask_resize": "bilinear"}, "identity.mask_resize", "needs identity.mask"),
+        ({"mask": {"key": "inputs/m.png"}, "mask_resize": "area"}, "identity.mask_resize", "'bicubic' or 'bilinear'"),
     ],
 )
 def test_invalid_instantid_settings_name_the_field(identity: dict, field: str, reason: str) -> None:
@@ -46,6 +48,14 @@ def test_invalid_instantid_settings_name_the_field(identity: dict, field: str, r
         parse_spec(_spec({**IDENTITY, **identity}))
     problems = dict(info.value.problems)
     assert field in problems and reason in problems[field], problems
+
+
+def test_mask_resize_defaults_to_bicubic_and_survives_the_json_round_trip() -> None:
+    plain = parse_spec(_spec(IDENTITY))
+    assert plain.identity.mask_resize == "bicubic"
+    assert parse_spec(json.loads(plain.model_dump_json())) == plain  # stored specs parse again
+    masked = parse_spec(_spec({**IDENTITY, "mask": {"key": "inputs/m.png"}, "mask_resize": "bilinear"}))
+    assert parse_spec(json.loads(masked.model_dump_json())).identity.mask_resize == "bilinear"
 
 
 def face(path: Path, shade: int) -> Path:

@@ -98,7 +98,7 @@ def test_mask_gates_only_the_identity_branch(setup: dict) -> None:
     left[:, :32] = 1
     half, _ = patched(setup, mask=left)
     assert (ones == full).all()
-    assert abs(zeros - setup["unpatched"]).max() < 1e-5
+    assert (zeros == setup["unpatched"]).all()
     assert abs(half - full).max() > 1e-4 and abs(half - setup["unpatched"]).max() > 1e-4
 
 
@@ -131,6 +131,7 @@ def test_combine_modes() -> None:
         ({"weight": 3.5}, "outside -1..3"),
         ({"start_at": 0.9, "end_at": 0.1}, "start_at <= end_at"),
         ({"noise": 2}, "noise"),
+        ({"mask_resize": "area"}, "mask_resize 'area': expected one of bicubic, bilinear"),
     ],
 )
 def test_seed_node_ranges(setup: dict, kwargs: dict, message: str) -> None:
@@ -185,3 +186,38 @@ def test_identitynet_gets_the_face_tokens_as_its_context(setup: dict, tmp_path: 
     assert abs(identity - plain_control).max() > 1e-4
     assert (restored == plain_control).all()
     assert len(controlnet._forward_pre_hooks) == 0
+
+
+def test_identitynet_keypoints_from_a_larger_photo_match_the_upstream_drawing(setup: dict, tmp_path: Path) -> None:
+    """A 640x480 reference rendered at 64x64: our keypoint image against upstream's drawing on the
+    photo's canvas (drawn independently with OpenCV), which the pipeline resizes itself."""
+    pytest.importorskip("cv2")
+    from farm.tiny_components import build_tiny_controlnet
+    from patching.face_analysis import draw_keypoints, keypoint_image
+    from patching.instantid import IdentityNetTokens
+    from tests.fixtures.keypoints import opencv_keypoint_drawing
+
+    controlnet = diffusers.ControlNetModel.from_pretrained(build_tiny_controlnet("sdxl", tmp_path / "identitynet"))
+    pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pipe(setup["pipe"], controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    keypoints = [(271.3, 201.7), (372.9, 198.2), (322.4, 262.6), (281.1, 318.4), (362.8, 315.9)]
+    instantid = InstantIDPatch(setup["adapter"], setup["faces"])
+    patcher = ModelPatcher(setup["pipe"])
+
+    def latents(image: Any) -> Any:
+        generator = torch.Generator().manual_seed(2)
+        return pipe("a portrait", image=image, num_inference_steps=3, width=64, height=64, guidance_scale=5.0,
+                    controlnet_conditioning_scale=0.8, generator=generator, output_type="latent").images  # fmt: skip
+
+    with patcher.running(pipe):
+        handle = patcher.apply([instantid, IdentityNetTokens(controlnet, *instantid.face_tokens())])
+        try:
+            ours = latents(keypoint_image(keypoints, (640, 480), (64, 64)))
+            upstream = latents(opencv_keypoint_drawing((640, 480), keypoints))
+            marks_at_output = latents(draw_keypoints((64, 64), [(x / 10, y * 64 / 480) for x, y in keypoints]))
+        finally:
+            handle.remove()
+    diff, before = (ours - upstream).abs().max(), (marks_at_output - upstream).abs().max()
+    print(f"IdentityNet latents: max |ours - upstream drawing| = {diff:.2e}; marks drawn at the output: {before:.2e}")
+    assert diff <= 1e-4
+    assert before > 1e-3

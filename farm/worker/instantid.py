@@ -82,11 +82,11 @@ def _mask(run: Any) -> Any:
 
 
 def _keypoint_image(keypoints: Any, source_size: Any, width: int, height: int) -> Any:
-    from patching.face_analysis import draw_keypoints
+    """Drawn on the canvas of the image the keypoints came from, then resized to the output."""
+    from patching.face_analysis import keypoint_image
 
-    sx, sy = width / float(source_size[0]), height / float(source_size[1])
-    scaled = [(float(x) * sx, float(y) * sy) for x, y in keypoints.tolist()]
-    return draw_keypoints((width, height), scaled)
+    source = (round(float(source_size[0])), round(float(source_size[1])))
+    return keypoint_image(keypoints.tolist(), source, (width, height))
 
 
 def _controlnet_pipeline(run: Any, controlnet: Any) -> Any:
@@ -129,6 +129,7 @@ def run_instantid_shard(run: Any) -> int:
             "end_at": ident.end_at,
             "noise": ident.noise,
             "mask": ident.mask.key if ident.mask else None,
+            "mask_resize": ident.mask_resize if ident.mask else None,
             "controlnet": ident.controlnet,
             "controlnet_strength": ident.controlnet_strength if ident.controlnet else None,
         }
@@ -154,6 +155,7 @@ def run_instantid_shard(run: Any) -> int:
             noise=ident.noise,
             combine=ident.combine,
             mask=mask,
+            mask_resize=ident.mask_resize,
         )
         patches: list[Any] = [instantid]
         if controlnet is None:
