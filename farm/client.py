@@ -98,10 +98,12 @@ class FarmClient:
 
         if isinstance(spec, str | Path):
             path = Path(spec)
-            spec = parse_spec(upload_inputs(read_spec_file(path), self.store, path.parent))
+            raw = self._local_model(read_spec_file(path))  # checked before any input is uploaded
+            spec = parse_spec(upload_inputs(raw, self.store, path.parent))
         elif isinstance(spec, dict):
-            spec = parse_spec(upload_inputs(spec, self.store, Path.cwd()))
-        spec = self._local_model(spec)
+            spec = parse_spec(upload_inputs(self._local_model(spec), self.store, Path.cwd()))
+        else:
+            spec = spec.model_copy(update={"model": self._local_model({"model": spec.model})["model"]})
         with session_scope(self._sessions) as session:
             job, created = submit_job(session, spec)
             job_id, status = job.id, JobStatus(job.status)
@@ -109,21 +111,25 @@ class FarmClient:
             self._publish_schedule(job_id)
         return Submitted(job_id, created, status.value)
 
-    def _local_model(self, spec: Any) -> Any:
-        """In the embedded mode the workers run on this machine: a local model path is checked now
-        (before anything is stored) and made absolute, so a worker started in another folder finds
-        it. Elsewhere a model path is each worker's own (its host, its working folder)."""
+    def _local_model(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """In the embedded mode the workers run on this machine: a local model path (``raw``'s
+        ``model``) is checked before anything is stored and made absolute, so a worker started in
+        another folder finds it. Elsewhere a model path is each worker's own (its host, its working
+        folder) and is left as written."""
         from farm.specs import LOCAL_PATH_PREFIXES
 
-        if not self.settings.embedded or not (spec.model.startswith(LOCAL_PATH_PREFIXES) or spec.model in ("~", ".")):
-            return spec
-        path = Path(spec.model).expanduser()
+        model = raw.get("model") if isinstance(raw, dict) else None
+        if not self.settings.embedded or not isinstance(model, str):
+            return raw
+        if not (model.startswith(LOCAL_PATH_PREFIXES) or model in ("~", ".")):
+            return raw
+        path = Path(model).expanduser()
         resolved = (path if path.is_absolute() else Path.cwd() / path).resolve()
         if not (resolved / "model_index.json").is_file():
             where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
             found = "is not a diffusers model folder (no model_index.json)" if resolved.is_dir() else "does not exist"
-            raise UserError(f"model: {spec.model!r}{where} {found} on this machine: {resolved}")
-        return spec if str(resolved) == spec.model else spec.model_copy(update={"model": str(resolved)})
+            raise UserError(f"model: {model!r}{where} {found} on this machine: {resolved}")
+        return raw if str(resolved) == model else {**raw, "model": str(resolved)}
 
     def _publish_schedule(self, job_id: uuid.UUID) -> None:
         """Send the job's scheduling message; with the broker down, say that the job is kept and
