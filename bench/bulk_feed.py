@@ -305,10 +305,10 @@ def publish_timer() -> Iterator[list[float]]:
     spent = [0.0]
     original = farm.dispatch.publish_shards
 
-    def timed(app: Any, dispatches: Any) -> list[uuid.UUID]:
+    def timed(app: Any, dispatches: Any, *args: Any, **kwargs: Any) -> list[uuid.UUID]:
         started = time.perf_counter()
         try:
-            return original(app, dispatches)
+            return original(app, dispatches, *args, **kwargs)
         finally:
             spent[0] += time.perf_counter() - started
 
