@@ -96,12 +96,13 @@ class FarmClient:
         from farm.inputs import upload_inputs
         from farm.specs import parse_spec, read_spec_file
 
+        # The model path is checked once the spec is valid and before any input is uploaded.
         if isinstance(spec, str | Path):
             path = Path(spec)
-            raw = self._local_model(read_spec_file(path))  # checked before any input is uploaded
-            spec = parse_spec(upload_inputs(raw, self.store, path.parent))
+            raw = read_spec_file(path)
+            spec = parse_spec(upload_inputs(raw, self.store, path.parent, before_upload=self._local_model))
         elif isinstance(spec, dict):
-            spec = parse_spec(upload_inputs(self._local_model(spec), self.store, Path.cwd()))
+            spec = parse_spec(upload_inputs(spec, self.store, Path.cwd(), before_upload=self._local_model))
         else:
             spec = spec.model_copy(update={"model": self._local_model({"model": spec.model})["model"]})
         with session_scope(self._sessions) as session:

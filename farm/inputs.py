@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,19 +214,24 @@ def _resolve_paths(data: Any, base_dir: Path, label: str, found: list[_PendingUp
     return data
 
 
-def upload_inputs(data: Any, store: Any, base_dir: Path, label: str = "spec") -> Any:
+def upload_inputs(
+    data: Any, store: Any, base_dir: Path, label: str = "spec", before_upload: Callable[[Any], Any] | None = None
+) -> Any:
     """``data`` with every ``{"path": ...}`` mapping replaced by an uploaded image reference
     (relative paths are relative to ``base_dir``). Other values are returned unchanged.
 
     Every file is checked first; when ``data`` is a whole spec (a mapping, ``label`` ``"spec"``)
     it is validated with the references in place (:class:`~farm.specs.SpecError`) before the
-    first upload, so nothing is stored for a spec that is refused."""
+    first upload, so nothing is stored for a spec that is refused. ``before_upload(spec)`` then
+    runs (a last check that may refuse, or a spec to use instead) before anything is stored."""
     found: list[_PendingUpload] = []
     out = _resolve_paths(data, base_dir, label, found)
-    if found and label == "spec" and isinstance(data, dict) and set(data) != {"path"}:
+    if (found or before_upload) and label == "spec" and isinstance(data, dict) and set(data) != {"path"}:
         from farm.specs import parse_spec
 
         parse_spec(out)
+    if before_upload is not None:
+        out = before_upload(out)
     for pending in found:
         _upload(store, pending)
     return out

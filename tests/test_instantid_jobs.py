@@ -126,7 +126,8 @@ def test_instantid_jobs_end_to_end(farm_factory, tiny_models, assets, tmp_path: 
         assert summary["status"] == "partial", summary
         failed = [s for s in summary["shards"] if s["status"] == "failed"]
         assert len(failed) == 1 and failed[0]["attempts"] == 1
-        assert "frames[1] (inputs/sha256/" in failed[0]["error"] and "no face detected" in failed[0]["error"]
+        assert "frames[1] '" in failed[0]["error"] and "flat.png' (inputs/sha256/" in failed[0]["error"]
+        assert "no face detected" in failed[0]["error"]  # the field, the file as given, its key
         assert client.store.exists(f"instantid/{partial}/face_embeds.safetensors")
 
         # The worker carries on: IdentityNet with the face tokens and the reference keypoints.
