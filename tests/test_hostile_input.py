@@ -545,10 +545,10 @@ def test_worker_side_refusals_then_a_good_job(
     cases = [
         WorkerCase("image with no face (reference)", "identity reference: a flat grey image",
                    _with_identity(_instantid_job(model, assets), references=[flat]),
-                   ["identity.references[0] (inputs/sha256/", "no face detected"]),
+                   ["identity.references[0] '", "flat.png' (inputs/sha256/", "no face detected"]),
         WorkerCase("image with no face (one frame of two)", "frames: [face, flat grey image]",
                    _instantid_job(model, assets, frames=[face, flat]),
-                   ["frames[1] (inputs/sha256/", "no face detected"], status="partial"),
+                   ["frames[1] '", "flat.png' (inputs/sha256/", "no face detected"], status="partial"),
         WorkerCase("corrupt .safetensors", f"identity.checkpoint: {assets['garbage'].stat().st_size} bytes of junk "
                    "named .safetensors",
                    _instantid_job(model, assets, assets["garbage"]),
