@@ -328,19 +328,6 @@ HOSTILE: list[Hostile] = [
 ]  # fmt: skip
 
 
-def _s3_client(seaweedfs: Any) -> Any:
-    """A boto3 client of our own on the test S3 server (not the farm's store)."""
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=seaweedfs.endpoint_url,
-        aws_access_key_id=seaweedfs.access_key_id,
-        aws_secret_access_key=seaweedfs.secret_access_key,
-        region_name="us-east-1",
-    )
-
-
 def _bucket_keys(s3: Any, bucket: str, prefix: str = "") -> set[str]:
     keys: set[str] = set()
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -398,7 +385,7 @@ def submit_side(pg_url, redis_url, seaweedfs, tmp_path_factory: pytest.TempPathF
     client = FarmClient(settings)
     client.store.ensure_bucket()
     engine = make_engine(pg_url)
-    yield SubmitSide(client, engine, _s3_client(seaweedfs), bucket)
+    yield SubmitSide(client, engine, seaweedfs.boto3_client(), bucket)
     client.close()
     engine.dispose()
 
@@ -572,7 +559,7 @@ def test_worker_side_refusals_then_a_good_job(
     good_row = fault_table.row(SECTION, "good job after the bad ones", "same worker process, valid InstantID job",
                                "succeeds on the same worker")  # fmt: skip
     farm = farm_factory(broker=redis_url, db_url=empty_pg_url, s3=seaweedfs)
-    bucket, s3 = farm.env["FARM_STORAGE__S3__BUCKET"], _s3_client(seaweedfs)
+    bucket, s3 = farm.env["FARM_STORAGE__S3__BUCKET"], seaweedfs.boto3_client()
     worker = farm.start_worker(["farm.control", "farm.gpu.sdxl"], FARM_WORKER__FACE_MODELS_DIR=str(assets["pack"]))
     engine = make_engine(empty_pg_url)
     request.addfinalizer(engine.dispose)

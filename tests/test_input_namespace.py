@@ -41,18 +41,6 @@ def _bucket_keys(s3, bucket: str) -> set[str]:
     return keys
 
 
-def _s3(seaweedfs):
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=seaweedfs.endpoint_url,
-        aws_access_key_id=seaweedfs.access_key_id,
-        aws_secret_access_key=seaweedfs.secret_access_key,
-        region_name="us-east-1",
-    )
-
-
 def _rows(engine) -> dict[str, int]:
     with engine.connect() as conn:
         return {
@@ -66,7 +54,7 @@ def s3_client(farm_factory, pg_url, redis_url, seaweedfs):
     farm = farm_factory(broker=redis_url, db_url=pg_url, s3=seaweedfs)
     with farm.client() as client:
         client.store.ensure_bucket()
-        yield farm, client, _s3(seaweedfs)
+        yield farm, client, seaweedfs.boto3_client()
 
 
 @pytest.mark.integration
