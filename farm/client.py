@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from farm.dispatch import publish_finalize, publish_schedule, publish_shards, shard_labels
 from farm.errors import JobNotScheduled, NotFound, UserError
@@ -24,10 +24,11 @@ from farm.scheduler import SUMMARY_SHARDS, job_summary, requeue_failed, submit_j
 from farm.settings import FarmSettings, load_settings
 from farm.waiting import why_waiting
 from storage.db import make_engine, make_session_factory, session_scope
-from storage.models import Artifact, Job, Shard
+from storage.models import Artifact, Job
 from storage.objects.keys import contact_sheet_key, join_key, manifest_key, validate_part
+from storage.recovery import unfinished_shard
 from storage.registry import list_workers
-from storage.status import JOB_TERMINAL, SHARD_TERMINAL, JobStatus
+from storage.status import JOB_TERMINAL, JobStatus
 from storage.transitions import cancel_unstarted_shards, set_job_status
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -205,11 +206,7 @@ class FarmClient:
         job = self.job_id(job_id)
         with session_scope(self._sessions) as session:
             status = JobStatus(session.scalar(select(Job.status).where(Job.id == job).with_for_update()))
-            unfinished = session.scalar(
-                select(func.count())
-                .select_from(Shard)
-                .where(Shard.job_id == job, Shard.status.not_in(list(SHARD_TERMINAL)))
-            )
+            unfinished = session.scalar(select(unfinished_shard(job)))
             if status in JOB_TERMINAL:
                 outcome = f"already {status.value}"
             elif status == JobStatus.RUNNING and not unfinished:

@@ -14,15 +14,16 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import select, update
 
 from farm.errors import StorageError
 from farm.manifest import write_job_outputs
 from farm.scheduler import finalize_job, job_summary
 from storage.db import session_scope
-from storage.models import Job, Shard, utcnow
+from storage.models import Job, utcnow
 from storage.objects import ObjectStore
-from storage.status import JOB_TERMINAL, SHARD_TERMINAL, JobStatus
+from storage.recovery import unfinished_shard
+from storage.status import JOB_TERMINAL, JobStatus
 from storage.transitions import JobRollup
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,7 @@ def write_outputs(session_factory: Any, store: ObjectStore, job_id: uuid.UUID) -
         ).one_or_none()
         if row is None or JobStatus(row.status) not in JOB_TERMINAL or row.outputs_written_at is not None:
             return False
-        unfinished = exists().where(Shard.job_id == job_id, Shard.status.not_in(list(SHARD_TERMINAL)))
-        if session.scalar(select(unfinished)):
+        if session.scalar(select(unfinished_shard(job_id))):
             return False  # a cancelled job's running shards stop at their next step
         write_job_outputs(session, store, job_id, job_summary(session, job_id))
         session.execute(

@@ -46,9 +46,9 @@ from farm.settings import FarmSettings
 from farm.sharding import QUEUES
 from storage.db import session_scope
 from storage.models import BulkJob, Job, Shard, utcnow
-from storage.recovery import Orphan, fail_crash_loop, orphaned_shards, take_orphaned, take_waiting
+from storage.recovery import Orphan, fail_crash_loop, orphaned_shards, take_orphaned, take_waiting, unfinished_shard
 from storage.registry import Consumer, queue_consumers
-from storage.status import JOB_TERMINAL, SHARD_TERMINAL, JobStatus
+from storage.status import JOB_TERMINAL, JobStatus
 from storage.transitions import set_job_status
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class Reconciler:
 
     # -- 4. ended jobs ------------------------------------------------------------------------------
     def _finalize_ended(self, now: datetime, report: ReconcileReport) -> None:
-        unfinished = exists().where(Shard.job_id == Job.id, Shard.status.not_in(list(SHARD_TERMINAL)))
+        unfinished = unfinished_shard(Job.id)
         any_shard = exists().where(Shard.job_id == Job.id)
         with session_scope(self.sessions) as session:
             ids = session.scalars(

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Exists, and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.models import Job, Shard, utcnow
-from storage.status import JobStatus, ShardStatus
+from storage.status import SHARD_TERMINAL, JobStatus, ShardStatus
 from storage.transitions import MAX_KEPT_ERRORS
 
 S = ShardStatus
@@ -40,6 +40,11 @@ class Resend:
     job_id: uuid.UUID
     queue: str
     priority: int
+
+
+def unfinished_shard(job_id: Any) -> Exists:
+    """``EXISTS`` a shard of ``job_id`` (a value or a correlated column) that has not ended."""
+    return exists().where(Shard.job_id == job_id, Shard.status.not_in(list(SHARD_TERMINAL)))
 
 
 def _waiting_condition() -> Any:
