@@ -7,8 +7,8 @@ job's (empty) patch set, and the runner records every output through ``ShardRun.
 store write + artifact row + fenced lease renewal); the shard is finished, ``farm.finalize_job``
 rolls the job up and writes the manifest and the contact sheet. Only the diffusers call is gone.
 
-Nothing in ``farm`` knows this kind: importing this module registers it with the farm's own
-registries (``register_job_kind``, ``register_items``, ``RUNNERS``). The bench process imports it
+Nothing in ``farm`` knows this kind: importing this module registers its descriptor with the
+farm's registry (:func:`farm.kinds.register_kind`). The bench process imports it
 to submit jobs; ``python -m bench.farm_worker`` (``farm worker`` with this module imported) runs
 the workers that execute them.
 """
@@ -20,12 +20,11 @@ import time
 import zlib
 from typing import Any, ClassVar, Literal
 
-from farm.sharding import prompt_major_items, register_items
-from farm.specs import JobSpec, register_job_kind
-from farm.worker.runtime import RUNNERS
+from farm.job_spec import JobSpec
+from farm.kinds import JobKind, ShardRunner, register_kind
+from farm.kinds.text_to_image import prompt_major_items
 
 KIND = "bench_noop"
-RUNNER = "bench.noop_kind:run_noop_shard"
 
 
 def tiny_png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (40, 120, 200)) -> bytes:
@@ -47,17 +46,12 @@ def tiny_png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (40, 1
 PNG = tiny_png()
 
 
-@register_job_kind
 class NoopRenderSpec(JobSpec):
     """A text-to-image spec whose items are written as a fixed 8x8 PNG instead of rendered."""
 
     families: ClassVar[tuple[str, ...]] = ("sd15",)
 
     kind: Literal["bench_noop"] = "bench_noop"
-
-
-register_items(KIND, ext="png")(prompt_major_items)
-RUNNERS.setdefault(KIND, RUNNER)
 
 
 def run_noop_shard(run: Any) -> int:
@@ -78,3 +72,10 @@ def run_noop_shard(run: Any) -> int:
             item["key"], PNG, "image/png", item=item, params=params, progress=(position + 1) / total, item_finished=True
         )
     return run.items_done
+
+
+def runner() -> ShardRunner:
+    return run_noop_shard
+
+
+register_kind(JobKind(spec=NoopRenderSpec, items=prompt_major_items, runner=runner))

@@ -24,15 +24,15 @@ from sqlalchemy.orm import Session
 
 from farm.bulk_manifest import ManifestRow
 from farm.errors import NotFound, UserError
+from farm.job_spec import JobSpec
+from farm.kinds import DEFAULT_KIND, KINDS, job_kind
 from farm.scheduler import job_row, requeue_failed
-from farm.sharding import ITEMS_BY_KIND, queue_for
-from farm.specs import JobSpec, parse_spec
+from farm.sharding import queue_for
+from farm.specs import parse_spec
 from storage.chunking import insert_rows
 from storage.models import Artifact, BulkJob, Job, Shard, utcnow
 from storage.objects.keys import check_output_folder, join_key, validate_part, validate_prefix
 from storage.status import JobStatus, ShardStatus
-
-BULK_KINDS = ("text_to_image", "face_identity")  # image kinds: one output per row
 
 
 def group_spec(base: dict[str, Any], row: ManifestRow) -> dict[str, Any]:
@@ -49,9 +49,10 @@ def group_spec(base: dict[str, Any], row: ManifestRow) -> dict[str, Any]:
 
 
 def check_bulk_kind(base: dict[str, Any]) -> None:
-    kind = base.get("kind", "text_to_image")
-    if kind not in BULK_KINDS:
-        raise UserError(f"bulk renders take {' or '.join(BULK_KINDS)} base specs, not {kind}")
+    kind = base.get("kind", DEFAULT_KIND)
+    bulk_kinds = [name for name, known in KINDS.items() if known.bulk]  # image kinds: one output per row
+    if kind not in bulk_kinds:
+        raise UserError(f"bulk renders take {' or '.join(bulk_kinds)} base specs, not {kind}")
 
 
 def check_base(base: dict[str, Any]) -> JobSpec:
@@ -126,7 +127,7 @@ def _insert_group(
         raise UserError(f"row {first.row_id} (line {first.line}): {exc}") from None
     if spec.kind != base_spec.kind:
         raise UserError(f"row {first.row_id} (line {first.line}): kind cannot be overridden")
-    ext = ITEMS_BY_KIND[spec.kind].ext
+    ext = job_kind(spec.kind).ext
     prefix = validate_prefix(spec.output_prefix, "output_prefix")
     if not prefix:  # the bulk name is then the outputs' top-level folder
         check_output_folder(bulk.name, "name")

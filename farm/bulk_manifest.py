@@ -23,8 +23,9 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from farm.errors import InvalidKey, UserError
+from farm.job_spec import MAX_SEED, NegativePrompt, Prompt
+from farm.spec_files import MAX_SPEC_DEPTH
 from farm.spec_problems import shown, utf8_error_at
-from farm.specs import MAX_SEED, MAX_SPEC_DEPTH, NegativePrompt, Prompt
 from storage.objects.keys import MAX_PART_LENGTH, validate_part
 
 CORE_FIELDS = ("id", "prompt", "negative_prompt", "seed")

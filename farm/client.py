@@ -19,9 +19,13 @@ from sqlalchemy import select
 
 from farm.dispatch import publish_finalize, publish_schedule, publish_shards, shard_labels
 from farm.errors import JobNotScheduled, NotFound, UserError
+from farm.inputs import upload_inputs
 from farm.job_refs import resolve_job_id, short_id
+from farm.job_spec import LOCAL_PATH_PREFIXES
 from farm.scheduler import SUMMARY_SHARDS, job_summary, requeue_failed, submit_job
 from farm.settings import FarmSettings, load_settings
+from farm.spec_files import read_spec_file
+from farm.specs import parse_spec
 from farm.waiting import why_waiting
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Job
@@ -94,16 +98,12 @@ class FarmClient:
     def submit_job(self, spec: Any) -> Submitted:
         """:meth:`submit`, also saying whether the job is new or was already submitted under its
         ``idempotency_key`` (then nothing is submitted again)."""
-        from farm.inputs import upload_inputs
-        from farm.specs import parse_spec, read_spec_file
-
-        # The model path is checked once the spec is valid and before any input is uploaded.
         if isinstance(spec, str | Path):
             path = Path(spec)
             raw = read_spec_file(path)
-            spec = parse_spec(upload_inputs(raw, self.store, path.parent, before_upload=self._local_model))
+            spec = parse_spec(upload_inputs(raw, self.store, path.parent, check=self._checked))
         elif isinstance(spec, dict):
-            spec = parse_spec(upload_inputs(spec, self.store, Path.cwd(), before_upload=self._local_model))
+            spec = parse_spec(upload_inputs(spec, self.store, Path.cwd(), check=self._checked))
         else:
             spec = spec.model_copy(update={"model": self._local_model({"model": spec.model})["model"]})
         with session_scope(self._sessions) as session:
@@ -113,13 +113,17 @@ class FarmClient:
             self._publish_schedule(job_id)
         return Submitted(job_id, created, status.value)
 
+    def _checked(self, raw: Any) -> Any:
+        """A spec with its input references in place, before any input is uploaded: valid as a
+        whole, then its model path checked (:meth:`_local_model`)."""
+        parse_spec(raw)
+        return self._local_model(raw)
+
     def _local_model(self, raw: dict[str, Any]) -> dict[str, Any]:
         """In the embedded mode the workers run on this machine: a local model path (``raw``'s
         ``model``) is checked before anything is stored and made absolute, so a worker started in
         another folder finds it. Elsewhere a model path is each worker's own (its host, its working
         folder) and is left as written."""
-        from farm.specs import LOCAL_PATH_PREFIXES
-
         model = raw.get("model") if isinstance(raw, dict) else None
         if not self.settings.embedded or not isinstance(model, str):
             return raw
@@ -276,8 +280,6 @@ class FarmClient:
         are added; then the windows are topped up. Returns counts."""
         from farm.bulk import check_base, check_bulk_kind, submit_bulk
         from farm.bulk_manifest import read_manifest, read_manifest_file
-        from farm.inputs import upload_inputs
-        from farm.specs import read_spec_file
 
         folder = Path.cwd()
         if isinstance(base, str | Path):
@@ -298,8 +300,12 @@ class FarmClient:
         # (upload_inputs validates a spec with input files before uploading them).
         rows = read_manifest(data, source)
         check_bulk_kind(base)
-        base = upload_inputs(base, self.store, folder)
-        check_base(base)
+
+        def checked(spec: Any) -> Any:
+            check_base(spec)
+            return spec
+
+        base = upload_inputs(base, self.store, folder, check=checked)
         if upload is not None:
             self.store.put_bytes(key, data, content_type=upload)
         with session_scope(self._sessions) as session:

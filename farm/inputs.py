@@ -215,23 +215,18 @@ def _resolve_paths(data: Any, base_dir: Path, label: str, found: list[_PendingUp
 
 
 def upload_inputs(
-    data: Any, store: Any, base_dir: Path, label: str = "spec", before_upload: Callable[[Any], Any] | None = None
+    data: Any, store: Any, base_dir: Path, label: str = "spec", check: Callable[[Any], Any] | None = None
 ) -> Any:
     """``data`` with every ``{"path": ...}`` mapping replaced by an uploaded image reference
     (relative paths are relative to ``base_dir``). Other values are returned unchanged.
 
-    Every file is checked first; when ``data`` is a whole spec (a mapping, ``label`` ``"spec"``)
-    it is validated with the references in place (:class:`~farm.specs.SpecError`) before the
-    first upload, so nothing is stored for a spec that is refused. ``before_upload(spec)`` then
-    runs (a last check that may refuse, or a spec to use instead) before anything is stored."""
+    Every file is checked first, then ``check(data)`` runs with the references in place (the
+    client validates the whole spec there, :func:`farm.specs.parse_spec`, and may return a spec
+    to use instead) before the first upload: nothing is stored for a spec that is refused."""
     found: list[_PendingUpload] = []
     out = _resolve_paths(data, base_dir, label, found)
-    if (found or before_upload) and label == "spec" and isinstance(data, dict) and set(data) != {"path"}:
-        from farm.specs import parse_spec
-
-        parse_spec(out)
-    if before_upload is not None:
-        out = before_upload(out)
+    if check is not None:
+        out = check(out)
     for pending in found:
         _upload(store, pending)
     return out

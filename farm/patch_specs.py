@@ -1,19 +1,71 @@
 """Patch types a job spec may list under ``patches``, and their translation to :mod:`patching`.
 
-Each type is a :class:`~farm.specs.PatchSpec` registered with
-:func:`~farm.specs.register_patch_type`; ``families`` says which model families it applies to
-(checked at submit). :func:`build_patches` turns a spec's list into :mod:`patching` objects, in
-the order given (the order patches compose in). Importing this module does not import torch.
+A patch type is a :class:`PatchSpec` subclass with a ``type: Literal["name"]`` field, registered
+with :func:`register_patch_type`; ``families`` says which model families it applies to (checked
+at submit). The :data:`Patch` annotation validates one ``patches`` entry by its ``type``.
+:func:`build_patches` turns a spec's list into :mod:`patching` objects, in the order given (the
+order patches compose in). Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, SerializeAsAny
 
+from farm.families import FAMILIES
 from farm.guidance import guidance_patches
-from farm.specs import FAMILIES, JobSpec, PatchSpec, register_patch_type
+from farm.spec_problems import literal_value, problem, shown
+
+if TYPE_CHECKING:
+    from farm.job_spec import JobSpec
+
+
+class PatchSpec(BaseModel):
+    """Base of every patch type. A patch type subclasses this with ``type: Literal["name"]`` and
+    its own fields, and is registered with :func:`register_patch_type`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    type: str
+
+
+PATCH_TYPES: dict[str, type[PatchSpec]] = {}
+PatchT = TypeVar("PatchT", bound=type[PatchSpec])
+
+
+def register_patch_type(model: PatchT) -> PatchT:
+    """Accept ``model`` in ``patches`` under its ``type`` literal. Usable as a class decorator."""
+    if not (isinstance(model, type) and issubclass(model, PatchSpec)):
+        raise TypeError(f"{model!r} is not a PatchSpec subclass")
+    name = literal_value(model, "type")
+    if PATCH_TYPES.get(name, model) is not model:
+        raise TypeError(f"patch type {name!r} is already registered by {PATCH_TYPES[name].__name__}")
+    PATCH_TYPES[name] = model
+    return model
+
+
+def known_patch_types() -> list[str]:
+    return sorted(PATCH_TYPES)
+
+
+def _validate_patch(value: Any) -> PatchSpec:
+    """Dispatch one ``patches`` entry to its registered model by ``type``."""
+    if isinstance(value, PatchSpec) and PATCH_TYPES.get(value.type) is type(value):
+        return value
+    if not isinstance(value, dict):
+        raise problem((), "a patch must be an object with a 'type' field", value)
+    known = ", ".join(known_patch_types()) or "none"
+    if "type" not in value:
+        raise problem(("type",), f"missing; known types: {known}", value)
+    name = value["type"]
+    model = PATCH_TYPES.get(name) if isinstance(name, str) else None
+    if model is None:
+        raise problem(("type",), f"unknown patch type {shown(name)}; known types: {known}", name)
+    return model.model_validate(value)
+
+
+Patch = Annotated[SerializeAsAny[PatchSpec], PlainValidator(_validate_patch)]
 
 Factor = float
 FACTOR = {"default": 1.0, "ge": 0.0, "le": 10.0}  # the seed nodes' range

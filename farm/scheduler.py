@@ -19,8 +19,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from farm.errors import NotFound, UserError
+from farm.job_spec import JobSpec
 from farm.sharding import iter_shards
-from farm.specs import JobSpec, parse_spec, spec_fingerprint
+from farm.specs import parse_spec, spec_fingerprint
 from storage.blocklist import blocked_workers
 from storage.chunking import insert_rows
 from storage.models import Job, Shard, utcnow

@@ -1,29 +1,29 @@
 """Sharding and routing: pure functions from a validated spec to its shards and queue.
 
-A job's *render items* are enumerated by its kind's items generator in a fixed order and
-numbered ``0..N-1``; consecutive runs of at most ``spec.shard_size`` items form the shards
-``0..n-1``. For ``text_to_image`` the order is **prompt-major**: prompt 0 with every seed (in
-``resolved_seeds()`` order), then prompt 1, ... so a shard mostly renders one prompt and a
-prompt's images sit together in the outputs.
+A job's *render items* are enumerated by its kind's items generator (:attr:`JobKind.items
+<farm.kinds.base.JobKind.items>`) in a fixed order and numbered ``0..N-1``; consecutive runs of at
+most ``spec.shard_size`` items form the shards ``0..n-1``.
 
 Each item's output key is ``{output_prefix}/{job_id}/{shard_index:05d}/{item}.{ext}`` with the
 item name ``{index:06d}-s{seed}`` (e.g. ``renders/<job>/00003/000012-s1234.png``). Nothing here
 reads a clock, a random source or the database: the same spec and job id always give the same
 shards, seeds and keys.
 
-A later kind adds its items generator with :func:`register_items` (it may span more axes, e.g.
-reference frames: those go in :attr:`RenderItem.extra` and the shard params).
+A kind whose items span more axes (reference frames, conditioning images) puts them in
+:attr:`RenderItem.extra`; they are flattened into the shard params.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from farm.errors import FarmError, UserError
-from farm.specs import FAMILIES, JobSpec, load_extensions
+from farm.errors import UserError
+from farm.families import FAMILIES
+from farm.job_spec import JobSpec
+from farm.kinds import item_name, job_kind
 from storage.objects.keys import artifact_key
 
 QUEUE_PREFIX = "farm.gpu."
@@ -41,16 +41,6 @@ def queue_for(family: str) -> str:
 def route(spec: JobSpec) -> tuple[str, int]:
     """``(queue, priority)`` for every shard of ``spec``."""
     return queue_for(spec.family), spec.priority
-
-
-@dataclass(frozen=True)
-class ItemSource:
-    """One render item as an items generator yields it, before it gets an index and a key.
-    ``extra`` holds further axes of later kinds as ``(name, value)`` pairs."""
-
-    prompt_index: int
-    seed: int
-    extra: tuple[tuple[str, int | str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,57 +75,11 @@ class ShardPlan:
         return {"items": [item.to_params() for item in self.items]}
 
 
-ItemsGenerator = Callable[[Any], Iterable[ItemSource]]
-
-
-@dataclass(frozen=True)
-class KindItems:
-    """How a job kind enumerates its items and which file extension its outputs have."""
-
-    generate: ItemsGenerator
-    ext: str
-
-
-ITEMS_BY_KIND: dict[str, KindItems] = {}
-
-
-def register_items(kind: str, *, ext: str = "png") -> Callable[[ItemsGenerator], ItemsGenerator]:
-    """Decorator: ``generate(spec)`` enumerates the render items of ``kind`` jobs, in order."""
-
-    def decorate(generate: ItemsGenerator) -> ItemsGenerator:
-        ITEMS_BY_KIND[kind] = KindItems(generate, ext)
-        return generate
-
-    return decorate
-
-
-@register_items("text_to_image", ext="png")
-def prompt_major_items(spec: JobSpec) -> Iterator[ItemSource]:
-    """Every prompt with every seed, prompt-major."""
-    seeds = spec.resolved_seeds()
-    for prompt_index in range(len(spec.prompts)):
-        for seed in seeds:
-            yield ItemSource(prompt_index, seed)
-
-
-def item_name(index: int, seed: int) -> str:
-    """The readable, unique-per-job file stem of an item: ``000012-s1234``."""
-    return f"{index:06d}-s{seed}"
-
-
-def _kind_items(spec: JobSpec) -> KindItems:
-    load_extensions()
-    try:
-        return ITEMS_BY_KIND[spec.kind]
-    except KeyError:
-        raise FarmError(f"job kind {spec.kind!r} has no items generator (farm.sharding.register_items)") from None
-
-
 def iter_shards(spec: JobSpec, job_id: object) -> Iterator[ShardPlan]:
     """The shards of ``spec`` one at a time (for feeding very large jobs in windows)."""
-    kind = _kind_items(spec)
+    kind = job_kind(spec.kind)
     queue, priority = route(spec)
-    sources = enumerate(kind.generate(spec))
+    sources = enumerate(kind.items(spec))
     for shard_index in itertools.count():
         batch = list(itertools.islice(sources, spec.shard_size))
         if not batch:

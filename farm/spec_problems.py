@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
 
 TAG_FIELDS = ("kind", "method", "type")  # one-value Literal fields that pick a model of a union
 
@@ -18,6 +19,23 @@ TAG_FIELDS = ("kind", "method", "type")  # one-value Literal fields that pick a 
 def shown(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def problem(loc: tuple[str | int, ...], reason: str, value: Any) -> ValidationError:
+    """A validation error at ``loc`` (relative to where a validator raises it) that pydantic merges
+    into the spec's errors with the full path. ``reason`` is shown as is (no template expansion)."""
+    error = PydanticCustomError("spec_problem", "{reason}", {"reason": reason})
+    return ValidationError.from_exception_data("JobSpec", [{"type": error, "loc": loc, "input": value}])
+
+
+def literal_value(model: type[BaseModel], field: str) -> str:
+    """The single string of ``model``'s ``field: Literal["..."]`` annotation (a job kind's
+    ``kind``, a patch type's ``type``)."""
+    info = model.model_fields.get(field)
+    values = get_args(info.annotation) if info is not None else ()
+    if len(values) != 1 or not isinstance(values[0], str):
+        raise TypeError(f"{model.__name__}.{field} must be annotated Literal['<name>'] with one value")
+    return values[0]
 
 
 def utf8_error_at(raw: bytes, exc: UnicodeDecodeError) -> tuple[int, int]:

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from farm.inputs import upload_inputs
-from farm.specs import parse_spec, read_spec_file
+from farm.spec_files import read_spec_file
+from farm.specs import parse_spec
 from storage.objects.local import LocalStore
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from farm.face_identity import FaceIdentitySpec
+from farm.kinds.face_identity import FaceIdentitySpec
 from farm.sharding import plan_shards
 from farm.specs import SpecError, parse_spec
 

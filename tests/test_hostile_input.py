@@ -37,15 +37,10 @@ from PIL import Image
 
 from farm.errors import InvalidKey, UserError
 from farm.inputs import InputImageError
-from farm.specs import (
-    JOB_KINDS,
-    MAX_PROMPTS,
-    MAX_SPEC_DEPTH,
-    MAX_SPEC_VALUES,
-    SpecError,
-    parse_spec,
-    spec_fingerprint,
-)
+from farm.job_spec import MAX_PROMPTS, SpecError
+from farm.kinds import KINDS
+from farm.spec_files import MAX_SPEC_DEPTH, MAX_SPEC_VALUES
+from farm.specs import parse_spec, spec_fingerprint
 from storage.db import make_engine
 from storage.objects.keys import (
     MAX_PART_LENGTH,
@@ -729,9 +724,9 @@ def _assert_key_safe(key: str, under: str) -> None:
 
 def _planned_keys(spec: Any) -> list[str]:
     """Every object key a job of ``spec`` may write (outputs, frames, previews, job files)."""
+    from farm.kinds.temporal_video import frame_key, preview_key
     from farm.sharding import plan_shards
-    from farm.temporal_video import frame_key, preview_key
-    from farm.worker.instantid import EMBEDS_FILE
+    from farm.worker.kinds.face_identity_instantid import EMBEDS_FILE
 
     keys = [manifest_key(spec.output_prefix, JOB), contact_sheet_key(spec.output_prefix, JOB)]
     keys.append(join_key(job_prefix(spec.output_prefix, JOB), EMBEDS_FILE))
@@ -750,7 +745,7 @@ def test_fuzz_bases_are_valid_and_plan_safe_keys() -> None:
         spec = parse_spec(data)
         for key in _planned_keys(spec):
             _assert_key_safe(key, job_prefix("hostile", JOB))
-    assert {parse_spec(d).kind for d in VALID_BASES.values()} == set(JOB_KINDS) - {"frames_test", "faces_test"}
+    assert {parse_spec(d).kind for d in VALID_BASES.values()} == set(KINDS) - {"frames_test", "faces_test"}
 
 
 def _field_roots(kind_model: Any) -> set[str]:
@@ -766,7 +761,7 @@ def _check_mutated_spec(data: dict[str, Any], sent: set[str]) -> str:
     except SpecError as exc:
         assert exc.problems
         kind = data.get("kind", "text_to_image")
-        roots = _field_roots(JOB_KINDS[kind]) if isinstance(kind, str) and kind in JOB_KINDS else {"kind", "spec"}
+        roots = _field_roots(KINDS[kind].spec) if isinstance(kind, str) and kind in KINDS else {"kind", "spec"}
         for path, reason in exc.problems:
             root = path.split(".")[0].split("[")[0]
             assert root in roots | sent or path.startswith("["), (path, reason)

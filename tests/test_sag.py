@@ -14,9 +14,9 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from farm.specs import SCHEDULERS  # noqa: E402
+from farm.job_spec import SCHEDULERS  # noqa: E402
 from farm.tiny_components import build_tiny_ip_adapter  # noqa: E402
-from farm.worker.renderers import set_scheduler  # noqa: E402
+from farm.worker.images import set_scheduler  # noqa: E402
 from patching import ModelPatcher, PatchError, UNetSelfAttentionMultiply  # noqa: E402
 from patching import sag as sag_module  # noqa: E402
 from patching.ip_adapter import ImagePrompt, IPAdapterPatch, load_ip_adapter  # noqa: E402

@@ -13,21 +13,19 @@ from hypothesis import strategies as st
 from pydantic import Field
 
 from farm.errors import UserError
+from farm.job_spec import MAX_SEED, JobSpec
+from farm.kinds import KINDS, ItemSource, JobKind, item_name, register_kind, unregister_kind
 from farm.sharding import (
-    ITEMS_BY_KIND,
     QUEUES,
-    ItemSource,
     RenderItem,
     ShardPlan,
-    item_name,
     iter_shards,
     plan_shards,
     queue_for,
-    register_items,
     route,
     shard_count,
 )
-from farm.specs import JOB_KINDS, MAX_SEED, JobSpec, parse_spec, register_job_kind
+from farm.specs import parse_spec
 
 JOB = uuid.UUID("00000000-0000-0000-0000-0000000000aa")
 
@@ -192,7 +190,6 @@ def test_largest_job_fits_the_key_layout() -> None:
 
 
 def test_a_later_kind_adds_an_axis() -> None:
-    @register_job_kind
     class FramesSpec(JobSpec):
         families: ClassVar[tuple[str, ...]] = ("svd",)
         kind: Literal["frames_test"]
@@ -201,13 +198,13 @@ def test_a_later_kind_adds_an_axis() -> None:
         def item_axes(self) -> dict[str, int]:
             return {**super().item_axes(), "frames": self.frames}
 
-    @register_items("frames_test", ext="webp")
     def frames_items(spec: FramesSpec) -> Iterator[ItemSource]:
         for p in range(len(spec.prompts)):
             for s in spec.resolved_seeds():
                 for f in range(spec.frames):
                     yield ItemSource(p, s, (("frame_index", f),))
 
+    register_kind(JobKind(spec=FramesSpec, items=frames_items, runner=KINDS["text_to_image"].runner, ext="webp"))
     try:
         spec = parse_spec(
             {
@@ -226,5 +223,4 @@ def test_a_later_kind_adds_an_axis() -> None:
             {"frame_index": 1, "index": 1, "prompt_index": 0, "seed": 3, "key": "renders/j/00000/000001-s3.webp"},
         ]
     finally:
-        JOB_KINDS.pop("frames_test", None)
-        ITEMS_BY_KIND.pop("frames_test", None)
+        unregister_kind("frames_test")

@@ -13,25 +13,12 @@ from hypothesis import strategies as st
 from pydantic import Field
 
 from farm.errors import UserError
-from farm.specs import (
-    JOB_KINDS,
-    MAX_ITEMS,
-    MAX_SEED,
-    MAX_SPEC_FILE_BYTES,
-    PATCH_TYPES,
-    SCHEDULERS,
-    JobSpec,
-    PatchSpec,
-    SchedulerName,
-    SpecError,
-    TextToImageSpec,
-    known_patch_types,
-    load_spec_file,
-    parse_spec,
-    register_job_kind,
-    register_patch_type,
-    spec_fingerprint,
-)
+from farm.job_spec import MAX_ITEMS, MAX_SEED, SCHEDULERS, JobSpec, SchedulerName, SpecError
+from farm.kinds import KINDS, JobKind, register_kind, unregister_kind
+from farm.kinds.text_to_image import TextToImageSpec, prompt_major_items
+from farm.patch_specs import PATCH_TYPES, PatchSpec, known_patch_types, register_patch_type
+from farm.spec_files import MAX_SPEC_FILE_BYTES, load_spec_file
+from farm.specs import parse_spec, spec_fingerprint
 
 
 def minimal(**overrides: Any) -> dict[str, Any]:
@@ -535,7 +522,6 @@ def test_patch_registration_checks_the_model() -> None:
 
 
 def test_a_later_kind_plugs_in() -> None:
-    @register_job_kind
     class StillsFromFaces(JobSpec):
         families: ClassVar[tuple[str, ...]] = ("sdxl",)
         kind: Literal["faces_test"]
@@ -544,6 +530,7 @@ def test_a_later_kind_plugs_in() -> None:
         def item_axes(self) -> dict[str, int]:
             return {**super().item_axes(), "references": len(self.references)}
 
+    register_kind(JobKind(spec=StillsFromFaces, items=prompt_major_items, runner=KINDS["text_to_image"].runner))
     try:
         spec = parse_spec(minimal(kind="faces_test", family="sdxl", references=["a.png", "b.png"]))
         assert isinstance(spec, StillsFromFaces) and spec.item_count() == 2
@@ -559,10 +546,11 @@ def test_a_later_kind_plugs_in() -> None:
         ]
         with pytest.raises(TypeError, match="already registered"):
 
-            @register_job_kind
             class Clash(TextToImageSpec):
                 kind: Literal["faces_test"]  # type: ignore[assignment]
 
+            register_kind(JobKind(spec=Clash, items=prompt_major_items, runner=KINDS["text_to_image"].runner))
+
     finally:
-        JOB_KINDS.pop("faces_test", None)
+        unregister_kind("faces_test")
     assert problems_of(minimal(kind="faces_test"))[0][0] == "kind"

@@ -21,10 +21,13 @@ from typing import Any
 from sqlalchemy import select
 
 from farm.errors import FarmError, LeaseLost, UserError
+from farm.kinds import job_kind
 from farm.settings import FarmSettings
+from farm.specs import parse_spec
+from farm.worker.job_patches import apply_job_patches
 from farm.worker.lease_keeper import LeaseKeeper, ShardCancelled
 from farm.worker.memory import OutOfMemory, is_out_of_memory, out_of_memory
-from farm.worker.shard_run import ShardHandBack
+from farm.worker.shard_run import ShardHandBack, ShardRun
 from storage.blocklist import is_blocked, record_failure_streak, record_success, unblocked_workers
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Job, Shard
@@ -338,42 +341,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:2000] if not isinstance(exc, FarmError) else text[:2000]
 
 
-# Runners by job kind: "module:function" taking a ShardRun and returning the items done.
-RUNNERS = {
-    "text_to_image": "farm.worker.renderers:run_text_to_image_shard",
-    "temporal_video": "farm.worker.video:run_temporal_video_shard",
-    "face_identity": "farm.worker.identity:run_face_identity_shard",
-}
-
-
-def _runner(kind: str) -> Any:
-    import importlib
-
-    if kind not in RUNNERS:
-        raise FarmError(f"job kind {kind!r} has no runner on this worker")
-    module, _, name = RUNNERS[kind].partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-class PatchFailed(UserError):
-    """The job's patches cannot be applied to its model (a user error: fix the spec)."""
-
-
-def apply_job_patches(loaded: Any, spec: Any, extra: list[Any] | tuple[Any, ...] = ()) -> str:
-    """Make the job's patch set (then ``extra``, patches a runner builds itself) the one applied
-    to the resident model: a no-op when the last job used the same set. Returns its fingerprint."""
-    from farm.patch_specs import build_patches
-    from patching import ModelPatcher, PatchError
-
-    if loaded.patcher is None:
-        loaded.patcher = ModelPatcher(loaded.pipeline)
-    try:
-        loaded.patcher.ensure(build_patches(spec, extra))
-    except PatchError as exc:
-        raise PatchFailed(f"patches: {exc}") from None
-    return loaded.patcher.fingerprint
-
-
 HAND_BACK_SHARE = 0.75  # of RabbitMQ's consumer_timeout a delivery may use before handing back
 
 
@@ -406,9 +373,6 @@ def _render_items(
     delivery: _Delivery,
     claimed_at: float,
 ) -> int:
-    from farm.specs import parse_spec
-    from farm.worker.shard_run import ShardRun
-
     def read() -> tuple[dict[str, Any], list[dict[str, Any]], int, set[str]]:
         with session_scope(res.session_factory) as session:
             spec = session.scalar(select(Job.spec).where(Job.id == job_id))
@@ -426,7 +390,8 @@ def _render_items(
         fault = InjectedWorkerFault if res.settings.worker.fail_shards_retryable else InjectedFault
         raise fault(f"shard {shard_index}: injected fault (worker.fail_shards)")
     keeper.check()
-    runner = _runner(spec.kind)
+    kind = job_kind(spec.kind)
+    runner = kind.runner()
 
     started = time.perf_counter()
     cache = res.model_cache()
@@ -436,7 +401,7 @@ def _render_items(
     if res.metrics is not None:
         res.metrics.observe_model(spec.family, loaded=cache.loads > loads)
     fingerprint = ""
-    if not getattr(runner, "applies_patches", False):  # else the runner adds its own and applies
+    if kind.runtime_applies_patches:  # else the runner adds patches of its own and applies them all
         started = time.perf_counter()
         fingerprint = apply_job_patches(loaded, spec)
         timings["patch_s"] = round(time.perf_counter() - started, 4)

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import select
 
 from farm.errors import FarmError
+from farm.worker.job_patches import apply_job_patches
 from farm.worker.lease_keeper import LeaseKeeper
 from storage.db import session_scope
 from storage.models import Artifact
@@ -68,8 +69,6 @@ class ShardRun:
 
     def apply_patches(self, extra: list[Any]) -> None:
         """Apply the job's patches plus ``extra`` (for runners that build patches themselves)."""
-        from farm.worker.runtime import apply_job_patches
-
         started = time.perf_counter()
         self.patches_fingerprint = apply_job_patches(self.loaded, self.spec, extra)
         self.add_time("patch_s", time.perf_counter() - started)

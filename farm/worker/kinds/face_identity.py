@@ -1,5 +1,5 @@
-"""Rendering ``face_identity`` shards (``identity.method = ip_adapter``; InstantID is in
-:mod:`farm.worker.instantid`).
+"""Running ``face_identity`` shards; ``identity.method = ip_adapter`` here, InstantID in
+:mod:`farm.worker.kinds.face_identity_instantid`.
 
 The IP-Adapter and its image encoder are pinned in the worker's component cache; reference
 embeddings are computed once per job and kept in the worker's memo. A shard's items are grouped
@@ -10,27 +10,25 @@ prompts x seeds like text-to-image.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
 from typing import Any
 
+import torch
 
-def frame_groups(run: Any) -> Iterator[tuple[Any, list[tuple[int, dict[str, Any]]]]]:
-    """``(frame_index, [(position, item), ...])`` per frame group of the shard (``None`` without
-    frames), only the items not already written; groups with nothing left are skipped."""
-    for frame_index, group in itertools.groupby(enumerate(run.items), key=lambda pair: pair[1].get("frame_index")):
-        selected = [(p, item) for p, item in group if item["key"] not in run.done_keys]
-        if selected:
-            yield frame_index, selected
+from farm.inputs import load_image
+from farm.worker.images import frame_groups, item_requests, render_image_items
+from farm.worker.kinds.face_identity_instantid import run_instantid_shard
+from farm.worker.shard_run import ShardRun
+from patching.ip_adapter import ImagePrompt, IPAdapterPatch, clip_pixels, encode_images
 
 
-def _embeddings(run: Any, encoder: Any, adapter: Any, refs: list[Any], label: str) -> Any:
+def run_face_identity_shard(run: ShardRun) -> int:
+    if run.spec.identity.method == "instantid":
+        return run_instantid_shard(run)
+    return run_ip_adapter_shard(run)
+
+
+def _embeddings(run: ShardRun, encoder: Any, adapter: Any, refs: list[Any], label: str) -> Any:
     """Embeddings ``(N, ...)`` of stored images, memoised per job and image set."""
-    import torch
-
-    from farm.inputs import load_image
-    from patching.ip_adapter import clip_pixels, encode_images
-
     ident = run.spec.identity
     key = (str(run.job_id), label, tuple(r.key for r in refs), ident.crop, adapter.plus)
 
@@ -42,17 +40,7 @@ def _embeddings(run: Any, encoder: Any, adapter: Any, refs: list[Any], label: st
     return run.res.memo.remember(key, make)
 
 
-def run_face_identity_shard(run: Any) -> int:
-    if run.spec.identity.method == "instantid":
-        from farm.worker.instantid import run_instantid_shard
-
-        return run_instantid_shard(run)
-    return run_ip_adapter_shard(run)
-
-
-def run_ip_adapter_shard(run: Any) -> int:
-    from patching.ip_adapter import ImagePrompt, IPAdapterPatch
-
+def run_ip_adapter_shard(run: ShardRun) -> int:
     spec = run.spec
     ident = spec.identity
     components = run.res.component_cache()
@@ -67,33 +55,14 @@ def run_ip_adapter_shard(run: Any) -> int:
         identity_prompts = [
             ImagePrompt(references[i : i + 1], weight=ident.weight, **window) for i in range(len(references))
         ]
-    summary = {
-        "identity": {
-            "method": ident.method,
-            "adapter": ident.adapter,
-            "negative": ident.negative,
-            "references": [r.key for r in ident.references],
-            "combine": ident.combine,
-            "weight": ident.weight,
-            "mode": ident.mode,
-            "start": ident.start,
-            "stop": ident.stop,
-        }
-    }
-
-    from farm.worker.renderers import render_prompt_items
-
     for frame_index, selected in frame_groups(run):
         prompts = list(identity_prompts)
-        extra = dict(summary)
+        recorded: dict[str, Any] = {"identity": ident.summary()}
         if frame_index is not None:
             frame = spec.frames[int(frame_index)]
             embeds = _embeddings(run, encoder, adapter, [frame], f"frames[{frame_index}]")
             prompts.append(ImagePrompt(embeds, weight=ident.frame_weight, **window))
-            extra["frame"] = {"index": int(frame_index), "key": frame.key, "weight": ident.frame_weight}
+            recorded["frame"] = {"index": int(frame_index), "key": frame.key, "weight": ident.frame_weight}
         run.apply_patches([IPAdapterPatch(adapter, tuple(prompts), mode=ident.mode, negative=negative)])
-        render_prompt_items(run, selected, extra)
+        render_image_items(run, item_requests(run, selected, recorded=recorded))
     return run.items_done
-
-
-run_face_identity_shard.applies_patches = True  # type: ignore[attr-defined]

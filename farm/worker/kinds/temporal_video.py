@@ -1,4 +1,4 @@
-"""Rendering ``temporal_video`` clips with a resident Stable Video Diffusion pipeline.
+"""Running ``temporal_video`` shards with a resident Stable Video Diffusion pipeline.
 
 :func:`render_video_segment` runs one segment; :func:`run_temporal_video_shard` renders each
 clip of a shard segment by segment (conditioning every segment after the first on the previous
@@ -8,23 +8,32 @@ Frames already in the store from an earlier attempt are read back instead of ren
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from farm.errors import FarmError
+import torch
 
-StepCallback = Callable[[int, int], None]
+from farm.errors import FarmError
+from farm.inputs import load_image
+from farm.kinds.temporal_video import TemporalVideoSpec, frame_key, preview_key, segment_seed
+from farm.media import decode_png, encode_frame_png, encode_gif, encode_mp4, probe_video
+from farm.worker.images import StepCallback, step_callback
+from farm.worker.shard_run import ShardRun
+
+NOT_RECORDED = ("seed", "decode_chunk_size")  # the clip records its own seed; the chunk is a memory limit
 
 
 @dataclass(frozen=True)
 class SegmentRequest:
+    """One segment to render: the SVD call's settings (``seed``: this segment's noise)."""
+
     seed: int
     num_frames: int
     steps: int
     min_guidance: float
-    max_guidance: float
+    guidance: float  # the last frame's (SVD's max_guidance_scale)
     fps: int
     motion_bucket_id: int
     noise_aug_strength: float
@@ -32,17 +41,37 @@ class SegmentRequest:
     width: int
     height: int
 
+    @classmethod
+    def for_clip(cls, spec: TemporalVideoSpec, seed: int, max_decode_chunk: int = 64) -> SegmentRequest:
+        """Segment 0 of the clip with ``seed``; ``max_decode_chunk``: a memory limit."""
+        return cls(
+            seed=seed,
+            num_frames=spec.num_frames,
+            steps=spec.steps,
+            min_guidance=spec.min_guidance,
+            guidance=spec.guidance,
+            fps=spec.fps,
+            motion_bucket_id=spec.motion_bucket_id,
+            noise_aug_strength=spec.noise_aug_strength,
+            decode_chunk_size=min(spec.decode_chunk_size, max_decode_chunk),
+            width=spec.width,
+            height=spec.height,
+        )
+
+    def segment(self, index: int) -> SegmentRequest:
+        """Segment ``index`` of this clip (its noise from :func:`segment_seed`)."""
+        return dataclasses.replace(self, seed=segment_seed(self.seed, index))
+
+    def recorded(self) -> dict[str, Any]:
+        """The clip settings every output of the clip records."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_RECORDED}
+
 
 def render_video_segment(
     pipeline: Any, image: Any, request: SegmentRequest, on_step: StepCallback | None = None
 ) -> list:
     """``num_frames`` PIL frames conditioned on ``image``."""
-    import torch
-
-    from farm.worker.renderers import step_callback
-
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
-    callback = step_callback(on_step, request.steps)
     with torch.inference_mode():
         result = pipeline(
             image,
@@ -51,14 +80,14 @@ def render_video_segment(
             num_frames=request.num_frames,
             num_inference_steps=request.steps,
             min_guidance_scale=request.min_guidance,
-            max_guidance_scale=request.max_guidance,
+            max_guidance_scale=request.guidance,
             fps=request.fps,
             motion_bucket_id=request.motion_bucket_id,
             noise_aug_strength=request.noise_aug_strength,
             decode_chunk_size=min(request.decode_chunk_size, request.num_frames),
             generator=generator,
             output_type="pil",
-            callback_on_step_end=callback,
+            callback_on_step_end=step_callback(on_step, request.steps),
         )
     frames = list(result.frames[0])
     if len(frames) != request.num_frames:
@@ -66,12 +95,8 @@ def render_video_segment(
     return frames
 
 
-def run_temporal_video_shard(run: Any) -> int:
+def run_temporal_video_shard(run: ShardRun) -> int:
     """Render every clip of the shard not already finished; returns clips done."""
-    from farm.inputs import load_image
-    from farm.media import decode_png, encode_frame_png, encode_gif, encode_mp4, probe_video
-    from farm.temporal_video import frame_key, preview_key, segment_seed
-
     spec = run.spec
     units = len(run.items) * spec.segments  # progress counts segments
     for position, item in enumerate(run.items):
@@ -80,20 +105,13 @@ def run_temporal_video_shard(run: Any) -> int:
         image_index = int(item["image_index"])
         ref = spec.images[image_index]
         condition = load_image(run.store, ref, f"images[{image_index}]")
+        clip = SegmentRequest.for_clip(spec, int(item["seed"]), run.memory.get("decode_chunk_size", 64))
         clip_params = {
             **run.base_params(),
-            "seed": int(item["seed"]),
+            "seed": clip.seed,
             "image": ref.model_dump(mode="json"),
-            "num_frames": spec.num_frames,
             "segments": spec.segments,
-            "fps": spec.fps,
-            "motion_bucket_id": spec.motion_bucket_id,
-            "noise_aug_strength": spec.noise_aug_strength,
-            "steps": spec.steps,
-            "min_guidance": spec.min_guidance,
-            "guidance": spec.guidance,
-            "width": spec.width,
-            "height": spec.height,
+            **clip.recorded(),
         }
         frames: list[Any] = []
         for segment in range(spec.segments):
@@ -103,19 +121,7 @@ def run_temporal_video_shard(run: Any) -> int:
             if all(key in run.done_keys for key in keys):
                 segment_frames = [decode_png(run.store.get_bytes(key)) for key in keys]
             else:
-                request = SegmentRequest(
-                    seed=segment_seed(int(item["seed"]), segment),
-                    num_frames=spec.num_frames,
-                    steps=spec.steps,
-                    min_guidance=spec.min_guidance,
-                    max_guidance=spec.guidance,
-                    fps=spec.fps,
-                    motion_bucket_id=spec.motion_bucket_id,
-                    noise_aug_strength=spec.noise_aug_strength,
-                    decode_chunk_size=min(spec.decode_chunk_size, run.memory.get("decode_chunk_size", 64)),
-                    width=spec.width,
-                    height=spec.height,
-                )
+                request = clip.segment(segment)
 
                 def on_step(step: int, steps: int, unit: int = unit) -> None:
                     run.progress((unit + step / steps) / units)
@@ -140,8 +146,8 @@ def run_temporal_video_shard(run: Any) -> int:
         gif = encode_gif(frames, spec.fps)
         run.add_time("encode_s", time.perf_counter() - started)
         progress = (position + 1) * spec.segments / units
-        clip = {**clip_params, "frames": len(frames)}
-        run.record(preview_key(spec, run.job_id, run.shard_index, item), gif, "image/gif", item=item, params=clip,
-                   progress=progress)  # fmt: skip
-        run.record(item["key"], mp4, "video/mp4", item=item, params=clip, progress=progress, item_finished=True)
+        clip_done = {**clip_params, "frames": len(frames)}
+        run.record(preview_key(spec, run.job_id, run.shard_index, item), gif, "image/gif", item=item,
+                   params=clip_done, progress=progress)  # fmt: skip
+        run.record(item["key"], mp4, "video/mp4", item=item, params=clip_done, progress=progress, item_finished=True)
     return run.items_done

@@ -18,7 +18,8 @@ Items are ``frames x prompts x seeds`` (frame-major): without ``frames`` just pr
 with ``frames`` (one reference image per output frame, e.g. a video's frames) every frame adds its
 own image prompt at ``frame_weight`` on top of the identity (ip_adapter), or its face to the
 references and its keypoints to IdentityNet (instantid; a frame without a face fails its shards).
-Outputs are PNGs like text-to-image.
+Outputs are PNGs like text-to-image. The runner is :mod:`farm.worker.kinds.face_identity`
+(InstantID: :mod:`farm.worker.kinds.face_identity_instantid`).
 """
 
 from __future__ import annotations
@@ -30,27 +31,38 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from farm.guidance import SelfAttentionGuidanceSpec
 from farm.inputs import ImageRef
-from farm.sharding import ItemSource, register_items
-from farm.specs import LOCAL_PATH_PREFIXES, MAX_PATH_CHARS, JobSpec, _problem, register_job_kind
+from farm.job_spec import MAX_PATH_CHARS, JobSpec, local_path
+from farm.kinds.base import ItemSource, JobKind, ShardRunner
+from farm.spec_problems import problem
 
 MAX_REFERENCES = 16
 MAX_FRAMES = 10_000
 
 
-def _local_path(value: str, suffixes: tuple[str, ...] = ()) -> str:
-    if not value.startswith(LOCAL_PATH_PREFIXES):
-        raise _problem((), "must be a local path on the workers (absolute, or starting with ./ ../ ~/)", value)
-    if any(ord(ch) < 32 for ch in value):
-        raise _problem((), "must not contain control characters", value)
-    if suffixes and not value.endswith(suffixes):
-        raise _problem((), f"must be a {' or '.join(suffixes)} file", value)
-    return value
-
-
-class IPAdapterIdentity(BaseModel):
-    """Identity through an IP-Adapter checkpoint and its CLIP vision encoder."""
+class IdentitySettings(BaseModel):
+    """What the identity methods share: strict fields, and the summary every output records."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    recorded: ClassVar[tuple[str, ...]] = ()  # the fields an output's ``identity`` parameter holds
+
+    def summary(self) -> dict[str, Any]:
+        """The :attr:`recorded` fields, input images as their object keys."""
+        out: dict[str, Any] = {}
+        for name in self.recorded:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                value = [v.key if isinstance(v, ImageRef) else v for v in value]
+            out[name] = value.key if isinstance(value, ImageRef) else value
+        return out
+
+
+class IPAdapterIdentity(IdentitySettings):
+    """Identity through an IP-Adapter checkpoint and its CLIP vision encoder."""
+
+    recorded: ClassVar[tuple[str, ...]] = (
+        "method", "adapter", "negative", "references", "combine", "weight", "mode", "start", "stop"
+    )  # fmt: skip
 
     method: Literal["ip_adapter"]
     adapter: str = Field(max_length=MAX_PATH_CHARS, description="IP-Adapter checkpoint (.safetensors or .bin)")
@@ -68,31 +80,34 @@ class IPAdapterIdentity(BaseModel):
     @field_validator("adapter")
     @classmethod
     def _adapter(cls, value: str) -> str:
-        return _local_path(value, (".safetensors", ".bin"))
+        return local_path(value, (".safetensors", ".bin"))
 
     @field_validator("image_encoder")
     @classmethod
     def _encoder(cls, value: str) -> str:
-        return _local_path(value)
+        return local_path(value)
 
     @field_validator("negative")
     @classmethod
     def _negative(cls, value: str | None) -> str | None:
-        return None if value is None else _local_path(value, (".safetensors",))
+        return None if value is None else local_path(value, (".safetensors",))
 
     @model_validator(mode="after")
     def _window(self) -> IPAdapterIdentity:
         if self.start > self.stop:
-            raise _problem(("start",), f"must not be after stop ({self.stop})", self.start)
+            raise problem(("start",), f"must not be after stop ({self.stop})", self.start)
         return self
 
 
-class InstantIDIdentity(BaseModel):
+class InstantIDIdentity(IdentitySettings):
     """Identity through InstantID: ArcFace embeddings of the reference faces, the InstantID
     checkpoint's Resampler and attention patch, and optionally IdentityNet (a ControlNet fed the
     face tokens, drawing the face keypoints of ``pose``, the frame, or the first reference)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    recorded: ClassVar[tuple[str, ...]] = (
+        "method", "checkpoint", "references", "combine", "weight", "start_at", "end_at", "noise", "mask",
+        "mask_resize", "controlnet", "controlnet_strength",
+    )  # fmt: skip
 
     method: Literal["instantid"]
     checkpoint: str = Field(max_length=MAX_PATH_CHARS, description="InstantID ip-adapter (.bin or .safetensors)")
@@ -117,30 +132,35 @@ class InstantIDIdentity(BaseModel):
     @field_validator("checkpoint")
     @classmethod
     def _checkpoint(cls, value: str) -> str:
-        return _local_path(value, (".safetensors", ".bin"))
+        return local_path(value, (".safetensors", ".bin"))
 
     @field_validator("controlnet")
     @classmethod
     def _controlnet(cls, value: str | None) -> str | None:
-        return None if value is None else _local_path(value)
+        return None if value is None else local_path(value)
 
     @model_validator(mode="after")
     def _windows(self) -> InstantIDIdentity:
         if self.start_at > self.end_at:
-            raise _problem(("start_at",), f"must not be after end_at ({self.end_at})", self.start_at)
+            raise problem(("start_at",), f"must not be after end_at ({self.end_at})", self.start_at)
         if self.controlnet_start > self.controlnet_end:
-            raise _problem(("controlnet_start",), f"must not be after controlnet_end ({self.controlnet_end})", 0)
+            raise problem(("controlnet_start",), f"must not be after controlnet_end ({self.controlnet_end})", 0)
         if self.mask_resize != "bicubic" and self.mask is None:
-            raise _problem(("mask_resize",), "needs identity.mask (it says how the mask is resized)", self.mask_resize)
+            raise problem(("mask_resize",), "needs identity.mask (it says how the mask is resized)", self.mask_resize)
         if self.pose is not None and self.controlnet is None:
-            raise _problem(("pose",), "needs identity.controlnet (the pose drives IdentityNet)", None)
+            raise problem(("pose",), "needs identity.controlnet (the pose drives IdentityNet)", None)
         return self
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()  # settings of a part that is off are recorded as None
+        out["mask_resize"] = out["mask_resize"] if self.mask is not None else None
+        out["controlnet_strength"] = out["controlnet_strength"] if self.controlnet is not None else None
+        return out
 
 
 Identity = Annotated[IPAdapterIdentity | InstantIDIdentity, Field(discriminator="method")]
 
 
-@register_job_kind
 class FaceIdentitySpec(JobSpec):
     """Prompts x seeds (x frames) rendered with an identity from reference images."""
 
@@ -156,7 +176,6 @@ class FaceIdentitySpec(JobSpec):
         return {"frames": len(self.frames), **axes} if self.frames else axes
 
 
-@register_items("face_identity", ext="png")
 def identity_items(spec: FaceIdentitySpec) -> Iterator[ItemSource]:
     """Frame-major, then prompt-major like text-to-image; ``frame_index`` rides in extra."""
     seeds = spec.resolved_seeds()
@@ -165,3 +184,14 @@ def identity_items(spec: FaceIdentitySpec) -> Iterator[ItemSource]:
         for prompt_index in range(len(spec.prompts)):
             for seed in seeds:
                 yield ItemSource(prompt_index, seed, extra)
+
+
+def runner() -> ShardRunner:
+    from farm.worker.kinds.face_identity import run_face_identity_shard  # worker side
+
+    return run_face_identity_shard
+
+
+KIND = JobKind(
+    spec=FaceIdentitySpec, items=identity_items, runner=runner, ext="png", bulk=True, runtime_applies_patches=False
+)

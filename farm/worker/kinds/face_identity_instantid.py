@@ -1,4 +1,4 @@
-"""Rendering ``face_identity`` shards with ``identity.method = instantid``.
+"""Running ``face_identity`` shards with ``identity.method = instantid``.
 
 Per job, once: the reference faces are found and embedded (insightface, pinned per worker) and the
 result, ``FACE_EMBEDS``, is stored beside the job's outputs as ``face_embeds.safetensors`` (raw
@@ -11,7 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import diffusers
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
 from farm.errors import UserError
+from farm.inputs import describe, load_image
+from farm.worker.images import frame_groups, item_requests, render_image_items
+from farm.worker.shard_run import ShardRun
+from patching.face_analysis import NoFaceFound, keypoint_image
+from patching.instantid import IdentityNetTokens, InstantIDPatch
 from storage.objects.keys import job_prefix, join_key
 
 EMBEDS_FILE = "face_embeds.safetensors"
@@ -22,20 +32,15 @@ class NoFace(UserError):
     """An identity image has no detectable face (the shard fails with this reason)."""
 
 
-def _analyzer(run: Any) -> Any:
+def _analyzer(run: ShardRun) -> Any:
     settings = run.res.settings
     kind = f"face_analysis/{settings.worker.onnx_providers}"
     return run.res.component_cache().get(str(settings.face_models_dir), kind).pipeline
 
 
-def _detect(run: Any, refs: list[Any], labels: list[str]) -> dict[str, Any]:
+def _detect(run: ShardRun, refs: list[Any], labels: list[str]) -> dict[str, Any]:
     """Embeddings, keypoints and sizes of the largest face in each image; :class:`NoFace` naming
     the first image without one."""
-    import torch
-
-    from farm.inputs import describe, load_image
-    from patching.face_analysis import NoFaceFound
-
     images = [load_image(run.store, ref, label) for ref, label in zip(refs, labels, strict=True)]
     named = [describe(label, ref) for ref, label in zip(refs, labels, strict=True)]
     try:
@@ -49,11 +54,8 @@ def _detect(run: Any, refs: list[Any], labels: list[str]) -> dict[str, Any]:
     }
 
 
-def face_embeds(run: Any) -> dict[str, Any]:
+def face_embeds(run: ShardRun) -> dict[str, Any]:
     """The job's reference faces: from the worker memo, the job's stored file, or detection."""
-    from safetensors.torch import load as load_tensors
-    from safetensors.torch import save as save_tensors
-
     key = join_key(job_prefix(run.spec.output_prefix, run.job_id), EMBEDS_FILE)
 
     def make() -> dict[str, Any]:
@@ -68,11 +70,7 @@ def face_embeds(run: Any) -> dict[str, Any]:
     return run.res.memo.remember(("face_embeds", key), make)
 
 
-def _mask(run: Any) -> Any:
-    import torch
-
-    from farm.inputs import load_image
-
+def _mask(run: ShardRun) -> Any:
     ref = run.spec.identity.mask
     if ref is None:
         return None
@@ -83,15 +81,11 @@ def _mask(run: Any) -> Any:
 
 def _keypoint_image(keypoints: Any, source_size: Any, width: int, height: int) -> Any:
     """Drawn on the canvas of the image the keypoints came from, then resized to the output."""
-    from patching.face_analysis import keypoint_image
-
     source = (round(float(source_size[0])), round(float(source_size[1])))
     return keypoint_image(keypoints.tolist(), source, (width, height))
 
 
-def _controlnet_pipeline(run: Any, controlnet: Any) -> Any:
-    import diffusers
-
+def _controlnet_pipeline(run: ShardRun, controlnet: Any) -> Any:
     derived = run.loaded.derived  # lives and dies with the resident pipeline it is built on
     key = ("controlnet_pipeline", run.spec.identity.controlnet)
     if key not in derived:
@@ -102,13 +96,7 @@ def _controlnet_pipeline(run: Any, controlnet: Any) -> Any:
     return derived[key]
 
 
-def run_instantid_shard(run: Any) -> int:
-    import torch
-
-    from farm.worker.identity import frame_groups
-    from farm.worker.renderers import render_prompt_items
-    from patching.instantid import IdentityNetTokens, InstantIDPatch
-
+def run_instantid_shard(run: ShardRun) -> int:
     spec, ident = run.spec, run.spec.identity
     components = run.res.component_cache()
     adapter = components.get(ident.checkpoint, "instantid").pipeline
@@ -118,31 +106,15 @@ def run_instantid_shard(run: Any) -> int:
     pose = None
     if ident.pose is not None:  # once per job, like the references
         pose = run.res.memo.remember(("pose", str(run.job_id)), lambda: _detect(run, [ident.pose], ["identity.pose"]))
-    summary = {
-        "identity": {
-            "method": ident.method,
-            "checkpoint": ident.checkpoint,
-            "references": [r.key for r in ident.references],
-            "combine": ident.combine,
-            "weight": ident.weight,
-            "start_at": ident.start_at,
-            "end_at": ident.end_at,
-            "noise": ident.noise,
-            "mask": ident.mask.key if ident.mask else None,
-            "mask_resize": ident.mask_resize if ident.mask else None,
-            "controlnet": ident.controlnet,
-            "controlnet_strength": ident.controlnet_strength if ident.controlnet else None,
-        }
-    }
     for frame_index, selected in frame_groups(run):
         embeddings, keypoints, source = references["embeddings"], references["keypoints"][0], references["sizes"][0]
-        extra = dict(summary)
+        recorded: dict[str, Any] = {"identity": ident.summary()}
         if frame_index is not None:
             frame = spec.frames[int(frame_index)]
             found = _detect(run, [frame], [f"frames[{frame_index}]"])
             embeddings = torch.cat([embeddings, found["embeddings"]])
             keypoints, source = found["keypoints"][0], found["sizes"][0]
-            extra["frame"] = {"index": int(frame_index), "key": frame.key}
+            recorded["frame"] = {"index": int(frame_index), "key": frame.key}
         if pose is not None:
             keypoints, source = pose["keypoints"][0], pose["sizes"][0]
         device, dtype = adapter.device, adapter.layers[0][0].dtype
@@ -160,17 +132,18 @@ def run_instantid_shard(run: Any) -> int:
         patches: list[Any] = [instantid]
         if controlnet is None:
             run.apply_patches(patches)
-            render_prompt_items(run, selected, extra)
+            render_image_items(run, item_requests(run, selected, recorded=recorded))
             continue
         cond, uncond = instantid.face_tokens()
         run.apply_patches([*patches, IdentityNetTokens(controlnet, cond, uncond)])
         pipe = _controlnet_pipeline(run, controlnet)
-        call_args = {
+        controlnet_args = {
             "image": _keypoint_image(keypoints, source, spec.width, spec.height),
             "controlnet_conditioning_scale": ident.controlnet_strength,
             "control_guidance_start": ident.controlnet_start,
             "control_guidance_end": ident.controlnet_end,
         }
+        requests = item_requests(run, selected, pipeline_args=controlnet_args, recorded=recorded)
         with run.loaded.patcher.running(pipe):
-            render_prompt_items(run, selected, extra, pipeline=pipe, call_args=call_args)
+            render_image_items(run, requests, pipeline=pipe)
     return run.items_done

@@ -14,7 +14,8 @@ Outputs of a clip whose item name is ``000003-s42`` (under the shard's key prefi
 
 Segment ``k`` draws its noise from :func:`segment_seed` ``(seed, k)``, so a clip resumed after a
 worker died renders exactly what the lost worker would have: finished segments are read back from
-the store, and the next one is conditioned on the stored last frame.
+the store, and the next one is conditioned on the stored last frame. The runner is
+:mod:`farm.worker.kinds.temporal_video`.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from farm.inputs import ImageRef
-from farm.sharding import ItemSource, item_name, register_items
-from farm.specs import MAX_PROMPTS, JobSpec, NegativePrompt, Prompt, _problem, register_job_kind
+from farm.job_spec import MAX_PROMPTS, JobSpec, NegativePrompt, Prompt
+from farm.kinds.base import ItemSource, JobKind, ShardRunner, item_name
+from farm.spec_problems import problem
 from storage.objects.keys import artifact_key
 
 MAX_IMAGES = 64
 MAX_FRAMES_PER_JOB = 100_000
 
 
-@register_job_kind
 class TemporalVideoSpec(JobSpec):
     """Image-to-video with an SVD model; see the module docstring for segments and outputs."""
 
@@ -61,30 +62,30 @@ class TemporalVideoSpec(JobSpec):
     @classmethod
     def _no_prompts(cls, value: list[str]) -> list[str]:
         if value:
-            raise _problem((), "temporal_video jobs are conditioned on images, not prompts; remove 'prompts'", value)
+            raise problem((), "temporal_video jobs are conditioned on images, not prompts; remove 'prompts'", value)
         return value
 
     @field_validator("negative_prompt")
     @classmethod
     def _no_negative_prompt(cls, value: str) -> str:
         if value:
-            raise _problem((), "temporal_video jobs take no prompts; remove 'negative_prompt'", value)
+            raise problem((), "temporal_video jobs take no prompts; remove 'negative_prompt'", value)
         return value
 
     @field_validator("scheduler")
     @classmethod
     def _euler_only(cls, value: str) -> str:
         if value != "euler":
-            raise _problem((), "SVD samples with its own Euler (EDM) scheduler; use 'euler'", value)
+            raise problem((), "SVD samples with its own Euler (EDM) scheduler; use 'euler'", value)
         return value
 
     @model_validator(mode="after")
     def _guidance_order_and_frames(self) -> TemporalVideoSpec:
         if self.min_guidance > self.guidance:
-            raise _problem(("min_guidance",), f"must not exceed guidance ({self.guidance})", self.min_guidance)
+            raise problem(("min_guidance",), f"must not exceed guidance ({self.guidance})", self.min_guidance)
         frames = self.item_count() * self.segments * self.num_frames
         if frames > MAX_FRAMES_PER_JOB:
-            raise _problem((), f"{frames} frames in all; a job may have at most {MAX_FRAMES_PER_JOB}", frames)
+            raise problem((), f"{frames} frames in all; a job may have at most {MAX_FRAMES_PER_JOB}", frames)
         return self
 
     def item_axes(self) -> dict[str, int]:
@@ -95,7 +96,6 @@ class TemporalVideoSpec(JobSpec):
         return self.num_frames * self.segments
 
 
-@register_items("temporal_video", ext="mp4")
 def clip_items(spec: TemporalVideoSpec) -> Iterator[ItemSource]:
     """Every image with every seed, image-major; ``image_index`` rides in the item's extra axes."""
     seeds = spec.resolved_seeds()
@@ -122,3 +122,12 @@ def preview_key(spec: TemporalVideoSpec, job_id: Any, shard_index: int, item: di
     """Object key of a clip's GIF preview."""
     stem = item_name(int(item["index"]), int(item["seed"]))
     return artifact_key(spec.output_prefix, job_id, shard_index, stem, "gif")
+
+
+def runner() -> ShardRunner:
+    from farm.worker.kinds.temporal_video import run_temporal_video_shard  # worker side
+
+    return run_temporal_video_shard
+
+
+KIND = JobKind(spec=TemporalVideoSpec, items=clip_items, runner=runner, ext="mp4")

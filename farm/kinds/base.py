@@ -1,0 +1,68 @@
+"""What a job kind is: :class:`JobKind`, the one descriptor the farm reads about a kind.
+
+A kind's spec side (its :class:`~farm.job_spec.JobSpec` subclass, how its items are enumerated,
+its output extension, whether bulk renders may use it) is importable without torch, by the client
+and the scheduler. Its runner (the function a worker calls to render one claimed shard) lives in a
+worker-side module that only the worker imports, through :attr:`JobKind.runner`: a function that
+imports it, so a reader and a static tool follow a plain ``import`` statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from farm.job_spec import JobSpec
+from farm.spec_problems import literal_value
+
+if TYPE_CHECKING:
+    from farm.worker.shard_run import ShardRun
+
+
+@dataclass(frozen=True)
+class ItemSource:
+    """One render item as a kind's items generator yields it, before it gets an index and a key.
+    ``extra`` holds further axes (a frame, a conditioning image) as ``(name, value)`` pairs."""
+
+    prompt_index: int
+    seed: int
+    extra: tuple[tuple[str, int | str], ...] = ()
+
+
+def item_name(index: int, seed: int) -> str:
+    """The readable, unique-per-job file stem of an item: ``000012-s1234``."""
+    return f"{index:06d}-s{seed}"
+
+
+ItemsGenerator = Callable[[Any], Iterable[ItemSource]]
+ShardRunner = Callable[["ShardRun"], int]  # renders the items of a claimed shard; returns items done
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """One job kind.
+
+    ``spec``: its spec model (``kind: Literal["name"]`` names the kind). ``items``: enumerates the
+    render items of a spec in job order. ``runner``: returns the worker-side shard runner (imports
+    it on first call). ``ext``: the extension of an item's main output. ``bulk``: nightly bulk
+    renders may use it (one output per manifest row). ``runtime_applies_patches``: the worker
+    applies the job's patches before calling the runner; ``False`` when the runner builds patches
+    of its own (an identity) and applies them together with the job's through ``ShardRun.apply_patches``.
+    """
+
+    spec: type[JobSpec]
+    items: ItemsGenerator
+    runner: Callable[[], ShardRunner]
+    ext: str = "png"
+    bulk: bool = False
+    runtime_applies_patches: bool = True
+
+    @property
+    def name(self) -> str:
+        return literal_value(self.spec, "kind")
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.spec, type) and issubclass(self.spec, JobSpec)) or self.spec is JobSpec:
+            raise TypeError(f"{self.spec!r} is not a JobSpec subclass")
+        self.name  # noqa: B018 (refuses a spec without a one-value kind literal)
