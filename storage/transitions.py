@@ -27,8 +27,8 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from farm.errors import InvalidTransition, LeaseLost, NotFound
 from storage.chunking import chunked
+from storage.errors import InvalidTransition, LeaseLost, NotFound
 from storage.models import Job, Shard, utcnow
 from storage.status import JOB_TERMINAL, SHARD_TERMINAL, JobStatus, ShardStatus
 

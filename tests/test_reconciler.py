@@ -45,7 +45,7 @@ class Setup:
         self.engine = make_engine(db_url)
         self.sessions = make_session_factory(self.engine)
         self.app = create_app(self.settings)
-        self.store = open_store(self.settings)
+        self.store = open_store(self.settings.storage, self.settings.data_dir)
         self.reconciler = Reconciler(self.settings, self.sessions, self.app, self.store)
 
     def job(self, shards: int = 4, *, schedule: bool = True, queued: bool = True):

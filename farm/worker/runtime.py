@@ -75,7 +75,8 @@ class WorkerResources:
     def create(cls, settings: FarmSettings, name: str | None = None) -> WorkerResources:
         engine = make_engine(settings.database_url, pool_size=settings.db.pool_size)
         name = name or f"{socket.gethostname()}-{os.getpid()}"
-        return cls(settings, make_session_factory(engine), open_store(settings), name, engine)
+        store = open_store(settings.storage, settings.data_dir)
+        return cls(settings, make_session_factory(engine), store, name, engine)
 
     def component_cache(self) -> Any:
         """Pinned auxiliary models (IP-Adapters, image encoders), beside the pipelines."""
