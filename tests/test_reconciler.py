@@ -18,12 +18,13 @@ from farm.scheduler import schedule_job, submit_job
 from farm.settings import FarmSettings
 from farm.specs import parse_spec
 from storage.db import make_engine, make_session_factory, session_scope
+from storage.leases import claim_shard, finish_shard
 from storage.models import Job, Shard, utcnow
 from storage.objects import open_store
 from storage.objects.keys import manifest_key
 from storage.registry import register_worker, worker_heartbeat
 from storage.status import JobStatus, ShardStatus
-from storage.transitions import claim_shard, finish_shard, mark_shards_queued
+from storage.transitions import mark_shards_queued
 from tests.fixtures.farm import text_job
 
 S = ShardStatus

@@ -27,11 +27,11 @@ from farm.worker.memory import OutOfMemory, is_out_of_memory, out_of_memory
 from farm.worker.shard_run import ShardHandBack
 from storage.blocklist import is_blocked, record_failure_streak, record_success, unblocked_workers
 from storage.db import make_engine, make_session_factory, session_scope
+from storage.leases import claim_shard, finish_shard, hand_back, lease_remaining, record_failure
 from storage.models import Artifact, Job, Shard
 from storage.objects import ObjectStore, open_store
 from storage.recovery import fail_crash_loop
 from storage.status import ShardStatus
-from storage.transitions import claim_shard, finish_shard, hand_back, lease_remaining, record_failure
 
 log = logging.getLogger(__name__)
 
