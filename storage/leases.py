@@ -6,8 +6,9 @@ attempt (heartbeat, progress, finish, release, hand back) is guarded by its toke
 fenced-out attempt's late writes raise :class:`LeaseLost` and change nothing. A worker found lost
 has its leases expired at once (:func:`expire_leases`), so the next delivery takes its shards over.
 
-Which status changes are allowed is decided in :mod:`storage.transitions` only: an attempt ends in
-a status its table allows from ``running`` (:func:`~storage.transitions.check_shard_transition`).
+Which status changes are allowed is decided in :mod:`storage.transitions` only: a claim takes a
+shard only from a status its table lets go to ``running`` (or an expired lease over), and every
+status a leased write sets is checked against the table (``running`` -> it) before the write.
 Functions take a session and never commit: the caller owns the transaction.
 """
 
@@ -24,7 +25,7 @@ from sqlalchemy.orm import Session
 from storage.errors import InvalidTransition, LeaseLost, NotFound
 from storage.models import Shard, utcnow
 from storage.status import SHARD_TERMINAL, ShardStatus
-from storage.transitions import check_shard_transition
+from storage.transitions import SHARD_TRANSITIONS, check_shard_transition
 
 S = ShardStatus
 
@@ -73,7 +74,7 @@ def claim_shard(
         if row is None:
             raise NotFound(f"no shard {shard_id}")
         takeover = row.status == S.RUNNING and row.lease_expires_at is not None and row.lease_expires_at <= now
-        if row.status not in (S.PENDING, S.QUEUED) and not takeover:
+        if S.RUNNING not in SHARD_TRANSITIONS[ShardStatus(row.status)] and not takeover:  # pending or queued only
             return None
         if takeover and max_attempts is not None and row.attempts >= max_attempts:
             return None
@@ -117,6 +118,11 @@ def _try_claim(
 
 
 def _leased_update(session: Session, lease: ShardLease, values: dict[str, Any], what: str) -> None:
+    """The fencing guard: write ``values`` only while ``lease`` is the shard's current attempt and the
+    shard is running; raise :class:`LeaseLost` otherwise. A status in ``values`` must be one the
+    transition table allows from ``running``."""
+    if "status" in values:
+        check_shard_transition(S.RUNNING, values["status"])
     result = session.execute(
         update(Shard)
         .where(Shard.id == lease.shard_id, Shard.fencing_token == lease.fencing_token, Shard.status == S.RUNNING)
