@@ -284,8 +284,8 @@ def _submit(factory: Any, name: str, data: bytes) -> tuple[list[Any], dict[str, 
 def _work(factory: Any, messages: list[bytes]) -> int:
     """What ``len(messages)`` workers do with the message each took, without rendering."""
     from storage.db import session_scope
+    from storage.leases import claim_shard, finish_shard
     from storage.status import ShardStatus
-    from storage.transitions import claim_shard, finish_shard
 
     done = 0
     with session_scope(factory) as session:

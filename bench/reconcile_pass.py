@@ -160,7 +160,8 @@ def run(shards: int, db_url: str, repeats: int) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as data:
             settings = FarmSettings(_env_file=None, data_dir=Path(data), db={"url": url})
             app = create_app(settings)
-            reconciler = Reconciler(settings, make_session_factory(engine), app, open_store(settings))
+            store = open_store(settings.storage, settings.data_dir)
+            reconciler = Reconciler(settings, make_session_factory(engine), app, store)
             baseline = statistics.median(_baseline_s(engine) for _ in range(repeats))
             first = reconciler.run_pass()
             catch_up = [reconciler.run_pass() for _ in range(20)]  # batches past reconcile.batch

@@ -72,7 +72,7 @@ class FarmClient:
         if self._store is None:
             from storage.objects import open_store
 
-            self._store = open_store(self.settings)
+            self._store = open_store(self.settings.storage, self.settings.data_dir)
         return self._store
 
     def close(self) -> None:

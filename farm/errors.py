@@ -4,62 +4,44 @@ Every error the farm raises on purpose derives from :class:`FarmError`. ``retrya
 worker whether running the same thing again later may succeed (a storage outage) or not (a bad
 spec). Errors caused by what a user sent also subclass ``ValueError`` so generic callers can
 catch them as such.
+
+The root, :class:`UserError`, :class:`ConfigError` and the errors storage raises are defined in
+:mod:`storage.errors` (``storage`` imports nothing from ``farm``, and its errors must still be
+``FarmError``s) and re-exported here unchanged: they are the same classes, so ``except FarmError``
+and ``isinstance(exc, UserError)`` hold for every error of the project whichever module named it.
+This module adds the errors only the farm raises.
 """
 
 from __future__ import annotations
 
+from storage.errors import (
+    ConfigError,
+    FarmError,
+    InvalidKey,
+    InvalidTransition,
+    LeaseLost,
+    NotFound,
+    ObjectNotFound,
+    StorageAccessDenied,
+    StorageError,
+    StorageUnavailable,
+    UserError,
+)
 
-class FarmError(Exception):
-    """Root of every error the farm raises deliberately."""
-
-    retryable: bool = False
-
-    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
-        super().__init__(message)
-        if retryable is not None:
-            self.retryable = retryable
-
-
-class UserError(FarmError, ValueError):
-    """Something the caller sent is invalid; retrying the same input cannot succeed."""
-
-
-class ConfigError(UserError):
-    """Settings are missing, inconsistent or unsafe for the chosen mode."""
-
-
-class InvalidKey(UserError):
-    """An object key part is not safe to use (traversal, absolute path, control characters)."""
-
-
-class NotFound(FarmError):
-    """A job, shard, artifact or object that was asked for does not exist."""
-
-
-class InvalidTransition(FarmError):
-    """A state change that the transition table does not allow (or that lost a race)."""
-
-
-class LeaseLost(FarmError):
-    """A shard attempt was fenced out: another attempt holds a newer lease."""
-
-
-class StorageError(FarmError):
-    """The object store refused or failed an operation."""
-
-
-class ObjectNotFound(StorageError, NotFound):
-    """The object store has no object under that key."""
-
-
-class StorageAccessDenied(StorageError):
-    """The object store rejected our credentials or permissions."""
-
-
-class StorageUnavailable(StorageError):
-    """The object store could not be reached or answered with a transient failure."""
-
-    retryable = True
+__all__ = [
+    "ConfigError",
+    "FarmError",
+    "InvalidKey",
+    "InvalidTransition",
+    "JobNotScheduled",
+    "LeaseLost",
+    "NotFound",
+    "ObjectNotFound",
+    "StorageAccessDenied",
+    "StorageError",
+    "StorageUnavailable",
+    "UserError",
+]
 
 
 class JobNotScheduled(FarmError):

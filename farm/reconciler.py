@@ -112,7 +112,8 @@ class Reconciler:
         from storage.objects import open_store
 
         engine = make_engine(settings.database_url, pool_size=settings.db.pool_size)
-        return cls(settings, make_session_factory(engine), app, open_store(settings), metrics)
+        store = open_store(settings.storage, settings.data_dir)
+        return cls(settings, make_session_factory(engine), app, store, metrics)
 
     # -- a pass ---------------------------------------------------------------------------------
     def run_pass(self, now: datetime | None = None) -> ReconcileReport:

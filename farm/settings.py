@@ -7,6 +7,11 @@ environment at import time.
 
 The defaults are the *embedded mode*: SQLite, a local object folder and the kombu filesystem
 broker, all under ``./farm-data/``. Outside that mode, placeholder secrets are refused.
+
+Storage's sections (:class:`DatabaseSettings`, :class:`StorageSettings` with its
+:class:`~storage.settings.S3Settings`) are defined in :mod:`storage.settings`, and
+:func:`redact_url` in :mod:`storage.urls` (storage imports nothing from ``farm``); they are
+imported here, so ``from farm.settings import redact_url`` keeps working.
 """
 
 from __future__ import annotations
@@ -16,31 +21,18 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from farm.errors import ConfigError
+from storage.settings import DatabaseSettings, StorageSettings
+from storage.settings import Section as _Section
+from storage.urls import redact_url
 
 # Values that appear in example files and tutorials; a real deployment must replace them.
 PLACEHOLDER_SECRETS = frozenset(
     {"changeme", "change-me", "change_me", "placeholder", "secret", "password", "minioadmin", "xxx", "todo"}
 )
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DatabaseSettings(_Section):
-    """Where job, shard, artifact and worker state lives."""
-
-    url: str | None = Field(
-        default=None,
-        description="SQLAlchemy URL, e.g. postgresql+psycopg://farm:PASS@db/farm. "
-        "Default: SQLite file farm.db in the data folder.",
-    )
-    echo: bool = Field(default=False, description="Log every SQL statement (debugging only).")
-    pool_size: int = Field(default=5, ge=1, le=100, description="Connections kept per process (not SQLite).")
 
 
 class BrokerSettings(_Section):
@@ -74,29 +66,6 @@ class BrokerSettings(_Section):
         description="RabbitMQ only: the AMQP heartbeat interval a worker asks for (the smaller of this and the "
         "server's, 60 s by default, is used); kept up while a shard renders. 0 = no heartbeats.",
     )
-
-
-class S3Settings(_Section):
-    """Any S3-compatible endpoint: AWS, MinIO, SeaweedFS."""
-
-    endpoint_url: str | None = Field(default=None, description="e.g. http://127.0.0.1:8333; empty for AWS.")
-    region: str = Field(default="us-east-1", description="Signing region.")
-    bucket: str = Field(default="farm", description="Bucket holding all outputs.")
-    prefix: str = Field(default="", description="Key prefix inside the bucket, e.g. renders/prod.")
-    access_key_id: SecretStr | None = Field(default=None, description="Access key; empty = boto3's default chain.")
-    secret_access_key: SecretStr | None = Field(default=None, description="Secret key; never logged.")
-    multipart_threshold_mb: int = Field(default=64, ge=5, description="Files above this upload in parts.")
-    multipart_chunk_mb: int = Field(default=16, ge=5, description="Part size for multipart uploads.")
-    presign_expiry_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned URLs.")
-    create_bucket: bool = Field(default=False, description="Create the bucket on first use if missing.")
-
-
-class StorageSettings(_Section):
-    """Where rendered outputs and manifests go."""
-
-    backend: Literal["local", "s3"] = Field(default="local", description="local folder or S3.")
-    local_root: Path | None = Field(default=None, description="Folder for the local store. Default: DATA/objects.")
-    s3: S3Settings = Field(default_factory=S3Settings)
 
 
 class WorkerSettings(_Section):
@@ -289,7 +258,7 @@ class FarmSettings(BaseSettings):
 
     @property
     def local_store_root(self) -> Path:
-        return self.storage.local_root or self.data_dir / "objects"
+        return self.storage.local_folder(self.data_dir)
 
     @property
     def broker_folder(self) -> Path:
@@ -298,17 +267,6 @@ class FarmSettings(BaseSettings):
     @property
     def face_models_dir(self) -> Path:
         return self.worker.face_models_dir or self.data_dir / "models" / "antelopev2"
-
-
-def redact_url(url: str | None) -> str | None:
-    """The URL with any password replaced by ``***``, for display and logs."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 def load_settings(**overrides: object) -> FarmSettings:

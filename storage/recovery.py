@@ -24,9 +24,9 @@ from typing import Any
 from sqlalchemy import Exists, and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
+from storage.leases import MAX_KEPT_ERRORS
 from storage.models import Job, Shard, utcnow
 from storage.status import SHARD_TERMINAL, JobStatus, ShardStatus
-from storage.transitions import MAX_KEPT_ERRORS
 
 S = ShardStatus
 LEASE_EXPIRED_NOTE = ": lease expired at "  # how claim_shard notes a take-over in the shard's errors

@@ -22,9 +22,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from storage.chunking import chunked
+from storage.leases import expire_leases
 from storage.models import Job, Shard, Worker, utcnow
 from storage.status import ShardStatus, WorkerStatus
-from storage.transitions import expire_leases
 
 W = WorkerStatus
 

@@ -17,9 +17,10 @@ from farm.bulk_manifest import ManifestError, derived_seed, read_manifest
 from farm.errors import UserError
 from farm.feeder import feed_bulk, in_flight
 from farm.settings import FarmSettings
+from storage.leases import claim_shard, finish_shard
 from storage.models import Job, Shard
 from storage.status import ShardStatus
-from storage.transitions import claim_shard, finish_shard, mark_shards_queued
+from storage.transitions import mark_shards_queued
 
 BASE = {
     "model": "/models/sd15",

@@ -25,9 +25,10 @@ from farm.sharding import plan_shards
 from farm.specs import parse_spec
 from storage.chunking import IN_CHUNK, MAX_PARAMS, chunked, insert_rows, rows_per_statement
 from storage.db import session_scope
+from storage.leases import claim_shard, finish_shard
 from storage.models import Job, Shard
 from storage.status import JobStatus, ShardStatus
-from storage.transitions import claim_shard, finish_shard, mark_shards_queued
+from storage.transitions import mark_shards_queued
 
 
 def spec(items: int, shard_size: int = 1) -> dict:

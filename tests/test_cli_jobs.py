@@ -174,8 +174,8 @@ def test_racing_cancel_and_retry_answer_in_words(tmp_path: Path) -> None:
     from farm.settings import FarmSettings
     from storage import migrate
     from storage.db import session_scope
+    from storage.leases import claim_shard, finish_shard
     from storage.status import ShardStatus
-    from storage.transitions import claim_shard, finish_shard
 
     settings = FarmSettings(_env_file=None, data_dir=tmp_path / "data")
     migrate.upgrade(settings.database_url)

@@ -1,6 +1,6 @@
 """Contact sheets people can read, written by ``write_job_outputs`` from a real SQLite database and
 a real local store: jobs are submitted and scheduled as usual, their shards claimed and finished
-through the transitions module, and each item's output written where a worker writes it (the
+through the leases module, and each item's output written where a worker writes it (the
 pictures are drawn here, so each tile's content is known). The sheet is then decoded and checked
 for its layout: title and legend bands, one tile per prompt x seed (one row per clip for video),
 crossed-out tiles for failed shards."""
@@ -23,10 +23,10 @@ from farm.manifest import write_job_outputs
 from farm.media import SHEET_FRAMES, sample_frames
 from farm.scheduler import finalize_job, job_summary, schedule_job, submit_job
 from farm.specs import parse_spec
+from storage.leases import claim_shard, finish_shard
 from storage.models import Artifact, Shard
 from storage.objects.local import LocalStore
 from storage.status import ShardStatus
-from storage.transitions import claim_shard, finish_shard
 
 PALETTE = [(200, 60, 50), (60, 140, 70), (50, 90, 190), (210, 160, 40), (140, 70, 160), (40, 150, 160)]
 SHA = hashlib.sha256(b"start").hexdigest()

@@ -49,3 +49,34 @@ def test_client_side_imports_need_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == ""
+
+
+def test_storage_never_imports_farm() -> None:
+    """storage/ stands on its own: no file under it imports ``farm`` or ``farm.*`` in any form
+    (module level, inside a function, under ``if TYPE_CHECKING:``, or by name through
+    ``importlib.import_module`` / ``__import__``). Storage's errors, settings sections and
+    ``redact_url`` live in storage; farm imports them from there."""
+
+    def is_farm(name: str | None) -> bool:
+        return name is not None and (name == "farm" or name.startswith("farm."))
+
+    offenders: list[str] = []
+    files = sorted((ROOT / "storage").rglob("*.py"))
+    assert files, "no files under storage/"
+    for path in files:
+        where = path.relative_to(ROOT)
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else []  # relative: inside storage
+            elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+                names = [node.args[0].value] if called in {"import_module", "__import__"} else []
+            else:
+                continue
+            offenders.extend(
+                f"{where}:{node.lineno}: {name}" for name in names if isinstance(name, str) and is_farm(name)
+            )
+    assert offenders == [], "storage/ must not import farm:\n" + "\n".join(offenders)

@@ -299,7 +299,7 @@ def test_a_temporary_file_that_could_not_be_removed_is_swept_later(
 
 def test_open_store_local(tmp_path: Path) -> None:
     settings = FarmSettings(_env_file=None, data_dir=tmp_path / "data")
-    store = open_store(settings)
+    store = open_store(settings.storage, settings.data_dir)
     assert isinstance(store, LocalStore) and store.root == (tmp_path / "data" / "objects").resolve()
 
 
@@ -323,7 +323,7 @@ def test_open_store_s3_from_settings(seaweedfs: SeaweedS3, tmp_path: Path) -> No
             },
         },
     )
-    store = open_store(settings)
+    store = open_store(settings.storage, settings.data_dir)
     assert isinstance(store, S3Store) and store.bucket == "settings-test" and store.prefix == "renders/prod"
     store.put_bytes("job/manifest.json", b"{}")
     assert [o.key for o in store.list("job")] == ["job/manifest.json"]

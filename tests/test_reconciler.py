@@ -18,12 +18,13 @@ from farm.scheduler import schedule_job, submit_job
 from farm.settings import FarmSettings
 from farm.specs import parse_spec
 from storage.db import make_engine, make_session_factory, session_scope
+from storage.leases import claim_shard, finish_shard
 from storage.models import Job, Shard, utcnow
 from storage.objects import open_store
 from storage.objects.keys import manifest_key
 from storage.registry import register_worker, worker_heartbeat
 from storage.status import JobStatus, ShardStatus
-from storage.transitions import claim_shard, finish_shard, mark_shards_queued
+from storage.transitions import mark_shards_queued
 from tests.fixtures.farm import text_job
 
 S = ShardStatus
@@ -45,7 +46,7 @@ class Setup:
         self.engine = make_engine(db_url)
         self.sessions = make_session_factory(self.engine)
         self.app = create_app(self.settings)
-        self.store = open_store(self.settings)
+        self.store = open_store(self.settings.storage, self.settings.data_dir)
         self.reconciler = Reconciler(self.settings, self.sessions, self.app, self.store)
 
     def job(self, shards: int = 4, *, schedule: bool = True, queued: bool = True):

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 
 from storage import blocklist, registry
-from storage import transitions as t
+from storage import leases as t
 from storage.db import session_scope
 from storage.models import Job, Shard, Worker, utcnow
 from storage.status import ShardStatus, WorkerStatus

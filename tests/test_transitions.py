@@ -1,4 +1,4 @@
-"""State changes and leases, on real SQLite and Postgres databases."""
+"""State changes (storage.transitions) and leases (storage.leases), on real SQLite and Postgres databases."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from farm.errors import InvalidTransition, LeaseLost, NotFound
+from storage import leases as leasing
 from storage import transitions as t
 from storage.models import Job, Shard, utcnow
 from storage.status import JobStatus, ShardStatus
@@ -90,7 +91,7 @@ def test_missing_rows_are_not_found(session) -> None:
     with pytest.raises(NotFound):
         t.set_job_status(session, uuid.uuid4(), J.RUNNING)
     with pytest.raises(NotFound):
-        t.claim_shard(session, uuid.uuid4(), "w", 30)
+        leasing.claim_shard(session, uuid.uuid4(), "w", 30)
 
 
 def test_lost_race_raises(session_factory) -> None:
@@ -122,44 +123,44 @@ def queued_shard(session) -> Shard:
 
 def test_claim_and_duplicate_delivery(session) -> None:
     shard = queued_shard(session)
-    lease = t.claim_shard(session, shard.id, "worker-a", 60)
+    lease = leasing.claim_shard(session, shard.id, "worker-a", 60)
     session.commit()
     assert lease is not None and lease.attempt == 1 and lease.fencing_token == 1
     assert lease.job_id == shard.job_id
     # A redelivered message while the lease is live does nothing.
-    assert t.claim_shard(session, shard.id, "worker-b", 60) is None
-    t.finish_shard(session, lease, S.SUCCEEDED, timings={"denoise_s": 1.5}, items_done=3)
+    assert leasing.claim_shard(session, shard.id, "worker-b", 60) is None
+    leasing.finish_shard(session, lease, S.SUCCEEDED, timings={"denoise_s": 1.5}, items_done=3)
     session.commit()
     session.expire_all()
     row = session.get(Shard, shard.id)
     assert row.status == S.SUCCEEDED and row.progress == 1.0 and row.timings == {"denoise_s": 1.5}
     assert row.lease_owner == "worker-a" and row.lease_expires_at is None
     # A redelivery of a finished shard does nothing either.
-    assert t.claim_shard(session, shard.id, "worker-b", 60) is None
+    assert leasing.claim_shard(session, shard.id, "worker-b", 60) is None
 
 
 def test_expired_lease_is_taken_over_and_old_attempt_fenced(session) -> None:
     shard = queued_shard(session)
     start = utcnow()
-    old = t.claim_shard(session, shard.id, "worker-a", 30, now=start)
+    old = leasing.claim_shard(session, shard.id, "worker-a", 30, now=start)
     session.commit()
-    assert t.claim_shard(session, shard.id, "worker-b", 30, now=start + timedelta(seconds=29)) is None
-    new = t.claim_shard(session, shard.id, "worker-b", 30, now=start + timedelta(seconds=31))
+    assert leasing.claim_shard(session, shard.id, "worker-b", 30, now=start + timedelta(seconds=29)) is None
+    new = leasing.claim_shard(session, shard.id, "worker-b", 30, now=start + timedelta(seconds=31))
     session.commit()
     assert new is not None and new.attempt == 2 and new.fencing_token == old.fencing_token + 1
     session.expire_all()
     assert "lease expired" in session.get(Shard, shard.id).errors[-1]
     # Every write of the dead attempt is refused and changes nothing.
     with pytest.raises(LeaseLost):
-        t.renew_lease(session, old, 30)
+        leasing.renew_lease(session, old, 30)
     with pytest.raises(LeaseLost):
-        t.check_lease(session, old)
+        leasing.check_lease(session, old)
     with pytest.raises(LeaseLost):
-        t.finish_shard(session, old, S.SUCCEEDED)
+        leasing.finish_shard(session, old, S.SUCCEEDED)
     with pytest.raises(LeaseLost):
-        t.release_shard_for_retry(session, old, "boom")
-    t.check_lease(session, new)
-    renewed = t.renew_lease(session, new, 30, items_done=2, progress=0.5)
+        leasing.release_shard_for_retry(session, old, "boom")
+    leasing.check_lease(session, new)
+    renewed = leasing.renew_lease(session, new, 30, items_done=2, progress=0.5)
     assert renewed.expires_at >= utcnow() + timedelta(seconds=29)
     session.commit()
     session.expire_all()
@@ -169,11 +170,11 @@ def test_expired_lease_is_taken_over_and_old_attempt_fenced(session) -> None:
 
 def test_retryable_failure_requeues_and_keeps_errors(session) -> None:
     shard = queued_shard(session)
-    lease = t.claim_shard(session, shard.id, "worker-a", 60)
-    t.release_shard_for_retry(session, lease, "CUDA out of memory")
+    lease = leasing.claim_shard(session, shard.id, "worker-a", 60)
+    leasing.release_shard_for_retry(session, lease, "CUDA out of memory")
     session.commit()
-    again = t.claim_shard(session, shard.id, "worker-b", 60)
-    t.finish_shard(session, again, S.FAILED, error="no face found in ref.png")
+    again = leasing.claim_shard(session, shard.id, "worker-b", 60)
+    leasing.finish_shard(session, again, S.FAILED, error="no face found in ref.png")
     session.commit()
     session.expire_all()
     row = session.get(Shard, shard.id)
@@ -181,7 +182,7 @@ def test_retryable_failure_requeues_and_keeps_errors(session) -> None:
     assert row.error == "no face found in ref.png"
     assert [e.split(": ", 1)[1] for e in row.errors] == ["CUDA out of memory", "no face found in ref.png"]
     with pytest.raises(InvalidTransition):
-        t.finish_shard(session, again, S.QUEUED)
+        leasing.finish_shard(session, again, S.QUEUED)
 
 
 def test_terminal_shards_cannot_be_claimed_pending_ones_can(session) -> None:
@@ -190,14 +191,14 @@ def test_terminal_shards_cannot_be_claimed_pending_ones_can(session) -> None:
     t.set_shard_status(session, done.id, S.CANCELLED)
     t.set_shard_status(session, queued.id, S.QUEUED)
     session.commit()
-    assert t.claim_shard(session, done.id, "w", 60) is None
+    assert leasing.claim_shard(session, done.id, "w", 60) is None
     # A worker may get the message before the scheduler marked the shard queued.
-    assert t.claim_shard(session, pending.id, "w", 60) is not None
+    assert leasing.claim_shard(session, pending.id, "w", 60) is not None
     assert t.mark_shards_queued(session, [pending.id, queued.id]) == 0
     session.commit()
     assert status_of(session, Shard, pending.id) == S.RUNNING
-    assert 59 <= t.lease_remaining(session, pending.id) <= 60
-    assert t.lease_remaining(session, queued.id) is None
+    assert 59 <= leasing.lease_remaining(session, pending.id) <= 60
+    assert leasing.lease_remaining(session, queued.id) is None
 
 
 @pytest.mark.parametrize(
@@ -233,7 +234,7 @@ def test_cancel_unstarted_shards(session) -> None:
     t.set_shard_status(session, b.id, S.QUEUED)
     t.set_shard_status(session, c.id, S.QUEUED)
     session.commit()
-    lease = t.claim_shard(session, c.id, "w", 60)
+    lease = leasing.claim_shard(session, c.id, "w", 60)
     assert t.cancel_unstarted_shards(session, job.id) == 2
     session.commit()
     assert [status_of(session, Shard, s.id) for s in (a, b, c)] == [S.CANCELLED, S.CANCELLED, S.RUNNING]
@@ -254,11 +255,11 @@ def test_concurrent_last_shards_finish_the_job(pg_url: str) -> None:
             job = make_job(s, 2)
             for shard in job.shards:
                 t.set_shard_status(s, shard.id, S.QUEUED)
-            leases = [t.claim_shard(s, shard.id, f"w{i}", 60) for i, shard in enumerate(job.shards)]
+            leases = [leasing.claim_shard(s, shard.id, f"w{i}", 60) for i, shard in enumerate(job.shards)]
             s.commit()
         first, second = factory(), factory()
-        t.finish_shard(first, leases[0], S.SUCCEEDED)
-        t.finish_shard(second, leases[1], S.SUCCEEDED)
+        leasing.finish_shard(first, leases[0], S.SUCCEEDED)
+        leasing.finish_shard(second, leases[1], S.SUCCEEDED)
         rollups = [t.refresh_job_counts(first, job.id)]
         worker = threading.Thread(target=lambda: rollups.append(t.refresh_job_counts(second, job.id)))
         worker.start()
@@ -281,7 +282,7 @@ def test_claim_reads_again_when_the_scheduler_marks_the_shard_queued_meanwhile(s
     was acknowledged with the shard never rendered)."""
     job = make_job(session, n_shards=1)
     shard_id = job.shards[0].id
-    original = t._try_claim
+    original = leasing._try_claim
     calls = []
 
     def scheduler_lands_first(session, shard_id, *args):
@@ -290,8 +291,8 @@ def test_claim_reads_again_when_the_scheduler_marks_the_shard_queued_meanwhile(s
         calls.append(1)
         return original(session, shard_id, *args)
 
-    monkeypatch.setattr(t, "_try_claim", scheduler_lands_first)
-    lease = t.claim_shard(session, shard_id, "w", 30)
+    monkeypatch.setattr(leasing, "_try_claim", scheduler_lands_first)
+    lease = leasing.claim_shard(session, shard_id, "w", 30)
     assert lease is not None and lease.attempt == 1 and len(calls) == 2
     session.commit()
     assert status_of(session, Shard, shard_id) == S.RUNNING

@@ -19,7 +19,8 @@ def check() -> None:
     """Write, read back, list, presign and delete a small object in the configured store."""
     from storage.objects import join_key, open_store
 
-    store = open_store(settings())
+    cfg = settings()
+    store = open_store(cfg.storage, cfg.data_dir)
     payload = json.dumps({"check": "farm storage round trip", "at": time.time()}).encode()
     key = join_key("farm-check", f"{uuid.uuid4().hex}.json")
     started = time.perf_counter()

@@ -16,9 +16,9 @@ from sqlalchemy import select
 
 from farm.errors import FarmError, LeaseLost
 from storage.db import session_scope
+from storage.leases import ShardLease, renew_lease
 from storage.models import Job
 from storage.status import JobStatus
-from storage.transitions import ShardLease, renew_lease
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ from farm.worker.memory import OutOfMemory, is_out_of_memory, out_of_memory
 from farm.worker.shard_run import ShardHandBack, ShardRun
 from storage.blocklist import is_blocked, record_failure_streak, record_success, unblocked_workers
 from storage.db import make_engine, make_session_factory, session_scope
+from storage.leases import claim_shard, finish_shard, hand_back, lease_remaining, record_failure
 from storage.models import Artifact, Job, Shard
 from storage.objects import ObjectStore, open_store
 from storage.recovery import fail_crash_loop
 from storage.status import ShardStatus
-from storage.transitions import claim_shard, finish_shard, hand_back, lease_remaining, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ class WorkerResources:
     def create(cls, settings: FarmSettings, name: str | None = None) -> WorkerResources:
         engine = make_engine(settings.database_url, pool_size=settings.db.pool_size)
         name = name or f"{socket.gethostname()}-{os.getpid()}"
-        return cls(settings, make_session_factory(engine), open_store(settings), name, engine)
+        store = open_store(settings.storage, settings.data_dir)
+        return cls(settings, make_session_factory(engine), store, name, engine)
 
     def component_cache(self) -> Any:
         """Pinned auxiliary models (IP-Adapters, image encoders), beside the pipelines."""

@@ -20,8 +20,8 @@ from farm.errors import FarmError
 from farm.worker.job_patches import apply_job_patches
 from farm.worker.lease_keeper import LeaseKeeper
 from storage.db import session_scope
+from storage.leases import renew_lease
 from storage.models import Artifact
-from storage.transitions import renew_lease
 
 
 class ShardHandBack(FarmError):

@@ -21,8 +21,10 @@ from storage.objects.keys import (
 from storage.objects.local import LocalStore
 
 if TYPE_CHECKING:
-    from farm.settings import FarmSettings
+    from pathlib import Path
+
     from storage.objects.s3 import S3Store
+    from storage.settings import StorageSettings
 
 __all__ = [
     "LocalStore",
@@ -49,10 +51,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_store(settings: FarmSettings) -> ObjectStore:
-    """The object store the settings describe: S3 for ``backend=s3``, else a local folder."""
-    if settings.storage.backend == "s3":
+def open_store(section: StorageSettings, data_dir: Path) -> ObjectStore:
+    """The object store the storage ``section`` of the settings describes: S3 for ``backend=s3``,
+    else a local folder (``section.local_root``, else ``data_dir/objects``: see
+    :meth:`~storage.settings.StorageSettings.local_folder`)."""
+    if section.backend == "s3":
         from storage.objects.s3 import S3Store
 
-        return S3Store.from_settings(settings.storage.s3)
-    return LocalStore(settings.local_store_root)
+        return S3Store.from_settings(section.s3)
+    return LocalStore(section.local_folder(data_dir))

@@ -38,7 +38,7 @@ class ObjectStore(Protocol):
     """Where outputs and manifests go.
 
     Every method validates its key (each ``/`` segment a valid part, see ``keys.py``) and raises
-    :class:`farm.errors.InvalidKey` before any I/O. Failures are :class:`farm.errors.StorageError`
+    :class:`storage.errors.InvalidKey` before any I/O. Failures are :class:`storage.errors.StorageError`
     subclasses: ``ObjectNotFound``, ``StorageAccessDenied``, ``StorageUnavailable`` (retryable).
     """
 

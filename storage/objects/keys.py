@@ -8,7 +8,7 @@ backslashes, no control characters, no empty segments.
 
 Layout: ``{prefix}/{job_id}/{shard_index:05d}/{item}.{ext}`` and ``{prefix}/{job_id}/manifest.json``
 (with an empty prefix the key starts at ``{job_id}``). Every problem raises
-:class:`farm.errors.InvalidKey` naming the field and the reason.
+:class:`storage.errors.InvalidKey` naming the field and the reason.
 
 Namespaces: the top-level folders in :data:`RESERVED_FOLDERS` belong to the farm (``inputs``:
 content-addressed uploads and bulk manifests; ``models``: the model registry). No output may be
@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from farm.errors import InvalidKey
+from storage.errors import InvalidKey
 
 MAX_PART_LENGTH = 128
 MAX_KEY_LENGTH = 1024

@@ -8,7 +8,7 @@ writing and, for ``head``, from the file.
 
 A disk that is full, read-only, over quota or failing (``ENOSPC``, ``EROFS``, ``EDQUOT``, ``EIO``
 and the like, :data:`ENVIRONMENT_ERRNOS`) is an environment fault, not a property of the object:
-it raises :class:`~farm.errors.StorageUnavailable` (retryable) naming the store and the key, so
+it raises :class:`~storage.errors.StorageUnavailable` (retryable) naming the store and the key, so
 workers wait it out like any store outage.
 
 No sidecar files: the content type is always guessed from the key's extension and custom
@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from farm.errors import InvalidKey, ObjectNotFound, StorageAccessDenied, StorageError, StorageUnavailable
+from storage.errors import InvalidKey, ObjectNotFound, StorageAccessDenied, StorageError, StorageUnavailable
 from storage.objects.base import ObjectInfo, guess_content_type
 from storage.objects.keys import validate_key, validate_prefix
 

@@ -29,7 +29,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from farm.errors import (
+from storage.errors import (
     ConfigError,
     ObjectNotFound,
     StorageAccessDenied,
@@ -37,12 +37,12 @@ from farm.errors import (
     StorageUnavailable,
     UserError,
 )
-from farm.settings import redact_url
 from storage.objects.base import ObjectInfo, guess_content_type
 from storage.objects.keys import join_key, validate_key, validate_prefix
+from storage.urls import redact_url
 
 if TYPE_CHECKING:
-    from farm.settings import S3Settings
+    from storage.settings import S3Settings
 
 MiB = 1 << 20
 MAX_PRESIGN_S = 7 * 24 * 3600  # the SigV4 limit
