@@ -724,9 +724,9 @@ def _assert_key_safe(key: str, under: str) -> None:
 
 def _planned_keys(spec: Any) -> list[str]:
     """Every object key a job of ``spec`` may write (outputs, frames, previews, job files)."""
-    from farm.kinds.temporal_video import frame_key, preview_key
     from farm.sharding import plan_shards
     from farm.worker.kinds.face_identity_instantid import EMBEDS_FILE
+    from farm.worker.kinds.temporal_video import frame_key, preview_key
 
     keys = [manifest_key(spec.output_prefix, JOB), contact_sheet_key(spec.output_prefix, JOB)]
     keys.append(join_key(job_prefix(spec.output_prefix, JOB), EMBEDS_FILE))

@@ -80,3 +80,55 @@ def test_storage_never_imports_farm() -> None:
                 f"{where}:{node.lineno}: {name}" for name in names if isinstance(name, str) and is_farm(name)
             )
     assert offenders == [], "storage/ must not import farm:\n" + "\n".join(offenders)
+
+
+def _farm_import_graph() -> dict[str, set[str]]:
+    """``module -> farm modules it imports`` over every file of farm/, function-level imports
+    included (they are cycles all the same), ``if TYPE_CHECKING:`` blocks left out."""
+    modules = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in (ROOT / "farm").rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        skipped = {
+            id(child)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for stmt in node.body
+            for child in ast.walk(stmt)
+        }
+        targets: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            targets.update(name for name in names if name in modules and name != module)
+        graph[module] = targets
+    return graph
+
+
+def test_farm_has_no_import_cycles() -> None:
+    graph = _farm_import_graph()
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                cycles.append([*path[path.index(target) :], target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from farm.inputs import INPUTS_PREFIX, ImageRef, InputImageError, load_image, upload_inputs
-from farm.kinds.temporal_video import TemporalVideoSpec, frame_key, preview_key, segment_seed
+from farm.kinds.temporal_video import TemporalVideoSpec
 from farm.sharding import plan_shards
 from farm.specs import SpecError, parse_spec
+from farm.worker.kinds.temporal_video import frame_key, preview_key, segment_seed
 from storage.objects.local import LocalStore
 
 REF = {"key": "inputs/sha256/" + "a" * 64 + ".png"}

@@ -12,7 +12,7 @@ Outputs of a clip whose item name is ``000003-s42`` (under the shard's key prefi
 - ``000003-s42.mp4``: every frame of every segment, H.264 at ``fps`` (the item's key);
 - ``000003-s42.gif``: a small looping preview.
 
-Segment ``k`` draws its noise from :func:`segment_seed` ``(seed, k)``, so a clip resumed after a
+Segment ``k`` draws its noise from ``segment_seed(seed, k)`` (in the runner module), so a clip resumed after a
 worker died renders exactly what the lost worker would have: finished segments are read back from
 the store, and the next one is conditioned on the stored last frame. The runner is
 :mod:`farm.worker.kinds.temporal_video`.
@@ -20,17 +20,15 @@ the store, and the next one is conditioned on the stored last frame. The runner 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from farm.inputs import ImageRef
 from farm.job_spec import MAX_PROMPTS, JobSpec, NegativePrompt, Prompt
-from farm.kinds.base import ItemSource, JobKind, ShardRunner, item_name
+from farm.kinds.base import ItemSource, JobKind, ShardRunner
 from farm.spec_problems import problem
-from storage.objects.keys import artifact_key
 
 MAX_IMAGES = 64
 MAX_FRAMES_PER_JOB = 100_000
@@ -102,26 +100,6 @@ def clip_items(spec: TemporalVideoSpec) -> Iterator[ItemSource]:
     for image_index in range(len(spec.images)):
         for seed in seeds:
             yield ItemSource(0, seed, (("image_index", image_index),))
-
-
-def segment_seed(seed: int, segment: int) -> int:
-    """The noise seed of segment ``segment`` of the clip with ``seed`` (segment 0 uses ``seed``)."""
-    if segment == 0:
-        return seed
-    digest = hashlib.sha256(f"temporal_video:{seed}:{segment}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
-
-
-def frame_key(spec: TemporalVideoSpec, job_id: Any, shard_index: int, item: dict[str, Any], frame: int) -> str:
-    """Object key of frame ``frame`` (0-based, across segments) of a clip item."""
-    stem = item_name(int(item["index"]), int(item["seed"]))
-    return artifact_key(spec.output_prefix, job_id, shard_index, f"{stem}-f{frame:05d}", "png")
-
-
-def preview_key(spec: TemporalVideoSpec, job_id: Any, shard_index: int, item: dict[str, Any]) -> str:
-    """Object key of a clip's GIF preview."""
-    stem = item_name(int(item["index"]), int(item["seed"]))
-    return artifact_key(spec.output_prefix, job_id, shard_index, stem, "gif")
 
 
 def runner() -> ShardRunner:

@@ -9,18 +9,44 @@ Frames already in the store from an earlier attempt are read back instead of ren
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from farm.errors import FarmError
 from farm.inputs import load_image
-from farm.kinds.temporal_video import TemporalVideoSpec, frame_key, preview_key, segment_seed
+from farm.kinds.base import item_name
 from farm.media import decode_png, encode_frame_png, encode_gif, encode_mp4, probe_video
 from farm.worker.images import StepCallback, step_callback
 from farm.worker.shard_run import ShardRun
+from storage.objects.keys import artifact_key
+
+if TYPE_CHECKING:
+    from farm.kinds.temporal_video import TemporalVideoSpec
+
+
+def segment_seed(seed: int, segment: int) -> int:
+    """The noise seed of segment ``segment`` of the clip with ``seed`` (segment 0 uses ``seed``)."""
+    if segment == 0:
+        return seed
+    digest = hashlib.sha256(f"temporal_video:{seed}:{segment}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def frame_key(spec: TemporalVideoSpec, job_id: Any, shard_index: int, item: dict[str, Any], frame: int) -> str:
+    """Object key of frame ``frame`` (0-based, across segments) of a clip item."""
+    stem = item_name(int(item["index"]), int(item["seed"]))
+    return artifact_key(spec.output_prefix, job_id, shard_index, f"{stem}-f{frame:05d}", "png")
+
+
+def preview_key(spec: TemporalVideoSpec, job_id: Any, shard_index: int, item: dict[str, Any]) -> str:
+    """Object key of a clip's GIF preview."""
+    stem = item_name(int(item["index"]), int(item["seed"]))
+    return artifact_key(spec.output_prefix, job_id, shard_index, stem, "gif")
+
 
 NOT_RECORDED = ("seed", "decode_chunk_size")  # the clip records its own seed; the chunk is a memory limit
 
