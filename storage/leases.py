@@ -44,6 +44,27 @@ class ShardLease:
     expires_at: datetime
 
 
+@dataclass(frozen=True)
+class ShardClaim:
+    """One try at claiming a shard, with what the render needs read in the same round trip:
+    ``lease`` is ``None`` when the shard was not taken (terminal, held by a live lease, a lost
+    race, or a crash loop); ``status`` and ``lease_expires_at`` are then as read."""
+
+    lease: ShardLease | None
+    job_id: uuid.UUID
+    queue: str
+    index: int
+    params: dict[str, Any]
+    status: ShardStatus
+    lease_expires_at: datetime | None
+
+    def lease_remaining(self, now: datetime | None = None) -> float | None:
+        """Seconds until the lease the claim found expires (``None`` unless the shard is running)."""
+        if self.lease is not None or self.status != S.RUNNING or self.lease_expires_at is None:
+            return None
+        return max(0.0, (self.lease_expires_at - (now or utcnow())).total_seconds())
+
+
 def claim_shard(
     session: Session,
     shard_id: uuid.UUID,
@@ -55,10 +76,28 @@ def claim_shard(
 ) -> ShardLease | None:
     """Take a shard for rendering. Returns ``None`` when it is terminal, held by a live lease, or
     another claimer won the race; a lease that expired is taken over, unless the shard has used
-    ``max_attempts`` already (a crash loop: :func:`storage.recovery.fail_crash_loop` ends it). A
-    change that is not a claim landing between our read and our write (the scheduler marking the
-    shard queued) is no reason to give up: read again."""
+    ``max_attempts`` already (a crash loop: :func:`storage.recovery.fail_crash_loop` ends it)."""
+    claim = claim_shard_to_render(session, shard_id, owner, lease_seconds, now, max_attempts=max_attempts)
+    if claim is None:
+        raise NotFound(f"no shard {shard_id}")
+    return claim.lease
+
+
+def claim_shard_to_render(
+    session: Session,
+    shard_id: uuid.UUID,
+    owner: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+    *,
+    max_attempts: int | None = None,
+) -> ShardClaim | None:
+    """:func:`claim_shard`, returning with the lease the shard's queue, index and params (one
+    SELECT and one UPDATE in all); ``None`` when there is no such shard. A change that is not a
+    claim landing between our read and our write (the scheduler marking the shard queued) is no
+    reason to give up: read again."""
     now = now or utcnow()
+    claim: ShardClaim | None = None
     for _ in range(5):
         row = session.execute(
             select(
@@ -69,19 +108,23 @@ def claim_shard(
                 Shard.attempts,
                 Shard.errors,
                 Shard.job_id,
+                Shard.queue,
+                Shard.index,
+                Shard.params,
             ).where(Shard.id == shard_id)
         ).one_or_none()
         if row is None:
-            raise NotFound(f"no shard {shard_id}")
+            return None
+        claim = ShardClaim(None, row.job_id, row.queue, row.index, row.params, S(row.status), row.lease_expires_at)
         takeover = row.status == S.RUNNING and row.lease_expires_at is not None and row.lease_expires_at <= now
         if S.RUNNING not in SHARD_TRANSITIONS[ShardStatus(row.status)] and not takeover:  # pending or queued only
-            return None
+            return claim
         if takeover and max_attempts is not None and row.attempts >= max_attempts:
-            return None
+            return claim
         lease = _try_claim(session, shard_id, owner, lease_seconds, now, row, takeover)
         if lease is not None:
-            return lease
-    return None
+            return ShardClaim(lease, row.job_id, row.queue, row.index, row.params, S.RUNNING, lease.expires_at)
+    return claim
 
 
 def _try_claim(
