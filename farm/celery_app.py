@@ -15,6 +15,12 @@ AMQP heartbeats, and sends the late acknowledgements. With the ``solo`` pool the
 that loop: Flower saw the worker offline and its shard PENDING for the whole render, RabbitMQ
 dropped the connection of a render longer than two heartbeats, and an acknowledgement queued from
 inside the loop waited for the loop's next timer (up to 2 s between tasks on RabbitMQ).
+
+A worker process's :class:`~farm.worker.runtime.WorkerResources` (``app.farm_resources``) is
+closed on Celery's ``worker_shutdown`` signal, sent at a warm shutdown (SIGTERM, Ctrl+C, a remote
+shutdown) once the running task has finished; ``farm worker`` also closes them when its worker
+loop returns (a cold shutdown sends no signal). The ``threads`` pool runs tasks in the worker
+process itself, so there is no ``worker_process_shutdown`` (a prefork child's) to handle.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Queue
 
 from farm.settings import FarmSettings, load_settings
@@ -120,6 +126,15 @@ def worker_argv(queues: list[str], hostname: str, loglevel: str) -> list[str]:
         "--without-gossip",
         "--without-mingle",
     ]
+
+
+@signals.worker_shutdown.connect(dispatch_uid="farm.close_worker_resources")
+def close_worker_resources(sender: Any = None, **_: Any) -> None:
+    """Celery's worker is stopping: release what its process holds (see the module docstring).
+    ``sender`` is the WorkController; closing twice is harmless."""
+    resources = getattr(getattr(sender, "app", None), "farm_resources", None)
+    if resources is not None:
+        resources.close()
 
 
 def __getattr__(name: str) -> Celery:

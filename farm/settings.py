@@ -80,6 +80,12 @@ class WorkerSettings(_Section):
         default="auto", description="auto = float16 on cuda, float32 on cpu."
     )
     model_cache_mb: int = Field(default=24_000, ge=1, description="Memory budget for pinned models (LRU).")
+    component_cache_mb: int = Field(
+        default=8_000,
+        ge=1,
+        description="Memory budget for pinned components: IP-Adapters, image encoders, ControlNets, face "
+        "analysis (LRU).",
+    )
     lease_seconds: int = Field(
         default=120, ge=5, description="A shard lease expires this long after the last heartbeat."
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.errors import UserError
-from farm.tiny_models import CROSS_ATTENTION_DIM, _build_sd15, _build_sdxl, _quiet_saves, _tiny_vision_encoder
+from farm.tiny_models import CROSS_ATTENTION_DIM, _quiet_saves, _tiny_vision_encoder, tiny_unet
 
 
 def build_tiny_ip_adapter(
@@ -45,7 +45,7 @@ def build_tiny_ip_adapter(
         encoder = _tiny_vision_encoder(seed + 10)
         with _quiet_saves():
             encoder.save_pretrained(out_dir / "image_encoder", safe_serialization=True)
-    unet = (_build_sd15 if family == "sd15" else _build_sdxl)(0).unet  # layer widths only
+    unet = tiny_unet(family)  # layer widths only
     cross = CROSS_ATTENTION_DIM[family]
     torch.manual_seed(seed + 11)
     if plus:
@@ -174,7 +174,7 @@ def build_tiny_controlnet(family: str, out_dir: Path, *, seed: int = 0) -> Path:
     import diffusers
     import torch
 
-    unet = (_build_sd15 if family == "sd15" else _build_sdxl)(0).unet
+    unet = tiny_unet(family)  # the tiny pipeline's UNet (seed 0): the ControlNet starts as its copy
     torch.manual_seed(seed + 20)
     controlnet = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
     with torch.no_grad():  # zero-initialised convolutions would make the control a no-op

@@ -147,80 +147,87 @@ def _text_scheduler() -> Any:
     )
 
 
-def _build_sd15(seed: int) -> Any:
+# The tiny UNet of each family: the class and its config (the layouts the module docstring
+# describes). Every family shares its channel widths and depth; the text-to-image families also
+# share their 4-channel latents and 8-group norms.
+_UNET_SHARED = {"block_out_channels": (32, 64), "layers_per_block": 1, "sample_size": 8, "out_channels": 4}
+_TEXT_UNET_SHARED = {**_UNET_SHARED, "in_channels": 4, "norm_num_groups": 8}
+_UNETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sd15": (
+        "UNet2DConditionModel",
+        {
+            **_TEXT_UNET_SHARED,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "attention_head_dim": 8,
+        },
+    ),
+    "sdxl": (
+        "UNet2DConditionModel",
+        {
+            **_TEXT_UNET_SHARED,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 2),
+            "attention_head_dim": (2, 4),
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 80,  # 6 time ids * 8 + 32 pooled text
+        },
+    ),
+    # Its GroupNorms use 32 groups (not configurable): every channel count is a multiple of 32.
+    "svd": (
+        "UNetSpatioTemporalConditionModel",
+        {
+            **_UNET_SHARED,
+            "in_channels": 8,  # noisy latents + the conditioning image's latents
+            "down_block_types": ("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            "up_block_types": ("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 24,  # fps, motion bucket, noise augmentation: 3 * 8
+            "num_attention_heads": (2, 4),
+            "num_frames": 14,
+        },
+    ),
+}
+# How many CLIP text encoders (and tokenizers) each text-to-image pipeline has.
+_TEXT_ENCODERS = {"sd15": 1, "sdxl": 2}
+
+
+def tiny_unet(family: str, seed: int = 0) -> Any:
+    """The tiny UNet of ``family``, with the weights it has in the tiny pipeline built with
+    ``seed`` (adapters and ControlNets are built against its layer widths)."""
+    import diffusers
+    import torch
+
+    cls, config = _UNETS[check_family(family)]
+    torch.manual_seed(seed)
+    return getattr(diffusers, cls)(**config, cross_attention_dim=CROSS_ATTENTION_DIM[family])
+
+
+def _build_text_pipeline(family: str, seed: int) -> Any:
+    """The tiny ``sd15`` or ``sdxl`` pipeline: the UNet (``seed``), the VAE (``seed + 1``) and its
+    text encoders (``seed + 2`` on; SDXL's second one has the pooled projection); one tokenizer
+    serves both encoders."""
     import diffusers
     import torch
 
     tokenizer = _tokenizer()
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CROSS_ATTENTION_DIM["sd15"],
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    unet = tiny_unet(family, seed)
     torch.manual_seed(seed + 1)
     vae = _vae()
-    torch.manual_seed(seed + 2)
-    text_encoder = _text_encoder(len(tokenizer), 32)
-    return diffusers.StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=_text_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
-    )
-
-
-def _build_sdxl(seed: int) -> Any:
-    import diffusers
-    import torch
-
-    tokenizer = _tokenizer()
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        cross_attention_dim=CROSS_ATTENTION_DIM["sdxl"],
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=80,  # 6 time ids * 8 + 32 pooled text
-        norm_num_groups=8,
-    )
-    torch.manual_seed(seed + 1)
-    vae = _vae()
-    torch.manual_seed(seed + 2)
-    text_encoder = _text_encoder(len(tokenizer), 32)
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = _text_encoder(len(tokenizer), 32, projection=True, projection_dim=32)
-    return diffusers.StableDiffusionXLPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        scheduler=_text_scheduler(),
-        force_zeros_for_empty_prompt=True,
-    )
+    parts: dict[str, Any] = {"unet": unet, "vae": vae, "scheduler": _text_scheduler()}
+    for n in range(_TEXT_ENCODERS[family]):
+        suffix = f"_{n + 1}" if n else ""
+        torch.manual_seed(seed + 2 + n)
+        parts[f"text_encoder{suffix}"] = _text_encoder(len(tokenizer), 32, projection=n == 1, projection_dim=32)
+        parts[f"tokenizer{suffix}"] = tokenizer
+    if family == "sd15":
+        return diffusers.StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False
+        )
+    return diffusers.StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
 
 
 def _build_svd(seed: int) -> Any:
@@ -228,23 +235,7 @@ def _build_svd(seed: int) -> Any:
     import torch
     import transformers
 
-    width = CROSS_ATTENTION_DIM["svd"]
-    torch.manual_seed(seed)
-    # Its GroupNorms use 32 groups (not configurable): every channel count is a multiple of 32.
-    unet = diffusers.UNetSpatioTemporalConditionModel(
-        sample_size=8,
-        in_channels=8,  # noisy latents + the conditioning image's latents
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        block_out_channels=(32, 64),
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=24,  # fps, motion bucket, noise augmentation: 3 * 8
-        layers_per_block=1,
-        cross_attention_dim=width,
-        num_attention_heads=(2, 4),
-        num_frames=14,
-    )
+    unet = tiny_unet("svd", seed)
     torch.manual_seed(seed + 1)
     vae = diffusers.AutoencoderKLTemporalDecoder(
         in_channels=3,
@@ -314,12 +305,7 @@ def build_tiny_model(family: str, out_dir: Path, *, seed: int = 0) -> Path:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if family == "sd15":
-        pipe = _build_sd15(seed)
-    elif family == "sdxl":
-        pipe = _build_sdxl(seed)
-    else:
-        pipe = _build_svd(seed)
+    pipe = _build_svd(seed) if family == "svd" else _build_text_pipeline(family, seed)
     with _quiet_saves():
         pipe.save_pretrained(out_dir, safe_serialization=True)
     _finish_folder(out_dir, family)

@@ -125,3 +125,96 @@ def test_a_missing_component_path_names_its_field_and_host(tmp_path, monkeypatch
     )
     with pytest.raises(ModelLoadError, match=r"^identity\.image_encoder '/nowhere/enc': no such folder on worker"):
         load_component("/nowhere/enc", "clip_vision", placement)
+
+
+@pytest.fixture(scope="module")
+def tiny_components(tmp_path_factory) -> dict[str, str]:
+    """Two tiny IP-Adapters (one with its image encoder), a ControlNet and a face pack, by kind."""
+    pytest.importorskip("diffusers")
+    from farm.tiny_components import build_tiny_controlnet, build_tiny_face_pack, build_tiny_ip_adapter
+
+    root = tmp_path_factory.mktemp("components")
+    plain = build_tiny_ip_adapter("sd15", root / "plain")
+    plus = build_tiny_ip_adapter("sd15", root / "plus", plus=True, seed=1, image_encoder=False)
+    return {
+        "ip_adapter": str(plain / "ip-adapter.safetensors"),
+        "ip_adapter_plus": str(plus / "ip-adapter.safetensors"),
+        "clip_vision": str(plain / "image_encoder"),
+        "controlnet": str(build_tiny_controlnet("sd15", root / "controlnet")),
+        "face_analysis": str(build_tiny_face_pack(root / "antelopev2")),
+    }
+
+
+def _component_resources(tmp_path, **worker):
+    from farm.settings import FarmSettings
+    from farm.worker.runtime import WorkerResources
+
+    settings = FarmSettings(_env_file=None, data_dir=tmp_path / "data", worker={"device": "cpu", **worker})
+    return WorkerResources.create(settings, name="components")
+
+
+def test_component_sizes_count_their_weights(tiny_components, tmp_path) -> None:
+    """What each kind of component counts against ``worker.component_cache_mb``: its tensors, or
+    for a face pack (weights in ONNX Runtime) its .onnx files."""
+    from pathlib import Path
+
+    from farm.worker.components import component_bytes
+
+    with _component_resources(tmp_path, component_cache_mb=16) as res:
+        cache = res.component_cache()
+        assert (cache.budget_bytes, cache.name) == (16 << 20, "component cache")
+        adapter = cache.get(tiny_components["ip_adapter"], "ip_adapter")
+        tensors = [*adapter.pipeline.projection.parameters(), *(t for kv in adapter.pipeline.layers for t in kv)]
+        assert adapter.size_bytes == sum(t.numel() * t.element_size() for t in tensors) > 0
+        encoder = cache.get(tiny_components["clip_vision"], "clip_vision")
+        module = encoder.pipeline
+        expected = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+        assert encoder.size_bytes == expected > 0
+        controlnet = cache.get(tiny_components["controlnet"], "controlnet")
+        assert controlnet.size_bytes > 0
+        pytest.importorskip("insightface")
+        faces = cache.get(tiny_components["face_analysis"], "face_analysis/cpu")
+        onnx = sum(f.stat().st_size for f in Path(tiny_components["face_analysis"]).glob("*.onnx"))
+        assert faces.size_bytes == onnx > 0
+        assert cache.resident_bytes == sum(m.size_bytes for m in (adapter, encoder, controlnet, faces))
+        assert cache.evictions == 0  # all of it fits in 16 MiB
+        torch = pytest.importorskip("torch")
+        assert component_bytes(torch.zeros(4, 8)) == 4 * 8 * 4
+
+
+def test_component_cache_evicts_the_least_recently_used_past_its_budget(tiny_components, tmp_path, caplog) -> None:
+    """A budget that fits one component: loading a second evicts the first (with the model cache's
+    counters and log line), and the one being handed out is never evicted, even alone over budget."""
+    import logging
+
+    first, second = tiny_components["ip_adapter"], tiny_components["ip_adapter_plus"]
+    with _component_resources(tmp_path) as res:
+        cache = res.component_cache()
+        assert cache.budget_bytes == 8_000 << 20  # the default worker.component_cache_mb
+        size = cache.get(first, "ip_adapter").size_bytes
+        cache.budget_bytes = size + 1  # room for the first adapter only
+        caplog.set_level(logging.INFO, logger="farm.worker.model_cache")
+        cache.get(first, "ip_adapter")
+        cache.get(second, "ip_adapter")
+        assert cache.resident() == [(second, "ip_adapter")]
+        assert (cache.loads, cache.hits, cache.evictions) == (2, 1, 1)
+        evicted = [r.getMessage() for r in caplog.records if "evicted" in r.getMessage()]
+        assert len(evicted) == 1
+        assert evicted[0].startswith(f"component cache: evicted ip_adapter:{first} (")
+        assert evicted[0].endswith(f"to stay within its {(size + 1) / 2**20:.1f} MiB budget")
+
+        cache.budget_bytes = 1  # smaller than any component
+        cache.get(first, "ip_adapter")  # the second goes; the first stays though over budget
+        assert cache.resident() == [(first, "ip_adapter")]
+        assert cache.get(first, "ip_adapter").size_bytes > cache.budget_bytes
+        stats = cache.stats()
+        assert (stats["loads"], stats["evictions"], stats["resident"]) == (3, 2, [f"ip_adapter:{first}"])
+
+
+def test_component_cache_budget_is_a_setting() -> None:
+    from farm.settings import FarmSettings
+
+    assert FarmSettings(_env_file=None).worker.component_cache_mb == 8_000
+    assert FarmSettings(_env_file=None, worker={"component_cache_mb": 512}).worker.component_cache_mb == 512
+    with pytest.raises(ValueError, match="component_cache_mb"):
+        FarmSettings(_env_file=None, worker={"component_cache_mb": 0})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -30,27 +29,28 @@ def worker(
     cfg = settings()
     selected = known_queues([q.strip() for q in (queues.split(",") if queues else [*cfg.worker.queues, CONTROL_QUEUE])])
     app = create_app(cfg)
-    resources = WorkerResources.create(cfg, name)
-    app.farm_resources = resources
-    if CONTROL_QUEUE not in selected:
-        _warn_without_control(resources)
-    for ref in preload:
-        family, _, model = ref.partition(":")
-        loaded = resources.model_cache().get(model, family)
-        console.print(f"pinned {family} model {model} ({loaded.load_seconds:.2f}s)")
-    if cfg.worker.metrics_port is not None:
-        from farm.worker.metrics import WorkerMetrics
+    # Closed at Celery's worker_shutdown (a warm shutdown: SIGTERM, Ctrl+C), else when this block
+    # ends (a cold shutdown, a failed start): threads stopped, models freed, connections closed.
+    with WorkerResources.create(cfg, name) as resources:
+        app.farm_resources = resources
+        if CONTROL_QUEUE not in selected:
+            _warn_without_control(resources)
+        for ref in preload:
+            family, _, model = ref.partition(":")
+            loaded = resources.model_cache().get(model, family)
+            console.print(f"pinned {family} model {model} ({loaded.load_seconds:.2f}s)")
+        if cfg.worker.metrics_port is not None:
+            from farm.worker.metrics import WorkerMetrics
 
-        resources.metrics = WorkerMetrics()
-        resources.metrics.serve(cfg.worker.metrics_port, cfg.worker.metrics_address)
-        console.print(f"metrics on http://{cfg.worker.metrics_address}:{cfg.worker.metrics_port}/metrics")
-    with contextlib.ExitStack() as running:
-        running.enter_context(WorkerHeartbeat(resources, selected))
+            resources.metrics = WorkerMetrics()
+            resources.metrics.serve(cfg.worker.metrics_port, cfg.worker.metrics_address)
+            console.print(f"metrics on http://{cfg.worker.metrics_address}:{cfg.worker.metrics_port}/metrics")
+        resources.hold(WorkerHeartbeat(resources, selected), "heartbeat")
         if CONTROL_QUEUE in selected and cfg.reconcile.enabled:
             from farm.reconciler import Reconciler, ReconcilerLoop
 
             reconciler = Reconciler(cfg, resources.session_factory, app, resources.store, resources.metrics)
-            running.enter_context(ReconcilerLoop(reconciler))
+            resources.hold(ReconcilerLoop(reconciler), "reconciler")
         # Tasks run one at a time on a pool thread; this thread runs the consumer loop.
         app.worker_main(worker_argv(selected, f"{resources.name}@%h", loglevel))
 

@@ -3,7 +3,8 @@ checkpoints, CLIP vision encoders, ControlNets and face-analysis packs. Used as 
 :class:`~farm.worker.model_cache.ModelCache` (``family`` names the kind of component), so each is
 loaded once per worker process and then reused across jobs; a job switch only swaps the attention
 patches built from them. A file that cannot be loaded is a :class:`ModelLoadError` naming the
-spec field that points at it."""
+spec field that points at it. :func:`component_bytes` is what each one counts against the
+``worker.component_cache_mb`` budget."""
 
 from __future__ import annotations
 
@@ -23,6 +24,24 @@ SPEC_PATHS = {
     "clip_vision": ("identity.image_encoder", "folder"),
     "controlnet": ("identity.controlnet", "folder"),
 }
+
+
+def component_bytes(component: Any) -> int:
+    """The memory a loaded component holds: its tensors (parameters and buffers of a module, an
+    IP-Adapter's projection and K/V weights, a tensor of negative tokens) or, for a face-analysis
+    pack whose weights live in ONNX Runtime, its ``.onnx`` files' sizes."""
+    if hasattr(component, "numel") and hasattr(component, "element_size"):  # a tensor
+        return int(component.numel() * component.element_size())
+    if callable(getattr(component, "parameters", None)):  # a torch module (encoder, ControlNet)
+        tensors = [*component.parameters(), *component.buffers()]
+        return sum(int(t.numel() * t.element_size()) for t in tensors)
+    if hasattr(component, "projection") and hasattr(component, "layers"):  # patching.ip_adapter.IPAdapter
+        layers = sum(component_bytes(k) + component_bytes(v) for k, v in component.layers)
+        return component_bytes(component.projection) + layers
+    folder = getattr(component, "folder", None)  # patching.face_analysis.FaceAnalyzer
+    if isinstance(folder, Path):
+        return sum(f.stat().st_size for f in folder.glob("*.onnx"))
+    return 0
 
 
 def _from_folder(cls: Any, path: str, label: str, what: str, placement: Placement) -> tuple[Any, str]:

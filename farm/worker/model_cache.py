@@ -2,13 +2,17 @@
 
 A :class:`ModelCache` is owned by one worker process (created at worker start, never a module
 global). It loads a pipeline once, hands out the same object on every later request, and
-evicts the least recently used pipeline when the memory budget would be exceeded.
+evicts the least recently used pipeline when the memory budget would be exceeded (never the one
+being handed out). A second cache of the same kind holds the auxiliary components (IP-Adapters,
+image encoders, ControlNets, face analysis) under its own budget. :meth:`ModelCache.clear`
+drops everything at worker shutdown.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -23,6 +27,7 @@ from farm.errors import UserError
 from farm.worker.devices import Placement
 from farm.worker.memory import release_memory
 
+log = logging.getLogger(__name__)
 PIPELINE_CLASSES = {
     "sd15": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
@@ -184,17 +189,23 @@ def pipeline_bytes(pipeline: Any) -> int:
 
 
 class ModelCache:
-    """LRU cache of loaded pipelines under a memory budget; counts loads and hits."""
+    """LRU cache of loaded pipelines (or, with another ``loader`` and ``measure``, components)
+    under a memory budget; counts loads, hits and evictions. ``name`` is how its log lines call it."""
 
     def __init__(
         self,
         placement: Placement,
         budget_bytes: int,
         loader: Callable[[str, str, Placement], tuple[Any, str]] = load_pipeline,
+        *,
+        measure: Callable[[Any], int] = pipeline_bytes,
+        name: str = "model cache",
     ) -> None:
         self.placement = placement
         self.budget_bytes = budget_bytes
+        self.name = name
         self._loader = loader
+        self._measure = measure
         self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0
@@ -212,20 +223,41 @@ class ModelCache:
                 return loaded
             started = time.perf_counter()
             pipeline, model_hash = self._loader(model, family, self.placement)
-            loaded = LoadedModel(key, pipeline, model_hash, pipeline_bytes(pipeline), time.perf_counter() - started)
+            loaded = LoadedModel(key, pipeline, model_hash, self._measure(pipeline), time.perf_counter() - started)
             self.loads += 1
             self._models[key] = loaded
             self._evict(keep=key)
             return loaded
 
     def _evict(self, keep: tuple[str, str]) -> None:
+        """Least recently used first until the resident models fit the budget; never ``keep``
+        (the model being handed out), which stays even when it alone is over the budget."""
         before = self.evictions
         while self.resident_bytes > self.budget_bytes and len(self._models) > 1:
             oldest = next(k for k in self._models if k != keep)
-            del self._models[oldest]
+            evicted = self._models.pop(oldest)
             self.evictions += 1
+            log.info(
+                "%s: evicted %s:%s (%.1f MiB, last used %.0f s ago) to stay within its %.1f MiB budget",
+                self.name,
+                oldest[1],
+                oldest[0],
+                evicted.size_bytes / 2**20,
+                time.monotonic() - evicted.last_used,
+                self.budget_bytes / 2**20,
+            )
         if self.evictions > before:  # only when this load pushed a model out (gc costs ~0.25 s)
             release_memory(self.placement.device)
+
+    def clear(self) -> int:
+        """Drop every resident model (with its patcher and derived pipelines), so that its memory
+        is freed once nothing else holds it (the caller collects the garbage and empties the CUDA
+        cache: :func:`farm.worker.memory.release_memory`); returns how many there were. A render
+        that still holds one keeps it until it ends. The cache stays usable."""
+        with self._lock:
+            dropped = len(self._models)
+            self._models.clear()
+        return dropped
 
     @property
     def resident_bytes(self) -> int:
@@ -241,4 +273,5 @@ class ModelCache:
             "evictions": self.evictions,
             "resident": [f"{family}:{model}" for model, family in self._models],
             "resident_bytes": self.resident_bytes,
+            "budget_bytes": self.budget_bytes,
         }
