@@ -95,12 +95,16 @@ def find_schedule(settings: FarmSettings, name: str) -> BulkSchedule:
 
 
 def start_scheduled_bulk(app: Any, res: Any, name: str, now: datetime | None = None) -> dict[str, Any]:
-    """Submit tonight's run of schedule ``name``, feeding until its ``window_end``."""
-    from farm.client import FarmClient
+    """What ``farm.start_bulk`` does: submit tonight's run of schedule ``name``, feeding until its
+    ``window_end``, with the worker's own resources (``res``: settings, session factory, store)
+    and Celery ``app``. Returns the task's result."""
+    from farm.bulk import submit_and_feed
 
     entry = find_schedule(res.settings, name)
     now = now or datetime.now(UTC)
     until = next_at(now, entry.window_end, entry.timezone) if entry.window_end else None
-    with FarmClient(res.settings) as client:
-        result = client.submit_bulk(entry.name, entry.base, entry.manifest, feed_until=until, now=now)
+    window = res.settings.bulk.window_per_queue
+    result = submit_and_feed(
+        app, res.session_factory, res.store, window, entry.name, entry.base, entry.manifest, feed_until=until, now=now
+    )
     return {**result, "feed_until": until.isoformat() if until else None}

@@ -8,6 +8,10 @@ night, or after a crash) adds only rows whose ids it does not have: rows already
 never rendered again, rows in flight carry on. Each row's output key is
 ``{output_prefix}/{bulk name}/{row id}.{ext}``: stable across runs, and the dataset export
 (:func:`export_rows`) lists it with the row's parameters, seed, model hash and sha256.
+
+:func:`submit_and_feed` is the whole submission, from a base spec file and a manifest file (or an
+object in the store) to the first window fed: ``FarmClient.submit_bulk`` and the nightly
+``farm.start_bulk`` task (with the worker's own database, store and Celery app) both call it.
 """
 
 from __future__ import annotations
@@ -17,22 +21,30 @@ import json
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from farm.bulk_manifest import ManifestRow
+from farm.bulk_manifest import ManifestRow, read_manifest, read_manifest_file
 from farm.errors import NotFound, UserError
+from farm.feeder import feed
+from farm.inputs import upload_inputs
 from farm.job_spec import JobSpec
 from farm.kinds import DEFAULT_KIND, KINDS, job_kind
 from farm.scheduler import job_row, requeue_failed
 from farm.sharding import queue_for
+from farm.spec_files import read_spec_file
 from farm.specs import parse_spec
 from storage.chunking import insert_rows
+from storage.db import session_scope
 from storage.models import Artifact, BulkJob, Job, Shard, utcnow
 from storage.objects.keys import check_output_folder, join_key, validate_part, validate_prefix
 from storage.status import JobStatus, ShardStatus
+
+if TYPE_CHECKING:
+    from storage.objects import ObjectStore
 
 
 def group_spec(base: dict[str, Any], row: ManifestRow) -> dict[str, Any]:
@@ -115,6 +127,55 @@ def submit_bulk(
         "jobs": jobs,
         "shards": shards,
     }
+
+
+def submit_and_feed(
+    app: Any,
+    session_factory: Any,
+    store: ObjectStore,
+    window: int,
+    name: str,
+    base: Any,
+    manifest: str | Path,
+    *,
+    feed_until: datetime | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Create or extend the bulk job ``name``: ``base`` (a spec dict or file) with the rows of
+    ``manifest`` (a local JSONL/CSV file, kept in ``store``, or ``store:<key>``); then top the
+    windows up (``window`` per queue, as of ``now``). Everything is checked before anything is
+    stored. Returns counts, with ``fed``: how many shards were sent."""
+    folder = Path.cwd()
+    if isinstance(base, str | Path):
+        folder = Path(base).parent
+        base = read_spec_file(Path(base))
+    source = str(manifest)
+    upload = None
+    if source.startswith("store:"):
+        key = source.removeprefix("store:")
+        data = store.get_bytes(key)
+    else:
+        data = read_manifest_file(manifest)
+        digest = hashlib.sha256(data).hexdigest()
+        suffix = ".csv" if source.lower().endswith(".csv") else ".jsonl"
+        key = join_key("inputs", "bulk", validate_part(name, "name"), f"{digest}{suffix}")
+        upload = "text/csv" if suffix == ".csv" else "application/jsonl"
+    # Everything is checked before anything is stored: a refused bulk leaves no object behind
+    # (upload_inputs validates a spec with input files before uploading them).
+    rows = read_manifest(data, source)
+    check_bulk_kind(base)
+
+    def checked(spec: Any) -> Any:
+        check_base(spec)
+        return spec
+
+    base = upload_inputs(base, store, folder, check=checked)
+    if upload is not None:
+        store.put_bytes(key, data, content_type=upload)
+    with session_scope(session_factory) as session:
+        result = submit_bulk(session, name, base, rows, manifest_key=key, feed_until=feed_until)
+    result["fed"] = feed(app, session_factory, window, now)
+    return result
 
 
 def _insert_group(

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import uuid
@@ -29,7 +28,7 @@ from farm.specs import parse_spec
 from farm.waiting import why_waiting
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Job
-from storage.objects.keys import contact_sheet_key, join_key, manifest_key, validate_part
+from storage.objects.keys import contact_sheet_key, manifest_key
 from storage.recovery import unfinished_shard
 from storage.registry import list_workers
 from storage.status import JOB_TERMINAL, JobStatus
@@ -278,40 +277,12 @@ class FarmClient:
         """Create or extend the bulk job ``name``: ``base`` (a spec dict or file) with the rows of
         ``manifest`` (a local JSONL/CSV file, or ``store:<key>``). Only rows it does not have yet
         are added; then the windows are topped up. Returns counts."""
-        from farm.bulk import check_base, check_bulk_kind, submit_bulk
-        from farm.bulk_manifest import read_manifest, read_manifest_file
+        from farm.bulk import submit_and_feed
 
-        folder = Path.cwd()
-        if isinstance(base, str | Path):
-            folder = Path(base).parent
-            base = read_spec_file(Path(base))
-        source = str(manifest)
-        upload = None
-        if source.startswith("store:"):
-            key = source.removeprefix("store:")
-            data = self.store.get_bytes(key)
-        else:
-            data = read_manifest_file(manifest)
-            digest = hashlib.sha256(data).hexdigest()
-            suffix = ".csv" if source.lower().endswith(".csv") else ".jsonl"
-            key = join_key("inputs", "bulk", validate_part(name, "name"), f"{digest}{suffix}")
-            upload = "text/csv" if suffix == ".csv" else "application/jsonl"
-        # Everything is checked before anything is stored: a refused bulk leaves no object behind
-        # (upload_inputs validates a spec with input files before uploading them).
-        rows = read_manifest(data, source)
-        check_bulk_kind(base)
-
-        def checked(spec: Any) -> Any:
-            check_base(spec)
-            return spec
-
-        base = upload_inputs(base, self.store, folder, check=checked)
-        if upload is not None:
-            self.store.put_bytes(key, data, content_type=upload)
-        with session_scope(self._sessions) as session:
-            result = submit_bulk(session, name, base, rows, manifest_key=key, feed_until=feed_until)
-        result["fed"] = self.feed_bulk(now)
-        return result
+        window = self.settings.bulk.window_per_queue
+        return submit_and_feed(
+            self.app, self._sessions, self.store, window, name, base, manifest, feed_until=feed_until, now=now
+        )
 
     def feed_bulk(self, now: datetime | None = None) -> int:
         """Top the bulk windows up (as of ``now``); returns how many shards were sent."""

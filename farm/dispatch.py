@@ -53,6 +53,21 @@ def shard_labels(session: Any, shard_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID
     return labels
 
 
+def shard_route(session: Any, shard_id: uuid.UUID) -> dict[str, Any]:
+    """How to send the shard again: its queue, its job's priority and its label for Flower (the
+    keyword arguments of :func:`publish_shard`)."""
+    from sqlalchemy import select
+
+    from storage.models import Job, Shard
+
+    row = session.execute(
+        select(Shard.queue, Shard.index, Job.priority, Job.kind, Job.family)
+        .join(Job, Job.id == Shard.job_id)
+        .where(Shard.id == shard_id)
+    ).one()
+    return {"queue": row.queue, "priority": row.priority, "label": ShardLabel(row.index, row.kind, row.family)}
+
+
 def job_argsrepr(job_id: uuid.UUID | str) -> str:
     return f"job={str(job_id)[:SHORT_ID]}"
 
@@ -164,3 +179,22 @@ def send_pending(
                 return sent, False
             after = rows[-1].index
     return sent, True
+
+
+def schedule(app: Celery, res: Any, job_id: uuid.UUID) -> dict[str, Any]:
+    """What a scheduling message does (``farm.schedule_job``): split the job into shards and send
+    them, at most :data:`SCHEDULE_SLICE` per message; a larger job sends the rest from a new
+    scheduling message, behind the control work queued meanwhile. Each step waits out service
+    outages on its own (``res.outlast``). Returns the task's result."""
+    from farm.scheduler import create_shards
+    from storage.db import session_scope
+
+    def run() -> tuple[int, bool]:  # repeatable: a second run publishes the shards still pending
+        with session_scope(res.session_factory) as session:
+            running = create_shards(session, job_id)
+        return send_pending(app, res.session_factory, job_id, limit=SCHEDULE_SLICE) if running else (0, False)
+
+    sent, more = res.outlast(run, f"job {job_id}: schedule")
+    if more:
+        res.outlast(lambda: publish_schedule(app, job_id), f"job {job_id}: schedule the rest")
+    return {"job_id": str(job_id), "shards_sent": sent, "more": more}

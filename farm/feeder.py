@@ -81,3 +81,16 @@ def feed(app: Any, session_factory: Any, window: int, now: datetime | None = Non
         sent = publish_shards(app, dispatches, labels=shard_labels(session, [d.shard_id for d in dispatches]))
         mark_shards_queued(session, sent)
     return len(sent)
+
+
+def top_up(app: Any, res: Any) -> int:
+    """:func:`feed` with a worker's resources (``res``: settings, session factory, ``outlast``),
+    waiting out service outages. Returns how many shards were sent."""
+    window = res.settings.bulk.window_per_queue
+    return res.outlast(lambda: feed(app, res.session_factory, window), "bulk feed")
+
+
+def feed_windows(app: Any, res: Any) -> dict[str, int]:
+    """What ``farm.feed_bulk`` does (``farm beat`` sends it every ``bulk.feed_interval_s``): top
+    the bulk windows up. Returns the task's result."""
+    return {"fed": top_up(app, res)}

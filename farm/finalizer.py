@@ -5,6 +5,8 @@ written, so a store that refuses writes (full, read-only, restarting) can never 
 job in ``running``. :func:`write_outputs` then writes the manifest and the contact sheet once per
 job end (``job.outputs_written_at``): late or duplicate finalize messages find them written and
 do nothing, and a write the store refused is left for the reconciler to try again with backoff.
+:func:`finalize_and_feed` is what a finalize message does: finalize, then top the bulk windows up
+when the job feeds from a bulk job.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from farm.errors import StorageError
+from farm.feeder import top_up
 from farm.manifest import write_job_outputs
 from farm.scheduler import finalize_job, job_summary
 from storage.db import session_scope
@@ -76,3 +79,18 @@ def write_outputs(session_factory: Any, store: ObjectStore, job_id: uuid.UUID) -
             .execution_options(synchronize_session=False)
         )
     return True
+
+
+def finalize_and_feed(app: Any, res: Any, job_id: uuid.UUID) -> dict[str, Any]:
+    """What ``farm.finalize_job`` does: :func:`finalize` the job, then, for a bulk job, top the
+    bulk windows up (its shard's end freed a place). Each step waits out service outages on its
+    own (``res.outlast``). Returns the task's result."""
+    done = res.outlast(lambda: finalize(res.session_factory, res.store, job_id), f"job {job_id}: finalize")
+    fed = top_up(app, res) if done.bulk else 0
+    return {
+        "job_id": str(job_id),
+        "status": done.status.value,
+        "all_terminal": done.rollup.all_terminal,
+        "outputs_written": done.outputs_written,
+        "fed": fed,
+    }

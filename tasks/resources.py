@@ -1,14 +1,13 @@
-"""The resources a worker process owns, attached to its Celery app and built on first use
-(after any fork, so CUDA is initialised in the process that renders), and how a task waits out a
-service outage."""
+"""The Celery glue every task shares: the resources a worker process owns, attached to its Celery
+app and built on first use (after any fork, so CUDA is initialised in the process that renders),
+and what becomes of a message whose work waited for a service longer than it may."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from collections.abc import Iterator
+from typing import Any
 
 _lock = threading.Lock()
 
@@ -24,14 +23,15 @@ def worker_resources(app: Any):
         return res
 
 
-def outlasting(res: Any, step: Callable[[], T], what: str) -> T:
-    """``step()`` waited through service outages (``worker.service_wait_s``); past that the
+@contextlib.contextmanager
+def requeue_on_outage() -> Iterator[None]:
+    """The farm's steps wait through service outages (``worker.service_wait_s``); past that the
     message goes back to its queue instead of being acknowledged as failed, so nothing is lost."""
     from celery.exceptions import Reject
 
     from farm.outages import ServiceUnavailable
 
     try:
-        return res.outlast(step, what)
+        yield
     except ServiceUnavailable as exc:
         raise Reject(str(exc), requeue=True) from exc

@@ -324,10 +324,11 @@ def test_beat_fires_the_nightly_entry(monkeypatch) -> None:
 
 
 def test_the_nightly_task_submits_and_feeds_until_the_window_end(tmp_path) -> None:
-    """What ``farm.start_bulk`` does when the entry fires: the night's rows, feeding until 06:00."""
-    from types import SimpleNamespace
-
+    """What ``farm.start_bulk`` does when the entry fires, with a worker's own resources and Celery
+    app: the night's rows, feeding until 06:00."""
     from farm.beat import start_scheduled_bulk
+    from farm.celery_app import create_app
+    from farm.worker.runtime import WorkerResources
     from storage.migrate import upgrade
 
     (tmp_path / "base.json").write_text(json.dumps(BASE))
@@ -339,11 +340,16 @@ def test_the_nightly_task_submits_and_feeds_until_the_window_end(tmp_path) -> No
     )
     upgrade(settings.database_url)
     night = datetime(2026, 11, 25, 1, 0, tzinfo=UTC)  # 02:00 in Berlin
-    result = start_scheduled_bulk(None, SimpleNamespace(settings=settings), "nightly", now=night)
-    assert (result["new_rows"], result["fed"]) == (6, 1)  # shard_size 4: 2 shards, a window of 1
-    assert result["feed_until"] == "2026-11-25T05:00:00+00:00"
-    again = start_scheduled_bulk(None, SimpleNamespace(settings=settings), "nightly", now=night + timedelta(days=1))
-    assert (again["new_rows"], again["known_rows"], again["fed"]) == (0, 6, 0)  # the window is still full
+    app, res = create_app(settings), WorkerResources.create(settings, name="control")
+    try:
+        result = start_scheduled_bulk(app, res, "nightly", now=night)
+        assert (result["new_rows"], result["fed"]) == (6, 1)  # shard_size 4: 2 shards, a window of 1
+        assert result["feed_until"] == "2026-11-25T05:00:00+00:00"
+        again = start_scheduled_bulk(app, res, "nightly", now=night + timedelta(days=1))
+        assert (again["new_rows"], again["known_rows"], again["fed"]) == (0, 6, 0)  # the window is still full
+    finally:
+        app.close()
+        res.close()
 
 
 def test_a_manifest_in_the_bucket(tmp_path) -> None:

@@ -132,3 +132,41 @@ def test_farm_has_no_import_cycles() -> None:
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+def test_tasks_call_only_farm_entry_points() -> None:
+    """Tasks are thin (issue 21): each receives a message, parses its ids, gets the worker's
+    resources and calls one farm function. They import from ``farm`` only these entry-point
+    modules (public names), and never SQLAlchemy or ``storage``: queries and policy live in farm."""
+    entry_points = {
+        "farm.beat",  # start_scheduled_bulk
+        "farm.dispatch",  # schedule
+        "farm.feeder",  # feed_windows
+        "farm.finalizer",  # finalize_and_feed
+        "farm.shard_delivery",  # deliver_shard
+        "farm.scheduler",  # parse_job_id
+        "farm.worker.runtime",  # WorkerResources (tasks.resources)
+        "farm.outages",  # ServiceUnavailable (tasks.resources)
+    }
+    forbidden_roots = {"sqlalchemy", "storage"}
+    offenders: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "tasks").rglob("*.py")):
+        bad: list[str] = []
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                modules = [(alias.name, None) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [(node.module, alias.name) for alias in node.names]
+            else:
+                continue
+            for module, name in modules:
+                root = module.split(".")[0]
+                if root in forbidden_roots:
+                    bad.append(module)
+                elif root == "farm":
+                    full = f"{module}.{name}" if module == "farm" and name else module
+                    if full not in entry_points or (name or "").startswith("_"):
+                        bad.append(f"{module}:{name}" if name else module)
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = sorted(bad)
+    assert offenders == {}

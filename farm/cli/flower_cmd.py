@@ -19,7 +19,7 @@ from farm.errors import ConfigError
 
 USER_VAR, PASSWORD_VAR = "FARM_FLOWER__USER", "FARM_FLOWER__PASSWORD"
 # The tasks page's columns unless FLOWER_TASKS_COLUMNS says otherwise: Flower 2.2 leaves out args
-# and result, which say which job and shard a task renders and what it did (tasks.shards).
+# and result, which say which job and shard a task renders and what it did (farm.shard_delivery).
 TASKS_COLUMNS = "name,args,state,received,runtime,worker,result"
 
 

@@ -1,0 +1,91 @@
+"""One delivery of a shard message (``farm.render_shard``): execute the shard, then send what its
+outcome calls for, and say what happened in the task's result (Flower shows it).
+
+:func:`deliver_shard` runs the shard (:func:`~farm.worker.runtime.execute_shard`);
+:func:`follow_up` is the policy for what comes after:
+
+- ``rejected`` (this worker is blocked from the job): pause, then send the shard again at once;
+- any other outcome with ``retry_in`` (a retryable failure, a shard held by a live lease, a shard
+  handed back between items): send it again with that countdown;
+- a terminal outcome (``succeeded``, ``failed``, ``cancelled``): send the job's finalize message.
+
+Each step waits out a restarting database, broker or store on its own (``res.outlast``), so a
+step that already happened (the render) is not repeated because a later one (a publish) had to
+wait; past ``worker.service_wait_s`` it raises :class:`~farm.outages.ServiceUnavailable`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from farm.dispatch import publish_finalize, publish_shard, shard_route
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from farm.worker.runtime import ShardOutcome, WorkerResources
+
+
+def deliver_shard(
+    app: Celery, res: WorkerResources, shard_id: uuid.UUID, job_id: uuid.UUID, sent_at: float | None = None
+) -> dict[str, Any]:
+    """Execute the shard, act on its outcome (:func:`follow_up`) and return the task's result."""
+    from farm.worker.runtime import execute_shard
+
+    outcome = res.outlast(lambda: execute_shard(res, shard_id, sent_at), f"shard {shard_id}")
+    follow_up(app, res, shard_id, job_id, outcome)
+    return shard_result(str(shard_id), str(job_id), outcome)
+
+
+def follow_up(
+    app: Celery,
+    res: Any,
+    shard_id: uuid.UUID,
+    job_id: uuid.UUID,
+    outcome: ShardOutcome,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Send what ``outcome`` calls for: the shard again (handed back, or retried with a countdown)
+    and, once the shard has ended, the job's finalize message. ``res`` needs ``session_factory``
+    and ``outlast``."""
+    if outcome.status == "rejected":
+        # Blocked from this job: hand the shard back. Sent now, not with a countdown: a message
+        # with an ETA is held by whichever worker receives it, and on Redis that kept being this
+        # one; while this task runs this worker takes no other message (one at a time), so
+        # another one receives it. The pause keeps a lone blocked worker from spinning.
+        sleep(outcome.retry_in or 0.0)
+        back = f"shard {shard_id}: hand back"
+        res.outlast(lambda: publish_shard(app, shard_id, job_id, **_route(res, shard_id)), back)
+    elif outcome.retry_in is not None:
+        # A retryable failure, a shard held by a lease that may belong to a dead worker, or a
+        # shard that stopped between items and went back to the queue (``handed_back``).
+        res.outlast(
+            lambda: publish_shard(app, shard_id, job_id, **_route(res, shard_id), countdown=outcome.retry_in),
+            f"shard {shard_id}: requeue",
+        )
+    if outcome.terminal:
+        res.outlast(lambda: publish_finalize(app, job_id), f"job {job_id}: finalize")
+
+
+def _route(res: Any, shard_id: uuid.UUID) -> dict[str, Any]:
+    from storage.db import session_scope
+
+    with session_scope(res.session_factory) as session:
+        return shard_route(session, shard_id)
+
+
+def shard_result(shard_id: str, job_id: str, outcome: ShardOutcome) -> dict[str, Any]:
+    """The task's result, as Flower shows it: what happened, and for a finished shard how many
+    items it rendered and where they are."""
+    result: dict[str, Any] = {"outcome": outcome.status}
+    if outcome.items_done is not None:
+        result["items_done"] = f"{outcome.items_done}/{outcome.items}"
+    if outcome.outputs is not None:
+        result["outputs"] = outcome.outputs
+    if outcome.shard_index is not None:
+        result["shard"] = outcome.shard_index
+    return {**result, "error": outcome.error, "job_id": job_id, "shard_id": shard_id}
