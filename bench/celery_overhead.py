@@ -355,7 +355,8 @@ class Rig:
         from farm.manifest import write_job_outputs
         from farm.scheduler import finalize_job, job_summary, schedule_job, submit_job
         from farm.specs import parse_spec
-        from farm.worker.runtime import WorkerResources, execute_shard
+        from farm.worker.resources import WorkerResources
+        from farm.worker.runtime import execute_shard
         from storage.db import session_scope
         from storage.models import Job
 

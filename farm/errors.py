@@ -41,6 +41,7 @@ __all__ = [
     "StorageError",
     "StorageUnavailable",
     "UserError",
+    "describe_error",
 ]
 
 
@@ -53,3 +54,10 @@ class JobNotScheduled(FarmError):
     def __init__(self, message: str, *, job_id: object) -> None:
         super().__init__(message)
         self.job_id = job_id
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line (at most 2000 characters) saying what went wrong: a farm error's own message, or
+    any other exception's type and first line (``OSError: disk full``)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:2000] if not isinstance(exc, FarmError) else text[:2000]

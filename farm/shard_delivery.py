@@ -26,7 +26,8 @@ from farm.dispatch import publish_finalize, publish_shard, shard_route
 if TYPE_CHECKING:
     from celery import Celery
 
-    from farm.worker.runtime import ShardOutcome, WorkerResources
+    from farm.worker.resources import WorkerResources
+    from farm.worker.runtime import ShardOutcome
 
 
 def deliver_shard(

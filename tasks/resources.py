@@ -13,7 +13,7 @@ _lock = threading.Lock()
 
 
 def worker_resources(app: Any):
-    from farm.worker.runtime import WorkerResources
+    from farm.worker.resources import WorkerResources
 
     with _lock:
         res = getattr(app, "farm_resources", None)

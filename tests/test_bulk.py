@@ -328,7 +328,7 @@ def test_the_nightly_task_submits_and_feeds_until_the_window_end(tmp_path) -> No
     app: the night's rows, feeding until 06:00."""
     from farm.beat import start_scheduled_bulk
     from farm.celery_app import create_app
-    from farm.worker.runtime import WorkerResources
+    from farm.worker.resources import WorkerResources
     from storage.migrate import upgrade
 
     (tmp_path / "base.json").write_text(json.dumps(BASE))

@@ -25,7 +25,8 @@ from farm.scheduler import create_shards, submit_job
 from farm.settings import FarmSettings
 from farm.shard_delivery import deliver_shard, follow_up
 from farm.specs import parse_spec
-from farm.worker.runtime import REJECT_DELAY_S, ShardOutcome, WorkerResources
+from farm.worker.resources import WorkerResources
+from farm.worker.runtime import REJECT_DELAY_S, ShardOutcome
 from storage.blocklist import record_failure_streak
 from storage.db import session_scope
 from storage.leases import claim_shard, finish_shard

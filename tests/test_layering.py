@@ -145,7 +145,7 @@ def test_tasks_call_only_farm_entry_points() -> None:
         "farm.finalizer",  # finalize_and_feed
         "farm.shard_delivery",  # deliver_shard
         "farm.scheduler",  # parse_job_id
-        "farm.worker.runtime",  # WorkerResources (tasks.resources)
+        "farm.worker.resources",  # WorkerResources (tasks.resources)
         "farm.outages",  # ServiceUnavailable (tasks.resources)
     }
     forbidden_roots = {"sqlalchemy", "storage"}

@@ -59,7 +59,7 @@ def test_placement() -> None:
 
 
 def test_job_memo_keeps_the_most_recent_entries() -> None:
-    from farm.worker.runtime import JobMemo
+    from farm.worker.resources import JobMemo
 
     memo = JobMemo(limit=2)
     calls: list[str] = []
@@ -147,7 +147,7 @@ def tiny_components(tmp_path_factory) -> dict[str, str]:
 
 def _component_resources(tmp_path, **worker):
     from farm.settings import FarmSettings
-    from farm.worker.runtime import WorkerResources
+    from farm.worker.resources import WorkerResources
 
     settings = FarmSettings(_env_file=None, data_dir=tmp_path / "data", worker={"device": "cpu", **worker})
     return WorkerResources.create(settings, name="components")

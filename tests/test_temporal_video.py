@@ -278,7 +278,8 @@ def test_a_clip_resumes_from_its_stored_segments(tiny_models, tmp_path: Path) ->
 
     from farm.scheduler import schedule_job, submit_job
     from farm.settings import FarmSettings
-    from farm.worker.runtime import WorkerResources, execute_shard
+    from farm.worker.resources import WorkerResources
+    from farm.worker.runtime import execute_shard
     from storage import migrate
     from storage.db import session_scope
     from storage.models import Artifact

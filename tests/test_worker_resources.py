@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from farm.settings import FarmSettings
-from farm.worker.runtime import ResourcesClosed, WorkerResources
+from farm.worker.resources import ResourcesClosed, WorkerResources
 from storage.db import make_engine, make_session_factory, session_scope
 from tests.fixtures.farm import text_job
 from tests.fixtures.services import free_port

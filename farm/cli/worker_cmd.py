@@ -24,7 +24,7 @@ def worker(
     """Run a worker: one process, one device, models pinned in memory."""
     from farm.celery_app import CONTROL_QUEUE, create_app, worker_argv
     from farm.worker.heartbeat import WorkerHeartbeat
-    from farm.worker.runtime import WorkerResources
+    from farm.worker.resources import WorkerResources
 
     cfg = settings()
     selected = known_queues([q.strip() for q in (queues.split(",") if queues else [*cfg.worker.queues, CONTROL_QUEUE])])
