@@ -348,17 +348,18 @@ class Rig:
 
     def in_process(self, n: int) -> dict[str, Any]:
         """The farm's code for a job of ``n`` no-op shards in this process, without a broker: what
-        the three tasks call (``schedule_job``; per shard ``execute_shard``, then the finalize
-        roll-up), timed, with the SQL it sends counted (events on this process's own engine)."""
-        from sqlalchemy import event, select
+        the tasks call (``schedule_job``; per shard ``execute_shard``, then ``finalize`` when the
+        outcome asks for it, as ``farm.shard_delivery.follow_up`` sends it), timed, with the SQL it
+        sends counted (events on this process's own engine): statements by verb, commits, and the
+        write transactions (a commit after an INSERT, UPDATE or DELETE)."""
+        from sqlalchemy import event
 
-        from farm.manifest import write_job_outputs
-        from farm.scheduler import finalize_job, job_summary, schedule_job, submit_job
+        from farm.finalizer import finalize
+        from farm.scheduler import schedule_job, submit_job
         from farm.specs import parse_spec
         from farm.worker.resources import WorkerResources
         from farm.worker.runtime import execute_shard
         from storage.db import session_scope
-        from storage.models import Job
 
         res = WorkerResources.create(self.settings, name="bench-in-process")
         counts: dict[str, int] = {}
@@ -366,8 +367,19 @@ class Rig:
         def count(what: str) -> None:
             counts[what] = counts.get(what, 0) + 1
 
-        event.listen(res.engine, "before_cursor_execute", lambda c, cur, statement, *a: count(statement.split()[0]))
-        event.listen(res.engine, "commit", lambda conn: count("COMMIT"))
+        def statement(conn: Any, cursor: Any, text: str, *args: Any) -> None:
+            verb = text.split()[0].upper()
+            count(verb)
+            if verb in ("INSERT", "UPDATE", "DELETE"):
+                conn.info["wrote"] = True
+
+        def commit(conn: Any) -> None:
+            count("COMMIT")
+            if conn.info.pop("wrote", False):
+                count("write transactions")
+
+        event.listen(res.engine, "before_cursor_execute", statement)
+        event.listen(res.engine, "commit", commit)
         event.listen(res.engine, "checkout", lambda *a: count("checkout"))
         try:
             from diffusers.utils import logging as diffusers_logging
@@ -380,26 +392,24 @@ class Rig:
                 dispatches = schedule_job(session, job_id)
             counts.clear()
             execute: list[float] = []
-            finalize: list[float] = []
+            finalized: list[float] = []
             for dispatch in dispatches:
                 started = time.perf_counter()
-                outcome = execute_shard(res, dispatch.shard_id)
+                outcome = execute_shard(res, dispatch.shard_id, job_id=job_id)
                 execute.append(time.perf_counter() - started)
                 if outcome.status != "succeeded":
                     raise RuntimeError(f"in-process shard {dispatch.shard_id}: {outcome.status} {outcome.error}")
-                started = time.perf_counter()
-                with session_scope(res.session_factory) as session:  # what farm.finalize_job does
-                    rollup, _ = finalize_job(session, job_id)
-                    session.scalar(select(Job.bulk_id).where(Job.id == job_id))
-                    if rollup.all_terminal:
-                        write_job_outputs(session, res.store, job_id, job_summary(session, job_id))
-                finalize.append(time.perf_counter() - started)
+                if outcome.finalize:  # what farm.finalize_job does (its bulk feed aside)
+                    started = time.perf_counter()
+                    finalize(res.session_factory, res.store, job_id)
+                    finalized.append(time.perf_counter() - started)
         finally:
             res.close()
         return {
             "shards": n,
             "execute_shard_ms": {"median": 1000 * statistics.median(execute), "mean": 1000 * statistics.fmean(execute)},
-            "finalize_ms": {"median": 1000 * statistics.median(finalize[:-1] or finalize), "last": 1000 * finalize[-1]},
+            "finalizes": len(finalized),
+            "finalize_ms": {"median": 1000 * statistics.median(finalized or [0.0]), "last": 1000 * finalized[-1]},
             "per_shard": {k: v / n for k, v in sorted(counts.items())},
         }
 
@@ -491,10 +501,11 @@ def print_result(r: dict[str, Any]) -> None:
             f"{1000 * bodies:.2f} ms of task bodies per shard of {1000 / run['shards_per_s']:.2f} ms"
         )
         ip = bd["in_process"]
-        sql = ", ".join(f"{k} {v:.1f}" for k, v in ip["per_shard"].items())
+        sql = ", ".join(f"{k} {v:.2f}" for k, v in ip["per_shard"].items())
         print(
-            f"  in process, no broker: execute_shard {ip['execute_shard_ms']['median']:.2f} ms, finalize roll-up "
-            f"{ip['finalize_ms']['median']:.2f} ms (medians); per shard: {sql}"
+            f"  in process, no broker: execute_shard {ip['execute_shard_ms']['median']:.2f} ms (median), "
+            f"{ip['finalizes']} finalizes for {ip['shards']} shards ({ip['finalize_ms']['median']:.2f} ms median); "
+            f"per shard: {sql}"
         )
 
 

@@ -93,6 +93,11 @@ class WorkerSettings(_Section):
     progress_interval_s: float = Field(
         default=1.0, ge=0, description="At most one progress write per shard per interval."
     )
+    rollup_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="A running job's counts are rolled up at most once per interval (and when it ends).",
+    )
     max_attempts: int = Field(
         default=3, ge=1, le=20, description="Attempts per shard before a retryable failure is final."
     )

@@ -7,7 +7,9 @@ outcome calls for, and say what happened in the task's result (Flower shows it).
 - ``rejected`` (this worker is blocked from the job): pause, then send the shard again at once;
 - any other outcome with ``retry_in`` (a retryable failure, a shard held by a live lease, a shard
   handed back between items): send it again with that countdown;
-- a terminal outcome (``succeeded``, ``failed``, ``cancelled``): send the job's finalize message.
+- a terminal outcome (``succeeded``, ``failed``, ``cancelled``): send the job's finalize message
+  when the outcome asks for it (a shard that succeeded asks only when it ended the job, when the
+  job's roll-up is due, or for a bulk job, whose window every finalize tops up).
 
 Each step waits out a restarting database, broker or store on its own (``res.outlast``), so a
 step that already happened (the render) is not repeated because a later one (a publish) had to
@@ -36,7 +38,7 @@ def deliver_shard(
     """Execute the shard, act on its outcome (:func:`follow_up`) and return the task's result."""
     from farm.worker.runtime import execute_shard
 
-    outcome = res.outlast(lambda: execute_shard(res, shard_id, sent_at), f"shard {shard_id}")
+    outcome = res.outlast(lambda: execute_shard(res, shard_id, sent_at, job_id), f"shard {shard_id}")
     follow_up(app, res, shard_id, job_id, outcome)
     return shard_result(str(shard_id), str(job_id), outcome)
 
@@ -68,7 +70,7 @@ def follow_up(
             lambda: publish_shard(app, shard_id, job_id, **_route(res, shard_id), countdown=outcome.retry_in),
             f"shard {shard_id}: requeue",
         )
-    if outcome.terminal:
+    if outcome.terminal and outcome.finalize:
         res.outlast(lambda: publish_finalize(app, job_id), f"job {job_id}: finalize")
 
 

@@ -50,6 +50,12 @@ def record_success(session: Session, job_id: uuid.UUID, worker: str) -> None:
     )
 
 
+def has_record(session: Session, job_id: uuid.UUID, worker: str) -> bool:
+    """Whether ``worker`` has failed at the job before (a row exists: a streak, a block)."""
+    found = session.scalar(select(JobWorker.worker).where(JobWorker.job_id == job_id, JobWorker.worker == worker))
+    return found is not None
+
+
 def is_blocked(session: Session, job_id: uuid.UUID, worker: str) -> bool:
     blocked_at = session.scalar(
         select(JobWorker.blocked_at).where(JobWorker.job_id == job_id, JobWorker.worker == worker)

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from storage.errors import InvalidTransition, LeaseLost, NotFound
-from storage.models import Shard, utcnow
+from storage.models import Artifact, Shard, utcnow
 from storage.status import SHARD_TERMINAL, ShardStatus
 from storage.transitions import SHARD_TRANSITIONS, check_shard_transition
 
@@ -198,6 +198,20 @@ def renew_lease(
         values["progress"] = max(0.0, min(1.0, progress))
     _leased_update(session, lease, values, "heartbeat")
     return ShardLease(lease.shard_id, lease.job_id, lease.owner, lease.attempt, lease.fencing_token, expires)
+
+
+def add_artifacts(
+    session: Session, lease: ShardLease, rows: list[dict[str, Any]], *, maybe_written: bool = False
+) -> None:
+    """Insert the artifact rows of outputs this attempt uploaded, stamped with its fencing token.
+    Call it after a leased write (a renewal, the attempt's end) in the same transaction: a
+    fenced-out attempt's rows then never land. ``maybe_written``: an earlier try of this write may
+    have committed before its connection dropped, so rows already there are left out."""
+    if maybe_written and rows:
+        there = set(session.scalars(select(Artifact.key).where(Artifact.key.in_([row["key"] for row in rows]))))
+        rows = [row for row in rows if row["key"] not in there]
+    if rows:
+        session.execute(insert(Artifact), [{**row, "fencing_token": lease.fencing_token} for row in rows])
 
 
 def check_lease(session: Session, lease: ShardLease) -> None:

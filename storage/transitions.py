@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -168,6 +169,20 @@ class JobRollup:
         if self.shards_cancelled:
             return J.CANCELLED
         return J.FAILED if self.shards_done == 0 else J.PARTIAL
+
+
+def claim_rollup(session: Session, job_id: uuid.UUID, every_s: float, now: datetime | None = None) -> bool:
+    """Whether the caller should have a running job rolled up now: true for one caller per
+    ``every_s`` (the job row was last written longer ago; it is touched to say a roll-up is on its
+    way), so shards ending fast do not recompute the job's counts one by one."""
+    now = now or utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.updated_at <= now - timedelta(seconds=every_s))
+        .values(updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
 
 
 def refresh_job_counts(session: Session, job_id: uuid.UUID) -> JobRollup:

@@ -1,8 +1,12 @@
-"""Keeps a shard's lease alive while it renders, and carries progress and stop signals.
+"""Keeps a shard's lease alive while it renders, and carries progress, outputs and stop signals.
 
-A background thread renews the lease every ``interval`` seconds in its own session, writing the
-latest progress with it (so progress costs at most one write per interval). It also watches the
-job: when the job is cancelled, or the lease is lost to another attempt, the renderer's next step
+A background thread wakes every ``interval`` seconds. In one transaction of its own it writes what
+changed since its last write: the latest progress, and the artifact rows of outputs uploaded
+meanwhile (:meth:`LeaseKeeper.add_artifact`), together with a fenced lease renewal; with nothing
+new it renews only every ``renew_every`` seconds. So progress and artifact rows cost at most one
+write per interval, and a shard that ends within one interval writes none: its remaining rows go
+in with the shard's end (:meth:`LeaseKeeper.take_artifacts`). The thread also watches the job:
+when the job is cancelled, or the lease is lost to another attempt, the renderer's next step
 callback raises and the render stops.
 """
 
@@ -10,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from sqlalchemy import select
 
 from farm.errors import FarmError, LeaseLost
 from storage.db import session_scope
-from storage.leases import ShardLease, renew_lease
+from storage.leases import ShardLease, add_artifacts, renew_lease
 from storage.models import Job
 from storage.status import JobStatus
 
@@ -28,14 +33,26 @@ class ShardCancelled(FarmError):
 
 
 class LeaseKeeper:
-    def __init__(self, session_factory: Any, lease: ShardLease, lease_seconds: float, interval: float) -> None:
+    def __init__(
+        self,
+        session_factory: Any,
+        lease: ShardLease,
+        lease_seconds: float,
+        interval: float,
+        renew_every: float | None = None,
+    ) -> None:
         self._factory = session_factory
         self.lease = lease
         self._lease_seconds = lease_seconds
         self._interval = max(0.05, interval)
+        self._renew_every = max(self._interval, renew_every if renew_every is not None else self._interval)
+        self._renewed_at = time.monotonic()  # the claim set the lease
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._progress: tuple[int, float] | None = None
+        self._written: tuple[int, float] | None = None
+        self._artifacts: list[dict[str, Any]] = []
+        self.unsure = False  # the last write failed: it may have landed all the same
         self.lost = threading.Event()
         self.cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{lease.shard_id}", daemon=True)
@@ -52,6 +69,18 @@ class LeaseKeeper:
         with self._lock:
             self._progress = (items_done, progress)
 
+    def add_artifact(self, row: dict[str, Any]) -> None:
+        """An output uploaded by this attempt: its artifact row goes in with the next write."""
+        with self._lock:
+            self._artifacts.append(row)
+
+    def take_artifacts(self) -> list[dict[str, Any]]:
+        """The rows not written yet, for the transaction that ends the attempt (after the thread
+        stopped); :attr:`unsure` says whether some may have landed by a write that failed."""
+        with self._lock:
+            rows, self._artifacts = self._artifacts, []
+        return rows
+
     def check(self) -> None:
         """Raise when rendering must stop (called from the step callback)."""
         if self.lost.is_set():
@@ -60,13 +89,27 @@ class LeaseKeeper:
             raise ShardCancelled(f"job {self.lease.job_id} was cancelled")
 
     def beat(self) -> None:
-        """Renew once now (also used before the first item)."""
+        """One wake-up: write what changed (progress, artifact rows) with a lease renewal, or
+        renew when ``renew_every`` has passed; then look at the job's status."""
         with self._lock:
-            progress = self._progress
-        with session_scope(self._factory) as session:
-            kwargs = {"items_done": progress[0], "progress": progress[1]} if progress else {}
-            self.lease = renew_lease(session, self.lease, self._lease_seconds, **kwargs)
-            status = session.scalar(select(Job.status).where(Job.id == self.lease.job_id))
+            progress, rows = self._progress, self._artifacts
+            self._artifacts = []
+        due = bool(rows) or progress != self._written or time.monotonic() - self._renewed_at >= self._renew_every
+        try:
+            with session_scope(self._factory) as session:
+                if due:
+                    kwargs = {"items_done": progress[0], "progress": progress[1]} if progress else {}
+                    self.lease = renew_lease(session, self.lease, self._lease_seconds, **kwargs)
+                    add_artifacts(session, self.lease, rows, maybe_written=self.unsure)
+                status = session.scalar(select(Job.status).where(Job.id == self.lease.job_id))
+        except BaseException:
+            with self._lock:
+                self._artifacts = rows + self._artifacts
+            self.unsure = True
+            raise
+        self.unsure = False
+        if due:
+            self._renewed_at, self._written = time.monotonic(), progress
         if status == JobStatus.CANCELLED:
             self.cancelled.set()
 

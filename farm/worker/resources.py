@@ -20,6 +20,7 @@ from typing import Any
 from farm.errors import FarmError, describe_error
 from farm.outages import ride_out
 from farm.settings import FarmSettings
+from storage.blocklist import has_record
 from storage.db import make_engine, make_session_factory
 from storage.objects import ObjectStore, open_store
 
@@ -67,6 +68,9 @@ class WorkerResources:
     cache: Any = None  # farm.worker.model_cache.ModelCache, built on first render (imports torch)
     components: Any = None  # a second ModelCache for IP-Adapters, image encoders, ControlNets, face analysis
     memo: JobMemo = field(default_factory=JobMemo)  # per-job derived data (reference embeddings)
+    jobs: JobMemo = field(default_factory=lambda: JobMemo(256))  # job id -> stored spec, bulk or not
+    specs: JobMemo = field(default_factory=lambda: JobMemo(256))  # job id -> parsed spec
+    _blocklist_rows: JobMemo = field(default_factory=lambda: JobMemo(1024), repr=False)
     metrics: Any = None  # farm.worker.metrics.WorkerMetrics when worker.metrics_port is set
     current_shard: uuid.UUID | None = None
     closed: bool = False
@@ -123,6 +127,16 @@ class WorkerResources:
             placement = resolve_placement(self.settings.worker.device, self.settings.worker.dtype)
             self.cache = ModelCache(placement, self.settings.worker.model_cache_mb * (1 << 20))
         return self.cache
+
+    def blocklist_row(self, session: Any, job_id: uuid.UUID) -> bool:
+        """Whether this worker has a failure record on the job (only then can it be blocked from it,
+        or have a streak to end): looked up once per job, then kept by this worker's own failures."""
+        return self._blocklist_rows.remember(job_id, lambda: has_record(session, job_id, self.name))
+
+    def remember_blocklist_row(self, job_id: uuid.UUID) -> None:
+        """This worker just recorded a failure on the job."""
+        self._blocklist_rows.remember(job_id, lambda: True)
+        self._blocklist_rows[job_id] = True
 
     def outlast(self, step: Any, what: str, check: Any = None, landed: Any = None) -> Any:
         """``step()`` retried through database, broker and object-store outages for at most

@@ -27,11 +27,20 @@ from farm.worker.resources import WorkerResources
 from farm.worker.shard_run import ShardHandBack, ShardRun
 from storage.blocklist import is_blocked, record_failure_streak, record_success, unblocked_workers
 from storage.db import session_scope
-from storage.leases import claim_shard, finish_shard, hand_back, lease_remaining, record_failure
+from storage.leases import (
+    ShardClaim,
+    add_artifacts,
+    claim_shard,
+    claim_shard_to_render,
+    finish_shard,
+    hand_back,
+    record_failure,
+)
 from storage.models import Artifact, Job, Shard
 from storage.objects import ObjectStore
-from storage.recovery import fail_crash_loop
+from storage.recovery import fail_crash_loop, unfinished_shard
 from storage.status import ShardStatus
+from storage.transitions import claim_rollup
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +72,7 @@ class ShardOutcome:
     items: int | None = None
     items_done: int | None = None  # of ``items``, when the shard succeeded
     outputs: str | None = None  # the folder (or bucket prefix) of its outputs
+    finalize: bool = True  # send the job's finalize (a terminal outcome; see _deliver)
 
     @property
     def terminal(self) -> bool:
@@ -82,10 +92,13 @@ class _Delivery:
     outputs: str | None = None
 
 
-def execute_shard(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None = None) -> ShardOutcome:
-    """Render one shard if this delivery can take it; safe to call for any delivery."""
+def execute_shard(
+    res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None = None, job_id: uuid.UUID | None = None
+) -> ShardOutcome:
+    """Render one shard if this delivery can take it; safe to call for any delivery. ``job_id``:
+    the shard's job as its message says (saves a query when the blocklist is on)."""
     delivery = _Delivery()
-    outcome = _deliver(res, shard_id, sent_at, delivery)
+    outcome = _deliver(res, shard_id, sent_at, delivery, job_id)
     if res.metrics is not None:
         res.metrics.observe_shard(delivery.queue, outcome.status, delivery.timings, delivery.items, delivery.seconds)
     return replace(
@@ -112,55 +125,74 @@ def output_location(store: ObjectStore, keys: list[str]) -> str | None:
     return folder
 
 
-def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, delivery: _Delivery) -> ShardOutcome:
+def _deliver(
+    res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, delivery: _Delivery, job_id: uuid.UUID | None
+) -> ShardOutcome:
+    """One write transaction to claim (with everything the render needs read in it), the render,
+    one write transaction to end the attempt with its artifact rows: a shard that renders within
+    ``worker.progress_interval_s`` writes nothing in between."""
     settings = res.settings.worker
     claimed_at, claimed_mono = time.time(), time.monotonic()
     with session_scope(res.session_factory) as session:
-        row = session.execute(select(Shard.job_id, Shard.queue).where(Shard.id == shard_id)).one_or_none()
-        if row is None:
-            return ShardOutcome("skipped")
-        delivery.queue = row.queue
-        if settings.blocklist_after and is_blocked(session, row.job_id, res.name):
-            refused = _refuse_blocked(session, res, shard_id, row.job_id, row.queue)
+        if settings.blocklist_after:
+            refused = _blocked_delivery(session, res, shard_id, job_id)
             if refused is not None:
                 return refused
-        lease = claim_shard(session, shard_id, res.name, settings.lease_seconds, max_attempts=settings.max_attempts)
+        claim = claim_shard_to_render(
+            session, shard_id, res.name, settings.lease_seconds, max_attempts=settings.max_attempts
+        )
+        if claim is None:
+            return ShardOutcome("skipped")
+        delivery.queue, lease = claim.queue, claim.lease
         if lease is None:
-            remaining = lease_remaining(session, shard_id)
+            remaining = claim.lease_remaining()
             # An expired lease we may not take over: its workers died on every attempt.
             crashed = fail_crash_loop(session, shard_id, settings.max_attempts) if remaining == 0.0 else None
+        else:
+            job = _job_of(res, session, claim.job_id)
+            done_keys = _written_keys(session, shard_id) if lease.attempt > 1 else set()
     if lease is None and crashed is not None:
         log.warning("shard %s failed for good: %s", shard_id, crashed)
-        return ShardOutcome("failed", row.job_id, error=crashed)
+        return ShardOutcome("failed", claim.job_id, error=crashed)
     if lease is None:
         if remaining is not None:
             # Held by a live lease: look again once it could have expired (its holder may be dead).
-            return ShardOutcome("busy", row.job_id, retry_in=remaining + 1.0)
-        return ShardOutcome("skipped", row.job_id)
+            return ShardOutcome("busy", claim.job_id, retry_in=remaining + 1.0)
+        return ShardOutcome("skipped", claim.job_id)
 
     timings = delivery.timings
     timings["queue_wait_s"] = round(max(0.0, claimed_at - sent_at), 4) if sent_at else 0.0
     res.current_shard = shard_id
     started = time.perf_counter()
     interval = min(settings.heartbeat_seconds, max(settings.progress_interval_s, 0.05))
-    keeper = LeaseKeeper(res.session_factory, lease, settings.lease_seconds, interval)
+    keeper = LeaseKeeper(res.session_factory, lease, settings.lease_seconds, interval, settings.heartbeat_seconds)
     try:
         with keeper:
-            delivery.items = _render_items(res, lease.shard_id, lease.job_id, keeper, delivery, claimed_mono)
+            delivery.items = _render_items(res, claim, job, done_keys, keeper, delivery, claimed_mono)
             lease = keeper.lease
         delivery.seconds = time.perf_counter() - started
+        rows, unsure = keeper.take_artifacts(), keeper.unsure
+        rollup_due = False
 
         def succeed() -> None:
+            nonlocal unsure, rollup_due
             with session_scope(res.session_factory) as session:
                 finish_shard(session, lease, ShardStatus.SUCCEEDED, timings=timings, items_done=delivery.items)
-                record_success(session, lease.job_id, res.name)
+                add_artifacts(session, lease, rows, maybe_written=unsure)
+                if res.blocklist_row(session, lease.job_id):
+                    record_success(session, lease.job_id, res.name)
+                rollup_due = not job.bulk and claim_rollup(session, lease.job_id, settings.rollup_interval_s)
+                unsure = True  # a try that fails from here on may have committed
 
         def succeeded() -> bool:  # an earlier try committed before its connection dropped
             with session_scope(res.session_factory) as session:
                 return _finished_by(session, lease, ShardStatus.SUCCEEDED)
 
         res.outlast(succeed, f"shard {shard_id}: finishing", landed=succeeded)
-        return ShardOutcome("succeeded", lease.job_id)
+        # A bulk job's window is topped up by every finalize; another job is rolled up at most once
+        # per worker.rollup_interval_s while it runs, and finalized by the shard that ends it.
+        finalize = job.bulk or rollup_due or res.outlast(lambda: _job_ended(res, lease.job_id), "job end")
+        return ShardOutcome("succeeded", lease.job_id, finalize=finalize)
     except LeaseLost as exc:
         log.warning("shard %s: %s", shard_id, exc)
         return ShardOutcome("fenced", lease.job_id, error=str(exc))
@@ -170,6 +202,7 @@ def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, d
         def release() -> None:
             with session_scope(res.session_factory) as session:
                 hand_back(session, keeper.lease)
+                add_artifacts(session, keeper.lease, keeper.take_artifacts(), maybe_written=True)
 
         try:
             res.outlast(release, f"shard {shard_id}: hand back")
@@ -180,6 +213,7 @@ def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, d
         try:
             with session_scope(res.session_factory) as session:
                 finish_shard(session, keeper.lease, ShardStatus.CANCELLED, error="job cancelled", timings=timings)
+                add_artifacts(session, keeper.lease, keeper.take_artifacts(), maybe_written=keeper.unsure)
         except LeaseLost as exc:
             return ShardOutcome("fenced", lease.job_id, error=str(exc))
         return ShardOutcome("cancelled", lease.job_id, error="job cancelled")
@@ -187,9 +221,52 @@ def _deliver(res: WorkerResources, shard_id: uuid.UUID, sent_at: float | None, d
         message = describe_error(exc)
         log.exception("shard %s failed: %s", shard_id, message)
         limits = exc.limits if isinstance(exc, OutOfMemory) else None
-        return _record_failure(res, keeper.lease, exc, message, timings, limits)
+        return _record_failure(res, keeper, exc, message, timings, limits)
     finally:
         res.current_shard = None
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a worker keeps of a job across its shards (a job's spec never changes)."""
+
+    spec: dict[str, Any]
+    bulk: bool
+
+
+def _job_of(res: WorkerResources, session: Any, job_id: uuid.UUID) -> _Job:
+    """The job's stored spec and whether it is part of a bulk run: read once per worker."""
+
+    def read() -> _Job:
+        row = session.execute(select(Job.spec, Job.bulk_id).where(Job.id == job_id)).one()
+        return _Job(row.spec, row.bulk_id is not None)
+
+    return res.jobs.remember(job_id, read)
+
+
+def _written_keys(session: Any, shard_id: uuid.UUID) -> set[str]:
+    """The outputs earlier attempts of the shard recorded (a retry skips them)."""
+    return set(session.scalars(select(Artifact.key).where(Artifact.shard_id == shard_id)))
+
+
+def _job_ended(res: WorkerResources, job_id: uuid.UUID) -> bool:
+    """Whether every shard of the job has ended (read after this shard's end committed: two
+    shards ending together both see it, and the finalize they both send is idempotent)."""
+    with session_scope(res.session_factory) as session:
+        return not session.scalar(select(unfinished_shard(job_id)))
+
+
+def _blocked_delivery(
+    session: Any, res: WorkerResources, shard_id: uuid.UUID, job_id: uuid.UUID | None
+) -> ShardOutcome | None:
+    """The answer for a worker blocked from the shard's job (``None``: not blocked). Only a worker
+    with a failure record on the job can be: after a first look, known without a query."""
+    if job_id is None:
+        job_id = session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
+    if job_id is None or not res.blocklist_row(session, job_id) or not is_blocked(session, job_id, res.name):
+        return None
+    queue = session.scalar(select(Shard.queue).where(Shard.id == shard_id))
+    return _refuse_blocked(session, res, shard_id, job_id, queue)
 
 
 def _finished_by(session: Any, lease: Any, status: ShardStatus) -> bool:
@@ -200,7 +277,7 @@ def _finished_by(session: Any, lease: Any, status: ShardStatus) -> bool:
 
 def _record_failure(
     res: WorkerResources,
-    lease: Any,
+    keeper: LeaseKeeper,
     exc: Exception,
     message: str,
     timings: dict[str, float],
@@ -208,11 +285,14 @@ def _record_failure(
 ) -> ShardOutcome:
     """Keep the error, retry or fail the shard (attempts, distinct workers), and count the
     failure towards this worker's streak on the job when a retry could have helped. ``memory``:
-    the smaller limits a retry after an out-of-memory renders under."""
+    the smaller limits a retry after an out-of-memory renders under. The outputs the attempt
+    uploaded keep their artifact rows: a retry skips them."""
     settings = res.settings.worker
     retryable = not isinstance(exc, UserError) and (not isinstance(exc, FarmError) or exc.retryable)
+    lease, rows, unsure = keeper.lease, keeper.take_artifacts(), keeper.unsure
 
     def record() -> tuple[ShardStatus, bool]:
+        nonlocal unsure
         with session_scope(res.session_factory) as session:
             status = record_failure(
                 session,
@@ -224,9 +304,13 @@ def _record_failure(
                 timings=timings,
                 memory=memory,
             )
+            add_artifacts(session, lease, rows, maybe_written=unsure)
             blocked = retryable and record_failure_streak(
                 session, lease.job_id, res.name, message, block_after=settings.blocklist_after
             )
+            unsure = True  # a try that fails from here on may have committed
+        if retryable:
+            res.remember_blocklist_row(lease.job_id)
         return status, blocked
 
     try:
@@ -287,25 +371,19 @@ def _drill_hold(keeper: LeaseKeeper, shard_index: int, seconds: float) -> None:
 
 def _render_items(
     res: WorkerResources,
-    shard_id: uuid.UUID,
-    job_id: uuid.UUID,
+    claim: ShardClaim,
+    job: _Job,
+    done_keys: set[str],
     keeper: LeaseKeeper,
     delivery: _Delivery,
     claimed_at: float,
 ) -> int:
-    def read() -> tuple[dict[str, Any], list[dict[str, Any]], int, set[str]]:
-        with session_scope(res.session_factory) as session:
-            spec = session.scalar(select(Job.spec).where(Job.id == job_id))
-            shard = session.get(Shard, shard_id)
-            done = set(session.scalars(select(Artifact.key).where(Artifact.shard_id == shard_id)))
-            return spec, shard.params, shard.index, done
-
-    raw_spec, params, shard_index, done_keys = res.outlast(read, f"shard {shard_id}: reading", keeper.check)
+    shard_id, job_id, shard_index, params = claim.lease.shard_id, claim.job_id, claim.index, claim.params
     items, memory = list(params["items"]), dict(params.get("memory") or {})
     timings = delivery.timings
     delivery.index, delivery.items_total = shard_index, len(items)
     delivery.outputs = output_location(res.store, [item["key"] for item in items])
-    spec = parse_spec(raw_spec)
+    spec = res.specs.remember(job_id, lambda: parse_spec(job.spec))
     if shard_index in res.settings.worker.fail_shards:
         fault = InjectedWorkerFault if res.settings.worker.fail_shards_retryable else InjectedFault
         raise fault(f"shard {shard_index}: injected fault (worker.fail_shards)")

@@ -2,9 +2,11 @@
 
 :class:`ShardRun` carries the job spec, the shard's items, the keys already written by an
 earlier attempt (so a retry skips them), the resident model and the lease keeper. A runner calls
-:meth:`ShardRun.record` for every output: upload, then the artifact row written together with a
-fenced lease renewal, so a late write from an attempt that lost its lease never lands. Both wait
-out a restarting object store or database (``worker.service_wait_s``) instead of failing the item.
+:meth:`ShardRun.record` for every output: upload (waiting out a restarting object store,
+``worker.service_wait_s``), then the artifact row is handed to the lease keeper, which writes it
+with its next fenced lease write or with the shard's end, so a late write from an attempt that
+lost its lease never lands. A crash between the upload and the row costs a render of that item
+again on the next attempt (same key, same bytes), never a second row.
 """
 
 from __future__ import annotations
@@ -14,14 +16,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
-
 from farm.errors import FarmError
 from farm.worker.job_patches import apply_job_patches
 from farm.worker.lease_keeper import LeaseKeeper
-from storage.db import session_scope
-from storage.leases import renew_lease
-from storage.models import Artifact
 
 
 class ShardHandBack(FarmError):
@@ -93,7 +90,8 @@ class ShardRun:
         progress: float,
         item_finished: bool = False,
     ) -> None:
-        """Upload one output and write its artifact row (fenced by the lease). An output an
+        """Upload one output; its artifact row goes in with the next lease write or the shard's
+        end, fenced by the lease (:class:`~farm.worker.lease_keeper.LeaseKeeper`). An output an
         earlier attempt already recorded is left as it is."""
         self.keeper.check()
         if key in self.done_keys:
@@ -106,37 +104,20 @@ class ShardRun:
             lambda: self.store.put_bytes(key, data, content_type=content_type), where, self.keeper.check
         )
         items_done = self.items_done + (1 if item_finished else 0)
-
-        def write_row() -> None:
-            with session_scope(self.res.session_factory) as session:
-                self.keeper.lease = renew_lease(
-                    session,
-                    self.keeper.lease,
-                    self.res.settings.worker.lease_seconds,
-                    items_done=items_done,
-                    progress=progress,
-                )
-                session.add(
-                    Artifact(
-                        job_id=self.job_id,
-                        shard_id=self.shard_id,
-                        key=key,
-                        item_index=int(item["index"]),
-                        seed=int(item["seed"]),
-                        sha256=info.sha256,
-                        size_bytes=info.size,
-                        content_type=content_type,
-                        params=params,
-                        model_hash=self.loaded.model_hash,
-                        fencing_token=self.keeper.lease.fencing_token,
-                    )
-                )
-
-        def row_written() -> bool:  # an earlier try committed before its connection dropped
-            with session_scope(self.res.session_factory) as session:
-                return session.scalar(select(Artifact.id).where(Artifact.key == key)) is not None
-
-        self.res.outlast(write_row, where, self.keeper.check, landed=row_written)
+        self.keeper.add_artifact(  # written with the next lease write, or with the shard's end
+            {
+                "job_id": self.job_id,
+                "shard_id": self.shard_id,
+                "key": key,
+                "item_index": int(item["index"]),
+                "seed": int(item["seed"]),
+                "sha256": info.sha256,
+                "size_bytes": info.size,
+                "content_type": content_type,
+                "params": params,
+                "model_hash": self.loaded.model_hash,
+            }
+        )
         self.done_keys.add(key)
         self.items_done = items_done
         self.keeper.report(items_done, progress)
