@@ -19,7 +19,9 @@ from zoneinfo import ZoneInfo
 
 from celery.schedules import BaseSchedule, schedstate
 
+from farm.bulk import submit_and_feed
 from farm.celery_app import CONTROL_QUEUE
+from farm.errors import ConfigError
 from farm.settings import BulkSchedule, FarmSettings
 
 
@@ -89,7 +91,6 @@ def find_schedule(settings: FarmSettings, name: str) -> BulkSchedule:
     for entry in settings.bulk.schedules:
         if entry.name == name:
             return entry
-    from farm.errors import ConfigError
 
     raise ConfigError(f"bulk.schedules has no entry named {name!r}")
 
@@ -98,7 +99,6 @@ def start_scheduled_bulk(app: Any, res: Any, name: str, now: datetime | None = N
     """What ``farm.start_bulk`` does: submit tonight's run of schedule ``name``, feeding until its
     ``window_end``, with the worker's own resources (``res``: settings, session factory, store)
     and Celery ``app``. Returns the task's result."""
-    from farm.bulk import submit_and_feed
 
     entry = find_schedule(res.settings, name)
     now = now or datetime.now(UTC)

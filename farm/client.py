@@ -16,11 +16,17 @@ from typing import Any
 
 from sqlalchemy import select
 
+from farm.bulk import bulk_status, export_rows, retry_failed_rows, submit_and_feed
+from farm.celery_app import create_app
 from farm.dispatch import publish_finalize, publish_schedule, publish_shards, shard_labels
 from farm.errors import JobNotScheduled, NotFound, UserError
+from farm.feeder import feed
+from farm.finalizer import finalize
 from farm.inputs import upload_inputs
 from farm.job_refs import resolve_job_id, short_id
 from farm.job_spec import LOCAL_PATH_PREFIXES
+from farm.outages import ride_out, unavailable_service
+from farm.reconciler import Reconciler
 from farm.scheduler import SUMMARY_SHARDS, job_summary, requeue_failed, submit_job
 from farm.settings import FarmSettings, load_settings
 from farm.spec_files import read_spec_file
@@ -28,6 +34,7 @@ from farm.specs import parse_spec
 from farm.waiting import why_waiting
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Job
+from storage.objects import open_store
 from storage.objects.keys import contact_sheet_key, manifest_key
 from storage.recovery import unfinished_shard
 from storage.registry import list_workers
@@ -61,16 +68,12 @@ class FarmClient:
     @property
     def app(self):
         if self._app is None:
-            from farm.celery_app import create_app
-
             self._app = create_app(self.settings)
         return self._app
 
     @property
     def store(self):
         if self._store is None:
-            from storage.objects import open_store
-
             self._store = open_store(self.settings.storage, self.settings.data_dir)
         return self._store
 
@@ -139,7 +142,6 @@ class FarmClient:
     def _publish_schedule(self, job_id: uuid.UUID) -> None:
         """Send the job's scheduling message; with the broker down, say that the job is kept and
         who will schedule it (the reconciler) instead of failing with a broker traceback."""
-        from farm.outages import unavailable_service
 
         try:
             publish_schedule(self.app, job_id)
@@ -187,7 +189,6 @@ class FarmClient:
     ) -> dict[str, Any]:
         """Block until the job is final; returns its summary. Raises ``TimeoutError``. A database
         restart while waiting is waited out (within ``timeout``)."""
-        from farm.outages import ride_out
 
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -219,8 +220,6 @@ class FarmClient:
                 cancel_unstarted_shards(session, job)
                 outcome = "cancelled"
         if outcome == "finishing":
-            from farm.finalizer import finalize
-
             finalize(self._sessions, self.store, job)
         elif outcome == "cancelled":
             publish_finalize(self.app, job)
@@ -259,7 +258,6 @@ class FarmClient:
         """Send again, now, every shard of the job that waits for a worker on a queue someone
         consumes, or whose lease expired: a lost message never leaves a job waiting for good.
         Returns how many messages were sent (a duplicate is harmless: the lease turns it away)."""
-        from farm.reconciler import Reconciler
 
         report = Reconciler(self.settings, self._sessions, self.app, self.store).resend_job(self.job_id(job_id))
         return report.resent_waiting + report.resent_orphaned
@@ -277,7 +275,6 @@ class FarmClient:
         """Create or extend the bulk job ``name``: ``base`` (a spec dict or file) with the rows of
         ``manifest`` (a local JSONL/CSV file, or ``store:<key>``). Only rows it does not have yet
         are added; then the windows are topped up. Returns counts."""
-        from farm.bulk import submit_and_feed
 
         window = self.settings.bulk.window_per_queue
         return submit_and_feed(
@@ -286,19 +283,16 @@ class FarmClient:
 
     def feed_bulk(self, now: datetime | None = None) -> int:
         """Top the bulk windows up (as of ``now``); returns how many shards were sent."""
-        from farm.feeder import feed
 
         return feed(self.app, self._sessions, self.settings.bulk.window_per_queue, now)
 
     def bulk_status(self, name: str) -> dict[str, Any]:
-        from farm.bulk import bulk_status
 
         with session_scope(self._sessions) as session:
             return bulk_status(session, name)
 
     def retry_bulk(self, name: str) -> int:
         """Feed a bulk job's failed rows again; returns how many shards."""
-        from farm.bulk import retry_failed_rows
 
         with session_scope(self._sessions) as session:
             count = retry_failed_rows(session, name)
@@ -307,7 +301,6 @@ class FarmClient:
 
     def export_bulk(self, name: str, out: Path) -> int:
         """Write the dataset export (JSONL) of a bulk job; returns the number of rows."""
-        from farm.bulk import export_rows
 
         n = 0
         with session_scope(self._sessions) as session, Path(out).open("w", encoding="utf-8") as f:

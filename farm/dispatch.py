@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from farm.celery_app import CONTROL_QUEUE
+from farm.scheduler import ShardDispatch, create_shards, pending_shards
 from farm.sharding import QUEUES
+from storage.chunking import chunked
+from storage.db import session_scope
+from storage.models import Job, Shard
+from storage.transitions import mark_shards_queued
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -42,9 +47,6 @@ def shard_labels(session: Any, shard_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID
     """The labels of these shards (one query per 1,000)."""
     from sqlalchemy import select
 
-    from storage.chunking import chunked
-    from storage.models import Job, Shard
-
     labels: dict[uuid.UUID, ShardLabel] = {}
     for ids in chunked(shard_ids):  # below the driver's parameter limit, however many
         query = select(Shard.id, Shard.index, Job.kind, Job.family).join(Job, Job.id == Shard.job_id)
@@ -57,8 +59,6 @@ def shard_route(session: Any, shard_id: uuid.UUID) -> dict[str, Any]:
     """How to send the shard again: its queue, its job's priority and its label for Flower (the
     keyword arguments of :func:`publish_shard`)."""
     from sqlalchemy import select
-
-    from storage.models import Job, Shard
 
     row = session.execute(
         select(Shard.queue, Shard.index, Job.priority, Job.kind, Job.family)
@@ -134,9 +134,6 @@ def send_shards(app: Celery, session_factory: Any, dispatches: Iterable[ShardDis
     broker: a publisher killed part-way leaves only the unsent shards PENDING (a restart re-sends
     at most one chunk twice). ``dispatches`` is read lazily, a chunk at a time, and every message
     goes out on one producer. Returns how many were sent."""
-    from storage.chunking import chunked
-    from storage.db import session_scope
-    from storage.transitions import mark_shards_queued
 
     total = 0
     with app.producer_or_acquire() as producer:
@@ -161,9 +158,6 @@ def send_pending(
     before the next is read. A sender killed part-way leaves only its unsent chunk PENDING (at
     most one chunk is sent twice). Stops after ``limit`` shards; returns how many were sent and
     whether PENDING shards may be left."""
-    from farm.scheduler import ShardDispatch, pending_shards
-    from storage.db import session_scope
-    from storage.transitions import mark_shards_queued
 
     sent, after = 0, -1
     with app.producer_or_acquire() as producer:
@@ -186,8 +180,6 @@ def schedule(app: Celery, res: Any, job_id: uuid.UUID) -> dict[str, Any]:
     them, at most :data:`SCHEDULE_SLICE` per message; a larger job sends the rest from a new
     scheduling message, behind the control work queued meanwhile. Each step waits out service
     outages on its own (``res.outlast``). Returns the task's result."""
-    from farm.scheduler import create_shards
-    from storage.db import session_scope
 
     def run() -> tuple[int, bool]:  # repeatable: a second run publishes the shards still pending
         with session_scope(res.session_factory) as session:

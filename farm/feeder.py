@@ -18,10 +18,13 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from farm.dispatch import publish_shards, shard_labels
 from farm.scheduler import ShardDispatch
 from farm.sharding import QUEUES
+from storage.db import session_scope
 from storage.models import BulkJob, Job, Shard, utcnow
 from storage.status import JobStatus, ShardStatus
+from storage.transitions import mark_shards_queued
 
 IN_FLIGHT = (ShardStatus.QUEUED, ShardStatus.RUNNING)
 
@@ -72,9 +75,6 @@ def feed_bulk(session: Session, window: int, now: datetime | None = None) -> lis
 def feed(app: Any, session_factory: Any, window: int, now: datetime | None = None) -> int:
     """Top every queue's window up: publish the shards :func:`feed_bulk` picks, then mark them
     queued, under the feeder's lock. Returns how many were sent."""
-    from farm.dispatch import publish_shards, shard_labels
-    from storage.db import session_scope
-    from storage.transitions import mark_shards_queued
 
     with session_scope(session_factory) as session:
         dispatches = feed_bulk(session, window, now)

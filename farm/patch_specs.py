@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, SerializeAsAny
 
+import patching
 from farm.families import FAMILIES
 from farm.guidance import guidance_patches
 from farm.spec_problems import literal_value, problem, shown
@@ -78,7 +79,6 @@ class MultiplierSpec(PatchSpec):
     patch_class: ClassVar[str]
 
     def to_patch(self) -> Any:
-        import patching
 
         settings = self.model_dump(exclude={"type"})
         return getattr(patching, self.patch_class)(**settings)

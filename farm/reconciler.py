@@ -44,8 +44,9 @@ from farm.periodic import PeriodicThread
 from farm.scheduler import schedule_job
 from farm.settings import FarmSettings
 from farm.sharding import QUEUES
-from storage.db import session_scope
+from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import BulkJob, Job, Shard, utcnow
+from storage.objects import open_store
 from storage.recovery import Orphan, fail_crash_loop, orphaned_shards, take_orphaned, take_waiting, unfinished_shard
 from storage.registry import Consumer, queue_consumers
 from storage.status import JOB_TERMINAL, JobStatus
@@ -108,8 +109,6 @@ class Reconciler:
     @classmethod
     def for_settings(cls, settings: FarmSettings, app: Any, metrics: Any = None) -> Reconciler:
         """A reconciler with its own database engine and store (``farm beat``, ``farm reconcile``)."""
-        from storage.db import make_engine, make_session_factory
-        from storage.objects import open_store
 
         engine = make_engine(settings.database_url, pool_size=settings.db.pool_size)
         store = open_store(settings.storage, settings.data_dir)

@@ -26,7 +26,7 @@ from storage.blocklist import blocked_workers
 from storage.chunking import insert_rows
 from storage.models import Job, Shard, utcnow
 from storage.status import JOB_TERMINAL, JobStatus, ShardStatus
-from storage.transitions import JobRollup, refresh_job_counts, set_job_status
+from storage.transitions import JobRollup, refresh_job_counts, set_job_status, set_shard_status
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,6 @@ def requeue_failed(session: Session, job_id: uuid.UUID) -> tuple[int, list[Shard
     """Put a job's failed shards back in the queue (``farm retry``); the job runs again. Returns
     how many and the messages to send. A bulk job's shards go back to PENDING instead, for the
     feeder to send in windows (no messages)."""
-    from storage.transitions import set_shard_status
 
     job = session.get(Job, job_id)
     if job is None:

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from farm.dispatch import publish_finalize, publish_shard, shard_route
+from farm.worker.runtime import execute_shard
+from storage.db import session_scope
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -36,7 +38,6 @@ def deliver_shard(
     app: Celery, res: WorkerResources, shard_id: uuid.UUID, job_id: uuid.UUID, sent_at: float | None = None
 ) -> dict[str, Any]:
     """Execute the shard, act on its outcome (:func:`follow_up`) and return the task's result."""
-    from farm.worker.runtime import execute_shard
 
     outcome = res.outlast(lambda: execute_shard(res, shard_id, sent_at, job_id), f"shard {shard_id}")
     follow_up(app, res, shard_id, job_id, outcome)
@@ -75,7 +76,6 @@ def follow_up(
 
 
 def _route(res: Any, shard_id: uuid.UUID) -> dict[str, Any]:
-    from storage.db import session_scope
 
     with session_scope(res.session_factory) as session:
         return shard_route(session, shard_id)

@@ -9,11 +9,13 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from farm.outages import ServiceUnavailable
+from farm.worker.resources import WorkerResources
+
 _lock = threading.Lock()
 
 
 def worker_resources(app: Any):
-    from farm.worker.resources import WorkerResources
 
     with _lock:
         res = getattr(app, "farm_resources", None)
@@ -28,8 +30,6 @@ def requeue_on_outage() -> Iterator[None]:
     """The farm's steps wait through service outages (``worker.service_wait_s``); past that the
     message goes back to its queue instead of being acknowledged as failed, so nothing is lost."""
     from celery.exceptions import Reject
-
-    from farm.outages import ServiceUnavailable
 
     try:
         yield

@@ -21,6 +21,7 @@ from farm.cli import (
     worker_cmd,
     workers_cmd,
 )
+from farm.cli.common import run_app, setup_logging
 
 app = typer.Typer(
     name="farm",
@@ -56,7 +57,6 @@ def _root(
     ),
 ) -> None:
     """Render farm for patched diffusion models."""
-    from farm.cli.common import setup_logging
 
     setup_logging(verbose)
 
@@ -75,6 +75,5 @@ reconcile_cmd.register(app)
 
 def main() -> None:
     """Console-script entry point."""
-    from farm.cli.common import run_app
 
     run_app(app)

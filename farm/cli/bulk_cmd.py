@@ -10,13 +10,16 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from farm.beat import beat_schedule
+from farm.celery_app import create_app
 from farm.cli.common import console, settings
+from farm.client import FarmClient
+from farm.reconciler import Reconciler, ReconcilerLoop
 
 app = typer.Typer(help="Bulk dataset renders: manifests fed to the queues in windows.", no_args_is_help=True)
 
 
 def _client():
-    from farm.client import FarmClient
 
     return FarmClient(settings())
 
@@ -79,8 +82,6 @@ def export(
 
 def beat(loglevel: str = typer.Option("INFO", help="Log level.")) -> None:
     """Run Celery beat: bulk window top-ups and the nightly bulk renders of bulk.schedules."""
-    from farm.beat import beat_schedule
-    from farm.celery_app import create_app
 
     cfg = settings()
     celery = create_app(cfg)
@@ -90,8 +91,6 @@ def beat(loglevel: str = typer.Option("INFO", help="Log level.")) -> None:
         console.print(f"nightly bulk {entry.name}: {entry.at} {entry.timezone}, feeding until {until}")
     with contextlib.ExitStack() as running:
         if cfg.reconcile.enabled:
-            from farm.reconciler import Reconciler, ReconcilerLoop
-
             running.enter_context(ReconcilerLoop(Reconciler.for_settings(cfg, celery)))
             console.print(f"reconciler: a pass every {cfg.reconcile.interval_s:g}s")
         celery.start(["beat", "--loglevel", loglevel, "--scheduler", "celery.beat:Scheduler"])

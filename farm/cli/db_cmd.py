@@ -6,6 +6,7 @@ import typer
 
 from farm.cli.common import console, settings
 from farm.settings import redact_url
+from storage import migrate
 
 app = typer.Typer(help="Create, upgrade and inspect the state database (Alembic migrations).", no_args_is_help=True)
 
@@ -13,7 +14,6 @@ app = typer.Typer(help="Create, upgrade and inspect the state database (Alembic 
 @app.command()
 def upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
     """Apply migrations up to REVISION (default: the newest). Safe to run repeatedly."""
-    from storage import migrate
 
     cfg = settings()
     migrate.upgrade(cfg.database_url, revision)
@@ -23,7 +23,6 @@ def upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> 
 @app.command()
 def downgrade(revision: str = typer.Argument(..., help="Target revision, e.g. base.")) -> None:
     """Revert migrations down to REVISION (`base` drops every farm table)."""
-    from storage import migrate
 
     cfg = settings()
     migrate.downgrade(cfg.database_url, revision)
@@ -33,7 +32,6 @@ def downgrade(revision: str = typer.Argument(..., help="Target revision, e.g. ba
 @app.command()
 def current() -> None:
     """Print the database's revision (`none` when it was never migrated)."""
-    from storage import migrate
 
     cfg = settings()
     console.print(migrate.current(cfg.database_url) or "none")
@@ -42,7 +40,6 @@ def current() -> None:
 @app.command()
 def heads() -> None:
     """Print the newest revision(s) this code ships."""
-    from storage import migrate
 
     for head in migrate.heads():
         console.print(head)

@@ -14,6 +14,7 @@ import signal
 
 import typer
 
+from farm.celery_app import create_app
 from farm.cli.common import err_console, settings
 from farm.errors import ConfigError
 
@@ -66,7 +67,6 @@ def flower(
     Basic auth comes from FARM_FLOWER__USER and FARM_FLOWER__PASSWORD and is required outside
     the embedded mode. Live monitoring of a real farm needs a Redis or RabbitMQ broker.
     """
-    from farm.celery_app import create_app
 
     cfg = settings()
     address = address or cfg.flower.address

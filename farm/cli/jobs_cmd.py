@@ -10,10 +10,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from farm.cli.common import console, settings
+from farm.client import FarmClient
+from farm.errors import NotFound, UserError
+from farm.job_refs import short_id
 
 
 def _client():
-    from farm.client import FarmClient
 
     return FarmClient(settings())
 
@@ -197,7 +199,6 @@ def status(
 ) -> None:
     """Show one job with its counts by shard status, the shards worth a look and why it waits, or
     the latest jobs."""
-    from farm.job_refs import short_id
 
     with _client() as client:
         if job_id:
@@ -273,7 +274,6 @@ def cancel(
 def retry(job_id: str = typer.Argument(..., help=JOB_HELP + " Or a bulk job's name.")) -> None:
     """Re-queue a job's failed shards and send its stuck ones again, or re-feed a bulk job's
     failed rows. A cancelled job is not retried; nothing to retry is not an error (exit 0)."""
-    from farm.errors import NotFound, UserError
 
     with _client() as client:
         try:

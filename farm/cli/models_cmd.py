@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from farm.cli.common import console
+from farm.tiny_components import build_tiny_controlnet, build_tiny_face_pack, build_tiny_ip_adapter
+from farm.tiny_models import build_tiny_model, check_family
 
 app = typer.Typer(help="Build tiny random-weight diffusers models (no downloads).", no_args_is_help=True)
 
@@ -23,7 +25,6 @@ def tiny(
     force: bool = typer.Option(False, "--force", help="Write into a non-empty folder."),
 ) -> None:
     """Write a tiny random-weight pipeline of FAMILY into FOLDER (loads with from_pretrained)."""
-    from farm.tiny_models import build_tiny_model, check_family
 
     check_family(family)
     if folder.exists() and not folder.is_dir():
@@ -48,7 +49,6 @@ def tiny_ip_adapter(
 ) -> None:
     """Fabricate an IP-Adapter and CLIP vision encoder for the tiny FAMILY model (tests, demos);
     with --instantid, an InstantID checkpoint (16 tokens from a 512-d face embedding, no encoder)."""
-    from farm.tiny_components import build_tiny_ip_adapter
 
     if folder.is_dir() and any(folder.iterdir()) and not force:
         console.print(f"{folder} is not empty; use --force to write into it")
@@ -67,7 +67,6 @@ def tiny_face_pack(
 ) -> None:
     """Write a tiny insightface pack (SCRFD-shaped detector, ArcFace-shaped recognizer) for tests
     and demos; real work uses the antelopev2 pack."""
-    from farm.tiny_components import build_tiny_face_pack
 
     build_tiny_face_pack(folder)
     console.print(f"tiny face pack written to {folder.resolve()} ({_size(folder) / 1e6:.1f} MB)")
@@ -79,7 +78,6 @@ def tiny_controlnet(
     folder: Path = typer.Argument(..., help="Where to write the ControlNet folder."),
 ) -> None:
     """Write a tiny ControlNet (an IdentityNet stand-in for sdxl) for the tiny FAMILY model."""
-    from farm.tiny_components import build_tiny_controlnet
 
     build_tiny_controlnet(family, folder)
     console.print(f"tiny {family} ControlNet written to {folder.resolve()} ({_size(folder) / 1e6:.1f} MB)")

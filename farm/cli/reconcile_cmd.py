@@ -7,7 +7,9 @@ import time
 
 import typer
 
+from farm.celery_app import create_app
 from farm.cli.common import console, settings
+from farm.reconciler import Reconciler
 
 
 def reconcile(
@@ -18,8 +20,6 @@ def reconcile(
 
     A pass schedules jobs whose message was lost, re-sends lost or orphaned shards, fails crash
     loops, finalizes ended jobs, writes missing manifests and tops up bulk windows."""
-    from farm.celery_app import create_app
-    from farm.reconciler import Reconciler
 
     cfg = settings()
     app = create_app(cfg)

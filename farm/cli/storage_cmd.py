@@ -10,6 +10,7 @@ import uuid
 import typer
 
 from farm.cli.common import console, settings
+from storage.objects import join_key, open_store
 
 app = typer.Typer(help="Inspect and check the object store (local folder or S3).", no_args_is_help=True)
 
@@ -17,7 +18,6 @@ app = typer.Typer(help="Inspect and check the object store (local folder or S3).
 @app.command()
 def check() -> None:
     """Write, read back, list, presign and delete a small object in the configured store."""
-    from storage.objects import join_key, open_store
 
     cfg = settings()
     store = open_store(cfg.storage, cfg.data_dir)

@@ -10,7 +10,19 @@ import time
 
 import typer
 
+from farm.celery_app import CONTROL_QUEUE, GPU_QUEUES, create_app, worker_argv
 from farm.cli.common import console, err_console, settings
+from farm.cli.jobs_cmd import print_job, wait_with_progress
+from farm.client import FarmClient
+from farm.errors import UserError
+from farm.reconciler import Reconciler, ReconcilerLoop
+from farm.tiny_models import build_tiny_model
+from farm.worker.heartbeat import WorkerHeartbeat
+from farm.worker.metrics import WorkerMetrics
+from farm.worker.resources import WorkerResources
+from storage import migrate
+from storage.db import session_scope
+from storage.registry import live_workers
 
 
 def worker(
@@ -22,9 +34,6 @@ def worker(
     loglevel: str = typer.Option("INFO", help="Log level."),
 ) -> None:
     """Run a worker: one process, one device, models pinned in memory."""
-    from farm.celery_app import CONTROL_QUEUE, create_app, worker_argv
-    from farm.worker.heartbeat import WorkerHeartbeat
-    from farm.worker.resources import WorkerResources
 
     cfg = settings()
     selected = known_queues([q.strip() for q in (queues.split(",") if queues else [*cfg.worker.queues, CONTROL_QUEUE])])
@@ -40,15 +49,11 @@ def worker(
             loaded = resources.model_cache().get(model, family)
             console.print(f"pinned {family} model {model} ({loaded.load_seconds:.2f}s)")
         if cfg.worker.metrics_port is not None:
-            from farm.worker.metrics import WorkerMetrics
-
             resources.metrics = WorkerMetrics()
             resources.metrics.serve(cfg.worker.metrics_port, cfg.worker.metrics_address)
             console.print(f"metrics on http://{cfg.worker.metrics_address}:{cfg.worker.metrics_port}/metrics")
         resources.hold(WorkerHeartbeat(resources, selected), "heartbeat")
         if CONTROL_QUEUE in selected and cfg.reconcile.enabled:
-            from farm.reconciler import Reconciler, ReconcilerLoop
-
             reconciler = Reconciler(cfg, resources.session_factory, app, resources.store, resources.metrics)
             resources.hold(ReconcilerLoop(reconciler), "reconciler")
         # Tasks run one at a time on a pool thread; this thread runs the consumer loop.
@@ -58,8 +63,6 @@ def worker(
 def known_queues(names: list[str]) -> list[str]:
     """The queues named, refused (listing the known ones) when one is not a farm queue: a typo
     would leave a worker waiting on a queue nobody sends to."""
-    from farm.celery_app import CONTROL_QUEUE, GPU_QUEUES
-    from farm.errors import UserError
 
     names = [name for name in names if name]
     known = (CONTROL_QUEUE, *GPU_QUEUES)
@@ -74,9 +77,6 @@ def known_queues(names: list[str]) -> list[str]:
 
 def _warn_without_control(resources) -> None:
     """Say so when nothing would schedule or finalize jobs: no live worker consumes farm.control."""
-    from farm.celery_app import CONTROL_QUEUE
-    from storage.db import session_scope
-    from storage.registry import live_workers
 
     with session_scope(resources.session_factory) as session:
         control = live_workers(session, CONTROL_QUEUE, resources.settings.worker.lost_after_s)
@@ -93,16 +93,11 @@ def demo(
     seeds: int = typer.Option(2, min=1, max=20, help="Seeds per prompt."),
 ) -> None:
     """Run the embedded farm end to end: tiny model, a worker process, a multi-shard job."""
-    from farm.cli.jobs_cmd import print_job, wait_with_progress
-    from farm.client import FarmClient
-    from storage import migrate
 
     cfg = settings()
     migrate.upgrade(cfg.database_url)
     model = (cfg.data_dir / "models" / "tiny-sd15").resolve()
     if not (model / "model_index.json").is_file():
-        from farm.tiny_models import build_tiny_model
-
         console.print(f"building a tiny random-weight SD1.5 model in {model} ...")
         build_tiny_model("sd15", model)
     log_path = cfg.data_dir / "demo-worker.log"

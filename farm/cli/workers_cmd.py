@@ -8,6 +8,8 @@ import typer
 from rich.table import Table
 
 from farm.cli.common import console, settings
+from farm.cli.jobs_cmd import duration
+from farm.client import FarmClient
 
 
 def _memory(n: int | None) -> str:
@@ -16,8 +18,6 @@ def _memory(n: int | None) -> str:
 
 def workers(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List registered workers: status, queues, device, pinned models, current shard, heartbeat."""
-    from farm.cli.jobs_cmd import duration
-    from farm.client import FarmClient
 
     with FarmClient(settings()) as client:
         rows = client.workers()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from farm.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -27,14 +29,10 @@ def resolve_placement(device: str = "auto", dtype: str = "auto") -> Placement:
     if device == "auto":
         device = "cuda" if cuda else "cpu"
     if device.startswith("cuda") and not cuda:
-        from farm.errors import ConfigError
-
         raise ConfigError("worker.device is cuda but no CUDA device is visible to this process")
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
     if device == "cpu" and dtype == "float16":
-        from farm.errors import ConfigError
-
         raise ConfigError("worker.dtype float16 needs a CUDA device; use float32 or bfloat16 on CPU")
     return Placement(device, dtype)
 

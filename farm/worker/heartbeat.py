@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from farm.periodic import PeriodicThread
+from farm.worker.devices import device_info
 from storage.db import session_scope
 from storage.registry import register_worker, stop_worker, sweep_lost_workers, worker_heartbeat
 
@@ -43,7 +44,6 @@ class WorkerHeartbeat:
     def _device(self) -> dict[str, Any]:
         if not any(q.startswith(GPU_QUEUE_PREFIX) for q in self.queues):
             return {"device": "none"}  # a control-only worker renders nothing (and needs no torch)
-        from farm.worker.devices import device_info
 
         return device_info(self.res.model_cache().placement)
 

@@ -20,6 +20,10 @@ from typing import Any
 from farm.errors import FarmError, describe_error
 from farm.outages import ride_out
 from farm.settings import FarmSettings
+from farm.worker.components import component_bytes, load_component
+from farm.worker.devices import resolve_placement
+from farm.worker.memory import release_memory
+from farm.worker.model_cache import ModelCache
 from storage.blocklist import has_record
 from storage.db import make_engine, make_session_factory
 from storage.objects import ObjectStore, open_store
@@ -104,9 +108,6 @@ class WorkerResources:
         if self.closed:
             raise ResourcesClosed(f"worker {self.name} is shutting down: its model caches are closed")
         if self.components is None:
-            from farm.worker.components import component_bytes, load_component
-            from farm.worker.model_cache import ModelCache
-
             self.components = ModelCache(
                 self.model_cache().placement,
                 self.settings.worker.component_cache_mb * (1 << 20),
@@ -121,9 +122,6 @@ class WorkerResources:
         if self.closed:
             raise ResourcesClosed(f"worker {self.name} is shutting down: its model caches are closed")
         if self.cache is None:
-            from farm.worker.devices import resolve_placement
-            from farm.worker.model_cache import ModelCache
-
             placement = resolve_placement(self.settings.worker.device, self.settings.worker.dtype)
             self.cache = ModelCache(placement, self.settings.worker.model_cache_mb * (1 << 20))
         return self.cache
@@ -204,7 +202,6 @@ class WorkerResources:
         cache = self.cache or self.components
         if cache is None:  # nothing was ever loaded (a control-only worker never imports torch)
             return None
-        from farm.worker.memory import release_memory
 
         device = str(cache.placement.device)
         release_memory(device)  # gc, and on CUDA the allocator's free blocks
