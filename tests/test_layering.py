@@ -170,3 +170,44 @@ def test_tasks_call_only_farm_entry_points() -> None:
         if bad:
             offenders[str(path.relative_to(ROOT))] = sorted(bad)
     assert offenders == {}
+
+
+# Function-level imports of the project's own modules, each guarding an import the base install
+# or a control process must not pay for (torch, PIL, boto3), or a kind's runner (workers only).
+LAZY_IMPORTS = {
+    ("farm/guidance.py", "patching.sag"),  # torch
+    ("farm/manifest.py", "farm.sheets"),  # PIL
+    ("farm/manifest.py", "farm.media"),  # PIL, imageio
+    ("farm/media.py", "farm.sheets"),  # PIL
+    ("farm/tiny_components.py", "patching.ip_adapter"),  # torch
+    ("farm/tiny_components.py", "patching.resampler"),  # torch
+    ("farm/worker/components.py", "patching"),  # torch, insightface
+    ("farm/worker/components.py", "patching.ip_adapter"),
+    ("farm/worker/components.py", "patching.face_analysis"),
+    ("storage/objects/__init__.py", "storage.objects.s3"),  # boto3
+    ("farm/kinds/face_identity.py", "farm.worker.kinds.face_identity"),  # a kind's runner
+    ("farm/kinds/temporal_video.py", "farm.worker.kinds.temporal_video"),
+    ("farm/kinds/text_to_image.py", "farm.worker.kinds.text_to_image"),
+}
+
+
+def test_project_imports_are_at_module_top_unless_they_guard_heavy_code() -> None:
+    found: set[tuple[str, str]] = set()
+    for package in ("farm", "storage", "tasks"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for function in ast.walk(tree):
+                if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                for node in ast.walk(function):
+                    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                        names = [
+                            f"{node.module}.{a.name}" if node.module == "farm" else node.module for a in node.names
+                        ]
+                    elif isinstance(node, ast.Import):
+                        names = [alias.name for alias in node.names]
+                    else:
+                        continue
+                    rel = str(path.relative_to(ROOT))
+                    found.update((rel, n) for n in names if n.split(".")[0] in ("farm", "storage", "tasks", "patching"))
+    assert found - LAZY_IMPORTS == set()

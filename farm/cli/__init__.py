@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typer
 
+from farm import __version__
 from farm.cli import (
     bulk_cmd,
     config_cmd,
@@ -39,8 +40,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from farm import __version__
-
         typer.echo(f"farm {__version__}")
         raise typer.Exit()
 
