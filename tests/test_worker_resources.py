@@ -89,6 +89,9 @@ def test_close_releases_everything_once_in_order(tmp_path, caplog, monkeypatch) 
         res.model_cache()
     with pytest.raises(ResourcesClosed):
         res.component_cache()
+    with pytest.raises(ResourcesClosed):
+        res.hold(Held(events, "late"), "late")
+    assert "enter late" not in events
 
 
 def test_the_context_manager_closes_on_an_exception(tmp_path, caplog) -> None:

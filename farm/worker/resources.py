@@ -98,6 +98,8 @@ class WorkerResources:
     def hold(self, context: Any, what: str) -> Any:
         """Enter ``context`` (the heartbeat, the reconciler loop: ``what``) and exit it at the start
         of :meth:`close`, while the database is still there; returns what entering it returned."""
+        if self.closed:
+            raise ResourcesClosed(f"worker {self.name} is shutting down: nothing more is started")
         entered = self._held.enter_context(context)
         self._held_names.append(what)
         return entered
