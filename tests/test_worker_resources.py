@@ -72,7 +72,7 @@ def test_close_releases_everything_once_in_order(tmp_path, caplog, monkeypatch) 
     res.hold(Held(events, "reconciler"), "reconciler")
     res.metrics = Metrics(events)
     res.memo.remember("embeddings", lambda: [1.0])
-    caplog.set_level(logging.INFO, logger="farm.worker.runtime")
+    caplog.set_level(logging.INFO, logger="farm.worker.resources")
 
     res.close()
     res.close()  # idempotent: nothing runs twice
@@ -96,7 +96,7 @@ def test_close_releases_everything_once_in_order(tmp_path, caplog, monkeypatch) 
 
 def test_the_context_manager_closes_on_an_exception(tmp_path, caplog) -> None:
     events: list[str] = []
-    caplog.set_level(logging.INFO, logger="farm.worker.runtime")
+    caplog.set_level(logging.INFO, logger="farm.worker.resources")
     with pytest.raises(RuntimeError, match="preload failed"), _resources(tmp_path) as res:
         res.hold(Held(events, "heartbeat"), "heartbeat")
         raise RuntimeError("preload failed")
@@ -109,7 +109,7 @@ def test_a_failing_step_does_not_stop_the_others(tmp_path, caplog) -> None:
     res = _resources(tmp_path)
     res.hold(Held(events, "heartbeat"), "heartbeat")
     res.metrics = Metrics(events, fail=True)
-    caplog.set_level(logging.INFO, logger="farm.worker.runtime")
+    caplog.set_level(logging.INFO, logger="farm.worker.resources")
     res.close()
     assert events == ["enter heartbeat", "exit heartbeat", "metrics closed"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -128,7 +128,7 @@ def test_close_drops_the_pinned_models_and_components(tmp_path, tiny_models, cap
     res.component_cache().get(str(adapter / "ip-adapter.safetensors"), "ip_adapter")
     gc.collect()
     assert pipeline() is not None and encoder() is not None
-    caplog.set_level(logging.INFO, logger="farm.worker.runtime")
+    caplog.set_level(logging.INFO, logger="farm.worker.resources")
     res.close()
     assert pipeline() is None and encoder() is None  # collected by close itself (no gc here)
     assert res.cache.resident() == [] and res.components.resident() == []
