@@ -1,7 +1,7 @@
 """Running one shard: claim, render each item, upload, record, finish.
 
-:func:`execute_shard` is what the ``render_shard`` task calls, with the worker's
-:class:`~farm.worker.resources.WorkerResources`.
+:func:`execute_shard` is what :func:`farm.shard_delivery.deliver_shard` (the ``render_shard``
+task) calls, with the worker's :class:`~farm.worker.resources.WorkerResources`.
 """
 
 from __future__ import annotations
