@@ -136,7 +136,9 @@ def test_flower_shows_the_farm_tasks_on_redis(
             assert status == 200, body
             ours = [t for t in json.loads(body).values() if job_id in (t.get("kwargs") or "")]
             names = sorted(t["name"] for t in ours if t["state"] == "SUCCESS")
-            if names.count("farm.render_shard") == 3 and names.count("farm.finalize_job") == 3:
+            # One finalize at least: the shard that ends the job sends it (another one only when
+            # the job's roll-up falls due meanwhile, worker.rollup_interval_s).
+            if names.count("farm.render_shard") == 3 and names.count("farm.finalize_job") >= 1:
                 break
             assert time.monotonic() < deadline, f"Flower has {names} for job {job_id}"
             time.sleep(0.5)
