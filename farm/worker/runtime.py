@@ -150,7 +150,8 @@ def _deliver(
             crashed = fail_crash_loop(session, shard_id, settings.max_attempts) if remaining == 0.0 else None
         else:
             job = _job_of(res, session, claim.job_id)
-            done_keys = _written_keys(session, shard_id) if lease.attempt > 1 else set()
+            # Only a shard claimed before (a retry, a take-over, a hand back) can have outputs.
+            done_keys = _written_keys(session, shard_id) if lease.fencing_token > 1 else set()
     if lease is None and crashed is not None:
         log.warning("shard %s failed for good: %s", shard_id, crashed)
         return ShardOutcome("failed", claim.job_id, error=crashed)
