@@ -200,10 +200,12 @@ def _deliver(
     except ShardHandBack as back:
         log.info("%s", back)
 
+        rows = keeper.take_artifacts()  # taken once: a retried step must still write them
+
         def release() -> None:
             with session_scope(res.session_factory) as session:
                 hand_back(session, keeper.lease)
-                add_artifacts(session, keeper.lease, keeper.take_artifacts(), maybe_written=True)
+                add_artifacts(session, keeper.lease, rows, maybe_written=True)
 
         try:
             res.outlast(release, f"shard {shard_id}: hand back")
