@@ -44,8 +44,12 @@ class JobMemo(OrderedDict):
         if key in self:
             self.move_to_end(key)
             return self[key]
-        value = make()
+        return self.put(key, make())
+
+    def put(self, key: Any, value: Any) -> Any:
+        """Keep ``value`` for ``key`` as the most recently used entry; returns it."""
         self[key] = value
+        self.move_to_end(key)
         while len(self) > self.limit:
             self.popitem(last=False)
         return value
@@ -72,8 +76,7 @@ class WorkerResources:
     cache: Any = None  # farm.worker.model_cache.ModelCache, built on first render (imports torch)
     components: Any = None  # a second ModelCache for IP-Adapters, image encoders, ControlNets, face analysis
     memo: JobMemo = field(default_factory=JobMemo)  # per-job derived data (reference embeddings)
-    jobs: JobMemo = field(default_factory=lambda: JobMemo(256))  # job id -> stored spec, bulk or not
-    specs: JobMemo = field(default_factory=lambda: JobMemo(256))  # job id -> parsed spec
+    jobs: JobMemo = field(default_factory=lambda: JobMemo(256))  # job id -> spec (stored and parsed), bulk or not
     _blocklist_rows: JobMemo = field(default_factory=lambda: JobMemo(1024), repr=False)
     metrics: Any = None  # farm.worker.metrics.WorkerMetrics when worker.metrics_port is set
     current_shard: uuid.UUID | None = None
@@ -135,8 +138,7 @@ class WorkerResources:
 
     def remember_blocklist_row(self, job_id: uuid.UUID) -> None:
         """This worker just recorded a failure on the job."""
-        self._blocklist_rows.remember(job_id, lambda: True)
-        self._blocklist_rows[job_id] = True
+        self._blocklist_rows.put(job_id, True)
 
     def outlast(self, step: Any, what: str, check: Any = None, landed: Any = None) -> Any:
         """``step()`` retried through database, broker and object-store outages for at most

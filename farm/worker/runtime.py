@@ -6,6 +6,7 @@ task) calls, with the worker's :class:`~farm.worker.resources.WorkerResources`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import posixpath
 import time
@@ -19,7 +20,7 @@ from sqlalchemy import select
 from farm.errors import FarmError, LeaseLost, UserError, describe_error
 from farm.kinds import job_kind
 from farm.settings import FarmSettings
-from farm.specs import parse_spec
+from farm.specs import JobSpec, parse_spec
 from farm.worker.job_patches import apply_job_patches
 from farm.worker.lease_keeper import LeaseKeeper, ShardCancelled
 from farm.worker.memory import OutOfMemory, is_out_of_memory, out_of_memory
@@ -231,10 +232,16 @@ def _deliver(
 
 @dataclass(frozen=True)
 class _Job:
-    """What a worker keeps of a job across its shards (a job's spec never changes)."""
+    """What a worker keeps of a job across its shards (a job's spec never changes): the stored
+    spec, whether the job is part of a bulk run, and the spec parsed on first use (outside the
+    claim's transaction, so a spec that no longer parses fails the shard, not the claim)."""
 
-    spec: dict[str, Any]
+    stored_spec: dict[str, Any]
     bulk: bool
+
+    @functools.cached_property
+    def spec(self) -> JobSpec:
+        return parse_spec(self.stored_spec)
 
 
 def _job_of(res: WorkerResources, session: Any, job_id: uuid.UUID) -> _Job:
@@ -386,7 +393,7 @@ def _render_items(
     timings = delivery.timings
     delivery.index, delivery.items_total = shard_index, len(items)
     delivery.outputs = output_location(res.store, [item["key"] for item in items])
-    spec = res.specs.remember(job_id, lambda: parse_spec(job.spec))
+    spec = job.spec
     if shard_index in res.settings.worker.fail_shards:
         fault = InjectedWorkerFault if res.settings.worker.fail_shards_retryable else InjectedFault
         raise fault(f"shard {shard_index}: injected fault (worker.fail_shards)")
