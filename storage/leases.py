@@ -29,6 +29,9 @@ from storage.transitions import SHARD_TRANSITIONS, check_shard_transition
 
 S = ShardStatus
 
+# The statements every shard runs are Core statements on the table: the same SQL without the
+# ORM's per-statement bookkeeping (the caller's session still owns the transaction).
+SHARD = Shard.__table__
 MAX_KEPT_ERRORS = 20  # errors kept on a shard (its history of failed attempts and take-overs)
 
 
@@ -98,20 +101,21 @@ def claim_shard_to_render(
     reason to give up: read again."""
     now = now or utcnow()
     claim: ShardClaim | None = None
+    c = SHARD.c
     for _ in range(5):
         row = session.execute(
             select(
-                Shard.status,
-                Shard.lease_owner,
-                Shard.lease_expires_at,
-                Shard.fencing_token,
-                Shard.attempts,
-                Shard.errors,
-                Shard.job_id,
-                Shard.queue,
-                Shard.index,
-                Shard.params,
-            ).where(Shard.id == shard_id)
+                c.status,
+                c.lease_owner,
+                c.lease_expires_at,
+                c.fencing_token,
+                c.attempts,
+                c.errors,
+                c.job_id,
+                c.queue,
+                c.index,
+                c.params,
+            ).where(c.id == shard_id)
         ).one_or_none()
         if row is None:
             return None
@@ -136,11 +140,12 @@ def _try_claim(
         note = f"attempt {row.attempts} by {row.lease_owner}: lease expired at {row.lease_expires_at.isoformat()}"
         values["errors"] = [*(row.errors or []), note][-MAX_KEPT_ERRORS:]
     expires = now + timedelta(seconds=lease_seconds)
-    guard = [Shard.id == shard_id, Shard.status == row.status, Shard.fencing_token == row.fencing_token]
+    c = SHARD.c
+    guard = [c.id == shard_id, c.status == row.status, c.fencing_token == row.fencing_token]
     if takeover:  # a heartbeat that lands between our read and this update keeps the lease with its holder
-        guard.append(Shard.lease_expires_at <= now)
+        guard.append(c.lease_expires_at <= now)
     result = session.execute(
-        update(Shard)
+        update(SHARD)
         .where(*guard)
         .values(
             status=S.RUNNING,
@@ -166,11 +171,11 @@ def _leased_update(session: Session, lease: ShardLease, values: dict[str, Any], 
     transition table allows from ``running``."""
     if "status" in values:
         check_shard_transition(S.RUNNING, values["status"])
+    c = SHARD.c
     result = session.execute(
-        update(Shard)
-        .where(Shard.id == lease.shard_id, Shard.fencing_token == lease.fencing_token, Shard.status == S.RUNNING)
+        update(SHARD)
+        .where(c.id == lease.shard_id, c.fencing_token == lease.fencing_token, c.status == S.RUNNING)
         .values(updated_at=utcnow(), **values)
-        .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:
         raise LeaseLost(
@@ -211,7 +216,7 @@ def add_artifacts(
         there = set(session.scalars(select(Artifact.key).where(Artifact.key.in_([row["key"] for row in rows]))))
         rows = [row for row in rows if row["key"] not in there]
     if rows:
-        session.execute(insert(Artifact), [{**row, "fencing_token": lease.fencing_token} for row in rows])
+        session.execute(insert(Artifact.__table__), [{**row, "fencing_token": lease.fencing_token} for row in rows])
 
 
 def check_lease(session: Session, lease: ShardLease) -> None:

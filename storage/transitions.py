@@ -176,11 +176,11 @@ def claim_rollup(session: Session, job_id: uuid.UUID, every_s: float, now: datet
     ``every_s`` (the job row was last written longer ago; it is touched to say a roll-up is on its
     way), so shards ending fast do not recompute the job's counts one by one."""
     now = now or utcnow()
+    c = Job.__table__.c  # a Core statement: no ORM bookkeeping on every shard's finish
     result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.updated_at <= now - timedelta(seconds=every_s))
+        update(Job.__table__)
+        .where(c.id == job_id, c.status == JobStatus.RUNNING, c.updated_at <= now - timedelta(seconds=every_s))
         .values(updated_at=now)
-        .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
 
