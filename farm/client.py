@@ -39,7 +39,7 @@ from storage.objects.keys import contact_sheet_key, manifest_key
 from storage.recovery import unfinished_shard
 from storage.registry import list_workers
 from storage.status import JOB_TERMINAL, JobStatus
-from storage.transitions import cancel_unstarted_shards, set_job_status
+from storage.transitions import cancel_unstarted_shards, set_job_priority, set_job_status
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -55,9 +55,20 @@ class Submitted:
 
 
 class FarmClient:
-    """A connection to one farm (its database, broker and object store)."""
+    """A connection to one farm: directly to its database, broker and object store (the control
+    host, the farm's own services), or, with ``api.url`` and ``api.token`` set, through the farm
+    API (:class:`farm.api_client.ApiClient`, the same methods and results) unless ``direct``."""
 
-    def __init__(self, settings: FarmSettings | None = None) -> None:
+    def __new__(cls, settings: FarmSettings | None = None, *, direct: bool = False) -> Any:
+        if cls is FarmClient and not direct:
+            settings = settings or load_settings()
+            if settings.api.client_mode:
+                from farm.api_client import ApiClient
+
+                return ApiClient(settings)
+        return super().__new__(cls)
+
+    def __init__(self, settings: FarmSettings | None = None, *, direct: bool = False) -> None:
         self.settings = settings or load_settings()
         self._engine = make_engine(self.settings.database_url, pool_size=self.settings.db.pool_size)
         self._sessions = make_session_factory(self._engine)
@@ -70,6 +81,11 @@ class FarmClient:
         if self._app is None:
             self._app = create_app(self.settings)
         return self._app
+
+    @property
+    def sessions(self) -> Any:
+        """The session factory of the farm's database (the API server's routes use it)."""
+        return self._sessions
 
     @property
     def store(self):
@@ -108,8 +124,15 @@ class FarmClient:
             spec = parse_spec(upload_inputs(spec, self.store, Path.cwd(), check=self._checked))
         else:
             spec = spec.model_copy(update={"model": self._local_model({"model": spec.model})["model"]})
+        return self.submit_parsed(spec)
+
+    def submit_parsed(
+        self, spec: Any, *, owner_id: uuid.UUID | None = None, project_id: uuid.UUID | None = None
+    ) -> Submitted:
+        """Record a parsed, checked spec (inputs already in the store) as a job of ``owner_id`` in
+        ``project_id`` (default: the admin, project ``default``) and send its scheduling message."""
         with session_scope(self._sessions) as session:
-            job, created = submit_job(session, spec)
+            job, created = submit_job(session, spec, owner_id=owner_id, project_id=project_id)
             job_id, status = job.id, JobStatus(job.status)
         if status == JobStatus.PENDING:
             self._publish_schedule(job_id)
@@ -225,6 +248,14 @@ class FarmClient:
             publish_finalize(self.app, job)
         return {**self.get(job), "cancel": outcome}
 
+    def set_priority(self, job_id: str | uuid.UUID, priority: int) -> dict[str, Any]:
+        """Change a job's priority (0-9): the shards it sends from now on carry it (messages
+        already queued keep theirs). Returns the job's summary."""
+        job = self.job_id(job_id)
+        with session_scope(self._sessions) as session:
+            set_job_priority(session, job, priority)
+        return self.get(job, shards=0)
+
     def retry(self, job_id: str | uuid.UUID) -> dict[str, Any]:
         """``farm retry``: re-queue the job's failed shards and send its stuck ones again. Returns
         ``requeued``, ``resent`` and ``note``: what was done, or why nothing was (a cancelled job
@@ -309,11 +340,15 @@ class FarmClient:
                 n += 1
         return n
 
-    def previews(self, job_id: str | uuid.UUID, download: Path | None = None) -> dict[str, Any]:
+    def previews(
+        self, job_id: str | uuid.UUID, download: Path | None = None, url: Callable[[str], str] | None = None
+    ) -> dict[str, Any]:
         """URLs a person looks at first: the contact sheet and the manifest (written once every
         shard has ended), and each video clip's GIF preview. With ``download``, the contact sheet
-        and the manifest are saved there too (``contact_sheet_path``, ``manifest_path``)."""
+        and the manifest are saved there too (``contact_sheet_path``, ``manifest_path``).
+        ``url``: how an object key becomes a URL (default: the store's own, presigned for S3)."""
         job = self.job_id(job_id)
+        link = url or self.store.url
         with session_scope(self._sessions) as session:
             prefix = session.scalar(select(Job.output_prefix).where(Job.id == job))
             if prefix is None:
@@ -326,10 +361,10 @@ class FarmClient:
         found: dict[str, Any] = {}
         for name, key in (("contact_sheet", contact_sheet_key(prefix, job)), ("manifest", manifest_key(prefix, job))):
             there = self.store.exists(key)
-            found[name] = self.store.url(key) if there else None
+            found[name] = link(key) if there else None
             if there and download is not None:
                 found[f"{name}_path"] = str(self.store.download(key, Path(download) / key.rsplit("/", 1)[-1]))
-        return {**found, "gif_previews": [self.store.url(key) for key in gifs]}
+        return {**found, "gif_previews": [link(key) for key in gifs]}
 
     # -- workers --------------------------------------------------------------------------------
     def workers(self) -> list[dict[str, Any]]:
@@ -338,10 +373,13 @@ class FarmClient:
         with session_scope(self._sessions) as session:
             return list_workers(session, self.settings.worker.lost_after_s)
 
-    def results(self, job_id: str | uuid.UUID, download: Path | None = None) -> list[dict[str, Any]]:
-        """The job's artifacts with URLs (presigned for S3); with ``download``, files are saved
-        there too (``path`` added)."""
+    def results(
+        self, job_id: str | uuid.UUID, download: Path | None = None, url: Callable[[str], str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The job's artifacts with URLs (presigned for S3; ``url`` overrides how a key becomes
+        one); with ``download``, files are saved there too (``path`` added)."""
         job = self.job_id(job_id)
+        link = url or self.store.url
         with session_scope(self._sessions) as session:
             rows = session.scalars(
                 select(Artifact).where(Artifact.job_id == job).order_by(Artifact.item_index, Artifact.key)
@@ -362,7 +400,7 @@ class FarmClient:
                 for a in rows
             ]
         for artifact in artifacts:
-            artifact["url"] = self.store.url(artifact["key"])
+            artifact["url"] = link(artifact["key"])
             if download is not None:
                 target = Path(download) / artifact["key"].rsplit("/", 2)[-2] / artifact["key"].rsplit("/", 1)[-1]
                 artifact["path"] = str(self.store.download(artifact["key"], target))

@@ -175,9 +175,7 @@ def _upload(store: Any, pending: _PendingUpload) -> None:
     changed since it was checked is refused. An object already under the key is kept only when
     it is intact (:func:`stored_intact`), otherwise it is replaced: a content-addressed key does
     not prove its content."""
-    data = _read_input(pending.path, pending.label)
-    if hashlib.sha256(data).hexdigest() != pending.sha256:
-        raise InputImageError(f"{pending.label}: {pending.path} changed while the job was being submitted")
+    data = pending_bytes(pending)
     if stored_intact(store.head(pending.key), data, pending.sha256):
         return
     store.put_bytes(pending.key, data, content_type=pending.content_type)
@@ -230,6 +228,70 @@ def upload_inputs(
     for pending in found:
         _upload(store, pending)
     return out
+
+
+# -- through the API: the client plans and sends, the server checks and stores --------------------
+def plan_uploads(data: Any, base_dir: Path, label: str = "spec") -> tuple[Any, list[_PendingUpload]]:
+    """``data`` with every ``{"path": ...}`` replaced by the reference its file will have, and the
+    checked files to send (nothing is read into memory for long, nothing is sent)."""
+    found: list[_PendingUpload] = []
+    return _resolve_paths(data, base_dir, label, found), found
+
+
+def pending_bytes(pending: _PendingUpload) -> bytes:
+    """A planned file's bytes, read again; refused when it changed since it was checked."""
+    data = _read_input(pending.path, pending.label)
+    if hashlib.sha256(data).hexdigest() != pending.sha256:
+        raise InputImageError(f"{pending.label}: {pending.path} changed while the job was being submitted")
+    return data
+
+
+def store_input(store: Any, data: bytes, label: str, sha256: str | None = None) -> dict[str, str]:
+    """Check bytes sent for an input (size, an image of a known format within the pixel limit,
+    ``sha256`` when the sender gave one) and store them content-addressed; their reference."""
+    if len(data) > MAX_INPUT_BYTES:
+        raise InputImageError(f"{label}: larger than {MAX_INPUT_BYTES >> 20} MiB")
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and sha256 != digest:
+        raise InputImageError(f"{label}: the bytes received do not match sha256 {sha256[:80]}")
+    ext, content_type, _ = inspect_image(data, label)
+    key = join_key(INPUTS_PREFIX, f"{digest}.{ext}")
+    if not stored_intact(store.head(key), data, digest):
+        store.put_bytes(key, data, content_type=content_type)
+    return {"key": key, "sha256": digest}
+
+
+def local_paths(data: Any, label: str = "spec") -> list[str]:
+    """Where ``data`` names a file by ``{"path": ...}`` (only a client can upload those)."""
+    if isinstance(data, dict):
+        if set(data) == {"path"}:
+            return [label]
+        return [p for k, v in data.items() for p in local_paths(v, f"{label}.{k}")]
+    if isinstance(data, list):
+        return [p for i, v in enumerate(data) for p in local_paths(v, f"{label}[{i}]")]
+    return []
+
+
+def missing_inputs(store: Any, data: Any, label: str = "spec") -> list[tuple[str, str]]:
+    """``(field, reason)`` for each input reference of ``data`` whose object is not in the store
+    (or differs from its sha256): a spec sent to the API may only name inputs already sent."""
+    found: list[tuple[str, str]] = []
+    if isinstance(data, dict):
+        key = data.get("key")
+        if isinstance(key, str) and key.startswith(INPUTS_PREFIX + "/") and set(data) <= {"key", "sha256", "name"}:
+            info = store.head(key)
+            digest = data.get("sha256")
+            if info is None:
+                found.append((label, f"input {key} was not uploaded (PUT /v1/inputs first)"))
+            elif isinstance(digest, str) and info.sha256 not in (None, digest):
+                found.append((label, f"input {key} does not match its sha256"))
+            return found
+        for k, v in data.items():
+            found.extend(missing_inputs(store, v, f"{label}.{k}"))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            found.extend(missing_inputs(store, v, f"{label}[{i}]"))
+    return found
 
 
 def load_image(store: Any, ref: ImageRef, label: str) -> Any:

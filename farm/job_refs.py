@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import Any
 
 from sqlalchemy import String, cast, func, select
 from sqlalchemy.orm import Session
@@ -27,15 +28,19 @@ def short_id(job_id: object) -> str:
     return str(job_id)[:SHOWN_PREFIX]
 
 
-def resolve_job_id(session: Session, ref: str | uuid.UUID) -> uuid.UUID:
-    """The id of the one job ``ref`` names (a UUID, or a unique prefix of one)."""
-    if isinstance(ref, uuid.UUID):
-        return ref
+def resolve_job_id(session: Session, ref: str | uuid.UUID, scope: Any = None) -> uuid.UUID:
+    """The id of the one job ``ref`` names (a UUID, or a unique prefix of one). ``scope``: a
+    condition on :class:`Job` limiting the jobs that can be named (the API gives the caller's);
+    a job outside it is answered exactly as one that does not exist."""
     text = str(ref).strip().lower()
     try:
-        return uuid.UUID(text)
+        whole = ref if isinstance(ref, uuid.UUID) else uuid.UUID(text)
     except ValueError:
-        pass
+        whole = None
+    if whole is not None:
+        if scope is not None and session.scalar(select(Job.id).where(Job.id == whole, scope)) is None:
+            raise NotFound(f"no job {whole}")
+        return whole
     digits = text.replace("-", "")
     if len(digits) < MIN_PREFIX or _HEX.fullmatch(digits) is None:
         raise UserError(
@@ -43,7 +48,8 @@ def resolve_job_id(session: Session, ref: str | uuid.UUID) -> uuid.UUID:
             f"(as `farm status` prints them)"
         )
     hex_id = func.replace(cast(Job.id, String), "-", "")
-    matches = session.scalars(select(Job.id).where(func.lower(hex_id).like(f"{digits}%")).limit(6)).all()
+    query = select(Job.id).where(func.lower(hex_id).like(f"{digits}%"))
+    matches = session.scalars((query if scope is None else query.where(scope)).limit(6)).all()
     if not matches:
         raise NotFound(f"no job id starts with {text!r}")
     if len(matches) > 1:

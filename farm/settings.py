@@ -201,6 +201,36 @@ class FlowerSettings(_Section):
     password: SecretStr | None = Field(default=None, description="Basic-auth password; never logged.")
 
 
+class ApiSettings(_Section):
+    """``farm api``, the front door (its server side), and where a client finds it (``url`` and
+    ``token``: with both set, the client and the job commands go through the API and need no
+    database, broker or bucket settings)."""
+
+    url: str | None = Field(default=None, description="Client side: the farm API's URL, e.g. https://farm.example.com.")
+    token: SecretStr | None = Field(default=None, description="Client side: your API token (`farm tokens create`).")
+    address: str = Field(default="127.0.0.1", description="Address `farm api` listens on.")
+    port: int = Field(default=8700, ge=1, le=65535, description="Port `farm api` listens on.")
+    public_url: str | None = Field(
+        default=None, description="The URL people reach the API at (download links); default http://ADDRESS:PORT."
+    )
+    max_body_mb: float = Field(default=40.0, gt=0, le=1024, description="Largest request body accepted (MiB).")
+    submit_per_minute: int = Field(
+        default=120, ge=1, description="Submissions one token may make per minute (bulk submits included)."
+    )
+    member_max_priority: int = Field(
+        default=5, ge=0, le=9, description="Highest job priority a member may set; admins may set up to 9."
+    )
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS; empty = CORS off.")
+    events_poll_s: float = Field(
+        default=0.5, gt=0, le=60, description="How often a job's event stream looks for progress."
+    )
+
+    @property
+    def client_mode(self) -> bool:
+        """Whether a client goes through the API (both ``url`` and ``token`` are set)."""
+        return bool(self.url) and self.token is not None
+
+
 class FarmSettings(BaseSettings):
     """All settings. Build with ``FarmSettings()`` in an entry point and pass it down."""
 
@@ -221,6 +251,7 @@ class FarmSettings(BaseSettings):
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     bulk: BulkSettings = Field(default_factory=BulkSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> FarmSettings:
@@ -249,6 +280,8 @@ class FarmSettings(BaseSettings):
             found.append(("storage.s3.secret_access_key", s3.secret_access_key.get_secret_value()))
         if self.flower.password is not None:
             found.append(("flower.password", self.flower.password.get_secret_value()))
+        if self.api.token is not None:
+            found.append(("api.token", self.api.token.get_secret_value()))
         return found
 
     # -- derived values -------------------------------------------------------------------

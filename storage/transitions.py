@@ -26,7 +26,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from storage.chunking import chunked
-from storage.errors import InvalidTransition, NotFound
+from storage.errors import InvalidTransition, NotFound, UserError
 from storage.models import Job, Shard, utcnow
 from storage.status import JOB_TERMINAL, SHARD_TERMINAL, JobStatus, ShardStatus
 
@@ -94,6 +94,26 @@ def set_job_status(
     if to in JOB_TERMINAL:
         values.setdefault("finished_at", utcnow())
     _guarded(session, Job, job_id, to, allowed, values)
+
+
+MAX_PRIORITY = 9  # as a job spec allows
+
+
+def set_job_priority(session: Session, job_id: uuid.UUID, priority: int) -> None:
+    """Change a job's priority (0-9); a job that has ended keeps the one it ran with."""
+    if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= MAX_PRIORITY:
+        raise UserError(f"priority: give a whole number from 0 to {MAX_PRIORITY}, not {priority!r}")
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.not_in(list(JOB_TERMINAL)))
+        .values(priority=priority, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        if status is None:
+            raise NotFound(f"no job {job_id}")
+        raise InvalidTransition(f"job {job_id} is {JobStatus(status).value}: its priority no longer matters")
 
 
 def set_shard_status(

@@ -5,6 +5,7 @@ pytest_plugins = [
     "tests.fixtures.database",
     "tests.fixtures.disks",
     "tests.fixtures.farm",
+    "tests.fixtures.api",  # after farm: it builds on it
     "tests.fixtures.local_servers",
     "tests.fixtures.reliability",
     "tests.fixtures.seaweed",

@@ -11,6 +11,7 @@ import typer
 
 from farm import __version__
 from farm.cli import (
+    api_cmd,
     bulk_cmd,
     config_cmd,
     db_cmd,
@@ -70,6 +71,7 @@ flower_cmd.register(app)
 workers_cmd.register(app)
 bulk_cmd.register(app)
 reconcile_cmd.register(app)
+api_cmd.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,68 @@
+"""``GET /v1/jobs/{ref}/events``: a job's progress as server-sent events.
+
+``progress`` events carry the job's summary (counts, no shards) whenever it changed since the
+last one (looked at every ``api.events_poll_s``), a comment line keeps quiet connections open,
+and ``end`` carries the final summary once the job has ended; then the stream closes."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+
+from farm.api.auth import caller
+from farm.api.jobs import JobRef, job_of
+from farm.api.state import ApiState, api_state
+from storage.identity import Principal
+from storage.status import JOB_TERMINAL, JobStatus
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+KEEPALIVE_S = 15.0
+
+
+def _event(name: str, data: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, sort_keys=True, default=str)}\n\n"
+
+
+def _ended(summary: dict[str, Any]) -> bool:
+    """Ended and settled (a cancelled job once no shard still runs)."""
+    if JobStatus(summary["status"]) not in JOB_TERMINAL:
+        return False
+    return summary["status"] != "cancelled" or not summary["shards_by_status"].get("running", 0)
+
+
+def job_events(state: ApiState, job_id: Any) -> Iterator[str]:
+    last: str | None = None
+    quiet_since = time.monotonic()
+    while True:
+        summary = state.farm.get(job_id, shards=0)
+        ended = _ended(summary)
+        shown = json.dumps({k: v for k, v in summary.items() if k != "waiting"}, sort_keys=True, default=str)
+        if ended:
+            yield _event("end", summary)
+            return
+        if shown != last:
+            last, quiet_since = shown, time.monotonic()
+            yield _event("progress", summary)
+        elif time.monotonic() - quiet_since > KEEPALIVE_S:
+            quiet_since = time.monotonic()
+            yield ": still running\n\n"
+        time.sleep(state.settings.api.events_poll_s)
+
+
+@router.get(
+    "/jobs/{ref}/events",
+    summary="The job's progress as server-sent events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+def events(
+    ref: JobRef, who: Annotated[Principal, Depends(caller)], state: Annotated[ApiState, Depends(api_state)]
+) -> StreamingResponse:
+    job_id, _ = job_of(state, who, ref)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(job_events(state, job_id), media_type="text/event-stream", headers=headers)

@@ -1,0 +1,80 @@
+"""The API's own routes: ``/healthz`` (can it reach its database?), ``/metrics`` (Prometheus
+text: requests by route and status, jobs by status), ``/v1/me`` and ``/v1/workers``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, PlainTextResponse
+from sqlalchemy import func, select, text
+
+from farm.api.auth import caller
+from farm.api.state import ApiState, api_state
+from storage.db import session_scope
+from storage.identity import Principal
+from storage.models import Job, Project
+
+router = APIRouter()
+Caller = Annotated[Principal, Depends(caller)]
+State = Annotated[ApiState, Depends(api_state)]
+
+
+@router.get("/healthz", tags=["service"], summary="Whether the API can reach its database")
+def healthz(state: State) -> JSONResponse:
+    try:
+        with session_scope(state.sessions) as session:
+            session.execute(text("SELECT 1"))
+    except Exception as exc:  # any failure: unhealthy, without the error's text (it may hold a URL)
+        return JSONResponse({"status": "unavailable", "database": type(exc).__name__}, 503)
+    return JSONResponse({"status": "ok", "database": "ok"})
+
+
+def _label(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+
+@router.get("/metrics", tags=["service"], summary="Prometheus metrics", response_class=PlainTextResponse)
+def metrics(state: State) -> PlainTextResponse:
+    lines = [
+        "# HELP farm_api_requests_total API requests by method, route and status.",
+        "# TYPE farm_api_requests_total counter",
+    ]
+    counters = state.counters
+    with counters.lock:
+        counts, seconds = dict(counters.counts), dict(counters.seconds)
+    for (method, route, status), n in sorted(counts.items()):
+        lines.append(f'farm_api_requests_total{{method="{method}",route="{_label(route)}",status="{status}"}} {n}')
+    lines += [
+        "# HELP farm_api_request_seconds_total Time spent answering, by route.",
+        "# TYPE farm_api_request_seconds_total counter",
+    ]
+    for (method, route), total in sorted(seconds.items()):
+        lines.append(f'farm_api_request_seconds_total{{method="{method}",route="{_label(route)}"}} {total:.6f}')
+    lines += ["# HELP farm_jobs Jobs by status.", "# TYPE farm_jobs gauge"]
+    try:
+        with session_scope(state.sessions) as session:
+            rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+        for status, n in sorted(rows, key=lambda r: str(r[0])):
+            lines.append(f'farm_jobs{{status="{_label(getattr(status, "value", status))}"}} {n}')
+        lines.append("farm_api_database_up 1")
+    except Exception:
+        lines.append("farm_api_database_up 0")
+    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/me", tags=["identity"], summary="Who the token belongs to")
+def me(who: Caller, state: State) -> dict[str, Any]:
+    with session_scope(state.sessions) as session:
+        names = dict(session.execute(select(Project.id, Project.name).where(Project.id.in_(list(who.projects)))).all())
+    projects = [{"name": names.get(pid, str(pid)), "manager": manages} for pid, manages in who.projects.items()]
+    return {
+        "name": who.name,
+        "role": str(getattr(who.role, "value", who.role)),
+        "projects": sorted(projects, key=lambda p: p["name"]),
+    }
+
+
+@router.get("/v1/workers", tags=["workers"], summary="Registered workers")
+def workers(who: Caller, state: State) -> list[dict[str, Any]]:
+    return state.farm.workers()

@@ -1,0 +1,142 @@
+"""The front door's rules, as people meet them over HTTP: two projects that cannot see each other,
+viewers who only read, members who change only their own jobs unless they manage the project,
+admins who do everything, and an audit row for every state-changing call (refused ones too).
+
+A real ``farm api`` process on a free loopback port, on the embedded default and on Postgres;
+no worker: jobs wait, which is all the rules need."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures.api import add_person
+from tests.fixtures.farm import text_job
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["embedded", "postgres"])
+def farm(request, farm_factory):
+    if request.param == "embedded":
+        return farm_factory()
+    return farm_factory(db_url=request.getfixturevalue("pg_url"))
+
+
+def _audit(farm) -> list[tuple[str, str, int]]:
+    from sqlalchemy import select
+
+    from storage.db import make_engine, make_session_factory, session_scope
+    from storage.models import AuditEvent
+
+    engine = make_engine(farm.settings().database_url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            rows = session.execute(
+                select(AuditEvent.actor, AuditEvent.action, AuditEvent.status).order_by(AuditEvent.id)
+            )
+            return [tuple(row) for row in rows]
+    finally:
+        engine.dispose()
+
+
+def test_projects_are_walled_off_and_roles_hold(farm, api_server_factory, tiny_models) -> None:
+    server = api_server_factory(farm)
+    alice = add_person(farm, server, "alice", "member", project="red")
+    dave = add_person(farm, server, "dave", "member", project="red")
+    erin = add_person(farm, server, "erin", "member", project="red", manager=True)
+    carol = add_person(farm, server, "carol", "viewer", project="red")
+    bob = add_person(farm, server, "bob", "member", project="blue")
+    root = add_person(farm, server, "root", "admin", project="default")
+    spec = text_job(tiny_models["sd15"])
+
+    with alice.http() as http:
+        first = http.post("/v1/jobs", json={"spec": spec})
+        assert first.status_code == 201, first.text
+        job = first.json()["job_id"]
+        second = http.post("/v1/jobs", json={"spec": {**spec, "output_prefix": "second"}}).json()["job_id"]
+        assert http.get(f"/v1/jobs/{job}").json()["owner"] == "alice"
+
+    # Another project: every door answers as if the job did not exist, by id and by prefix.
+    with bob.http() as http:
+        for method, path in [
+            ("GET", f"/v1/jobs/{job}"),
+            ("GET", f"/v1/jobs/{job[:8]}"),
+            ("POST", f"/v1/jobs/{job}/cancel"),
+            ("POST", f"/v1/jobs/{job}/retry"),
+            ("PATCH", f"/v1/jobs/{job}"),
+            ("GET", f"/v1/jobs/{job}/results"),
+            ("GET", f"/v1/jobs/{job}/previews"),
+            ("GET", f"/v1/jobs/{job}/events"),
+            ("GET", f"/v1/jobs/{job}/objects/tests/{job}/manifest.json"),
+        ]:
+            answer = http.request(method, path, json={"priority": 1} if method == "PATCH" else None)
+            assert answer.status_code == 404, (method, path, answer.text)
+            assert answer.json()["error"]["type"] == "NotFound"
+        assert http.get("/v1/jobs").json()["jobs"] == []
+        assert http.get("/v1/jobs", params={"project": "red"}).json()["jobs"] == []
+
+    # The viewer reads and changes nothing.
+    with carol.http() as http:
+        assert http.get(f"/v1/jobs/{job}").status_code == 200
+        assert {j["id"] for j in http.get("/v1/jobs").json()["jobs"]} == {job, second}
+        refused = http.post(f"/v1/jobs/{job}/cancel")
+        assert refused.status_code == 403 and refused.json()["error"]["type"] == "Forbidden"
+        assert http.post("/v1/jobs", json={"spec": spec}).status_code == 403
+
+    # A member of the project changes only their own; the project's manager changes any.
+    with dave.http() as http:
+        assert http.post(f"/v1/jobs/{job}/cancel").status_code == 403
+        assert http.patch(f"/v1/jobs/{job}", json={"priority": 2}).status_code == 403
+    with erin.http() as http:
+        cancelled = http.post(f"/v1/jobs/{job}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["cancel"] == "cancelled"
+    with alice.http() as http:
+        too_high = http.patch(f"/v1/jobs/{second}", json={"priority": 9})
+        assert too_high.status_code == 403, too_high.text
+        assert http.patch(f"/v1/jobs/{second}", json={"priority": 3}).json()["priority"] == 3
+
+    # The admin sees every project and may set any priority.
+    with root.http() as http:
+        assert {j["id"] for j in http.get("/v1/jobs", params={"limit": 200}).json()["jobs"]} >= {job, second}
+        assert http.patch(f"/v1/jobs/{second}", json={"priority": 9}).json()["priority"] == 9
+        mine = http.get("/v1/jobs", params={"owner": "alice", "status": ["cancelled"]}).json()["jobs"]
+        assert [j["id"] for j in mine] == [job]
+
+    audit = _audit(farm)
+    assert ("alice", "job.submit", 201) in audit
+    assert ("carol", "job.cancel", 403) in audit
+    assert ("carol", "job.submit", 403) in audit
+    assert ("dave", "job.cancel", 403) in audit
+    assert ("erin", "job.cancel", 200) in audit
+    assert ("alice", "job.priority", 403) in audit
+    assert ("root", "job.priority", 200) in audit
+    assert ("bob", "job.cancel", 404) in audit
+    assert not [row for row in audit if row[0] not in {"alice", "bob", "carol", "dave", "erin", "root"}]
+
+
+def test_tokens_are_checked_on_every_request(farm, api_server_factory) -> None:
+    """No token, a made-up one, a tampered one: 401. A revoked token stops at once."""
+    import httpx
+
+    from storage.db import make_engine, make_session_factory, session_scope
+    from storage.identity import list_tokens, revoke_token
+
+    server = api_server_factory(farm)
+    alice = add_person(farm, server, "alice", "member", project="red")
+    assert httpx.get(server.url + "/v1/jobs").status_code == 401
+    for bad in ("nonsense", alice.token[:-2] + "xx", "pf_" + "0" * 32 + "_" + "a" * 43, "Bearer " + "x" * 5000):
+        answer = httpx.get(server.url + "/v1/jobs", headers={"Authorization": f"Bearer {bad}"})
+        assert answer.status_code == 401, bad[:40]
+        assert answer.json()["error"]["type"] == "Unauthorized"
+        assert alice.token not in answer.text
+    with alice.http() as http:
+        assert http.get("/v1/me").json()["name"] == "alice"
+        engine = make_engine(farm.settings().database_url)
+        try:
+            with session_scope(make_session_factory(engine)) as session:
+                (token,) = list_tokens(session, "alice")
+                revoke_token(session, str(token["id"]))
+        finally:
+            engine.dispose()
+        assert http.get("/v1/me").status_code == 401
+        assert http.get("/v1/jobs").status_code == 401
