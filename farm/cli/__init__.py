@@ -19,6 +19,7 @@ from farm.cli import (
     models_cmd,
     reconcile_cmd,
     storage_cmd,
+    users_cmd,
     worker_cmd,
     workers_cmd,
 )
@@ -70,6 +71,7 @@ flower_cmd.register(app)
 workers_cmd.register(app)
 bulk_cmd.register(app)
 reconcile_cmd.register(app)
+users_cmd.register(app)
 
 
 def main() -> None:
