@@ -35,10 +35,16 @@ QUEUE_IDLE, QUEUE_BUSY = "farm.gpu.sd15", "farm.gpu.sdxl"
 def _fill(engine: Any, shards: int) -> dict[str, int]:
     """Jobs of ``JOB_SHARDS`` shards each, in the mix described above; returns what is stuck."""
     from sqlalchemy import insert
+    from sqlalchemy.orm import Session
 
+    from storage.identity import ensure_default_identity
     from storage.models import Job, Shard, Worker, utcnow
     from storage.status import JobStatus, ShardStatus, WorkerStatus
 
+    with Session(engine) as session:
+        admin, project = ensure_default_identity(session)
+        owned = {"owner_id": admin.id, "project_id": project.id}
+        session.commit()
     now = utcnow()
     old = now - timedelta(hours=1)
     jobs, rows = [], []
@@ -57,6 +63,7 @@ def _fill(engine: Any, shards: int) -> dict[str, int]:
                 "spec": {},
                 "spec_hash": "0" * 64,
                 "output_prefix": "bench",
+                **owned,
                 "shards_total": JOB_SHARDS,
                 "created_at": old,
                 "updated_at": old,

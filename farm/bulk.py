@@ -33,7 +33,7 @@ from farm.feeder import feed
 from farm.inputs import upload_inputs
 from farm.job_spec import JobSpec
 from farm.kinds import DEFAULT_KIND, KINDS, job_kind
-from farm.scheduler import job_row, requeue_failed
+from farm.scheduler import job_row, owner_and_project, requeue_failed
 from farm.sharding import queue_for
 from farm.spec_files import read_spec_file
 from farm.specs import parse_spec
@@ -92,13 +92,18 @@ def submit_bulk(
     *,
     manifest_key: str | None = None,
     feed_until: datetime | None = None,
+    owner_id: uuid.UUID | None = None,
+    project_id: uuid.UUID | None = None,
 ) -> dict[str, Any]:
-    """Create the bulk job ``name`` (or extend it with the rows it lacks). Returns counts."""
+    """Create the bulk job ``name`` (or extend it with the rows it lacks). Returns counts. A new
+    bulk job is owned by ``owner_id`` in ``project_id`` (by default: ``admin`` in ``default``);
+    the jobs it feeds are its owner's, in its project (also when someone else extends it)."""
     name = validate_part(name, "name")
     base_spec = check_base(base)
     bulk = session.scalar(select(BulkJob).where(BulkJob.name == name).with_for_update())
     if bulk is None:
-        bulk = BulkJob(name=name, base_spec=base, manifest_keys=[], rows_total=0)
+        owner, project = owner_and_project(session, owner_id, project_id)
+        bulk = BulkJob(name=name, base_spec=base, manifest_keys=[], rows_total=0, owner_id=owner, project_id=project)
         session.add(bulk)
         session.flush()
     elif _base_hash(bulk.base_spec) != _base_hash(base):
@@ -140,11 +145,14 @@ def submit_and_feed(
     *,
     feed_until: datetime | None = None,
     now: datetime | None = None,
+    owner_id: uuid.UUID | None = None,
+    project_id: uuid.UUID | None = None,
 ) -> dict[str, Any]:
     """Create or extend the bulk job ``name``: ``base`` (a spec dict or file) with the rows of
     ``manifest`` (a local JSONL/CSV file, kept in ``store``, or ``store:<key>``); then top the
     windows up (``window`` per queue, as of ``now``). Everything is checked before anything is
-    stored. Returns counts, with ``fed``: how many shards were sent."""
+    stored. A new bulk job is ``owner_id``'s in ``project_id`` (:func:`submit_bulk`). Returns
+    counts, with ``fed``: how many shards were sent."""
     folder = Path.cwd()
     if isinstance(base, str | Path):
         folder = Path(base).parent
@@ -173,7 +181,16 @@ def submit_and_feed(
     if upload is not None:
         store.put_bytes(key, data, content_type=upload)
     with session_scope(session_factory) as session:
-        result = submit_bulk(session, name, base, rows, manifest_key=key, feed_until=feed_until)
+        result = submit_bulk(
+            session,
+            name,
+            base,
+            rows,
+            manifest_key=key,
+            feed_until=feed_until,
+            owner_id=owner_id,
+            project_id=project_id,
+        )
     result["fed"] = feed(app, session_factory, window, now)
     return result
 
@@ -192,7 +209,15 @@ def _insert_group(
     prefix = validate_prefix(spec.output_prefix, "output_prefix")
     if not prefix:  # the bulk name is then the outputs' top-level folder
         check_output_folder(bulk.name, "name")
-    job = job_row(spec, status=JobStatus.RUNNING, bulk_id=bulk.id, started_at=utcnow(), items_total=len(rows))
+    job = job_row(
+        spec,
+        status=JobStatus.RUNNING,
+        bulk_id=bulk.id,
+        owner_id=bulk.owner_id,
+        project_id=bulk.project_id,
+        started_at=utcnow(),
+        items_total=len(rows),
+    )
     session.add(job)
     session.flush()
     queue = queue_for(spec.family)

@@ -15,8 +15,10 @@ This module adds the errors only the farm raises.
 from __future__ import annotations
 
 from storage.errors import (
+    AlreadyExists,
     ConfigError,
     FarmError,
+    Forbidden,
     InvalidKey,
     InvalidTransition,
     LeaseLost,
@@ -25,12 +27,15 @@ from storage.errors import (
     StorageAccessDenied,
     StorageError,
     StorageUnavailable,
+    Unauthorized,
     UserError,
 )
 
 __all__ = [
+    "AlreadyExists",
     "ConfigError",
     "FarmError",
+    "Forbidden",
     "InvalidKey",
     "InvalidTransition",
     "JobNotScheduled",
@@ -40,6 +45,7 @@ __all__ = [
     "StorageAccessDenied",
     "StorageError",
     "StorageUnavailable",
+    "Unauthorized",
     "UserError",
     "describe_error",
 ]

@@ -24,7 +24,8 @@ from farm.sharding import iter_shards
 from farm.specs import parse_spec, spec_fingerprint
 from storage.blocklist import blocked_workers
 from storage.chunking import insert_rows
-from storage.models import Job, Shard, utcnow
+from storage.identity import ensure_default_identity
+from storage.models import Job, Project, Shard, User, utcnow
 from storage.status import JOB_TERMINAL, JobStatus, ShardStatus
 from storage.transitions import JobRollup, refresh_job_counts, set_job_status, set_shard_status
 
@@ -52,16 +53,34 @@ def job_row(spec: JobSpec, **values: Any) -> Job:
     )
 
 
-def submit_job(session: Session, spec: JobSpec) -> tuple[Job, bool]:
-    """Write the job row. With an idempotency key, a resubmission returns the existing job
-    (``created`` False); the same key with a different spec is refused."""
+def owner_and_project(
+    session: Session, owner_id: uuid.UUID | None, project_id: uuid.UUID | None
+) -> tuple[uuid.UUID, uuid.UUID]:
+    """Who a submit is recorded as: the ids given, or (direct mode, the admin on the control
+    host) the user ``admin`` and the project ``default``."""
+    if owner_id is None or project_id is None:
+        admin, default = ensure_default_identity(session)
+        owner_id = admin.id if owner_id is None else owner_id
+        project_id = default.id if project_id is None else project_id
+    return owner_id, project_id
+
+
+def submit_job(
+    session: Session, spec: JobSpec, *, owner_id: uuid.UUID | None = None, project_id: uuid.UUID | None = None
+) -> tuple[Job, bool]:
+    """Write the job row, owned by ``owner_id`` in ``project_id`` (by default: ``admin`` in
+    ``default``). With an idempotency key, a resubmission returns the existing job (``created``
+    False); the same key with a different spec is refused."""
     fingerprint = spec_fingerprint(spec)
     key = spec.idempotency_key
     if key:
         existing = session.scalar(select(Job).where(Job.idempotency_key == key))
         if existing is not None:
-            return _same_spec(existing, fingerprint, key), False
-    job = job_row(spec, status=JobStatus.PENDING, spec_hash=fingerprint, idempotency_key=key)
+            return _same_spec(existing, fingerprint, key, owner_id), False
+    owner, project = owner_and_project(session, owner_id, project_id)
+    job = job_row(
+        spec, status=JobStatus.PENDING, spec_hash=fingerprint, idempotency_key=key, owner_id=owner, project_id=project
+    )
     try:
         with session.begin_nested():
             session.add(job)
@@ -70,11 +89,13 @@ def submit_job(session: Session, spec: JobSpec) -> tuple[Job, bool]:
         existing = session.scalar(select(Job).where(Job.idempotency_key == key))
         if existing is None:
             raise
-        return _same_spec(existing, fingerprint, key), False
+        return _same_spec(existing, fingerprint, key, owner_id), False
     return job, True
 
 
-def _same_spec(job: Job, fingerprint: str, key: str | None) -> Job:
+def _same_spec(job: Job, fingerprint: str, key: str | None, owner_id: uuid.UUID | None) -> Job:
+    if owner_id is not None and job.owner_id != owner_id:  # someone else's job: say nothing of it
+        raise UserError(f"idempotency_key {key!r} is already in use; choose another")
     if job.spec_hash != fingerprint:
         raise UserError(f"idempotency_key {key!r} was already used for job {job.id} with a different spec")
     return job
@@ -213,8 +234,16 @@ def job_summary(session: Session, job_id: uuid.UUID, *, shard_limit: int | None 
             by_status, items_done = _counts(shard_rows)
         else:
             shard_rows = shards_worth_showing(session, job_id, shard_limit)
+    owner, project = session.execute(
+        select(
+            select(User.name).where(User.id == job.owner_id).scalar_subquery(),
+            select(Project.name).where(Project.id == job.project_id).scalar_subquery(),
+        )
+    ).one()
     return {
         "id": str(job.id),
+        "owner": owner,
+        "project": project,
         "kind": job.kind,
         "family": job.family,
         "status": JobStatus(job.status).value,

@@ -17,8 +17,10 @@ storage.errors.NotFound``.
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyExists",
     "ConfigError",
     "FarmError",
+    "Forbidden",
     "InvalidKey",
     "InvalidTransition",
     "LeaseLost",
@@ -27,6 +29,7 @@ __all__ = [
     "StorageAccessDenied",
     "StorageError",
     "StorageUnavailable",
+    "Unauthorized",
     "UserError",
 ]
 
@@ -52,6 +55,18 @@ class ConfigError(UserError):
 
 class InvalidKey(UserError):
     """An object key part is not safe to use (traversal, absolute path, control characters)."""
+
+
+class AlreadyExists(UserError):
+    """A user, project or other named thing with that name exists already."""
+
+
+class Unauthorized(FarmError):
+    """No valid credentials: a missing, malformed, unknown, expired or revoked token."""
+
+
+class Forbidden(FarmError):
+    """The caller is known but may not do this (their role, or a project that is not theirs)."""
 
 
 class NotFound(FarmError):

@@ -1,5 +1,6 @@
 """SQLAlchemy models for the farm's state: ``job``, ``shard``, ``artifact``, ``worker``, ``job_worker``,
-``bulk_job``.
+``bulk_job``, and who may use it: ``user``, ``project``, ``project_member``, ``api_token``,
+``audit_event``.
 
 Typed declarative models (``Mapped[]``). UUID keys, timezone-aware UTC timestamps on every
 backend, JSON spec and params. Status columns are plain strings checked by the enums; which
@@ -15,6 +16,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     Float,
@@ -30,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from storage.status import JobStatus, ShardStatus, WorkerStatus
+from storage.status import JobStatus, Role, ShardStatus, WorkerStatus
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -85,6 +87,72 @@ class Timestamped:
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class User(Timestamped, Base):
+    """Someone who uses the farm: a name, a role, the projects they belong to (``project_member``)
+    and their API tokens. Users are disabled, not deleted: their jobs stay theirs."""
+
+    __tablename__ = "user"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[Role] = mapped_column(_status(Role))
+    disabled_at: Mapped[datetime | None]
+
+
+class Project(Timestamped, Base):
+    """A group of users and the jobs they submit into it; who sees what follows projects."""
+
+    __tablename__ = "project"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class ProjectMember(Timestamped, Base):
+    """A user's membership of a project; a ``manager`` may change every job of the project."""
+
+    __tablename__ = "project_member"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), primary_key=True)
+    project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), primary_key=True)
+    manager: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (Index(None, "project_id"),)
+
+
+class ApiToken(Timestamped, Base):
+    """An API token of a user. Only the SHA-256 (hex) of its secret is stored; the token itself is
+    shown once, when it is made (:func:`storage.identity.create_token`)."""
+
+    __tablename__ = "api_token"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+
+class AuditEvent(Base):
+    """Who did what, when, from where, and how it went (an HTTP-like status). Names and ids are
+    copied, not referenced, so the record outlives the user or token; never holds a secret."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str | None] = mapped_column(String(64))  # the user's name (or the OS user, from the CLI)
+    actor_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    token_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    action: Mapped[str] = mapped_column(String(64))  # "job.submit", "job.cancel", "token.create", ...
+    target: Mapped[str | None] = mapped_column(String(256))  # what it acted on, e.g. a job id
+    remote: Mapped[str | None] = mapped_column(String(64))  # the client's address
+    status: Mapped[int] = mapped_column(Integer)
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
 class BulkJob(Timestamped, Base):
     """A bulk dataset render: manifest rows fed to normal jobs (one per model family and
     settings group) a window of shards at a time. ``name`` is its idempotency key: submitting the
@@ -98,6 +166,8 @@ class BulkJob(Timestamped, Base):
     manifest_keys: Mapped[list[Any]] = mapped_column(default=list)  # every manifest submitted, in order
     rows_total: Mapped[int] = mapped_column(Integer, default=0)
     feed_until: Mapped[datetime | None]  # feeding stops at this time (the nightly window's end)
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("user.id"), index=True)
+    project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("project.id"), index=True)  # its jobs' too
 
 
 class Job(Timestamped, Base):
@@ -125,6 +195,8 @@ class Job(Timestamped, Base):
     finished_at: Mapped[datetime | None]
     outputs_written_at: Mapped[datetime | None]  # manifest and contact sheet in the store (terminal jobs)
     bulk_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("bulk_job.id", ondelete="CASCADE"), index=True)
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("user.id"), index=True)  # who submitted it
+    project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("project.id"), index=True)
 
     shards: Mapped[list[Shard]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="Shard.index"

@@ -1,4 +1,5 @@
-"""Status values for jobs, shards and workers. Which changes are allowed lives in ``transitions``."""
+"""Status values for jobs, shards and workers, and users' roles. Which status changes are allowed
+lives in ``transitions``; what each role may do lives in ``access``."""
 
 from __future__ import annotations
 
@@ -27,6 +28,15 @@ class WorkerStatus(StrEnum):
     ONLINE = "online"
     LOST = "lost"  # silent past the heartbeat timeout
     STOPPED = "stopped"  # shut down cleanly
+
+
+class Role(StrEnum):
+    """What a user may do: everything (admin), submit and change their own jobs (member, or any
+    job of a project they manage), or only look (viewer)."""
+
+    ADMIN = "admin"
+    MEMBER = "member"
+    VIEWER = "viewer"
 
 
 JOB_TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED, JobStatus.CANCELLED})

@@ -29,6 +29,7 @@ from storage.leases import claim_shard, finish_shard
 from storage.models import Job, Shard
 from storage.status import JobStatus, ShardStatus
 from storage.transitions import mark_shards_queued
+from tests.fixtures.database import default_owner
 
 
 def spec(items: int, shard_size: int = 1) -> dict:
@@ -79,7 +80,9 @@ def test_chunked_is_lazy_and_exact() -> None:
 
 
 def test_marking_70000_shards_queued_is_cut_into_statements(session) -> None:
-    job = Job(kind="text_to_image", family="sd15", spec={}, spec_hash="0" * 64, output_prefix="r")
+    job = Job(
+        kind="text_to_image", family="sd15", spec={}, spec_hash="0" * 64, output_prefix="r", **default_owner(session)
+    )
     session.add(job)
     session.flush()
     real = [uuid.uuid4() for _ in range(3)]

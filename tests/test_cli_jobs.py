@@ -16,6 +16,7 @@ import yaml
 
 from farm.errors import NotFound, UserError
 from farm.job_refs import resolve_job_id
+from tests.fixtures.database import default_owner
 from tests.fixtures.farm import ROOT, text_job
 from tests.fixtures.services import wait_for
 
@@ -141,8 +142,11 @@ def test_job_prefixes_resolve_once_and_refuse_ambiguity(session_factory) -> None
 
     ids = [uuid.UUID("abcd1234" + "0" * 24), uuid.UUID("abcd5678" + "0" * 24), uuid.UUID("12345678" + "f" * 24)]
     with session_scope(session_factory) as session:
+        owner = default_owner(session)
         for job_id in ids:
-            session.add(Job(id=job_id, kind="text_to_image", family="sd15", spec={}, spec_hash="0", output_prefix="p"))
+            session.add(
+                Job(id=job_id, kind="text_to_image", family="sd15", spec={}, spec_hash="0", output_prefix="p", **owner)
+            )
     with session_scope(session_factory) as session:
         assert resolve_job_id(session, "1234") == ids[2]
         assert resolve_job_id(session, "ABCD1234") == ids[0]

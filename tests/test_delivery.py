@@ -33,6 +33,7 @@ from storage.leases import claim_shard, finish_shard
 from storage.models import Job, Shard
 from storage.registry import register_worker
 from storage.status import ShardStatus
+from tests.fixtures.database import default_owner
 from tests.fixtures.farm import text_job
 
 QUEUE = "farm.gpu.sd15"
@@ -156,7 +157,15 @@ def finalize(job_id: uuid.UUID) -> tuple:
 
 
 def test_the_route_is_the_shards_queue_its_jobs_priority_and_its_label(session) -> None:
-    job = Job(kind="text_to_image", family="sdxl", spec={}, spec_hash="0" * 64, output_prefix="r", priority=7)
+    job = Job(
+        kind="text_to_image",
+        family="sdxl",
+        spec={},
+        spec_hash="0" * 64,
+        output_prefix="r",
+        priority=7,
+        **default_owner(session),
+    )
     session.add(job)
     shards = [Shard(job=job, index=i, queue="farm.gpu.sdxl", params={}, items_total=1) for i in range(3)]
     session.add_all(shards)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -12,10 +13,25 @@ from sqlalchemy import func, inspect, select
 
 from storage import migrate
 from storage.db import make_engine, make_session_factory, session_scope
-from storage.models import Artifact, BulkJob, Job, JobWorker, Shard, Worker, metadata
+from storage.identity import ensure_default_identity
+from storage.models import (
+    ApiToken,
+    Artifact,
+    AuditEvent,
+    BulkJob,
+    Job,
+    JobWorker,
+    Project,
+    ProjectMember,
+    Shard,
+    User,
+    Worker,
+    metadata,
+)
 
-TABLES = {"job", "shard", "artifact", "worker", "job_worker", "bulk_job"}
-HEAD = "0004"
+TABLES = {"job", "shard", "artifact", "worker", "job_worker", "bulk_job", "api_token", "audit_event"}
+SEEDED = {"user", "project", "project_member"}  # the upgrade's admin, default, and admin's membership
+HEAD = "0005"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
@@ -28,7 +44,9 @@ def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def _insert_one_of_each(url: str) -> None:
     engine = make_engine(url)
     with session_scope(make_session_factory(engine)) as session:
-        job = Job(kind="text_to_image", family="sd15", spec={"a": 1}, spec_hash="0" * 64, output_prefix="r")
+        admin, default = ensure_default_identity(session)
+        owned = {"owner_id": admin.id, "project_id": default.id}
+        job = Job(kind="text_to_image", family="sd15", spec={"a": 1}, spec_hash="0" * 64, output_prefix="r", **owned)
         shard = Shard(job=job, index=0, queue="farm.gpu.sd15", params={"items": []})
         session.add_all([job, shard])
         session.flush()
@@ -47,7 +65,9 @@ def _insert_one_of_each(url: str) -> None:
         )
         session.add(Worker(name=f"w-{uuid.uuid4().hex[:6]}", hostname="h", device="cpu"))
         session.add(JobWorker(job_id=job.id, worker="w"))
-        session.add(BulkJob(name=f"bulk-{uuid.uuid4().hex[:6]}", base_spec={}))
+        session.add(BulkJob(name=f"bulk-{uuid.uuid4().hex[:6]}", base_spec={}, **owned))
+        session.add(ApiToken(user_id=admin.id, name="t", secret_hash="0" * 64))
+        session.add(AuditEvent(action="token.create", status=200))
     engine.dispose()
 
 
@@ -56,7 +76,19 @@ def _counts(url: str) -> dict[str, int]:
     with engine.connect() as conn:
         counts = {
             m.__tablename__: conn.scalar(select(func.count()).select_from(m))
-            for m in (Job, Shard, Artifact, Worker, JobWorker, BulkJob)
+            for m in (
+                Job,
+                Shard,
+                Artifact,
+                Worker,
+                JobWorker,
+                BulkJob,
+                ApiToken,
+                AuditEvent,
+                User,
+                Project,
+                ProjectMember,
+            )
         }
     engine.dispose()
     return counts
@@ -78,13 +110,13 @@ def test_upgrade_downgrade_upgrade_with_rows(fresh_url: str) -> None:
     migrate.upgrade(fresh_url)
     assert migrate.current(fresh_url) == HEAD
     _insert_one_of_each(fresh_url)
-    assert _counts(fresh_url) == dict.fromkeys(TABLES, 1)
+    assert _counts(fresh_url) == dict.fromkeys(TABLES | SEEDED, 1)
     migrate.downgrade(fresh_url, "base")
     assert migrate.current(fresh_url) is None
-    assert not (_tables(fresh_url) & TABLES)
+    assert not (_tables(fresh_url) & (TABLES | SEEDED))
     migrate.upgrade(fresh_url)
-    assert _tables(fresh_url) >= TABLES
-    assert _counts(fresh_url) == dict.fromkeys(TABLES, 0)
+    assert _tables(fresh_url) >= TABLES | SEEDED
+    assert _counts(fresh_url) == {**dict.fromkeys(TABLES, 0), **dict.fromkeys(SEEDED, 1)}
     _insert_one_of_each(fresh_url)
 
 
@@ -167,7 +199,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "9999"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
@@ -198,6 +230,96 @@ def test_sqlite_batch_rebuild_keeps_child_rows(tmp_path: Path) -> None:
     config = migrate.alembic_config(url)
     config.set_main_option("script_location", str(scripts))
     command.upgrade(config, "head")
-    assert _counts(url) == dict.fromkeys(TABLES, 1)
+    assert _counts(url) == dict.fromkeys(TABLES | SEEDED, 1)
     command.downgrade(config, HEAD)
-    assert _counts(url) == dict.fromkeys(TABLES, 1)
+    assert _counts(url) == dict.fromkeys(TABLES | SEEDED, 1)
+
+
+def _insert_at_0004(url: str) -> tuple[uuid.UUID, uuid.UUID]:
+    """A job and a bulk job written with 0004's columns, before 0005 gave them owners."""
+    from sqlalchemy import column, table
+
+    def old_table(model: type) -> Any:
+        kept = [column(c.name, c.type) for c in model.__table__.columns if c.name not in ("owner_id", "project_id")]
+        return table(model.__tablename__, *kept)
+
+    now = func.now()
+    job_id, bulk_id = uuid.uuid4(), uuid.uuid4()
+    counts = dict.fromkeys(("shards_total", "shards_done", "shards_failed", "items_total", "items_done"), 0)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            old_table(BulkJob)
+            .insert()
+            .values(
+                id=bulk_id, name="nightly", base_spec={}, manifest_keys=[], rows_total=0, created_at=now, updated_at=now
+            )
+        )
+        conn.execute(
+            old_table(Job)
+            .insert()
+            .values(
+                id=job_id,
+                kind="text_to_image",
+                family="sd15",
+                status="running",
+                priority=0,
+                spec={},
+                spec_hash="0" * 64,
+                output_prefix="r",
+                items_failed=0,
+                bulk_id=bulk_id,
+                created_at=now,
+                updated_at=now,
+                **counts,
+            )
+        )
+    engine.dispose()
+    return job_id, bulk_id
+
+
+def _owners(url: str) -> list[tuple[str, str, str]]:
+    """(table, owner name, project name) of every job and bulk job."""
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        found = [
+            (model.__tablename__, *row)
+            for model in (Job, BulkJob)
+            for row in conn.execute(
+                select(User.name, Project.name)
+                .select_from(model)
+                .join(User, User.id == model.owner_id)
+                .join(Project, Project.id == model.project_id)
+            ).all()
+        ]
+    engine.dispose()
+    return sorted(found)
+
+
+def test_0005_gives_existing_jobs_to_admin_in_default_and_downgrades(fresh_url: str) -> None:
+    migrate.upgrade(fresh_url, "0004")
+    job_id, bulk_id = _insert_at_0004(fresh_url)
+    migrate.upgrade(fresh_url)
+    assert _owners(fresh_url) == [("bulk_job", "admin", "default"), ("job", "admin", "default")]
+    engine = make_engine(fresh_url)
+    with session_scope(make_session_factory(engine)) as session:
+        admin = session.scalar(select(User).where(User.name == "admin"))
+        assert admin.role == "admin" and admin.disabled_at is None
+        member = session.scalar(select(ProjectMember).where(ProjectMember.user_id == admin.id))
+        assert member.manager is True
+        assert session.get(Job, job_id).owner_id == admin.id
+    engine.dispose()
+
+    migrate.downgrade(fresh_url, "0004")
+    assert migrate.current(fresh_url) == "0004"
+    assert not (_tables(fresh_url) & {*SEEDED, "api_token", "audit_event"})
+    engine = make_engine(fresh_url)
+    for name in ("job", "bulk_job"):
+        assert not {"owner_id", "project_id"} & {c["name"] for c in inspect(engine).get_columns(name)}
+    with engine.connect() as conn:  # the rows survive the downgrade
+        assert conn.execute(select(Job.__table__.c.id)).scalars().all() == [job_id]
+        assert conn.scalar(select(BulkJob.__table__.c.id)) == bulk_id
+    engine.dispose()
+
+    migrate.upgrade(fresh_url)
+    assert _owners(fresh_url) == [("bulk_job", "admin", "default"), ("job", "admin", "default")]

@@ -14,6 +14,7 @@ from storage import leases as leasing
 from storage import transitions as t
 from storage.models import Job, Shard, utcnow
 from storage.status import JobStatus, ShardStatus
+from tests.fixtures.database import default_owner
 
 S, J = ShardStatus, JobStatus
 
@@ -48,7 +49,9 @@ def test_terminal_states_are_final() -> None:
 
 
 def make_job(session, n_shards: int = 2, items: int = 3) -> Job:
-    job = Job(kind="text_to_image", family="sd15", spec={}, spec_hash="0" * 64, output_prefix="r")
+    job = Job(
+        kind="text_to_image", family="sd15", spec={}, spec_hash="0" * 64, output_prefix="r", **default_owner(session)
+    )
     session.add(job)
     for i in range(n_shards):
         session.add(Shard(job=job, index=i, queue="farm.gpu.sd15", params={}, items_total=items))

@@ -20,6 +20,7 @@ from farm.cli import (
     models_cmd,
     reconcile_cmd,
     storage_cmd,
+    users_cmd,
     worker_cmd,
     workers_cmd,
 )
@@ -72,6 +73,7 @@ workers_cmd.register(app)
 bulk_cmd.register(app)
 reconcile_cmd.register(app)
 api_cmd.register(app)
+users_cmd.register(app)
 
 
 def main() -> None:
