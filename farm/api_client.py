@@ -19,9 +19,9 @@ from urllib.parse import quote
 
 import httpx
 
+from farm.bulk_manifest import read_manifest_file
 from farm.client import ProgressCallback, Submitted, _settled, shard_limit
 from farm.errors import FarmError, Forbidden, InvalidTransition, NotFound, Unauthorized, UserError
-from farm.bulk_manifest import read_manifest_file
 from farm.inputs import pending_bytes, plan_uploads
 from farm.job_spec import SpecError
 from farm.scheduler import SUMMARY_SHARDS

@@ -20,6 +20,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,6 +135,15 @@ def submit_bulk(
     }
 
 
+@dataclass(frozen=True)
+class ManifestUpload:
+    """A manifest's bytes as sent to the farm API, with the name of the file they came from (a
+    ``.csv`` name is read as CSV, anything else as JSONL)."""
+
+    data: bytes
+    name: str
+
+
 def submit_and_feed(
     app: Any,
     session_factory: Any,
@@ -141,7 +151,7 @@ def submit_and_feed(
     window: int,
     name: str,
     base: Any,
-    manifest: str | Path,
+    manifest: str | Path | ManifestUpload,
     *,
     feed_until: datetime | None = None,
     now: datetime | None = None,
@@ -149,7 +159,8 @@ def submit_and_feed(
     project_id: uuid.UUID | None = None,
 ) -> dict[str, Any]:
     """Create or extend the bulk job ``name``: ``base`` (a spec dict or file) with the rows of
-    ``manifest`` (a local JSONL/CSV file, kept in ``store``, or ``store:<key>``); then top the
+    ``manifest`` (a local JSONL/CSV file or one sent to the API, kept in ``store``; or
+    ``store:<key>``); then top the
     windows up (``window`` per queue, as of ``now``). Everything is checked before anything is
     stored. A new bulk job is ``owner_id``'s in ``project_id`` (:func:`submit_bulk`). Returns
     counts, with ``fed``: how many shards were sent."""
@@ -157,13 +168,13 @@ def submit_and_feed(
     if isinstance(base, str | Path):
         folder = Path(base).parent
         base = read_spec_file(Path(base))
-    source = str(manifest)
+    source = manifest.name if isinstance(manifest, ManifestUpload) else str(manifest)
     upload = None
-    if source.startswith("store:"):
+    if source.startswith("store:") and not isinstance(manifest, ManifestUpload):
         key = source.removeprefix("store:")
         data = store.get_bytes(key)
     else:
-        data = read_manifest_file(manifest)
+        data = manifest.data if isinstance(manifest, ManifestUpload) else read_manifest_file(manifest)
         digest = hashlib.sha256(data).hexdigest()
         suffix = ".csv" if source.lower().endswith(".csv") else ".jsonl"
         key = join_key("inputs", "bulk", validate_part(name, "name"), f"{digest}{suffix}")

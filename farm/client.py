@@ -302,14 +302,27 @@ class FarmClient:
         *,
         feed_until: datetime | None = None,
         now: datetime | None = None,
+        owner_id: uuid.UUID | None = None,
+        project_id: uuid.UUID | None = None,
     ) -> dict[str, Any]:
         """Create or extend the bulk job ``name``: ``base`` (a spec dict or file) with the rows of
         ``manifest`` (a local JSONL/CSV file, or ``store:<key>``). Only rows it does not have yet
-        are added; then the windows are topped up. Returns counts."""
+        are added; then the windows are topped up. Returns counts. A new bulk job is
+        ``owner_id``'s in ``project_id`` (default: the admin, project ``default``)."""
 
         window = self.settings.bulk.window_per_queue
         return submit_and_feed(
-            self.app, self._sessions, self.store, window, name, base, manifest, feed_until=feed_until, now=now
+            self.app,
+            self._sessions,
+            self.store,
+            window,
+            name,
+            base,
+            manifest,
+            feed_until=feed_until,
+            now=now,
+            owner_id=owner_id,
+            project_id=project_id,
         )
 
     def feed_bulk(self, now: datetime | None = None) -> int:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 def farm(request, farm_factory):
     if request.param == "embedded":
         return farm_factory()
-    return farm_factory(db_url=request.getfixturevalue("pg_url"))
+    return farm_factory(db_url=request.getfixturevalue("pg_database_factory")())  # its own: user names are unique
 
 
 def _audit(farm) -> list[tuple[str, str, int]]:

@@ -10,6 +10,8 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ import yaml
 from farm.errors import NotFound, UserError
 from farm.job_spec import SpecError
 from tests.fixtures.api import add_person
-from tests.fixtures.farm import ROOT, text_job
+from tests.fixtures.farm import text_job
 
 pytestmark = pytest.mark.integration
 ALL_QUEUES = ["farm.control", "farm.gpu.sd15"]
@@ -27,10 +29,9 @@ ALL_QUEUES = ["farm.control", "farm.gpu.sd15"]
 @pytest.fixture(scope="module")
 def running_farm(tmp_path_factory, tiny_models, pg_database_factory, redis_url):
     """One farm (Postgres, Redis, a worker, an API server) shared by the module's tests."""
+    from storage import migrate
     from tests.fixtures.api import ApiServer
     from tests.fixtures.farm import Farm, _base_env
-
-    from storage import migrate
 
     tmp = tmp_path_factory.mktemp("api-farm")
     env = {**_base_env(tmp), "FARM_BROKER__URL": redis_url, "FARM_DB__URL": pg_database_factory()}
@@ -75,11 +76,14 @@ def test_same_methods_same_results(client, tiny_models, tmp_path) -> None:
         data = Path(artifact["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == artifact["sha256"]
         assert data.startswith(b"\x89PNG")
-    previews = client.previews(job, download=tmp_path / "out")
+    deadline = time.monotonic() + 60
+    while not (previews := client.previews(job, download=tmp_path / "out")).get("manifest_path"):
+        assert time.monotonic() < deadline, previews  # the finalizer writes them just after the job ends
+        time.sleep(0.2)
     assert json.loads(Path(previews["manifest_path"]).read_text())["job"]["id"] == str(job)
     assert Path(previews["contact_sheet_path"]).read_bytes().startswith(b"\x89PNG")
 
-    assert job in [__import__("uuid").UUID(j["id"]) for j in client.list_jobs(limit=50)]
+    assert job in [uuid.UUID(j["id"]) for j in client.list_jobs(limit=50)]
     assert client.retry(job)["requeued"] == 0
     assert client.cancel(job)["cancel"] == "already succeeded"
     assert any(w["name"] == "api-worker" for w in client.workers())
@@ -122,3 +126,72 @@ def test_a_person_with_only_a_token_renders_through_the_cli(running_farm, tiny_m
     assert not (tmp_path / "nowhere").exists(), "the client wrote a local farm: it must not need one"
     status = farm_cli("status", job)
     assert status.returncode == 0 and "succeeded" in status.stdout
+
+
+def test_event_stream_shows_progress_while_the_job_renders(running_farm, tiny_models) -> None:
+    """A watcher on ``/v1/jobs/{id}/events`` sees the job move while it renders (items done
+    between none and all), then one ``end`` event with the final summary; a job of another
+    project cannot be followed."""
+    farm, server = running_farm
+    owner = add_person(farm, server, "watcher", "member", project="studio")
+    outsider = add_person(farm, server, "outsider", "member", project="elsewhere")
+    with owner.client() as client:
+        job = client.submit(text_job(tiny_models["sd15"], prompts=["a"], count=6, shard_size=1, steps=6))
+    events: list[tuple[str, dict]] = []
+    with outsider.http() as http:
+        assert http.get(f"/v1/jobs/{job}/events").status_code == 404
+    with owner.http() as http, http.stream("GET", f"/v1/jobs/{job}/events", timeout=240) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line.removeprefix("data: "))))
+    names = [name for name, _ in events]
+    assert names[-1] == "end" and names.count("end") == 1 and set(names[:-1]) == {"progress"}
+    assert events[-1][1]["status"] == "succeeded" and events[-1][1]["items_done"] == 6
+    during = [data["items_done"] for name, data in events if name == "progress"]
+    assert any(0 < done < 6 for done in during), during  # seen while it happened, not only after
+    assert during == sorted(during)
+
+
+def test_bulk_through_the_api(running_farm, tiny_models, tmp_path) -> None:
+    """``farm bulk submit``, ``status`` and ``export`` with only a token: the manifest travels in
+    the request, the bulk job and its jobs are the submitter's, another project cannot see it."""
+    farm, server = running_farm
+    person = add_person(farm, server, "curator", "member", project="datasets")
+    outsider = add_person(farm, server, "peeker", "member", project="elsewhere")
+    base = tmp_path / "base.json"
+    spec = text_job(tiny_models["sd15"], prompts=["a dataset image"], seeds=[1], steps=1, shard_size=5)
+    spec.pop("base_seed"), spec.pop("count")
+    base.write_text(json.dumps(spec))
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"row{i:03d}", "prompt": f"sample {i}"}) + "\n" for i in range(10)))
+    env = {**person.env(), "COLUMNS": "60"}
+
+    def farm_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "farm", *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+
+    submitted = farm_cli("bulk", "submit", str(manifest), "--base", str(base), "--name", "api-bulk")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    with person.client() as client:
+        deadline = time.monotonic() + 180
+        while client.bulk_status("api-bulk")["done"] < 10:
+            assert time.monotonic() < deadline, client.bulk_status("api-bulk")
+            time.sleep(0.5)
+        assert {j["owner"] for j in client.list_jobs(limit=20, project="datasets")} == {"curator"}
+    exported = tmp_path / "dataset.jsonl"
+    done = farm_cli("bulk", "export", "api-bulk", "--out", str(exported))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(json.loads(line)["row_id"] for line in exported.read_text().splitlines()) == [
+        f"row{i:03d}" for i in range(10)
+    ]
+    with outsider.http() as http:
+        assert http.get("/v1/bulk/api-bulk").status_code == 404
+        assert http.get("/v1/bulk/api-bulk/export").status_code == 404
+        row = json.dumps({"id": "row999", "prompt": "mine now"}) + "\n"
+        taken = http.post("/v1/bulk", json={"name": "api-bulk", "base": spec, "manifest": row})
+        assert taken.status_code == 403 and taken.json()["error"]["type"] == "Forbidden", taken.text

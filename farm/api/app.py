@@ -8,6 +8,7 @@ the farm (database, broker, store), closed on shutdown.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -39,41 +40,39 @@ class BodyLimit:
             await self._refuse(send)
             return
         seen = 0
+        refused = False  # this middleware answered 413: whatever the app sends next is dropped
         started = False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    refused = True
+                    if not started:
+                        await self._refuse(send)
+                    return {"type": "http.disconnect"}  # the app stops reading
             return message
 
         async def tracked(message: Message) -> None:
             nonlocal started
+            if refused:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, counted, tracked)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
+        await self.app(scope, counted, tracked)
 
     async def _refuse(self, send: Send) -> None:
         mib = self.limit / (1 << 20)
         body = errors.error_body("BodyTooLarge", f"request body larger than {mib:g} MiB (api.max_body_mb)")
-        import json
-
         data = json.dumps(body).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": data})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_api(settings: FarmSettings, farm: FarmClient | None = None) -> FastAPI:

@@ -152,18 +152,9 @@ def submit(body: SubmitRequest, request: Request, response: Response, who: Calle
         check_priority(who, spec.priority, state.settings.api.member_max_priority)
         project_id = submit_project(who, body.project)
         done = state.farm.submit_parsed(spec, owner_id=who.user_id, project_id=project_id)
-        if not done.created:
-            _, row = _owner_of(state, done.job_id)
-            if row.owner_id != who.user_id:
-                raise UserError("idempotency_key: already used for another person's job; choose another key")
         note.update(target=str(done.job_id), status=201 if done.created else 200)
     response.status_code = 201 if done.created else 200
     return Submitted(job_id=str(done.job_id), created=done.created, status=done.status)
-
-
-def _owner_of(state: ApiState, job_id: uuid.UUID) -> tuple[uuid.UUID, Any]:
-    with session_scope(state.sessions) as session:
-        return job_id, session.execute(select(Job.owner_id, Job.project_id).where(Job.id == job_id)).one()
 
 
 def _cursor(value: str | None) -> tuple[datetime, uuid.UUID] | None:
