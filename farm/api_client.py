@@ -20,10 +20,10 @@ from urllib.parse import quote
 import httpx
 
 from farm.bulk_manifest import read_manifest_file
-from farm.client import ProgressCallback, Submitted, _settled, shard_limit
 from farm.errors import FarmError, Forbidden, InvalidTransition, NotFound, Unauthorized, UserError
 from farm.inputs import pending_bytes, plan_uploads
 from farm.job_spec import SpecError
+from farm.job_views import ProgressCallback, Submitted, settled, shard_limit
 from farm.scheduler import SUMMARY_SHARDS
 from farm.settings import FarmSettings
 from farm.spec_files import read_spec_file
@@ -166,7 +166,7 @@ class ApiClient:
             if summary is not None:
                 if on_progress is not None:
                     on_progress(summary)
-                if JobStatus(summary["status"]) in JOB_TERMINAL and _settled(summary):
+                if JobStatus(summary["status"]) in JOB_TERMINAL and settled(summary):
                     return summary
             if deadline is not None and time.monotonic() > deadline:
                 status = summary["status"] if summary else "unknown (the API is unreachable)"

@@ -9,13 +9,13 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
+from farm.api_client import ApiClient
 from farm.bulk import bulk_status, export_rows, retry_failed_rows, submit_and_feed
 from farm.celery_app import create_app
 from farm.dispatch import publish_finalize, publish_schedule, publish_shards, shard_labels
@@ -25,6 +25,7 @@ from farm.finalizer import finalize
 from farm.inputs import upload_inputs
 from farm.job_refs import resolve_job_id, short_id
 from farm.job_spec import LOCAL_PATH_PREFIXES
+from farm.job_views import ProgressCallback, Submitted, settled, shard_limit
 from farm.outages import ride_out, unavailable_service
 from farm.reconciler import Reconciler
 from farm.scheduler import SUMMARY_SHARDS, job_summary, requeue_failed, submit_job
@@ -41,18 +42,6 @@ from storage.registry import list_workers
 from storage.status import JOB_TERMINAL, JobStatus
 from storage.transitions import cancel_unstarted_shards, set_job_priority, set_job_status
 
-ProgressCallback = Callable[[dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class Submitted:
-    """What a submit did: the job's id, whether it is new (``False``: its ``idempotency_key`` was
-    already used, for the same spec), and its status."""
-
-    job_id: uuid.UUID
-    created: bool
-    status: str
-
 
 class FarmClient:
     """A connection to one farm: directly to its database, broker and object store (the control
@@ -63,8 +52,6 @@ class FarmClient:
         if cls is FarmClient and not direct:
             settings = settings or load_settings()
             if settings.api.client_mode:
-                from farm.api_client import ApiClient
-
                 return ApiClient(settings)
         return super().__new__(cls)
 
@@ -219,7 +206,7 @@ class FarmClient:
             summary = ride_out(lambda: self.get(job_id), what=f"job {job_id}", wait_s=left)
             if on_progress is not None:
                 on_progress(summary)
-            if JobStatus(summary["status"]) in JOB_TERMINAL and _settled(summary):
+            if JobStatus(summary["status"]) in JOB_TERMINAL and settled(summary):
                 return summary
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} is still {summary['status']} after {timeout:.0f}s")
@@ -418,22 +405,3 @@ class FarmClient:
                 target = Path(download) / artifact["key"].rsplit("/", 2)[-2] / artifact["key"].rsplit("/", 1)[-1]
                 artifact["path"] = str(self.store.download(artifact["key"], target))
         return artifacts
-
-
-def _settled(summary: dict[str, Any]) -> bool:
-    """A cancelled job is settled once no shard is still running."""
-    return summary["status"] != "cancelled" or not summary["shards_by_status"].get("running", 0)
-
-
-def shard_limit(shards: int | str) -> int | None:
-    """How many shards a summary lists: a count (0 or more), or ``"all"`` (``None``: every one)."""
-    if isinstance(shards, str):
-        if shards.strip().lower() == "all":
-            return None
-        try:
-            shards = int(shards)
-        except ValueError:
-            raise UserError(f"shards: give a number or 'all', not {shards!r}") from None
-    if shards < 0:
-        raise UserError(f"shards: give a number (0 or more) or 'all', not {shards}")
-    return shards

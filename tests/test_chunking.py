@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy import event, func, select
 
-from farm.client import shard_limit
+from farm.job_views import shard_limit
 from farm.dispatch import send_pending
 from farm.errors import UserError
 from farm.scheduler import (

@@ -188,6 +188,7 @@ LAZY_IMPORTS = {
     ("farm/kinds/face_identity.py", "farm.worker.kinds.face_identity"),  # a kind's runner
     ("farm/kinds/temporal_video.py", "farm.worker.kinds.temporal_video"),
     ("farm/kinds/text_to_image.py", "farm.worker.kinds.text_to_image"),
+    ("farm/cli/api_cmd.py", "farm.api.app"),  # FastAPI and the routes: only `farm api` needs them
 }
 
 

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from farm import __version__
-from farm.api import errors
+from farm.api import bulk, errors, events, inputs, jobs, service
 from farm.api.state import ApiState, SubmitLimiter
 from farm.client import FarmClient
 from farm.settings import FarmSettings
@@ -77,7 +77,6 @@ class BodyLimit:
 
 def create_api(settings: FarmSettings, farm: FarmClient | None = None) -> FastAPI:
     """The farm API for ``settings`` (its database, broker and store are reached directly)."""
-    from farm.api import bulk, events, inputs, jobs, service
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

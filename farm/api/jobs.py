@@ -25,6 +25,7 @@ from farm.errors import FarmError, Forbidden, NotFound, UserError
 from farm.inputs import local_paths, missing_inputs
 from farm.job_refs import resolve_job_id
 from farm.job_spec import SpecError
+from farm.scheduler import job_summary
 from farm.specs import JobSpec, parse_spec
 from storage.access import can_change, check_priority, job_scope, submit_project
 from storage.db import session_scope
@@ -203,8 +204,6 @@ def list_jobs(
         stamp, ident = after
         query = query.where(or_(Job.created_at < stamp, and_(Job.created_at == stamp, Job.id < ident)))
     query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    from farm.scheduler import job_summary
-
     with session_scope(state.sessions) as session:
         rows = session.execute(query).all()
         jobs = [job_summary(session, row.id, shard_limit=0) for row in rows[:limit]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from farm.cli.common import console, settings
+from storage import migrate
 
 
 def api(
@@ -19,7 +20,6 @@ def api(
     import uvicorn
 
     from farm.api.app import create_api
-    from storage import migrate
 
     config = settings()
     if config.embedded:  # the embedded farm sets itself up; elsewhere `farm db upgrade` is a deliberate step
