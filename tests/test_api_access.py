@@ -140,3 +140,51 @@ def test_tokens_are_checked_on_every_request(farm, api_server_factory) -> None:
             engine.dispose()
         assert http.get("/v1/me").status_code == 401
         assert http.get("/v1/jobs").status_code == 401
+
+
+def test_submissions_are_rate_limited_per_token_and_nothing_leaks(
+    farm_factory, api_server_factory, tiny_models
+) -> None:
+    """Past ``api.submit_per_minute`` a token gets 429 with Retry-After (another token is not
+    slowed); no token appears in the server's log, its metrics or the audit table; CORS is off."""
+    import httpx
+
+    farm = farm_factory()
+    server = api_server_factory(farm, FARM_API__SUBMIT_PER_MINUTE="2")
+    alice = add_person(farm, server, "alice", "member", project="red")
+    bob = add_person(farm, server, "bob", "member", project="red")
+    spec = text_job(tiny_models["sd15"])
+    with alice.http() as http:
+        answers = [http.post("/v1/jobs", json={"spec": {**spec, "base_seed": i}}) for i in range(3)]
+        assert [a.status_code for a in answers] == [201, 201, 429]
+        assert answers[2].json()["error"]["type"] == "RateLimited"
+        assert 0 < float(answers[2].headers["Retry-After"]) <= 60
+        preflight = http.options(
+            "/v1/jobs", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+        )
+        assert "access-control-allow-origin" not in preflight.headers
+        metrics = httpx.get(server.url + "/metrics").text
+    with bob.http() as http:
+        assert http.post("/v1/jobs", json={"spec": spec}).status_code == 201
+    assert 'route="/v1/jobs",status="429"' in metrics
+    assert not [a for a in answers[:2] if a.json()["job_id"] in metrics]  # routes are counted by template
+    assert ("alice", "job.submit", 429) in _audit(farm)
+    server.stop()
+    everything = server.log.read_text(errors="replace") + metrics + repr(_audit_details(farm))
+    for person in (alice, bob):
+        secret = person.token.rsplit("_", 1)[1]
+        assert secret not in everything and person.token not in everything
+
+
+def _audit_details(farm) -> list:
+    from sqlalchemy import select
+
+    from storage.db import make_engine, make_session_factory, session_scope
+    from storage.models import AuditEvent
+
+    engine = make_engine(farm.settings().database_url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            return [tuple(r) for r in session.execute(select(AuditEvent.target, AuditEvent.detail, AuditEvent.remote))]
+    finally:
+        engine.dispose()
