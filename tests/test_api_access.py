@@ -188,3 +188,36 @@ def _audit_details(farm) -> list:
             return [tuple(r) for r in session.execute(select(AuditEvent.target, AuditEvent.detail, AuditEvent.remote))]
     finally:
         engine.dispose()
+
+
+def test_stopping_the_server_ends_open_event_streams(farm_factory, api_server_factory, tiny_models) -> None:
+    """An event stream on a job that is not moving stays open with keep-alives; a server told to
+    stop (SIGTERM) still stops within its grace period, and the watcher's stream ends."""
+    import threading
+    import time
+
+    farm = farm_factory()
+    server = api_server_factory(farm)
+    alice = add_person(farm, server, "alice", "member", project="red")
+    with alice.http() as http:
+        job = http.post("/v1/jobs", json={"spec": text_job(tiny_models["sd15"])}).json()["job_id"]
+    lines: list[str] = []
+    opened = threading.Event()
+
+    def watch() -> None:
+        try:
+            with alice.http() as http, http.stream("GET", f"/v1/jobs/{job}/events", timeout=60) as stream:
+                for line in stream.iter_lines():
+                    lines.append(line)
+                    opened.set()
+        except Exception as exc:  # the server went away: the stream ended
+            lines.append(f"ended: {type(exc).__name__}")
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert opened.wait(30) and lines[0] == "event: progress"
+    started = time.monotonic()
+    server.stop()
+    assert server.proc.returncode is not None and time.monotonic() - started < 12
+    watcher.join(15)
+    assert not watcher.is_alive(), "the watcher's stream did not end with the server"

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
@@ -35,14 +36,15 @@ def _ended(summary: dict[str, Any]) -> bool:
     return summary["status"] != "cancelled" or not summary["shards_by_status"].get("running", 0)
 
 
-def job_events(state: ApiState, job_id: Any) -> Iterator[str]:
+async def job_events(state: ApiState, job_id: Any) -> AsyncIterator[str]:
+    """The stream's lines. An async generator: a watcher who goes away, or the server shutting
+    down, cancels it at its next wait (the database is read on a worker thread)."""
     last: str | None = None
     quiet_since = time.monotonic()
     while True:
-        summary = state.farm.get(job_id, shards=0)
-        ended = _ended(summary)
+        summary = await anyio.to_thread.run_sync(lambda: state.farm.get(job_id, shards=0))
         shown = json.dumps({k: v for k, v in summary.items() if k != "waiting"}, sort_keys=True, default=str)
-        if ended:
+        if _ended(summary):
             yield _event("end", summary)
             return
         if shown != last:
@@ -51,7 +53,7 @@ def job_events(state: ApiState, job_id: Any) -> Iterator[str]:
         elif time.monotonic() - quiet_since > KEEPALIVE_S:
             quiet_since = time.monotonic()
             yield ": still running\n\n"
-        time.sleep(state.settings.api.events_poll_s)
+        await anyio.sleep(state.settings.api.events_poll_s)
 
 
 @router.get(

@@ -7,6 +7,8 @@ import typer
 from farm.cli.common import console, settings
 from storage import migrate
 
+SHUTDOWN_GRACE_S = 5  # seconds requests in flight get when the server is told to stop
+
 
 def api(
     address: str | None = typer.Option(None, help="Address to listen on (default: api.address)."),
@@ -27,7 +29,14 @@ def api(
     host = address or config.api.address
     listen = port or config.api.port
     console.print(f"farm API on http://{host}:{listen} (OpenAPI: /openapi.json)", highlight=False)
-    uvicorn.run(create_api(config), host=host, port=listen, log_level=loglevel.lower(), proxy_headers=True)
+    uvicorn.run(
+        create_api(config),
+        host=host,
+        port=listen,
+        log_level=loglevel.lower(),
+        proxy_headers=True,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,  # open event streams do not hold a stop up
+    )
 
 
 def register(app: typer.Typer) -> None:
