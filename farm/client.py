@@ -110,8 +110,13 @@ class FarmClient:
         elif isinstance(spec, dict):
             spec = parse_spec(upload_inputs(spec, self.store, Path.cwd(), check=self._checked))
         else:
-            spec = spec.model_copy(update={"model": self._local_model({"model": spec.model})["model"]})
+            spec = self.with_local_model(spec)
         return self.submit_parsed(spec)
+
+    def with_local_model(self, spec: Any) -> Any:
+        """A parsed spec with its model path checked the way :meth:`submit` checks it (in the
+        embedded mode, a local folder must be a diffusers model on this machine; made absolute)."""
+        return spec.model_copy(update={"model": self._local_model({"model": spec.model})["model"]})
 
     def submit_parsed(
         self, spec: Any, *, owner_id: uuid.UUID | None = None, project_id: uuid.UUID | None = None

@@ -126,6 +126,14 @@ def test_a_person_with_only_a_token_renders_through_the_cli(running_farm, tiny_m
     assert not (tmp_path / "nowhere").exists(), "the client wrote a local farm: it must not need one"
     status = farm_cli("status", job)
     assert status.returncode == 0 and "succeeded" in status.stdout
+    listed = farm_cli("status")
+    assert listed.returncode == 0 and job[:8] in listed.stdout
+    cancelled = farm_cli("cancel", job[:8])
+    assert cancelled.returncode == 0 and "already succeeded" in cancelled.stdout, cancelled.stdout
+    workers = farm_cli("workers", "--json")
+    assert workers.returncode == 0 and "api-worker" in workers.stdout
+    refused = farm_cli("status", "0000000000")
+    assert refused.returncode != 0 and "no job id starts with '0000000000'" in refused.stderr
 
 
 def test_event_stream_shows_progress_while_the_job_renders(running_farm, tiny_models) -> None:

@@ -76,6 +76,7 @@ def test_hostile_bodies_get_4xx_and_store_nothing(front_door, tiny_models) -> No
                 headers={"Content-Type": "application/json"},
             ),
             "deep, within limits": http.post("/v1/jobs", json={"spec": {**spec, "prompts": _nested(400)}}),
+            "model not on this host": http.post("/v1/jobs", json={"spec": {**spec, "model": "./nowhere"}}),
             "not json": http.post("/v1/jobs", content=b"\xff\xfe{", headers={"Content-Type": "application/json"}),
             "wrong types": http.post("/v1/jobs", json={"spec": {**spec, "steps": "many", "prompts": 7}}),
             "not an object": http.post("/v1/jobs", json=["spec"]),

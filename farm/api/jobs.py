@@ -104,8 +104,9 @@ def parsed_spec(raw: dict[str, Any]) -> JobSpec:
 
 
 def checked_spec(state: ApiState, raw: dict[str, Any]) -> JobSpec:
-    """:func:`parsed_spec`, with every input it names already in the store."""
-    spec = parsed_spec(raw)
+    """:func:`parsed_spec`, its model checked as the CLI checks it and every input it names
+    already in the store."""
+    spec = state.farm.with_local_model(parsed_spec(raw))
     missing = missing_inputs(state.store, raw)
     if missing:
         raise SpecError(missing)
@@ -129,7 +130,7 @@ def _changeable(state: ApiState, who: Principal, ref: str, what: str) -> uuid.UU
 
 @router.post("/specs/check", response_model=SpecCheck, summary="Check a spec without submitting it")
 def check_spec(body: SubmitRequest, who: Caller, state: State) -> SpecCheck:
-    spec = parsed_spec(body.spec)
+    spec = state.farm.with_local_model(parsed_spec(body.spec))
     check_priority(who, spec.priority, state.settings.api.member_max_priority)
     submit_project(who, body.project)
     return SpecCheck(ok=True, kind=spec.kind)
