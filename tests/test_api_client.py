@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -16,11 +17,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sqlalchemy import select
 
 from farm.errors import NotFound, UserError
 from farm.job_spec import SpecError
+from storage.db import make_engine, make_session_factory, session_scope
+from storage.models import Job
+from storage.objects import open_store
 from tests.fixtures.api import add_person
-from tests.fixtures.farm import text_job
+from tests.fixtures.farm import ROOT, text_job
 
 pytestmark = pytest.mark.integration
 ALL_QUEUES = ["farm.control", "farm.gpu.sd15"]
@@ -203,3 +208,36 @@ def test_bulk_through_the_api(running_farm, tiny_models, tmp_path) -> None:
         row = json.dumps({"id": "row999", "prompt": "mine now"}) + "\n"
         taken = http.post("/v1/bulk", json={"name": "api-bulk", "base": spec, "manifest": row})
         assert taken.status_code == 403 and taken.json()["error"]["type"] == "Forbidden", taken.text
+
+
+def test_input_files_are_checked_then_uploaded_alike(client, running_farm, tmp_path) -> None:
+    """A spec naming input images by ``{"path": ...}``: the files are checked, the spec stored
+    with content-addressed references and the bytes put in the farm's store, whichever way the
+    client reaches the farm; a file that is not an image is refused before anything is sent."""
+    farm, _ = running_farm
+    shutil.copy(ROOT / "examples" / "lighthouse.png", tmp_path / "frame.png")
+    (tmp_path / "fake.png").write_text("not an image")
+    spec = yaml.safe_load((ROOT / "examples" / "temporal_video.yaml").read_text())
+    spec.update(model="stabilityai/stable-video-diffusion-img2vid-xt", images=[{"path": "frame.png"}])
+    (tmp_path / "video.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "fake.yaml").write_text(yaml.safe_dump({**spec, "images": [{"path": "fake.png"}]}))
+    settings = farm.settings()
+    store = open_store(settings.storage, settings.data_dir)
+    before = sorted(info.key for info in store.list("inputs/"))
+
+    with pytest.raises(UserError, match=r"fake\.png"):
+        client.submit(tmp_path / "fake.yaml")
+    assert sorted(info.key for info in store.list("inputs/")) == before
+
+    job = client.submit(tmp_path / "video.yaml")  # no worker takes farm.gpu.svd here: it waits
+    try:
+        digest = hashlib.sha256((tmp_path / "frame.png").read_bytes()).hexdigest()
+        key = f"inputs/sha256/{digest}.png"
+        assert store.get_bytes(key) == (tmp_path / "frame.png").read_bytes()
+        engine = make_engine(settings.database_url)
+        with session_scope(make_session_factory(engine)) as session:
+            stored = session.scalar(select(Job.spec).where(Job.id == job))
+        engine.dispose()
+        assert stored["images"] == [{"key": key, "sha256": digest, "name": "frame.png"}]
+    finally:
+        client.cancel(job)

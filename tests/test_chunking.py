@@ -10,9 +10,9 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy import event, func, select
 
-from farm.job_views import shard_limit
 from farm.dispatch import send_pending
 from farm.errors import UserError
+from farm.job_views import shard_limit
 from farm.scheduler import (
     create_shards,
     job_summary,
