@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, Path, Request
 
 from farm.api.auth import caller
@@ -49,6 +50,11 @@ async def put_input(
         data.extend(chunk)
         if len(data) > MAX_INPUT_BYTES:
             raise UserError(f"input: larger than {MAX_INPUT_BYTES >> 20} MiB")
+    return await anyio.to_thread.run_sync(lambda: _keep(state, request, who, sha256, content_type, bytes(data)))
+
+
+def _keep(state: ApiState, request: Request, who: Principal, sha256: str, content_type: str, data: bytes) -> dict:
+    """Check and store the bytes (on a worker thread: image checks and store writes block)."""
     with audited(state, request, who, "input.upload", sha256) as note:
         if who.role == Role.VIEWER:
             raise Forbidden("viewers may not upload inputs")
@@ -56,6 +62,6 @@ async def put_input(
             raise UserError(
                 f"input: content type {content_type[:60]!r} is not an accepted image type (png, jpeg, webp)"
             )
-        ref = store_input(state.store, bytes(data), "input", sha256=sha256)
+        ref = store_input(state.store, data, "input", sha256=sha256)
         note.update(target=ref["key"], status=201)
     return ref

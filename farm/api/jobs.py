@@ -90,6 +90,9 @@ def audited(
             detail={"error": type(exc).__name__},
         )
         raise
+    except Exception as exc:  # a fault of ours: still on record, as the 500 it answers with
+        audit(state, request, who, action, target=note["target"], status=500, detail={"error": type(exc).__name__})
+        raise
     audit(state, request, who, action, target=note["target"], status=note["status"], detail=note["detail"])
 
 
