@@ -241,3 +241,40 @@ def test_input_files_are_checked_then_uploaded_alike(client, running_farm, tmp_p
         assert stored["images"] == [{"key": key, "sha256": digest, "name": "frame.png"}]
     finally:
         client.cancel(job)
+
+
+def test_a_waiting_client_rides_out_an_api_server_killed_and_restarted(running_farm, tiny_models, tmp_path) -> None:
+    """A drill nobody listed: the API process is SIGKILLed while a person's client waits on a
+    rendering job, and comes back on the same port a few seconds later. The wait carries on and
+    returns the finished job; the render itself never noticed (workers do not go through the API)."""
+    import threading
+
+    from tests.fixtures.api import ApiServer
+
+    farm, _ = running_farm
+    server = ApiServer(farm, tmp_path / "api.log").wait_ready()
+    person = add_person(farm, server, "patient", "member", project="studio")
+    result: dict = {}
+    with person.client() as client:
+        job = client.submit(text_job(tiny_models["sd15"], prompts=["a"], count=8, shard_size=1, steps=8))
+
+        def wait() -> None:
+            try:
+                result["summary"] = client.wait(job, timeout=240)
+            except Exception as exc:
+                result["error"] = exc
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(1.0)
+        server.kill()
+        with farm.client() as direct:
+            assert direct.get(job)["status"] in ("pending", "running"), "the job ended before the drill"
+        time.sleep(3.0)
+        restarted = ApiServer(farm, tmp_path / "api.log", port=server.port).wait_ready()
+        try:
+            waiter.join(240)
+        finally:
+            restarted.stop()
+    assert "error" not in result, result.get("error")
+    assert result["summary"]["status"] == "succeeded" and result["summary"]["items_done"] == 8
