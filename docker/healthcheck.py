@@ -49,7 +49,7 @@ def check_worker() -> str:
 
     cfg = load_settings()
     hostname = socket.gethostname()
-    with FarmClient(cfg) as client:
+    with FarmClient(cfg, direct=True) as client:  # a worker is a trusted service: never through the API
         rows = client.workers()
     mine = pick_worker(rows, hostname)
     if mine is None:

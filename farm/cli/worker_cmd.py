@@ -110,7 +110,7 @@ def demo(
             env=os.environ.copy(),
         )
     try:
-        with FarmClient(cfg) as client:
+        with FarmClient(cfg, direct=True) as client:  # the embedded farm of this machine
             spec = {
                 "model": str(model),
                 "family": "sd15",
