@@ -73,13 +73,17 @@ def jobs_list(
         limit=PAGE_SIZE,
         cursor=cursor or None,
     )
+    ids = [uuid.UUID(j["id"]) for j in listed.jobs]
+    with session_scope(state.sessions) as session:
+        names = {str(i): p for i, p in session.execute(select(Job.id, Job.output_prefix).where(Job.id.in_(ids)))}
+    jobs = [{**j, "name": names.get(j["id"], "")} for j in listed.jobs]
     filters = {"status": status, "kind": kind, "owner": owner, "project": project, "q": q}
     kept = {k: v for k, v in filters.items() if v}
     next_page = f"/jobs?{urlencode({**kept, 'cursor': listed.next_cursor})}" if listed.next_cursor else None
     return page(
         request,
         "jobs.html",
-        jobs=listed.jobs,
+        jobs=jobs,
         filters=filters,
         statuses=[s.value for s in JobStatus],
         projects=sorted(who.project_ids_by_name),
@@ -127,7 +131,8 @@ def job_page(
         spec = session.scalar(select(Job.spec).where(Job.id == job_id)) or {}
     results = state.farm.results(job_id, url=lambda key: object_link(state, job_id, key))
     previews = state.farm.previews(job_id, url=lambda key: object_link(state, job_id, key))
-    ended = JobStatus(summary["status"]) in JOB_TERMINAL
+    running = summary["shards_by_status"].get(ShardStatus.RUNNING.value, 0)
+    ended = JobStatus(summary["status"]) in JOB_TERMINAL and not (summary["status"] == "cancelled" and running)
     return page(
         request,
         "job.html",
