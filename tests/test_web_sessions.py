@@ -223,3 +223,31 @@ def test_users_passwd_from_stdin_is_hashed_and_audited(tmp_path: Path) -> None:
         audit = session.execute(select(AuditEvent.action, AuditEvent.target, AuditEvent.detail)).all()
     engine.dispose()
     assert ("user.passwd", "dora", {"via": "cli"}) in [tuple(row) for row in audit]
+
+
+def test_workers_and_bulk_pages_keep_to_the_projects(web) -> None:
+    from datetime import timedelta
+
+    from storage.models import BulkJob, Worker, utcnow
+
+    client, sessions, _, _ = web
+    theirs = add_job(sessions, "bob", "blue")
+    with session_scope(sessions) as session:
+        bob = get_user(session, "bob")
+        blue = ensure_project(session, "blue").id
+        shard = session.scalar(select(Shard).where(Shard.job_id == uuid.UUID(theirs), Shard.index == 0))
+        shard.status, shard.lease_owner, shard.progress = "running", "gpu-1", 0.5
+        shard.lease_expires_at = utcnow() + timedelta(minutes=5)
+        session.add(Worker(name="gpu-1", hostname="host-a", device="cuda:0", gpu_name="H100", queues=["farm.gpu.sd15"]))
+        session.add(BulkJob(name="nightly-faces", base_spec={}, owner_id=bob.id, project_id=blue))
+    login(client, "alice", "correct horse")
+    workers = client.get("/workers").text
+    assert "gpu-1" in workers and "H100" in workers and "busy (another project)" in workers
+    assert theirs[:8] not in workers
+    assert "nightly-faces" not in client.get("/bulk").text
+    client.cookies.clear()
+    login(client, "bob", "battery staple")
+    workers = client.get("/workers").text
+    assert f"/jobs/{theirs}" in workers and "50%" in workers
+    bulk = client.get("/bulk").text
+    assert "nightly-faces" in bulk and "0 remaining of 0 rows" in bulk
