@@ -90,7 +90,7 @@ def page(request: Request, template: str, status: int = 200, **context: Any) -> 
         "X-Content-Type-Options": "nosniff",
         "X-Frame-Options": "DENY",
         "Referrer-Policy": "same-origin",
-        "Content-Security-Policy": "default-src 'self'; img-src 'self' https: data:; media-src 'self' https:; "
+        "Content-Security-Policy": "default-src 'self'; img-src * data:; media-src *; "
         "object-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     }
     return HTMLResponse(html, status_code=status, headers=headers)

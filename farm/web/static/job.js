@@ -11,6 +11,16 @@
   let shards = [];
   let selected = null;
 
+  function duration(seconds) {  // as the server writes it: 42s, 3m 05s, 2h 07m, 3d 4h
+    if (seconds == null) return "-";
+    const s = Math.max(0, Math.round(seconds));
+    const pad = (n) => String(n).padStart(2, "0");
+    if (s < 60) return `${s}s`;
+    if (s < 3600) return `${Math.floor(s / 60)}m ${pad(s % 60)}s`;
+    if (s < 86400) return `${Math.floor(s / 3600)}h ${pad(Math.floor((s % 3600) / 60))}m`;
+    return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
+  }
+
   function describe(s) {
     const lines = [
       `shard ${s.index}: ${s.status}`,
@@ -53,7 +63,7 @@
       .map(([k, v]) => `${v} ${k}`).join(", ");
     document.getElementById("job-pace").textContent =
       job.seconds_per_item == null ? "-" : job.seconds_per_item.toFixed(2);
-    document.getElementById("job-eta").textContent = job.eta_s == null ? "-" : `${Math.round(job.eta_s)}s`;
+    document.getElementById("job-eta").textContent = duration(job.eta_s);
     if (selected !== null) {
       const s = shards.find((x) => x.index === selected);
       if (s) detail.textContent = describe(s);
