@@ -251,3 +251,23 @@ def test_workers_and_bulk_pages_keep_to_the_projects(web) -> None:
     assert f"/jobs/{theirs}" in workers and "50%" in workers
     bulk = client.get("/bulk").text
     assert "nightly-faces" in bulk and "0 remaining of 0 rows" in bulk
+
+
+def test_sessions_end_on_expiry_on_disabling_and_on_a_new_password(web) -> None:
+    from storage.identity import disable_user, principal_for
+    from storage.logins import SESSION_LIFETIME, session_principal, start_session
+    from storage.models import utcnow
+
+    _, sessions, _, _ = web
+    with session_scope(sessions) as session:
+        cookie, csrf = start_session(session, principal_for(session, "alice"))
+        found = session_principal(session, cookie)
+        assert found is not None and found[0].name == "alice" and found[1] == csrf
+        assert session_principal(session, cookie, now=utcnow() + SESSION_LIFETIME) is None
+        assert session_principal(session, cookie + "x") is None
+        set_password(session, "alice", "a brand new password")
+        assert session_principal(session, cookie) is None
+        cookie, _ = start_session(session, principal_for(session, "alice"))
+        disable_user(session, "alice")
+        assert session_principal(session, cookie) is None
+        assert check_password(session, "alice", "a brand new password") is None

@@ -91,7 +91,10 @@ def create_api(settings: FarmSettings, farm: FarmClient | None = None) -> FastAP
     app = FastAPI(
         title="Render farm API",
         version=__version__,
-        description="Submit and watch render jobs. Every /v1 route needs `Authorization: Bearer <token>`.",
+        description=(
+            "Submit and watch render jobs. Every /v1 route needs `Authorization: Bearer <token>` "
+            "(or the web dashboard's session cookie; a change made with it also needs `X-CSRF-Token`)."
+        ),
         lifespan=lifespan,
     )
     app.state.farm_api = ApiState(
