@@ -148,7 +148,7 @@ def test_cancel_a_running_job_from_its_page(dashboard, chromium) -> None:
     farm, server, alice, _, model = dashboard
     worker_up(farm)
     prompts = [f"a slow scene {n}" for n in range(12)]
-    job = submit(alice, text_job(model, prompts=prompts, count=4, steps=40, output_prefix="to-cancel"))
+    job = submit(alice, text_job(model, prompts=prompts, count=6, steps=50, output_prefix="to-cancel"))
     context, page = logged_in(chromium, server, "alice", "alice's long password")
     try:
         wait_status(alice, job, {"running"})
