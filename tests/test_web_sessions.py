@@ -271,3 +271,37 @@ def test_sessions_end_on_expiry_on_disabling_and_on_a_new_password(web) -> None:
         disable_user(session, "alice")
         assert session_principal(session, cookie) is None
         assert check_password(session, "alice", "a brand new password") is None
+
+
+def test_users_passwd_asks_twice_at_a_terminal(tmp_path: Path) -> None:
+    import os
+    import pty
+
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    for args in (["db", "upgrade"], ["users", "add", "erin", "--role", "viewer"]):
+        subprocess.run([sys.executable, "-m", "farm", *args], cwd=tmp_path, env=env, check=True, capture_output=True)
+
+    def at_a_terminal(first: str, second: str) -> tuple[str, int]:
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: the command with the pty as its terminal
+            os.chdir(tmp_path)
+            os.execve(sys.executable, [sys.executable, "-m", "farm", "users", "passwd", "erin"], env)
+        seen = b""
+        for prompt, answer in ((b"new password for erin: ", first), (b"again: ", second)):
+            while prompt not in seen:
+                seen += os.read(fd, 1024)
+            os.write(fd, answer.encode() + b"\n")
+        while True:
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        return seen.decode(errors="replace"), os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    said, code = at_a_terminal("first password", "second password")
+    assert code == 2 and "the two passwords differ" in said and "first password" not in said
+    said, code = at_a_terminal("same password", "same password")
+    assert code == 0 and "set the password of erin" in said and "same password" not in said
