@@ -21,7 +21,7 @@ from tests.fixtures.api import add_person
 from tests.fixtures.farm import text_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-QUEUES = ["farm.control", "farm.gpu.sd15"]
+GPU_QUEUES = ["farm.gpu.sd15"]
 XSS = "<script>alert(1)</script>"
 VIEWPORT = {"width": 1100, "height": 760}
 
@@ -40,8 +40,9 @@ def set_password(farm, name: str, password: str) -> None:
 
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory, tiny_models, pg_database_factory, redis_url):
-    """A farm on Postgres and Redis with its API server and two people in two projects; the worker
-    starts when a test asks (so a job can be seen waiting first)."""
+    """A farm on Postgres and Redis with its API server, a control worker (it splits jobs into
+    shards) and two people in two projects; the render worker starts when a test asks (so a job's
+    shards can be seen waiting first)."""
     from storage import migrate
     from tests.fixtures.api import ApiServer
     from tests.fixtures.farm import Farm, _base_env
@@ -50,6 +51,7 @@ def dashboard(tmp_path_factory, tiny_models, pg_database_factory, redis_url):
     env = {**_base_env(tmp), "FARM_BROKER__URL": redis_url, "FARM_DB__URL": pg_database_factory()}
     farm = Farm(env, tmp)
     migrate.upgrade(farm.settings().database_url)
+    farm.start_worker(["farm.control"], name="dash-control")
     server = ApiServer(farm, tmp / "api.log", FARM_API__EVENTS_POLL_S="0.3").wait_ready()
     alice = add_person(farm, server, "alice", "member", project="studio")
     bob = add_person(farm, server, "bob", "member", project="elsewhere")
@@ -63,8 +65,8 @@ def dashboard(tmp_path_factory, tiny_models, pg_database_factory, redis_url):
 
 
 def worker_up(farm) -> None:
-    if not farm.workers:
-        farm.start_worker(QUEUES, name="dash-worker")
+    if not any(w.name == "dash-worker" for w in farm.workers):
+        farm.start_worker(GPU_QUEUES, name="dash-worker")
 
 
 def logged_in(chromium, server, name: str, password: str):
@@ -98,11 +100,22 @@ def wait_status(person, job: str, wanted: set[str], timeout: float = 180.0) -> d
     raise AssertionError(f"job {job} still {summary['status']} after {timeout}s")
 
 
+def wait_shards(person, job: str, timeout: float = 60.0) -> None:
+    """Until the control worker has split the job into shards (they wait: no render worker yet)."""
+    deadline = time.monotonic() + timeout
+    with person.http() as http:
+        while http.get(f"/v1/jobs/{job}").json()["shards_by_status"].get("queued", 0) < 3:
+            assert time.monotonic() < deadline, f"job {job} not split into shards in {timeout}s"
+            time.sleep(0.2)
+
+
 def shot(page, name: str) -> None:
     target = os.environ.get("FARM_SCREENSHOTS")
     if target:
         Path(target).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(target) / f"dashboard-{name}.png"))
+        height = min(VIEWPORT["height"], page.evaluate("document.body.scrollHeight") + 16)
+        clip = {"x": 0, "y": 0, "width": VIEWPORT["width"], "height": height}
+        page.screenshot(path=str(Path(target) / f"dashboard-{name}.png"), clip=clip)
 
 
 def test_watch_a_job_render_live_and_open_a_thumbnail(dashboard, chromium) -> None:
@@ -111,28 +124,37 @@ def test_watch_a_job_render_live_and_open_a_thumbnail(dashboard, chromium) -> No
     job = submit(alice, spec)
     context, page = logged_in(chromium, server, "alice", "alice's long password")
     try:
+        wait_shards(alice, job)
         page.goto(f"/jobs/{job}")
         cells = page.locator("#shard-grid .cell")
         assert cells.count() == 3
-        assert {cells.nth(i).get_attribute("data-status") for i in range(3)} <= {"pending", "queued"}
+        assert {cells.nth(i).get_attribute("data-status") for i in range(3)} == {"queued"}
         assert XSS in page.inner_text("#spec")  # shown as text, never run (a dialog fails the test)
         page.evaluate("window.stillTheSamePage = true")
 
         worker_up(farm)  # now the farm renders it: the grid follows without a reload
         page.wait_for_function(
-            "[...document.querySelectorAll('#shard-grid .cell')].every(c => c.dataset.status === 'succeeded')",
+            "() => [...document.querySelectorAll('#shard-grid .cell')].every(c => c.dataset.status === 'succeeded')",
             timeout=180_000,
         )
         assert page.evaluate("window.stillTheSamePage") is True
-        page.wait_for_function("document.getElementById('job-status').textContent === 'succeeded'")
+        page.wait_for_function("() => document.getElementById('job-status').textContent === 'succeeded'")
         assert page.inner_text("#job-items") == "6/6"
         page.wait_for_selector("#thumbs a.thumb img", timeout=30_000)
         assert page.locator("#thumbs a.thumb").count() == 6
         page.locator("#shard-grid .cell").first.click()
         assert "worker: dash-worker" in page.inner_text("#shard-detail")
-        page.reload()  # the finished job's page as anyone opening it sees it
-        page.wait_for_selector("#contact-sheet-link")
+        deadline = time.monotonic() + 60
+        while True:  # the finished job's page as anyone opening it sees it, once the finalizer wrote the sheet
+            page.reload()
+            if page.locator("#contact-sheet-link").count() or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert page.locator("#contact-sheet-link").count() == 1
         shot(page, "job")
+        page.emulate_media(color_scheme="dark")
+        shot(page, "job-dark")
+        page.emulate_media(color_scheme="light")
 
         page.locator("#thumbs a.thumb").first.click()
         page.wait_for_url(f"**/v1/jobs/{job}/objects/**")
@@ -169,7 +191,7 @@ def test_cancel_a_running_job_from_its_page(dashboard, chromium) -> None:
         assert wait_status(alice, job, {"cancelled"})["status"] == "cancelled"
         settled = "['cancelled', 'succeeded', 'failed'].includes(c.dataset.status)"
         page.wait_for_function(  # the running shards stop at their next step; the grid follows
-            f"[...document.querySelectorAll('#shard-grid .cell')].every(c => {settled})", timeout=60_000
+            f"() => [...document.querySelectorAll('#shard-grid .cell')].every(c => {settled})", timeout=60_000
         )
     finally:
         context.close()
