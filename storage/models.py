@@ -1,6 +1,6 @@
 """SQLAlchemy models for the farm's state: ``job``, ``shard``, ``artifact``, ``worker``, ``job_worker``,
 ``bulk_job``, and who may use it: ``user``, ``project``, ``project_member``, ``api_token``,
-``audit_event``.
+``web_session``, ``audit_event``.
 
 Typed declarative models (``Mapped[]``). UUID keys, timezone-aware UTC timestamps on every
 backend, JSON spec and params. Status columns are plain strings checked by the enums; which
@@ -97,6 +97,7 @@ class User(Timestamped, Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[Role] = mapped_column(_status(Role))
     disabled_at: Mapped[datetime | None]
+    password_hash: Mapped[str | None] = mapped_column(String(255))  # Argon2 (the web dashboard's login)
 
 
 class Project(Timestamped, Base):
@@ -133,6 +134,19 @@ class ApiToken(Timestamped, Base):
     expires_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
+
+
+class WebSession(Base):
+    """A signed-in browser of the web dashboard: only the SHA-256 of the cookie's id is kept, with
+    the form token (CSRF) that every POST of that browser must carry."""
+
+    __tablename__ = "web_session"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
 class AuditEvent(Base):

@@ -6,6 +6,7 @@ pytest_plugins = [
     "tests.fixtures.disks",
     "tests.fixtures.farm",
     "tests.fixtures.api",  # after farm: it builds on it
+    "tests.fixtures.browser",
     "tests.fixtures.local_servers",
     "tests.fixtures.reliability",
     "tests.fixtures.seaweed",

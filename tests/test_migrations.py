@@ -25,13 +25,15 @@ from storage.models import (
     ProjectMember,
     Shard,
     User,
+    WebSession,
     Worker,
     metadata,
+    utcnow,
 )
 
-TABLES = {"job", "shard", "artifact", "worker", "job_worker", "bulk_job", "api_token", "audit_event"}
+TABLES = {"job", "shard", "artifact", "worker", "job_worker", "bulk_job", "api_token", "audit_event", "web_session"}
 SEEDED = {"user", "project", "project_member"}  # the upgrade's admin, default, and admin's membership
-HEAD = "0005"
+HEAD = "0006"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
@@ -68,6 +70,7 @@ def _insert_one_of_each(url: str) -> None:
         session.add(BulkJob(name=f"bulk-{uuid.uuid4().hex[:6]}", base_spec={}, **owned))
         session.add(ApiToken(user_id=admin.id, name="t", secret_hash="0" * 64))
         session.add(AuditEvent(action="token.create", status=200))
+        session.add(WebSession(id_hash=uuid.uuid4().hex * 2, user_id=admin.id, csrf_token="c", expires_at=utcnow()))
     engine.dispose()
 
 
@@ -85,6 +88,7 @@ def _counts(url: str) -> dict[str, int]:
                 BulkJob,
                 ApiToken,
                 AuditEvent,
+                WebSession,
                 User,
                 Project,
                 ProjectMember,
@@ -199,7 +203,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "9999"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
@@ -323,3 +327,33 @@ def test_0005_gives_existing_jobs_to_admin_in_default_and_downgrades(fresh_url: 
 
     migrate.upgrade(fresh_url)
     assert _owners(fresh_url) == [("bulk_job", "admin", "default"), ("job", "admin", "default")]
+
+
+def test_0006_adds_passwords_and_web_sessions_and_downgrades(fresh_url: str) -> None:
+    migrate.upgrade(fresh_url, "0005")
+    engine = make_engine(fresh_url)
+    assert "password_hash" not in {c["name"] for c in inspect(engine).get_columns("user")}
+    engine.dispose()
+    migrate.upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    with session_scope(make_session_factory(engine)) as session:
+        admin, _ = ensure_default_identity(session)
+        admin.password_hash = "$argon2id$..."
+        session.add(WebSession(id_hash="a" * 64, user_id=admin.id, csrf_token="c", expires_at=utcnow()))
+    engine.dispose()
+
+    migrate.downgrade(fresh_url, "0005")
+    assert migrate.current(fresh_url) == "0005"
+    assert "web_session" not in _tables(fresh_url)
+    engine = make_engine(fresh_url)
+    assert "password_hash" not in {c["name"] for c in inspect(engine).get_columns("user")}
+    with engine.connect() as conn:  # the users survive the downgrade
+        assert conn.execute(select(User.__table__.c.name)).scalars().all() == ["admin"]
+    engine.dispose()
+
+    migrate.upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    with session_scope(make_session_factory(engine)) as session:
+        assert session.scalar(select(User.password_hash).where(User.name == "admin")) is None
+        assert session.scalar(select(func.count()).select_from(WebSession)) == 0
+    engine.dispose()

@@ -3,7 +3,9 @@
 Requests larger than ``api.max_body_mb`` are refused before they are read (413); every request
 is counted for ``/metrics`` by its route's template, never its concrete path (no ids, no keys);
 CORS is off unless ``api.cors_origins`` lists origins. The app holds one direct connection to
-the farm (database, broker, store), closed on shutdown.
+the farm (database, broker, store), closed on shutdown. The web dashboard (:mod:`farm.web`) is
+served beside the API: its pages at ``/``, ``/login``, ``/jobs``, ``/workers``, ``/bulk`` and its
+stylesheet and scripts under ``/static``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from farm import __version__
@@ -22,6 +25,8 @@ from farm.api import bulk, errors, events, inputs, jobs, service
 from farm.api.state import ApiState, SubmitLimiter
 from farm.client import FarmClient
 from farm.settings import FarmSettings
+from farm.web import farm_pages, jobs_pages, sessions
+from farm.web.render import STATIC
 
 
 class BodyLimit:
@@ -86,7 +91,10 @@ def create_api(settings: FarmSettings, farm: FarmClient | None = None) -> FastAP
     app = FastAPI(
         title="Render farm API",
         version=__version__,
-        description="Submit and watch render jobs. Every /v1 route needs `Authorization: Bearer <token>`.",
+        description=(
+            "Submit and watch render jobs. Every /v1 route needs `Authorization: Bearer <token>` "
+            "(or the web dashboard's session cookie; a change made with it also needs `X-CSRF-Token`)."
+        ),
         lifespan=lifespan,
     )
     app.state.farm_api = ApiState(
@@ -95,8 +103,9 @@ def create_api(settings: FarmSettings, farm: FarmClient | None = None) -> FastAP
         limiter=SubmitLimiter(settings.api.submit_per_minute),
     )
     errors.install(app)
-    for module in (jobs, events, inputs, bulk, service):
+    for module in (jobs, events, inputs, bulk, service, sessions, jobs_pages, farm_pages):
         app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.middleware("http")
     async def count_requests(request: Any, call_next: Any) -> Any:

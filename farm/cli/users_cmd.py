@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from farm.cli.common import console, err_console, settings
 from farm.cli.jobs_cmd import plain_output
-from farm.errors import ConfigError
+from farm.errors import ConfigError, UserError
 from storage import migrate
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.identity import (
@@ -34,6 +35,7 @@ from storage.identity import (
     record_audit,
     revoke_token,
 )
+from storage.logins import check_password_text, set_password
 from storage.status import Role
 
 users_app = typer.Typer(help="Users of the farm API, their roles and projects.", no_args_is_help=True)
@@ -105,6 +107,30 @@ def add_user(
         _audit(session, "user.create", name, role=role.value, project=project, manager=manager)
     where = f", in project {project}" + (" as its manager" if manager else "") if project else ""
     console.print(f"created user {name} ({role.value}){where}", highlight=False)
+
+
+@users_app.command("passwd")
+def passwd(
+    name: str = typer.Argument(..., help="User name."),
+    password_stdin: bool = typer.Option(
+        False, "--password-stdin", help="Read the password from standard input (one line) instead of a prompt."
+    ),
+) -> None:
+    """Set the user's password for the web dashboard (stored as an Argon2 hash; their web
+    sessions end). Asked twice at a prompt, or read once from standard input."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        if not sys.stdin.isatty():
+            raise UserError("no terminal to ask for the password: pipe it in with --password-stdin")
+        password = getpass.getpass(f"new password for {name}: ")
+        if getpass.getpass("again: ") != password:
+            raise UserError("the two passwords differ; nothing changed")
+    check_password_text(password)
+    with _session() as session:
+        set_password(session, name, password)
+        _audit(session, "user.passwd", name)
+    console.print(f"set the password of {name}", highlight=False)
 
 
 @users_app.command("join")
