@@ -7,6 +7,9 @@ no worker: jobs wait, which is all the rules need."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from tests.fixtures.api import add_person
@@ -112,6 +115,30 @@ def test_projects_are_walled_off_and_roles_hold(farm, api_server_factory, tiny_m
     assert ("root", "job.priority", 200) in audit
     assert ("bob", "job.cancel", 404) in audit
     assert not [row for row in audit if row[0] not in {"alice", "bob", "carol", "dave", "erin", "root"}]
+
+    # The log is read by admins: through the API, and on the control host with `farm audit`.
+    with root.http() as http:
+        cancels = http.get("/v1/audit", params={"action": "job.cancel"}).json()
+        newest_first = [("erin", 200), ("dave", 403), ("carol", 403), ("bob", 404)]
+        assert [(r["actor"], r["status"]) for r in cancels] == newest_first
+        assert all(r["remote"] == "127.0.0.1" and r["target"] for r in cancels)
+        page = http.get("/v1/audit", params={"action": "job.*", "limit": 2}).json()
+        older = http.get("/v1/audit", params={"action": "job.*", "before": page[-1]["id"]}).json()
+        assert len(page) == 2 and older and older[0]["id"] < page[-1]["id"]
+    with alice.http() as http:
+        assert http.get("/v1/audit").status_code == 403
+    shown = subprocess.run(
+        [sys.executable, "-m", "farm", "audit", "--action", "job.cancel"],
+        env={**farm.env, "COLUMNS": "60"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=farm.tmp_path,
+    )
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].split("\t") == ["when", "actor", "action", "target", "status", "from"]
+    assert [line.split("\t")[1] for line in lines[1:]] == ["erin", "dave", "carol", "bob"]
 
 
 def test_tokens_are_checked_on_every_request(farm, api_server_factory) -> None:

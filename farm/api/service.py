@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import func, select, text
 
 from farm.api.auth import caller
 from farm.api.state import ApiState, api_state
+from farm.errors import Forbidden
+from storage.audit import MAX_PAGE, list_audit
 from storage.db import session_scope
 from storage.identity import Principal
 from storage.models import Job, Project
@@ -73,6 +75,24 @@ def me(who: Caller, state: State) -> dict[str, Any]:
         "role": str(getattr(who.role, "value", who.role)),
         "projects": sorted(projects, key=lambda p: p["name"]),
     }
+
+
+@router.get("/v1/audit", tags=["identity"], summary="The audit log, newest first (admins)")
+def audit_log(
+    who: Caller,
+    state: State,
+    actor: Annotated[str | None, Query(max_length=64)] = None,
+    action: Annotated[
+        str | None, Query(max_length=64, description="e.g. job.cancel, or job.* for every job action")
+    ] = None,
+    target: Annotated[str | None, Query(max_length=256)] = None,
+    before: Annotated[int | None, Query(ge=1, description="The id of the last row of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+) -> list[dict[str, Any]]:
+    if not who.is_admin:
+        raise Forbidden("only admins may read the audit log")
+    with session_scope(state.sessions) as session:
+        return list_audit(session, actor=actor, action=action, target=target, before_id=before, limit=limit)
 
 
 @router.get("/v1/workers", tags=["workers"], summary="Registered workers")

@@ -23,6 +23,7 @@ from farm.cli.common import console, err_console, settings
 from farm.cli.jobs_cmd import plain_output
 from farm.errors import ConfigError, UserError
 from storage import migrate
+from storage.audit import list_audit
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.identity import (
     add_member,
@@ -236,6 +237,32 @@ def tokens_revoke(token: str = typer.Argument(..., help="Token id, or its first 
     console.print(said, highlight=False)
 
 
+# -- the audit log -----------------------------------------------------------------------------
+def audit(
+    actor: str | None = typer.Option(None, "--actor", help="Only this user (or OS user, for CLI changes)."),
+    action: str | None = typer.Option(
+        None, "--action", help="Only this action, e.g. job.cancel; job.* for all job actions."
+    ),
+    target: str | None = typer.Option(None, "--target", help="Only actions on this (a job id, a token id, ...)."),
+    limit: int = typer.Option(50, "--limit", min=1, max=500, help="How many rows, newest first."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """The audit log, newest first: who did what, on what, from where, and how it went (every
+    state-changing API call, refused ones included, and every `farm users` / `farm tokens` change)."""
+    with _session() as session:
+        rows = list_audit(session, actor=actor, action=action, target=target, limit=limit)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    columns = ("when", "actor", "action", "target", "status", "from")
+    shown = [
+        (_when(r["at"]), r["actor"] or "-", r["action"], r["target"] or "-", str(r["status"]), r["remote"] or "-")
+        for r in rows
+    ]
+    _print_rows("audit log", columns, shown)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(users_app, name="users")
     app.add_typer(tokens_app, name="tokens")
+    app.command()(audit)
