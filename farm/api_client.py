@@ -124,11 +124,15 @@ class ApiClient:
         raw, pending = plan_uploads(raw, base_dir)
         body = {"spec": raw, "project": project}
         self._call("POST", "/v1/specs/check", json=body)
+        self._send_inputs(pending)
+        done = self._call("POST", "/v1/jobs", json=body)
+        return Submitted(uuid.UUID(done["job_id"]), done["created"], done["status"])
+
+    def _send_inputs(self, pending: list[Any]) -> None:
+        """Send checked local input files (``PUT /v1/inputs/{sha256}``; the server checks them again)."""
         for upload in pending:
             headers = {"Content-Type": upload.content_type}
             self._call("PUT", f"/v1/inputs/{upload.sha256}", content=pending_bytes(upload), headers=headers)
-        done = self._call("POST", "/v1/jobs", json=body)
-        return Submitted(uuid.UUID(done["job_id"]), done["created"], done["status"])
 
     def job_id(self, ref: str | uuid.UUID) -> uuid.UUID:
         return uuid.UUID(self._call("GET", f"/v1/jobs/{_ref(ref)}", params={"shards": "0"})["id"])
@@ -243,9 +247,7 @@ class ApiClient:
             raise UserError("manifest: a store: manifest is for the control host; give a local JSONL or CSV file")
         text = read_manifest_file(manifest).decode("utf-8", errors="strict")
         raw, pending = plan_uploads(raw, base_dir, "base")
-        for upload in pending:
-            headers = {"Content-Type": upload.content_type}
-            self._call("PUT", f"/v1/inputs/{upload.sha256}", content=pending_bytes(upload), headers=headers)
+        self._send_inputs(pending)
         body = {
             "name": name,
             "base": raw,

@@ -12,18 +12,15 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from farm.api.auth import audit, caller
-from farm.api.errors import error_body
-from farm.api.jobs import audited
+from farm.api.auth import caller
+from farm.api.jobs import audited, check_inputs_sent, rate_limited
 from farm.api.state import ApiState, api_state
 from farm.bulk import ManifestUpload, bulk_status, export_rows, retry_failed_rows
 from farm.errors import Forbidden, NotFound
-from farm.inputs import local_paths, missing_inputs
-from farm.job_spec import SpecError
 from storage.access import bulk_scope, can_change, submit_project
 from storage.db import session_scope
 from storage.identity import Principal
@@ -59,18 +56,11 @@ def _bulk_row(state: ApiState, who: Principal, name: str) -> Any:
 
 @router.post("/bulk", summary="Create or extend a bulk job", responses={429: {"description": "Too many submissions"}})
 def submit(body: BulkSubmit, request: Request, who: Caller, state: State) -> Any:
-    wait = state.limiter.retry_after(who.token_id or who.user_id)
-    if wait is not None:
-        audit(state, request, who, "bulk.submit", target=body.name, status=429)
-        message = f"too many submissions: at most {state.settings.api.submit_per_minute} a minute per token"
-        return JSONResponse(error_body("RateLimited", message), 429, headers={"Retry-After": f"{wait:.0f}"})
+    refused = rate_limited(state, request, who, "bulk.submit", body.name)
+    if refused is not None:
+        return refused
     with audited(state, request, who, "bulk.submit", body.name):
-        paths = local_paths(body.base, "base")
-        if paths:
-            raise SpecError([(p, "a file on your machine: upload it first (PUT /v1/inputs)") for p in paths])
-        missing = missing_inputs(state.store, body.base, "base")
-        if missing:
-            raise SpecError(missing)
+        check_inputs_sent(state, body.base, "base")
         project_id = submit_project(who, body.project)
         with session_scope(state.sessions) as session:
             existing = session.execute(

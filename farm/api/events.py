@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 from farm.api.auth import caller
 from farm.api.jobs import JobRef, job_of
 from farm.api.state import ApiState, api_state
+from farm.job_views import settled
 from storage.identity import Principal
 from storage.status import JOB_TERMINAL, JobStatus
 
@@ -30,10 +31,8 @@ def _event(name: str, data: dict[str, Any]) -> str:
 
 
 def _ended(summary: dict[str, Any]) -> bool:
-    """Ended and settled (a cancelled job once no shard still runs)."""
-    if JobStatus(summary["status"]) not in JOB_TERMINAL:
-        return False
-    return summary["status"] != "cancelled" or not summary["shards_by_status"].get("running", 0)
+    """Ended and settled, as a client's ``wait`` sees it."""
+    return JobStatus(summary["status"]) in JOB_TERMINAL and settled(summary)
 
 
 async def job_events(state: ApiState, job_id: Any) -> AsyncIterator[str]:

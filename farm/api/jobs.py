@@ -96,13 +96,38 @@ def audited(
     audit(state, request, who, action, target=note["target"], status=note["status"], detail=note["detail"])
 
 
-def parsed_spec(raw: dict[str, Any]) -> JobSpec:
-    """The spec parsed as the CLI parses it; a path on the caller's machine is refused (only a
-    client can upload it)."""
-    paths = local_paths(raw)
+def rate_limited(
+    state: ApiState, request: Request, who: Principal, action: str, target: str | None = None
+) -> JSONResponse | None:
+    """The 429 answer (audited) when the caller's token is past ``api.submit_per_minute``;
+    ``None`` when the submission may go on (it is counted)."""
+    wait = state.limiter.retry_after(who.token_id or who.user_id)
+    if wait is None:
+        return None
+    audit(state, request, who, action, target=target, status=429)
+    message = f"too many submissions: at most {state.settings.api.submit_per_minute} a minute per token"
+    return JSONResponse(error_body("RateLimited", message), 429, headers={"Retry-After": f"{wait:.0f}"})
+
+
+def refuse_local_paths(raw: Any, label: str = "spec") -> None:
+    """A path on the caller's machine is refused: only a client can upload it."""
+    paths = local_paths(raw, label)
     if paths:
         reason = "a file on your machine: upload it first (the farm client does; PUT /v1/inputs)"
         raise SpecError([(path, reason) for path in paths])
+
+
+def check_inputs_sent(state: ApiState, raw: Any, label: str = "spec") -> None:
+    """No local path, and every input ``raw`` names already in the store."""
+    refuse_local_paths(raw, label)
+    missing = missing_inputs(state.store, raw, label)
+    if missing:
+        raise SpecError(missing)
+
+
+def parsed_spec(raw: dict[str, Any]) -> JobSpec:
+    """The spec parsed as the CLI parses it, local paths refused."""
+    refuse_local_paths(raw)
     return parse_spec(raw)
 
 
@@ -110,9 +135,7 @@ def checked_spec(state: ApiState, raw: dict[str, Any]) -> JobSpec:
     """:func:`parsed_spec`, its model checked as the CLI checks it and every input it names
     already in the store."""
     spec = state.farm.with_local_model(parsed_spec(raw))
-    missing = missing_inputs(state.store, raw)
-    if missing:
-        raise SpecError(missing)
+    check_inputs_sent(state, raw)
     return spec
 
 
@@ -147,11 +170,9 @@ def check_spec(body: SubmitRequest, who: Caller, state: State) -> SpecCheck:
     responses={429: {"description": "Too many submissions from this token"}},
 )
 def submit(body: SubmitRequest, request: Request, response: Response, who: Caller, state: State) -> Any:
-    wait = state.limiter.retry_after(who.token_id or who.user_id)
-    if wait is not None:
-        audit(state, request, who, "job.submit", status=429)
-        message = f"too many submissions: at most {state.settings.api.submit_per_minute} a minute per token"
-        return JSONResponse(error_body("RateLimited", message), 429, headers={"Retry-After": f"{wait:.0f}"})
+    refused = rate_limited(state, request, who, "job.submit")
+    if refused is not None:
+        return refused
     with audited(state, request, who, "job.submit") as note:
         spec = checked_spec(state, body.spec)
         check_priority(who, spec.priority, state.settings.api.member_max_priority)
