@@ -75,7 +75,11 @@ def beat_schedule(settings: FarmSettings, nowfun: Callable[[], datetime] | None 
     """The ``beat_schedule`` entries for these settings."""
     options = {"queue": CONTROL_QUEUE}
     entries: dict[str, dict] = {
-        "farm-feed-bulk": {"task": "farm.feed_bulk", "schedule": settings.bulk.feed_interval_s, "options": options}
+        "farm-feed-bulk": {
+            "task": "farm.feed_bulk",
+            "schedule": settings.scheduling.feed_interval_s,
+            "options": options,
+        }
     }
     for entry in settings.bulk.schedules:
         entries[f"farm-bulk-{entry.name}"] = {
@@ -103,8 +107,15 @@ def start_scheduled_bulk(app: Any, res: Any, name: str, now: datetime | None = N
     entry = find_schedule(res.settings, name)
     now = now or datetime.now(UTC)
     until = next_at(now, entry.window_end, entry.timezone) if entry.window_end else None
-    window = res.settings.bulk.window_per_queue
     result = submit_and_feed(
-        app, res.session_factory, res.store, window, entry.name, entry.base, entry.manifest, feed_until=until, now=now
+        app,
+        res.session_factory,
+        res.store,
+        res.settings,
+        entry.name,
+        entry.base,
+        entry.manifest,
+        feed_until=until,
+        now=now,
     )
     return {**result, "feed_until": until.isoformat() if until else None}

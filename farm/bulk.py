@@ -34,7 +34,9 @@ from farm.feeder import feed
 from farm.inputs import upload_inputs
 from farm.job_spec import JobSpec
 from farm.kinds import DEFAULT_KIND, KINDS, job_kind
+from farm.quotas import check_items
 from farm.scheduler import job_row, owner_and_project, requeue_failed
+from farm.settings import FarmSettings, SchedulingSettings
 from farm.sharding import queue_for
 from farm.spec_files import read_spec_file
 from farm.specs import parse_spec
@@ -42,7 +44,7 @@ from storage.chunking import insert_rows
 from storage.db import session_scope
 from storage.models import Artifact, BulkJob, Job, Shard, utcnow
 from storage.objects.keys import check_output_folder, join_key, validate_part, validate_prefix
-from storage.status import JobStatus, ShardStatus
+from storage.status import JobStatus, ServiceClass, ShardStatus
 
 if TYPE_CHECKING:
     from storage.objects import ObjectStore
@@ -95,10 +97,12 @@ def submit_bulk(
     feed_until: datetime | None = None,
     owner_id: uuid.UUID | None = None,
     project_id: uuid.UUID | None = None,
+    quotas: SchedulingSettings | None = None,
 ) -> dict[str, Any]:
     """Create the bulk job ``name`` (or extend it with the rows it lacks). Returns counts. A new
     bulk job is owned by ``owner_id`` in ``project_id`` (by default: ``admin`` in ``default``);
-    the jobs it feeds are its owner's, in its project (also when someone else extends it)."""
+    the jobs it feeds are its owner's, in its project (also when someone else extends it). The
+    new rows count towards the owner's daily item cap (``quotas``, :mod:`farm.quotas`)."""
     name = validate_part(name, "name")
     base_spec = check_base(base)
     bulk = session.scalar(select(BulkJob).where(BulkJob.name == name).with_for_update())
@@ -111,6 +115,8 @@ def submit_bulk(
         raise UserError(f"bulk job {name!r} exists with a different base spec; use a new name")
     known = existing_row_ids(session, bulk.id)
     new_rows = [r for r in rows if r.row_id not in known]
+    if quotas is not None and new_rows:
+        check_items(session, quotas, bulk.owner_id, len(new_rows), per_job=False)
     groups: dict[str, list[ManifestRow]] = {}
     for row in new_rows:
         groups.setdefault(row.group, []).append(row)
@@ -148,7 +154,7 @@ def submit_and_feed(
     app: Any,
     session_factory: Any,
     store: ObjectStore,
-    window: int,
+    settings: FarmSettings,
     name: str,
     base: Any,
     manifest: str | Path | ManifestUpload,
@@ -161,8 +167,10 @@ def submit_and_feed(
     """Create or extend the bulk job ``name``: ``base`` (a spec dict or file) with the rows of
     ``manifest`` (a local JSONL/CSV file or one sent to the API, kept in ``store``; or
     ``store:<key>``); then top the
-    windows up (``window`` per queue, as of ``now``). Everything is checked before anything is
-    stored. A new bulk job is ``owner_id``'s in ``project_id`` (:func:`submit_bulk`). Returns
+    windows up (:func:`farm.feeder.feed`, as of ``now``). Everything is checked before anything is
+    stored. A new bulk job is ``owner_id``'s in ``project_id`` (:func:`submit_bulk`), its jobs
+    in the bulk class (:mod:`farm.fair_share`); the items count towards the owner's daily quota
+    (:func:`farm.quotas.check_items`). Returns
     counts, with ``fed``: how many shards were sent."""
     folder = Path.cwd()
     if isinstance(base, str | Path):
@@ -201,8 +209,9 @@ def submit_and_feed(
             feed_until=feed_until,
             owner_id=owner_id,
             project_id=project_id,
+            quotas=settings.scheduling,
         )
-    result["fed"] = feed(app, session_factory, window, now)
+    result["fed"] = feed(app, session_factory, settings, now=now)
     return result
 
 
@@ -224,6 +233,7 @@ def _insert_group(
         spec,
         status=JobStatus.RUNNING,
         bulk_id=bulk.id,
+        service_class=ServiceClass.BULK,
         owner_id=bulk.owner_id,
         project_id=bulk.project_id,
         started_at=utcnow(),
@@ -307,7 +317,7 @@ def retry_failed_rows(session: Session, name: str) -> int:
         .where(Job.bulk_id == bulk.id, Shard.status == ShardStatus.FAILED)
         .distinct()
     ).all()
-    return sum(requeue_failed(session, job_id)[0] for job_id in jobs)
+    return sum(requeue_failed(session, job_id) for job_id in jobs)
 
 
 def export_rows(session: Session, name: str) -> Iterator[dict[str, Any]]:

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from farm.api_client import ApiClient
 from farm.bulk import bulk_status, export_rows, retry_failed_rows, submit_and_feed
 from farm.celery_app import create_app
-from farm.dispatch import publish_finalize, publish_schedule, publish_shards, shard_labels
+from farm.dispatch import publish_finalize, publish_schedule
 from farm.errors import JobNotScheduled, NotFound, UserError
 from farm.feeder import feed
 from farm.finalizer import finalize
@@ -124,7 +124,9 @@ class FarmClient:
         """Record a parsed, checked spec (inputs already in the store) as a job of ``owner_id`` in
         ``project_id`` (default: the admin, project ``default``) and send its scheduling message."""
         with session_scope(self._sessions) as session:
-            job, created = submit_job(session, spec, owner_id=owner_id, project_id=project_id)
+            job, created = submit_job(
+                session, spec, owner_id=owner_id, project_id=project_id, quotas=self.settings.scheduling
+            )
             job_id, status = job.id, JobStatus(job.status)
         if status == JobStatus.PENDING:
             self._publish_schedule(job_id)
@@ -267,13 +269,11 @@ class FarmClient:
         return {"job_id": str(job), "requeued": requeued, "resent": resent, "note": note}
 
     def retry_failed(self, job_id: str | uuid.UUID) -> int:
-        """Re-queue the job's failed shards; returns how many (a bulk job's are fed in windows).
-        ``farm retry`` also calls :meth:`resend_stuck`."""
+        """Put the job's failed shards back, for the feeder to send in their turn; returns how
+        many. ``farm retry`` also calls :meth:`resend_stuck`."""
         with session_scope(self._sessions) as session:
-            count, dispatches = requeue_failed(session, resolve_job_id(session, job_id))
-            labels = shard_labels(session, [d.shard_id for d in dispatches])
-        publish_shards(self.app, dispatches, labels=labels)
-        if count and not dispatches:
+            count = requeue_failed(session, resolve_job_id(session, job_id))
+        if count:
             self.feed_bulk()
         return count
 
@@ -302,12 +302,11 @@ class FarmClient:
         are added; then the windows are topped up. Returns counts. A new bulk job is
         ``owner_id``'s in ``project_id`` (default: the admin, project ``default``)."""
 
-        window = self.settings.bulk.window_per_queue
         return submit_and_feed(
             self.app,
             self._sessions,
             self.store,
-            window,
+            self.settings,
             name,
             base,
             manifest,
@@ -318,9 +317,9 @@ class FarmClient:
         )
 
     def feed_bulk(self, now: datetime | None = None) -> int:
-        """Top the bulk windows up (as of ``now``); returns how many shards were sent."""
+        """Top every queue's window up (as of ``now``); returns how many shards were sent."""
 
-        return feed(self.app, self._sessions, self.settings.bulk.window_per_queue, now)
+        return feed(self.app, self._sessions, self.settings, now=now)
 
     def bulk_status(self, name: str) -> dict[str, Any]:
 

@@ -13,12 +13,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from farm.celery_app import CONTROL_QUEUE
-from farm.scheduler import ShardDispatch, create_shards, pending_shards
+from sqlalchemy import select
+
+from farm.celery_app import CONTROL_QUEUE, MAX_PRIORITY
+from farm.scheduler import ShardDispatch
 from farm.sharding import QUEUES
 from storage.chunking import chunked
 from storage.db import session_scope
 from storage.models import Job, Shard
+from storage.status import ServiceClass
 from storage.transitions import mark_shards_queued
 
 if TYPE_CHECKING:
@@ -45,8 +48,6 @@ class ShardLabel:
 
 def shard_labels(session: Any, shard_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, ShardLabel]:
     """The labels of these shards (one query per 1,000)."""
-    from sqlalchemy import select
-
     labels: dict[uuid.UUID, ShardLabel] = {}
     for ids in chunked(shard_ids):  # below the driver's parameter limit, however many
         query = select(Shard.id, Shard.index, Job.kind, Job.family).join(Job, Job.id == Shard.job_id)
@@ -55,17 +56,29 @@ def shard_labels(session: Any, shard_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID
     return labels
 
 
-def shard_route(session: Any, shard_id: uuid.UUID) -> dict[str, Any]:
-    """How to send the shard again: its queue, its job's priority and its label for Flower (the
-    keyword arguments of :func:`publish_shard`)."""
-    from sqlalchemy import select
+def class_priority(app: Celery, service_class: str) -> int:
+    """The message priority that puts interactive shards ahead of bulk ones already on the broker:
+    on AMQP a higher number goes first, on Redis (kombu's priority sub-queues) a lower one. The
+    order between jobs is decided by the feeder (:mod:`farm.fair_share`), not by the broker."""
+    urgent = service_class == ServiceClass.INTERACTIVE
+    if str(app.conf.broker_url or "").startswith(("redis://", "rediss://")):
+        return 0 if urgent else MAX_PRIORITY
+    return MAX_PRIORITY if urgent else 0
 
+
+def shard_route(app: Celery, session: Any, shard_id: uuid.UUID) -> dict[str, Any]:
+    """How to send the shard again: its queue, its class's message priority and its label for
+    Flower (the keyword arguments of :func:`publish_shard`)."""
     row = session.execute(
-        select(Shard.queue, Shard.index, Job.priority, Job.kind, Job.family)
+        select(Shard.queue, Shard.index, Job.service_class, Job.kind, Job.family)
         .join(Job, Job.id == Shard.job_id)
         .where(Shard.id == shard_id)
     ).one()
-    return {"queue": row.queue, "priority": row.priority, "label": ShardLabel(row.index, row.kind, row.family)}
+    return {
+        "queue": row.queue,
+        "priority": class_priority(app, row.service_class),
+        "label": ShardLabel(row.index, row.kind, row.family),
+    }
 
 
 def job_argsrepr(job_id: uuid.UUID | str) -> str:
@@ -145,48 +158,3 @@ def send_shards(app: Celery, session_factory: Any, dispatches: Iterable[ShardDis
                 mark_shards_queued(session, sent)
             total += len(sent)
     return total
-
-
-SCHEDULE_SLICE = 5_000  # shards one scheduling message sends before it makes way for other control work
-
-
-def send_pending(
-    app: Celery, session_factory: Any, job_id: uuid.UUID, *, chunk: int = SEND_CHUNK, limit: int | None = None
-) -> tuple[int, bool]:
-    """Publish a job's PENDING shards a chunk at a time, streaming from the database: each chunk
-    is read and locked (a concurrent sender skips it), published, marked queued and committed
-    before the next is read. A sender killed part-way leaves only its unsent chunk PENDING (at
-    most one chunk is sent twice). Stops after ``limit`` shards; returns how many were sent and
-    whether PENDING shards may be left."""
-
-    sent, after = 0, -1
-    with app.producer_or_acquire() as producer:
-        while limit is None or sent < limit:
-            size = chunk if limit is None else min(chunk, limit - sent)
-            with session_scope(session_factory) as session:
-                rows = pending_shards(session, job_id, after=after, limit=size, lock=True)
-                dispatches = [ShardDispatch(row.id, job_id, row.queue, row.priority) for row in rows]
-                labels = shard_labels(session, [d.shard_id for d in dispatches])
-                mark_shards_queued(session, publish_shards(app, dispatches, producer, labels))
-            sent += len(rows)
-            if len(rows) < size:
-                return sent, False
-            after = rows[-1].index
-    return sent, True
-
-
-def schedule(app: Celery, res: Any, job_id: uuid.UUID) -> dict[str, Any]:
-    """What a scheduling message does (``farm.schedule_job``): split the job into shards and send
-    them, at most :data:`SCHEDULE_SLICE` per message; a larger job sends the rest from a new
-    scheduling message, behind the control work queued meanwhile. Each step waits out service
-    outages on its own (``res.outlast``). Returns the task's result."""
-
-    def run() -> tuple[int, bool]:  # repeatable: a second run publishes the shards still pending
-        with session_scope(res.session_factory) as session:
-            running = create_shards(session, job_id)
-        return send_pending(app, res.session_factory, job_id, limit=SCHEDULE_SLICE) if running else (0, False)
-
-    sent, more = res.outlast(run, f"job {job_id}: schedule")
-    if more:
-        res.outlast(lambda: publish_schedule(app, job_id), f"job {job_id}: schedule the rest")
-    return {"job_id": str(job_id), "shards_sent": sent, "more": more}

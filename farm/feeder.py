@@ -1,96 +1,292 @@
-"""Windowed feeding of bulk jobs: at most ``bulk.window_per_queue`` bulk shards queued or running
-per GPU queue, topped up as shards end.
+"""The window feeder: the database decides what runs next, the broker holds a small window.
 
-:func:`feed_bulk` runs after every bulk shard ends (the finalize task), after a bulk submit, and
-every ``bulk.feed_interval_s`` from ``farm beat``. It locks the bulk jobs' rows so concurrent
-feeders take turns, counts each queue's shards in flight (QUEUED or RUNNING: on the broker or
-with a worker), and returns the PENDING shards that fit, oldest bulk job first. The caller
-publishes them, then marks them queued (:func:`~storage.transitions.mark_shards_queued`): a
-crash in between leaves them PENDING, to be sent again (a duplicate message is harmless: the
-lease turns it away). A bulk job past its ``feed_until`` gets nothing more; it stays resumable.
+Every job's shards stay PENDING in the database until the feeder sends them. Per GPU queue, at
+most one shard per live worker of the queue plus ``scheduling.window_per_queue`` are in flight
+(queued on the broker or running); the next ones are chosen by the policy in
+:mod:`farm.fair_share` (interactive before bulk, weighted fair share between projects, then
+between users, then job priority and age) within the running caps of projects and users.
+
+:func:`feed` runs after a job is split into shards, after every shard's attempt ends (in the
+worker, together with the shard's charge to the fair-share ledger), after a retry or a bulk
+submit, every ``scheduling.feed_interval_s`` from ``farm beat``, and in every reconciler pass.
+Each queue is fed in a transaction that holds the queue's lock (:func:`storage.share_usage.
+lock_queue`): the shards are picked, published, then marked queued; a crash in between leaves
+them PENDING, to be sent again (a duplicate message is harmless: the lease turns it away).
+
+**Preemption.** When interactive shards wait on a queue (queued, unclaimed) beyond its idle
+workers while its workers render bulk shards, the feeder asks that many bulk shards to stop
+(``shard.preempt_requested_at``; queues in ``scheduling.preempt_queues``). A worker learns it
+from its lease keeper and hands the shard back between items: items done are kept, no attempt is
+counted, the shard goes back to PENDING to be fed again, and the worker takes the interactive
+shard, sent with the broker priority that puts it ahead of queued bulk shards.
 """
 
 from __future__ import annotations
 
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from farm.dispatch import publish_shards, shard_labels
-from farm.scheduler import ShardDispatch
+from farm.dispatch import class_priority, publish_shards, shard_labels
+from farm.fair_share import DEFAULT_SECONDS_PER_ITEM, Charge, ShareState, WaitingJob, WaitingShard, pick_shards
+from farm.scheduler import ShardDispatch, create_shards
+from farm.settings import FarmSettings
 from farm.sharding import QUEUES
 from storage.db import session_scope
-from storage.models import BulkJob, Job, Shard, utcnow
-from storage.status import JobStatus, ShardStatus
+from storage.models import BulkJob, Job, Project, Shard, User, utcnow
+from storage.registry import queue_consumers
+from storage.share_usage import charge_usage, lock_queue, read_usage
+from storage.status import JobStatus, ServiceClass, ShardStatus
 from storage.transitions import mark_shards_queued
 
 IN_FLIGHT = (ShardStatus.QUEUED, ShardStatus.RUNNING)
 
 
-def in_flight(session: Session) -> dict[str, int]:
-    """Bulk shards queued or running, per queue."""
+@dataclass
+class QueueFeed:
+    """What one feed of a queue decided: the shards to send (with their class), and how many
+    bulk shards were asked to hand back."""
+
+    queue: str
+    dispatches: list[tuple[ShardDispatch, ServiceClass]] = field(default_factory=list)
+    preempted: int = 0
+
+
+@dataclass
+class _InFlight:
+    """Shards queued or running: per project and user (every queue, for the caps), and on the
+    fed queue per class and status."""
+
+    project: dict[uuid.UUID, int] = field(default_factory=lambda: defaultdict(int))
+    user: dict[uuid.UUID, int] = field(default_factory=lambda: defaultdict(int))
+    pairs: dict[tuple[uuid.UUID, uuid.UUID], int] = field(default_factory=lambda: defaultdict(int))
+    here: dict[tuple[ServiceClass, ShardStatus], int] = field(default_factory=lambda: defaultdict(int))
+
+    def on_queue(self, *classes: ServiceClass) -> int:
+        return sum(n for (c, _), n in self.here.items() if c in classes)
+
+
+def in_flight(session: Session, queue: str) -> _InFlight:
+    counts = _InFlight()
     rows = session.execute(
-        select(Shard.queue, func.count())
+        select(Shard.queue, Shard.status, Job.project_id, Job.owner_id, Job.service_class, func.count())
         .join(Job, Job.id == Shard.job_id)
-        .where(Job.bulk_id.is_not(None), Shard.status.in_(IN_FLIGHT))
-        .group_by(Shard.queue)
+        .where(Shard.status.in_(IN_FLIGHT))
+        .group_by(Shard.queue, Shard.status, Job.project_id, Job.owner_id, Job.service_class)
     )
-    return {queue: int(n) for queue, n in rows}
+    for row in rows:
+        n = int(row[-1])
+        counts.project[row.project_id] += n
+        counts.user[row.owner_id] += n
+        counts.pairs[(row.project_id, row.owner_id)] += n
+        if row.queue == queue:
+            counts.here[(ServiceClass(row.service_class), ShardStatus(row.status))] += n
+    return counts
 
 
-def feed_bulk(session: Session, window: int, now: datetime | None = None) -> list[ShardDispatch]:
-    """The PENDING bulk shards to send now so that no queue has more than ``window`` in flight.
-    Each pick reads one job's pending shards through its ``(job_id, status)`` index: the cost of
-    a call does not grow with the rows already fed or still waiting."""
-    now = now or utcnow()
-    bulks = session.execute(select(BulkJob.id, BulkJob.feed_until).order_by(BulkJob.id).with_for_update()).all()
-    if not any(b.feed_until is None or b.feed_until > now for b in bulks):
-        return []
+def waiting_jobs(session: Session, queue: str, now: datetime) -> list[WaitingJob]:
+    """Running jobs with PENDING shards on ``queue`` (a bulk run's only while it may be fed)."""
     feeding = select(BulkJob.id).where(or_(BulkJob.feed_until.is_(None), BulkJob.feed_until > now))
-    jobs = session.execute(  # a subquery, not a list of ids: no bound on how many bulk jobs there are
-        select(Job.id, Job.priority)
-        .where(Job.bulk_id.in_(feeding), Job.status == JobStatus.RUNNING)
-        .order_by(Job.priority.desc(), Job.created_at, Job.id)
-    ).all()
-    busy = in_flight(session)
-    dispatches: list[ShardDispatch] = []
-    for queue in QUEUES.values():
-        free = window - busy.get(queue, 0)
-        for job in jobs:
-            if free <= 0:
-                break
-            picked = session.scalars(
-                select(Shard.id)
-                .where(Shard.job_id == job.id, Shard.status == ShardStatus.PENDING, Shard.queue == queue)
+    pending = exists().where(Shard.job_id == Job.id, Shard.status == ShardStatus.PENDING, Shard.queue == queue)
+    rows = session.execute(
+        select(Job.id, Job.project_id, Job.owner_id, Job.service_class, Job.priority, Job.created_at).where(
+            Job.status == JobStatus.RUNNING, or_(Job.bulk_id.is_(None), Job.bulk_id.in_(feeding)), pending
+        )
+    )
+    return [
+        WaitingJob(r.id, r.project_id, r.owner_id, ServiceClass(r.service_class), r.priority, r.created_at)
+        for r in rows
+    ]
+
+
+def share_state(
+    session: Session, settings: FarmSettings, counts: _InFlight, room: dict[ServiceClass, int], now: datetime
+) -> ShareState:
+    """The fair-share state: weights and caps (database values over the settings), the decayed
+    ledger, and the shards in flight at their estimated cost."""
+    conf = settings.scheduling
+    usage = read_usage(session, conf.half_life_s, now)
+    seconds = sum(u.gpu_seconds for u in usage.values())
+    items = sum(u.items for u in usage.values())
+    per_item = seconds / items if items > 0 and seconds > 0 else DEFAULT_SECONDS_PER_ITEM
+    state = ShareState(room=dict(room), seconds_per_item=per_item)
+    for (project_id, user_id), used in usage.items():
+        state.usage_project[project_id] = state.usage_project.get(project_id, 0.0) + used.gpu_seconds
+        state.usage_user[(project_id, user_id)] = used.gpu_seconds
+    for (project_id, user_id), n in counts.pairs.items():  # not in the ledger until they end
+        state.usage_project[project_id] = state.usage_project.get(project_id, 0.0) + n * per_item
+        state.usage_user[(project_id, user_id)] = state.usage_user.get((project_id, user_id), 0.0) + n * per_item
+    state.in_flight_project.update(counts.project)
+    state.in_flight_user.update(counts.user)
+    for row in session.execute(select(Project.id, Project.name, Project.share_weight, Project.max_running_shards)):
+        weight = row.share_weight if row.share_weight is not None else conf.project_weights.get(row.name)
+        if weight is not None:
+            state.weights[row.id] = weight
+        cap = row.max_running_shards if row.max_running_shards is not None else conf.max_running_per_project
+        if cap:
+            state.cap_project[row.id] = cap
+    user_caps = session.execute(select(User.id, User.max_running_shards).where(User.max_running_shards.is_not(None)))
+    explicit = {row.id: row.max_running_shards for row in user_caps}
+    if conf.max_running_per_user or explicit:
+        for user_id in set(counts.user) | set(explicit):
+            cap = explicit.get(user_id, conf.max_running_per_user)
+            if cap:
+                state.cap_user[user_id] = cap
+    return state
+
+
+class _ShardSource:
+    """A job's next PENDING shards on the queue, read a batch at a time through the
+    ``(job_id, status, index)`` index."""
+
+    def __init__(self, session: Session, queue: str, batch: int) -> None:
+        self.session, self.queue, self.batch = session, queue, max(1, batch)
+        self.read: dict[uuid.UUID, list[WaitingShard]] = {}
+        self.after: dict[uuid.UUID, int] = {}
+
+    def __call__(self, job: WaitingJob) -> WaitingShard | None:
+        left = self.read.get(job.job_id)
+        if not left:
+            rows = self.session.execute(
+                select(Shard.id, Shard.index, Shard.items_total)
+                .where(
+                    Shard.job_id == job.job_id,
+                    Shard.status == ShardStatus.PENDING,
+                    Shard.queue == self.queue,
+                    Shard.index > self.after.get(job.job_id, -1),
+                )
                 .order_by(Shard.index)
-                .limit(free)
+                .limit(self.batch)
             ).all()
-            dispatches.extend(ShardDispatch(shard_id, job.id, queue, job.priority) for shard_id in picked)
-            free -= len(picked)
-    return dispatches
+            if not rows:
+                return None
+            self.after[job.job_id] = rows[-1].index
+            left = self.read[job.job_id] = [WaitingShard(r.id, r.items_total) for r in rows]
+        return left.pop(0)
 
 
-def feed(app: Any, session_factory: Any, window: int, now: datetime | None = None) -> int:
-    """Top every queue's window up: publish the shards :func:`feed_bulk` picks, then mark them
-    queued, under the feeder's lock. Returns how many were sent."""
+def feed_queue(session: Session, settings: FarmSettings, queue: str, now: datetime | None = None) -> QueueFeed:
+    """Lock the queue, pick the shards its window takes now, and ask bulk shards to hand back
+    when interactive work waits for a worker. The caller publishes the picks, then marks them
+    queued, before the transaction ends."""
+    now = now or utcnow()
+    lock_queue(session, queue, now)
+    counts = in_flight(session, queue)
+    consumers = queue_consumers(session, settings.worker.lost_after_s, now).get(queue, [])
+    window = len(consumers) + settings.scheduling.window_per_queue
+    room = {
+        ServiceClass.INTERACTIVE: window - counts.on_queue(ServiceClass.INTERACTIVE),
+        ServiceClass.BULK: window - counts.on_queue(ServiceClass.INTERACTIVE, ServiceClass.BULK),
+    }
+    fed = QueueFeed(queue)
+    if max(room.values()) > 0:
+        jobs = waiting_jobs(session, queue, now)
+        if jobs:
+            state = share_state(session, settings, counts, room, now)
+            limit = max(room.values())
+            for pick in pick_shards(jobs, state, _ShardSource(session, queue, limit), limit):
+                dispatch = ShardDispatch(pick.shard_id, pick.job.job_id, queue, pick.job.priority)
+                fed.dispatches.append((dispatch, pick.job.service_class))
+    if settings.scheduling.preempt and queue in settings.scheduling.preempt_queues:
+        interactive_fed = sum(1 for _, c in fed.dispatches if c == ServiceClass.INTERACTIVE)
+        waiting = counts.here[(ServiceClass.INTERACTIVE, ShardStatus.QUEUED)] + interactive_fed
+        idle = sum(1 for c in consumers if c.current_shard_id is None)
+        fed.preempted = request_preemption(session, queue, waiting - idle, now)
+    return fed
 
-    with session_scope(session_factory) as session:
-        dispatches = feed_bulk(session, window, now)
-        sent = publish_shards(app, dispatches, labels=shard_labels(session, [d.shard_id for d in dispatches]))
-        mark_shards_queued(session, sent)
-    return len(sent)
+
+def request_preemption(session: Session, queue: str, wanted: int, now: datetime) -> int:
+    """Ask up to ``wanted`` running bulk shards of ``queue`` to hand back, counting those already
+    asked (most recently started first: they have the least to lose). Returns how many were
+    asked now."""
+    if wanted <= 0:
+        return 0
+    running_bulk = (
+        select(Shard.id, Shard.preempt_requested_at)
+        .join(Job, Job.id == Shard.job_id)
+        .where(Shard.queue == queue, Shard.status == ShardStatus.RUNNING, Job.service_class == ServiceClass.BULK)
+        .order_by(Shard.started_at.desc())
+    )
+    rows = session.execute(running_bulk).all()
+    asked = sum(1 for r in rows if r.preempt_requested_at is not None)
+    chosen = [r.id for r in rows if r.preempt_requested_at is None][: max(0, wanted - asked)]
+    if chosen:
+        session.execute(
+            update(Shard)
+            .where(Shard.id.in_(chosen), Shard.status == ShardStatus.RUNNING)
+            .values(preempt_requested_at=now)
+        )
+    return len(chosen)
 
 
-def top_up(app: Any, res: Any) -> int:
+def feed(
+    app: Any,
+    session_factory: Any,
+    settings: FarmSettings,
+    queues: list[str] | None = None,
+    *,
+    charge: Charge | None = None,
+    now: datetime | None = None,
+) -> int:
+    """Top the windows of ``queues`` (default: every GPU queue) up: pick, publish, then mark
+    queued, each queue under its lock in a transaction of its own; ``charge`` goes into the
+    ledger with the first. Returns how many shards were sent."""
+    sent = 0
+    for queue in queues or list(QUEUES.values()):
+        with session_scope(session_factory) as session:
+            if charge is not None:
+                charge_usage(
+                    session,
+                    charge.project_id,
+                    charge.user_id,
+                    charge.seconds,
+                    charge.items,
+                    settings.scheduling.half_life_s,
+                )
+                charge = None
+            fed = feed_queue(session, settings, queue, now)
+            dispatches = [
+                ShardDispatch(d.shard_id, d.job_id, d.queue, class_priority(app, c)) for d, c in fed.dispatches
+            ]
+            labels = shard_labels(session, [d.shard_id for d in dispatches])
+            mark_shards_queued(session, publish_shards(app, dispatches, labels=labels))
+            sent += len(dispatches)
+    return sent
+
+
+def top_up(app: Any, res: Any, queues: list[str] | None = None, charge: Charge | None = None) -> int:
     """:func:`feed` with a worker's resources (``res``: settings, session factory, ``outlast``),
     waiting out service outages. Returns how many shards were sent."""
-    window = res.settings.bulk.window_per_queue
-    return res.outlast(lambda: feed(app, res.session_factory, window), "bulk feed")
+    return res.outlast(lambda: feed(app, res.session_factory, res.settings, queues, charge=charge), "feed")
 
 
 def feed_windows(app: Any, res: Any) -> dict[str, int]:
-    """What ``farm.feed_bulk`` does (``farm beat`` sends it every ``bulk.feed_interval_s``): top
-    the bulk windows up. Returns the task's result."""
+    """What ``farm.feed_bulk`` does (``farm beat`` sends it every ``scheduling.feed_interval_s``):
+    top every queue's window up. Returns the task's result."""
     return {"fed": top_up(app, res)}
+
+
+def schedule(app: Any, res: Any, job_id: uuid.UUID) -> dict[str, Any]:
+    """What a scheduling message does (``farm.schedule_job``): split the job into shards (all
+    PENDING) and top its queue's window up (:func:`feed`); the feeder sends the rest
+    as shards end. Each step waits out service outages on its own (``res.outlast``). Returns the
+    task's result."""
+
+    def split() -> list[str]:  # repeatable: a job already split is left as it is
+        with session_scope(res.session_factory) as session:
+            if not create_shards(session, job_id):
+                return []
+            return sorted(set(session.scalars(select(Shard.queue).where(Shard.job_id == job_id).distinct())))
+
+    queues = res.outlast(split, f"job {job_id}: schedule")
+    sent = (
+        res.outlast(lambda: feed(app, res.session_factory, res.settings, queues), f"job {job_id}: feed")
+        if queues
+        else 0
+    )
+    return {"job_id": str(job_id), "shards_sent": sent}

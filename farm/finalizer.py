@@ -82,11 +82,11 @@ def write_outputs(session_factory: Any, store: ObjectStore, job_id: uuid.UUID) -
 
 
 def finalize_and_feed(app: Any, res: Any, job_id: uuid.UUID) -> dict[str, Any]:
-    """What ``farm.finalize_job`` does: :func:`finalize` the job, then, for a bulk job, top the
-    bulk windows up (its shard's end freed a place). Each step waits out service outages on its
-    own (``res.outlast``). Returns the task's result."""
+    """What ``farm.finalize_job`` does: :func:`finalize` the job, then top every queue's window
+    up (an ended job may have freed places; a lost feed after a shard's end is made up here).
+    Each step waits out service outages on its own (``res.outlast``). Returns the task's result."""
     done = res.outlast(lambda: finalize(res.session_factory, res.store, job_id), f"job {job_id}: finalize")
-    fed = top_up(app, res) if done.bulk else 0
+    fed = top_up(app, res)
     return {
         "job_id": str(job_id),
         "status": done.status.value,

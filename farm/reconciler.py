@@ -10,14 +10,14 @@ the tables alone what must happen and does it, idempotently:
    for a take-over, unless their holder is alive and rendering them (a worker that waited out a
    database outage renews its own lease). A shard whose lease expired on its ``max_attempts``-th
    attempt is failed for good: its worker process died every time (a crash loop);
-3. **waiting shards** (QUEUED, or PENDING outside bulk feeding) are sent again when every live
+3. **waiting shards** (QUEUED: sent, never taken) are sent again when every live
    worker on their queue has been idle for ``stuck_after_s`` while they waited as long: their
    messages are gone. A queue whose workers are busy is moving; one without live workers has
    nobody to send to (``farm status`` says so), so neither is touched;
 4. **ended jobs** (RUNNING, every shard terminal) are finalized;
 5. **outputs** (manifest, contact sheet) of terminal jobs that lack them are written, retried with
    backoff while the store refuses;
-6. **bulk windows** are topped up.
+6. **windows** are topped up (:mod:`farm.feeder`).
 
 Every change is a guarded update that re-checks its condition under the row lock
 (:mod:`storage.recovery`, :mod:`storage.transitions`), so passes may run in several processes
@@ -35,17 +35,17 @@ from typing import Any
 
 from sqlalchemy import exists, select
 
-from farm.dispatch import publish_shard, send_shards, shard_labels
+from farm.dispatch import class_priority, publish_shard, shard_labels
 from farm.errors import FarmError, StorageError
 from farm.feeder import feed
 from farm.finalizer import finalize, write_outputs
 from farm.outages import unavailable_service
 from farm.periodic import PeriodicThread
-from farm.scheduler import schedule_job
+from farm.scheduler import create_shards
 from farm.settings import FarmSettings
 from farm.sharding import QUEUES
 from storage.db import make_engine, make_session_factory, session_scope
-from storage.models import BulkJob, Job, Shard, utcnow
+from storage.models import Job, Shard, utcnow
 from storage.objects import open_store
 from storage.recovery import Orphan, fail_crash_loop, orphaned_shards, take_orphaned, take_waiting, unfinished_shard
 from storage.registry import Consumer, queue_consumers
@@ -127,7 +127,7 @@ class Reconciler:
             self._resend_waiting,
             self._finalize_ended,
             self._write_missing_outputs,
-            self._feed_bulk,
+            self._feed,
         ):
             try:
                 step(now, report)
@@ -167,14 +167,14 @@ class Reconciler:
                         .where(Job.id == job_id, Job.status == JobStatus.PENDING)
                         .with_for_update(skip_locked=True)
                     )
-                    dispatches = schedule_job(session, job_id) if locked is not None else []
+                    if locked is not None:
+                        create_shards(session, job_id)  # the pass's last step feeds them
             except FarmError as exc:
                 if exc.retryable:
                     raise
                 self._fail_scheduling(job_id, str(exc), report)
                 continue
             if locked is not None:
-                send_shards(self.app, self.sessions, dispatches)
                 report.scheduled += 1
 
     def _fail_scheduling(self, job_id: uuid.UUID, reason: str, report: ReconcileReport) -> None:
@@ -212,7 +212,8 @@ class Reconciler:
             labels = shard_labels(session, [orphan.shard_id for orphan in resend])
         for orphan in resend:
             label = labels.get(orphan.shard_id)
-            publish_shard(self.app, orphan.shard_id, orphan.job_id, orphan.queue, orphan.priority, label=label)
+            priority = class_priority(self.app, orphan.service_class)
+            publish_shard(self.app, orphan.shard_id, orphan.job_id, orphan.queue, priority, label=label)
             report.resent_orphaned += 1
         for ended_job in ended:
             self._finalize(ended_job, report)
@@ -232,7 +233,8 @@ class Reconciler:
                 resends = take_waiting(session, queue, before, self.settings.reconcile.batch, job_id=job_id, now=now)
                 labels = shard_labels(session, [r.shard_id for r in resends])
             for r in resends:
-                publish_shard(self.app, r.shard_id, r.job_id, r.queue, r.priority, label=labels.get(r.shard_id))
+                priority = class_priority(self.app, r.service_class)
+                publish_shard(self.app, r.shard_id, r.job_id, r.queue, priority, label=labels.get(r.shard_id))
             report.resent_waiting += len(resends)
 
     # -- 4. ended jobs ------------------------------------------------------------------------------
@@ -286,12 +288,9 @@ class Reconciler:
         self._output_backoff[job_id] = (time.monotonic() + delay, delay)
         return delay
 
-    # -- 6. bulk windows ----------------------------------------------------------------------------
-    def _feed_bulk(self, now: datetime, report: ReconcileReport) -> None:
-        with session_scope(self.sessions) as session:
-            any_bulk = session.scalar(select(BulkJob.id).limit(1)) is not None
-        if any_bulk:  # the feeder locks every bulk job's row: not worth it on a farm without any
-            report.fed += feed(self.app, self.sessions, self.settings.bulk.window_per_queue, now)
+    # -- 6. windows ----------------------------------------------------------------------------
+    def _feed(self, now: datetime, report: ReconcileReport) -> None:
+        report.fed += feed(self.app, self.sessions, self.settings, now=now)
 
     # -- one job, on request (`farm retry`) -------------------------------------------------------
     def resend_job(self, job_id: uuid.UUID, now: datetime | None = None) -> ReconcileReport:

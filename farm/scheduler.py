@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session
 
 from farm.errors import NotFound, UserError
 from farm.job_spec import JobSpec
+from farm.quotas import check_items
+from farm.settings import SchedulingSettings
 from farm.sharding import iter_shards
 from farm.specs import parse_spec, spec_fingerprint
 from storage.blocklist import blocked_workers
@@ -66,11 +68,17 @@ def owner_and_project(
 
 
 def submit_job(
-    session: Session, spec: JobSpec, *, owner_id: uuid.UUID | None = None, project_id: uuid.UUID | None = None
+    session: Session,
+    spec: JobSpec,
+    *,
+    owner_id: uuid.UUID | None = None,
+    project_id: uuid.UUID | None = None,
+    quotas: SchedulingSettings | None = None,
 ) -> tuple[Job, bool]:
     """Write the job row, owned by ``owner_id`` in ``project_id`` (by default: ``admin`` in
-    ``default``). With an idempotency key, a resubmission returns the existing job (``created``
-    False); the same key with a different spec is refused."""
+    ``default``), refused when it passes the ``quotas`` (:mod:`farm.quotas`). With an
+    idempotency key, a resubmission returns the existing job (``created`` False); the same key
+    with a different spec is refused."""
     fingerprint = spec_fingerprint(spec)
     key = spec.idempotency_key
     if key:
@@ -78,8 +86,17 @@ def submit_job(
         if existing is not None:
             return _same_spec(existing, fingerprint, key, owner_id), False
     owner, project = owner_and_project(session, owner_id, project_id)
+    items = spec.item_count()
+    if quotas is not None:
+        check_items(session, quotas, owner, items)
     job = job_row(
-        spec, status=JobStatus.PENDING, spec_hash=fingerprint, idempotency_key=key, owner_id=owner, project_id=project
+        spec,
+        status=JobStatus.PENDING,
+        spec_hash=fingerprint,
+        idempotency_key=key,
+        owner_id=owner,
+        project_id=project,
+        items_total=items,
     )
     try:
         with session.begin_nested():
@@ -172,10 +189,9 @@ def pending_shards(
     return list(session.execute(query))
 
 
-def requeue_failed(session: Session, job_id: uuid.UUID) -> tuple[int, list[ShardDispatch]]:
-    """Put a job's failed shards back in the queue (``farm retry``); the job runs again. Returns
-    how many and the messages to send. A bulk job's shards go back to PENDING instead, for the
-    feeder to send in windows (no messages)."""
+def requeue_failed(session: Session, job_id: uuid.UUID) -> int:
+    """Put a job's failed shards back to PENDING (``farm retry``), for the feeder to send in their
+    turn; the job runs again. Returns how many."""
 
     job = session.get(Job, job_id)
     if job is None:
@@ -184,15 +200,12 @@ def requeue_failed(session: Session, job_id: uuid.UUID) -> tuple[int, list[Shard
         select(Shard.id, Shard.queue).where(Shard.job_id == job_id, Shard.status == ShardStatus.FAILED)
     ).all()
     if not failed:
-        return 0, []
-    to = ShardStatus.PENDING if job.bulk_id is not None else ShardStatus.QUEUED
+        return 0
     for row in failed:
-        set_shard_status(session, row.id, to, expected=ShardStatus.FAILED, enqueued_at=utcnow(), error=None)
+        set_shard_status(session, row.id, ShardStatus.PENDING, expected=ShardStatus.FAILED, error=None)
     if job.status in (JobStatus.PARTIAL, JobStatus.FAILED):
         set_job_status(session, job_id, JobStatus.RUNNING, finished_at=None, error=None, outputs_written_at=None)
-    if job.bulk_id is not None:
-        return len(failed), []
-    return len(failed), [ShardDispatch(row.id, job_id, row.queue, job.priority) for row in failed]
+    return len(failed)
 
 
 def finalize_job(session: Session, job_id: uuid.UUID) -> tuple[JobRollup, JobStatus]:

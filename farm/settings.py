@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from farm.errors import ConfigError
+from farm.families import FAMILIES
 from storage.settings import DatabaseSettings, StorageSettings
 from storage.settings import Section as _Section
 from storage.urls import redact_url
@@ -163,16 +164,50 @@ class BulkSchedule(_Section):
 
 
 class BulkSettings(_Section):
-    """Bulk dataset renders: windowed feeding and nightly schedules."""
+    """Bulk dataset renders: nightly schedules (their shards are fed like every job's, see
+    :class:`SchedulingSettings`)."""
 
-    window_per_queue: int = Field(
-        default=32, ge=1, le=100_000, description="Most bulk shards queued or running at once per GPU queue."
-    )
-    feed_interval_s: float = Field(
-        default=60.0, gt=0, description="`farm beat` tops up the bulk windows this often (besides each shard's end)."
-    )
     schedules: list[BulkSchedule] = Field(
         default_factory=list, description="Nightly bulk renders for `farm beat` (JSON list)."
+    )
+
+
+class SchedulingSettings(_Section):
+    """What runs next, decided in the database: the window of shards on the broker per queue, fair
+    share between projects and users, quotas and preemption (:mod:`farm.feeder`)."""
+
+    window_per_queue: int = Field(
+        default=2,
+        ge=1,
+        le=100_000,
+        description="Shards on the broker per GPU queue beyond one per live worker of that queue (queued or running).",
+    )
+    feed_interval_s: float = Field(
+        default=30.0, gt=0, description="`farm beat` tops the windows up this often (besides every shard's end)."
+    )
+    half_life_s: float = Field(
+        default=3600.0, gt=0, description="Fair share: GPU seconds used count half after this long."
+    )
+    project_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Fair-share weight per project name (JSON); `farm projects set-share` overrides; default 1.",
+    )
+    max_running_per_project: int = Field(
+        default=0, ge=0, description="Most shards queued or running per project; 0 = no cap (per project: set-share)."
+    )
+    max_running_per_user: int = Field(
+        default=0, ge=0, description="Most shards queued or running per user; 0 = no cap (per user: set-quota)."
+    )
+    max_items_per_job: int = Field(default=0, ge=0, description="Most items one job may have; 0 = no cap.")
+    max_items_per_day: int = Field(
+        default=0, ge=0, description="Most items one user may submit in 24 hours; 0 = no cap (per user: set-quota)."
+    )
+    preempt: bool = Field(
+        default=True, description="A bulk shard hands back between items when interactive work waits for its queue."
+    )
+    preempt_queues: list[str] = Field(
+        default_factory=lambda: [f"farm.gpu.{family}" for family in FAMILIES],
+        description="Queues where bulk shards may be preempted (JSON).",
     )
 
 
@@ -250,6 +285,7 @@ class FarmSettings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     bulk: BulkSettings = Field(default_factory=BulkSettings)
+    scheduling: SchedulingSettings = Field(default_factory=SchedulingSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
 

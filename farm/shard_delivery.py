@@ -7,9 +7,12 @@ outcome calls for, and say what happened in the task's result (Flower shows it).
 - ``rejected`` (this worker is blocked from the job): pause, then send the shard again at once;
 - any other outcome with ``retry_in`` (a retryable failure, a shard held by a live lease, a shard
   handed back between items): send it again with that countdown;
+- ``preempted`` (handed back to make way for interactive work): nothing; it is PENDING again;
 - a terminal outcome (``succeeded``, ``failed``, ``cancelled``): send the job's finalize message
-  when the outcome asks for it (a shard that succeeded asks only when it ended the job, when the
-  job's roll-up is due, or for a bulk job, whose window every finalize tops up).
+  when the outcome asks for it (a shard that succeeded asks only when it ended the job or when
+  the job's roll-up is due);
+- after any attempt: charge its render time to the job's project and owner, and top the
+  shard's queue's window up (:func:`farm.feeder.top_up`): the database picks what runs next.
 
 Each step waits out a restarting database, broker or store on its own (``res.outlast``), so a
 step that already happened (the render) is not repeated because a later one (a publish) had to
@@ -24,6 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from farm.dispatch import publish_finalize, publish_shard, shard_route
+from farm.feeder import top_up
 from farm.worker.runtime import execute_shard
 from storage.db import session_scope
 
@@ -63,22 +67,24 @@ def follow_up(
         # another one receives it. The pause keeps a lone blocked worker from spinning.
         sleep(outcome.retry_in or 0.0)
         back = f"shard {shard_id}: hand back"
-        res.outlast(lambda: publish_shard(app, shard_id, job_id, **_route(res, shard_id)), back)
+        res.outlast(lambda: publish_shard(app, shard_id, job_id, **_route(app, res, shard_id)), back)
     elif outcome.retry_in is not None:
         # A retryable failure, a shard held by a lease that may belong to a dead worker, or a
         # shard that stopped between items and went back to the queue (``handed_back``).
         res.outlast(
-            lambda: publish_shard(app, shard_id, job_id, **_route(res, shard_id), countdown=outcome.retry_in),
+            lambda: publish_shard(app, shard_id, job_id, **_route(app, res, shard_id), countdown=outcome.retry_in),
             f"shard {shard_id}: requeue",
         )
+    if outcome.queue is not None:
+        top_up(app, res, [outcome.queue], outcome.charge)
     if outcome.terminal and outcome.finalize:
         res.outlast(lambda: publish_finalize(app, job_id), f"job {job_id}: finalize")
 
 
-def _route(res: Any, shard_id: uuid.UUID) -> dict[str, Any]:
+def _route(app: Celery, res: Any, shard_id: uuid.UUID) -> dict[str, Any]:
 
     with session_scope(res.session_factory) as session:
-        return shard_route(session, shard_id)
+        return shard_route(app, session, shard_id)
 
 
 def shard_result(shard_id: str, job_id: str, outcome: ShardOutcome) -> dict[str, Any]:

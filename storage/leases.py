@@ -156,6 +156,7 @@ def _try_claim(
             heartbeat_at=now,
             started_at=now,
             updated_at=now,
+            preempt_requested_at=None,
             **values,
         )
         .execution_options(synchronize_session=False)
@@ -329,11 +330,18 @@ def _release(
     _leased_update(session, lease, {**values, **failure}, "release for retry")
 
 
-def hand_back(session: Session, lease: ShardLease) -> None:
+def hand_back(session: Session, lease: ShardLease, *, preempted: bool = False) -> None:
     """End an attempt that stopped early on purpose (not a failure): the shard is QUEUED again
-    with the items it wrote kept, and the attempt does not count against ``max_attempts``.
-    Raises :class:`LeaseLost` when fenced out."""
-    values = {"status": S.QUEUED, "lease_owner": None, "lease_expires_at": None, "attempts": lease.attempt - 1}
+    (to be sent at once), or PENDING when it was ``preempted`` (the feeder sends it in its turn),
+    with the items it wrote kept; the attempt does not count against ``max_attempts``. Raises
+    :class:`LeaseLost` when fenced out."""
+    values = {
+        "status": S.PENDING if preempted else S.QUEUED,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "attempts": lease.attempt - 1,
+        "preempt_requested_at": None,
+    }
     _leased_update(session, lease, values, "hand back")
 
 

@@ -1,6 +1,6 @@
 """SQLAlchemy models for the farm's state: ``job``, ``shard``, ``artifact``, ``worker``, ``job_worker``,
 ``bulk_job``, and who may use it: ``user``, ``project``, ``project_member``, ``api_token``,
-``web_session``, ``audit_event``.
+``web_session``, ``audit_event``; the scheduler's ``share_usage`` and ``queue_feed``.
 
 Typed declarative models (``Mapped[]``). UUID keys, timezone-aware UTC timestamps on every
 backend, JSON spec and params. Status columns are plain strings checked by the enums; which
@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from storage.status import JobStatus, Role, ShardStatus, WorkerStatus
+from storage.status import JobStatus, Role, ServiceClass, ShardStatus, WorkerStatus
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -98,6 +98,8 @@ class User(Timestamped, Base):
     role: Mapped[Role] = mapped_column(_status(Role))
     disabled_at: Mapped[datetime | None]
     password_hash: Mapped[str | None] = mapped_column(String(255))  # Argon2 (the web dashboard's login)
+    max_running_shards: Mapped[int | None] = mapped_column(Integer)  # None: scheduling.max_running_per_user
+    max_items_per_day: Mapped[int | None] = mapped_column(Integer)  # None: scheduling.max_items_per_day
 
 
 class Project(Timestamped, Base):
@@ -107,6 +109,30 @@ class Project(Timestamped, Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(64), unique=True)
+    share_weight: Mapped[float | None] = mapped_column(Float)  # None: scheduling.project_weights, else 1
+    max_running_shards: Mapped[int | None] = mapped_column(Integer)  # None: scheduling.max_running_per_project
+
+
+class ShareUsage(Base):
+    """GPU seconds (and items) a user's shards used in a project, decayed with the fair-share
+    half-life: the value is as of ``as_of`` and counts half ``scheduling.half_life_s`` later."""
+
+    __tablename__ = "share_usage"
+
+    project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), primary_key=True)
+    gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    items: Mapped[float] = mapped_column(Float, default=0.0)
+    as_of: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class QueueFeed(Base):
+    """One row per GPU queue: the feeder locks it, so feeders of one queue take turns."""
+
+    __tablename__ = "queue_feed"
+
+    queue: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fed_at: Mapped[datetime | None]
 
 
 class ProjectMember(Timestamped, Base):
@@ -194,6 +220,7 @@ class Job(Timestamped, Base):
     family: Mapped[str] = mapped_column(String(16))
     status: Mapped[JobStatus] = mapped_column(_status(JobStatus), default=JobStatus.PENDING)
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    service_class: Mapped[ServiceClass] = mapped_column(_status(ServiceClass), default=ServiceClass.INTERACTIVE)
     spec: Mapped[dict[str, Any]]
     spec_hash: Mapped[str] = mapped_column(String(64))
     idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True)
@@ -248,13 +275,14 @@ class Shard(Timestamped, Base):
     enqueued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    preempt_requested_at: Mapped[datetime | None]  # interactive work waits: hand back between items
 
     job: Mapped[Job] = relationship(back_populates="shards")
     artifacts: Mapped[list[Artifact]] = relationship(back_populates="shard", passive_deletes=True)
 
     __table_args__ = (
         UniqueConstraint("job_id", "index"),
-        Index(None, "job_id", "status"),
+        Index(None, "job_id", "status", "index"),  # a job's next pending shards, in order
         Index(None, "status", "lease_expires_at"),
     )
 

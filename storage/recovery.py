@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Exists, and_, exists, or_, select, update
+from sqlalchemy import Exists, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.leases import MAX_KEPT_ERRORS
@@ -39,7 +39,7 @@ class Resend:
     shard_id: uuid.UUID
     job_id: uuid.UUID
     queue: str
-    priority: int
+    service_class: str  # its job's (storage.status.ServiceClass): the message's priority
 
 
 def unfinished_shard(job_id: Any) -> Exists:
@@ -48,7 +48,8 @@ def unfinished_shard(job_id: Any) -> Exists:
 
 
 def _waiting_condition() -> Any:
-    return or_(Shard.status == S.QUEUED, and_(Shard.status == S.PENDING, Job.bulk_id.is_(None)))
+    """Sent and not taken (PENDING shards are the feeder's: they wait for their turn)."""
+    return Shard.status == S.QUEUED
 
 
 def take_waiting(
@@ -60,14 +61,14 @@ def take_waiting(
     job_id: uuid.UUID | None = None,
     now: datetime | None = None,
 ) -> list[Resend]:
-    """Up to ``limit`` waiting shards on ``queue`` unchanged since ``before`` (highest priority,
+    """Up to ``limit`` waiting shards on ``queue`` unchanged since ``before`` (interactive ones,
     then longest waiting first), marked QUEUED and re-sent now. ``job_id`` limits it to one job."""
     now = now or utcnow()
     query = (
-        select(Shard.id, Shard.job_id, Job.priority)
+        select(Shard.id, Shard.job_id, Job.service_class)
         .join(Job, Job.id == Shard.job_id)
         .where(Job.status == JobStatus.RUNNING, Shard.queue == queue, Shard.updated_at < before, _waiting_condition())
-        .order_by(Job.priority.desc(), Shard.updated_at, Shard.index)
+        .order_by(Job.service_class.desc(), Shard.updated_at, Shard.index)
         .limit(limit)
         .with_for_update(skip_locked=True, of=Shard)
     )
@@ -76,15 +77,15 @@ def take_waiting(
     rows = session.execute(query).all()
     if not rows:
         return []
-    priority = {row.id: row.priority for row in rows}
+    service_class = {row.id: row.service_class for row in rows}
     changed = session.execute(
         update(Shard)
-        .where(Shard.id.in_(list(priority)), Shard.updated_at < before, Shard.status.in_([S.PENDING, S.QUEUED]))
+        .where(Shard.id.in_(list(service_class)), Shard.updated_at < before, Shard.status == S.QUEUED)
         .values(status=S.QUEUED, enqueued_at=now, updated_at=now)
         .returning(Shard.id, Shard.job_id)
         .execution_options(synchronize_session=False)
     ).all()
-    return [Resend(row.id, row.job_id, queue, priority[row.id]) for row in changed]
+    return [Resend(row.id, row.job_id, queue, service_class[row.id]) for row in changed]
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class Orphan:
     shard_id: uuid.UUID
     job_id: uuid.UUID
     queue: str
-    priority: int
+    service_class: str  # its job's (storage.status.ServiceClass): the message's priority
     owner: str | None
     attempts: int
     fencing_token: int
@@ -126,7 +127,7 @@ def orphaned_shards(
             Shard.id,
             Shard.job_id,
             Shard.queue,
-            Job.priority,
+            Job.service_class,
             Shard.lease_owner,
             Shard.attempts,
             Shard.fencing_token,

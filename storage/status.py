@@ -30,6 +30,14 @@ class WorkerStatus(StrEnum):
     STOPPED = "stopped"  # shut down cleanly
 
 
+class ServiceClass(StrEnum):
+    """Which work goes first on a queue: interactive jobs before bulk ones (a bulk run's jobs);
+    an admin may move a job to the other class."""
+
+    INTERACTIVE = "interactive"
+    BULK = "bulk"
+
+
 class Role(StrEnum):
     """What a user may do: everything (admin), submit and change their own jobs (member, or any
     job of a project they manage), or only look (viewer)."""

@@ -8,8 +8,8 @@ transaction.
 Job:   pending -> running | failed | cancelled;  running -> succeeded | partial | failed | cancelled;
        partial | failed -> running (retry of failed shards).
 Shard: pending -> queued | running | cancelled;  queued -> running | failed | cancelled;
-       running -> succeeded | failed | queued (retryable failure) | cancelled;  failed -> queued (retry)
-       | pending (a bulk job's retry: fed again a window at a time).
+       running -> succeeded | failed | queued (retryable failure) | pending (preempted) | cancelled;
+       failed -> queued (retry) | pending (a retry: fed again by the feeder).
 
 Shard leases (claims, heartbeats, fencing, and the end of a leased attempt) live in
 :mod:`storage.leases`, which asks the tables here whether each status it writes is allowed.
@@ -45,7 +45,8 @@ SHARD_TRANSITIONS: dict[ShardStatus, frozenset[ShardStatus]] = {
     # pending -> running: a worker may receive the message before the scheduler marks it queued.
     S.PENDING: frozenset({S.QUEUED, S.RUNNING, S.CANCELLED}),
     S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CANCELLED}),
-    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.QUEUED, S.CANCELLED}),
+    # running -> pending: preempted between items, to be fed again (storage.leases.hand_back).
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.QUEUED, S.PENDING, S.CANCELLED}),
     S.FAILED: frozenset({S.QUEUED, S.PENDING}),  # pending: a bulk job's retry, fed again in windows
     S.SUCCEEDED: frozenset(),
     S.CANCELLED: frozenset(),

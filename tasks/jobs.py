@@ -5,8 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from farm.beat import start_scheduled_bulk
-from farm.dispatch import schedule
-from farm.feeder import feed_windows
+from farm.feeder import feed_windows, schedule
 from farm.finalizer import finalize_and_feed
 from farm.scheduler import parse_job_id
 from tasks.resources import requeue_on_outage, worker_resources
@@ -14,7 +13,7 @@ from tasks.resources import requeue_on_outage, worker_resources
 
 @shared_task(bind=True, name="farm.schedule_job")
 def schedule_job(self, job_id: str) -> dict:
-    """Split the job into shards and send them, a slice per message (:func:`farm.dispatch.schedule`)."""
+    """Split the job into shards and top its queue's window up (:func:`farm.feeder.schedule`)."""
     job = parse_job_id(job_id)
     res = worker_resources(self.app)
     with requeue_on_outage():
@@ -32,7 +31,7 @@ def finalize_job(self, job_id: str) -> dict:
 
 @shared_task(bind=True, name="farm.feed_bulk")
 def feed_bulk(self) -> dict:
-    """Top the bulk windows up (``farm beat`` sends this every ``bulk.feed_interval_s``)."""
+    """Top every queue's window up (``farm beat`` sends this every ``scheduling.feed_interval_s``)."""
     res = worker_resources(self.app)
     with requeue_on_outage():
         return feed_windows(self.app, res)

@@ -15,7 +15,7 @@ from farm import bulk as b
 from farm.beat import DailyAt, beat_schedule, next_at
 from farm.bulk_manifest import ManifestError, derived_seed, read_manifest
 from farm.errors import UserError
-from farm.feeder import feed_bulk, in_flight
+from farm.feeder import feed_queue, in_flight
 from farm.settings import FarmSettings
 from storage.leases import claim_shard, finish_shard
 from storage.models import Job, Shard
@@ -236,6 +236,12 @@ def _bulk_shards(session, name: str) -> list[Shard]:
     return session.scalars(select(Shard).join(Job).where(Job.bulk_id == bulk.id).order_by(Shard.index)).all()
 
 
+def feed_bulk(session, window: int, now: datetime | None = None) -> list:
+    """What the feeder sends to farm.gpu.sd15 now, with a window of ``window`` (no live workers)."""
+    settings = FarmSettings(_env_file=None, scheduling={"window_per_queue": window})
+    return [d for d, _ in feed_queue(session, settings, "farm.gpu.sd15", now).dispatches]
+
+
 def test_feeding_keeps_each_queue_within_the_window(session) -> None:
     name = _name()
     b.submit_bulk(
@@ -246,7 +252,7 @@ def test_feeding_keeps_each_queue_within_the_window(session) -> None:
     sent = feed_bulk(session, window)
     mark_shards_queued(session, [d.shard_id for d in sent])
     session.commit()
-    assert len(sent) == 5 and in_flight(session)["farm.gpu.sd15"] == window
+    assert len(sent) == 5 and sum(in_flight(session, "farm.gpu.sd15").here.values()) == window
     assert feed_bulk(session, window) == []  # full
     lease = claim_shard(session, sent[0].shard_id, "w", 60)
     finish_shard(session, lease, ShardStatus.SUCCEEDED)
@@ -336,7 +342,8 @@ def test_the_nightly_task_submits_and_feeds_until_the_window_end(tmp_path) -> No
     entry = {"name": "nightly", "base": str(tmp_path / "base.json"), "manifest": str(tmp_path / "rows.jsonl"),
              "at": "02:00", "timezone": "Europe/Berlin", "window_end": "06:00"}  # fmt: skip
     settings = FarmSettings(
-        _env_file=None, data_dir=tmp_path / "data", bulk={"schedules": [entry], "window_per_queue": 1}
+        _env_file=None, data_dir=tmp_path / "data", bulk={"schedules": [entry]},
+        scheduling={"window_per_queue": 1},
     )
     upgrade(settings.database_url)
     night = datetime(2026, 11, 25, 1, 0, tzinfo=UTC)  # 02:00 in Berlin

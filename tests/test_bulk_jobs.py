@@ -73,7 +73,7 @@ ROWS = 400  # 40 shards of 10: twice the window (10k and 100k rows: bench/bulk_f
 
 
 def test_four_hundred_rows_in_windows_of_twenty(farm_factory, tiny_models, pg_url, redis_url, tmp_path) -> None:
-    farm = farm_factory(broker=redis_url, db_url=pg_url, FARM_BULK__WINDOW_PER_QUEUE="20")
+    farm = farm_factory(broker=redis_url, db_url=pg_url, FARM_SCHEDULING__WINDOW_PER_QUEUE="20")
     farm.start_worker(["farm.control"], name="bulk-control")
     farm.start_worker(["farm.gpu.sd15"], name="bulk-gpu")
     name = "four-hundred"
@@ -122,7 +122,7 @@ def test_crash_then_resume_renders_only_the_remainder(farm_factory, tiny_models,
     farm = farm_factory(
         broker=redis_url,
         db_url=pg_url,
-        FARM_BULK__WINDOW_PER_QUEUE="4",
+        FARM_SCHEDULING__WINDOW_PER_QUEUE="4",
         FARM_BROKER__VISIBILITY_TIMEOUT="10",
         FARM_WORKER__LOST_AFTER_S="3",
     )

@@ -10,13 +10,12 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy import event, func, select
 
-from farm.dispatch import send_pending
 from farm.errors import UserError
+from farm.feeder import feed
 from farm.job_views import shard_limit
 from farm.scheduler import (
     create_shards,
     job_summary,
-    pending_shards,
     schedule_job,
     shards_worth_showing,
     submit_job,
@@ -123,50 +122,49 @@ def _messages(folder) -> int:
     return sum(1 for f in folder.rglob("*") if f.is_file())
 
 
-def test_pending_shards_are_sent_a_chunk_at_a_time(session_factory, tmp_path) -> None:
+def test_a_feed_sends_the_window_and_a_redelivered_schedule_sends_nothing_more(session_factory, tmp_path) -> None:
     from farm.celery_app import create_app
     from farm.settings import FarmSettings
 
-    settings = FarmSettings(_env_file=None, data_dir=tmp_path)
+    settings = FarmSettings(_env_file=None, data_dir=tmp_path, scheduling={"window_per_queue": 7})
     app = create_app(settings)
     with session_scope(session_factory) as session:
         job, _ = submit_job(session, parse_spec(spec(50)))
         dispatches = schedule_job(session, job.id)
         job_id = job.id
     assert len(dispatches) == 50
-    assert send_pending(app, session_factory, job_id, chunk=7, limit=20) == (20, True)
-    assert _statuses(session_factory, job_id) == {"queued": 20, "pending": 30}
-    with session_scope(session_factory) as session:  # sent meanwhile by someone else
-        mark_shards_queued(session, [d.shard_id for d in dispatches[30:40]])
-        assert schedule_job(session, job_id) == dispatches[20:30] + dispatches[40:]  # what a redelivery sends
-    assert send_pending(app, session_factory, job_id, chunk=7) == (20, False)
-    assert _statuses(session_factory, job_id) == {"queued": 50}
-    assert _messages(settings.broker_folder / "messages") == 40
-    assert send_pending(app, session_factory, job_id) == (0, False)
+    assert feed(app, session_factory, settings, ["farm.gpu.sd15"]) == 7
+    assert _statuses(session_factory, job_id) == {"queued": 7, "pending": 43}
+    assert feed(app, session_factory, settings, ["farm.gpu.sd15"]) == 0  # the window is full
+    with session_scope(session_factory) as session:
+        assert schedule_job(session, job_id) == dispatches[7:]  # still pending, in order
+    assert _messages(settings.broker_folder / "messages") == 7
     app.close()
 
 
 @pytest.mark.integration
-def test_concurrent_senders_skip_each_others_shards(pg_url, tmp_path) -> None:
+def test_concurrent_feeders_of_one_queue_fill_its_window_once(empty_pg_url, tmp_path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     from farm.celery_app import create_app
     from farm.settings import FarmSettings
     from storage.db import make_engine, make_session_factory
+    from storage.migrate import upgrade
 
-    engine = make_engine(pg_url)
+    upgrade(empty_pg_url)  # a database of its own: no other test's shards to feed
+    engine = make_engine(empty_pg_url)
     factory = make_session_factory(engine)
-    settings = FarmSettings(_env_file=None, data_dir=tmp_path)
+    settings = FarmSettings(_env_file=None, data_dir=tmp_path, scheduling={"window_per_queue": 10})
     app = create_app(settings)
     with session_scope(factory) as session:
         job, _ = submit_job(session, parse_spec(spec(30)))
         create_shards(session, job.id)
         job_id = job.id
-    with session_scope(factory) as other:  # another sender holds the first ten (and then dies)
-        held = pending_shards(other, job_id, limit=10, lock=True)
-        assert send_pending(app, factory, job_id, chunk=4) == (20, False)
-        other.rollback()
-    assert _statuses(factory, job_id) == {"queued": 20, "pending": 10}
-    assert send_pending(app, factory, job_id) == (10, False)  # the redelivered message sends the rest
-    assert _messages(settings.broker_folder / "messages") == 30 and len(held) == 10
+    with ThreadPoolExecutor(4) as pool:  # four feeders at once: the queue's lock makes them take turns
+        sent = list(pool.map(lambda _: feed(app, factory, settings, ["farm.gpu.sd15"]), range(4)))
+    assert sorted(sent) == [0, 0, 0, 10]
+    assert _statuses(factory, job_id) == {"queued": sum(sent), "pending": 30 - sum(sent)}
+    assert _messages(settings.broker_folder / "messages") == sum(sent)
     app.close()
     engine.dispose()
 

@@ -135,7 +135,7 @@ def test_models_tiny_is_deterministic_and_careful(tmp_path: Path) -> None:
 def test_beat_sends_the_bulk_top_up_and_keeps_no_pickled_schedule(tmp_path: Path) -> None:
     """`farm beat` with the in-memory scheduler: the window top-up goes out every interval."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
-    env |= {"FARM_BULK__FEED_INTERVAL_S": "0.5", "FARM_BULK__SCHEDULES": "[]"}
+    env |= {"FARM_SCHEDULING__FEED_INTERVAL_S": "0.5", "FARM_BULK__SCHEDULES": "[]"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "farm", "beat"],
         cwd=tmp_path,

@@ -1,6 +1,6 @@
 """What the tasks call, without a Celery worker: the delivery of a shard message and the policy
 for what its outcome sends next (:mod:`farm.shard_delivery`), the route a shard is sent again on
-(:func:`farm.dispatch.shard_route`), scheduling in slices (:func:`farm.dispatch.schedule`) and
+(:func:`farm.dispatch.shard_route`), scheduling a window at a time (:func:`farm.feeder.schedule`) and
 finalize-then-feed (:func:`farm.finalizer.finalize_and_feed`). Real SQLite and Postgres
 databases, real worker resources, and a real Celery app publishing to a real broker (the
 filesystem broker of the embedded mode, and Redis) whose queues the tests read back."""
@@ -19,7 +19,8 @@ import pytest
 from sqlalchemy.exc import NoResultFound
 
 from farm.celery_app import CONTROL_QUEUE, GPU_QUEUES, create_app
-from farm.dispatch import ShardLabel, schedule, shard_route
+from farm.dispatch import ShardLabel, class_priority, shard_route
+from farm.feeder import schedule
 from farm.finalizer import finalize_and_feed
 from farm.scheduler import create_shards, submit_job
 from farm.settings import FarmSettings
@@ -62,9 +63,10 @@ class Rig:
             db={"url": db_url},
             broker=broker,
             worker={"lease_seconds": 60, "blocklist_after": 1},
-            bulk={"window_per_queue": 1},
+            scheduling={"window_per_queue": 1},
         )
         self.app = create_app(self.settings)
+        self.urgent = class_priority(self.app, "interactive")  # an interactive shard's message priority
         self.res = WorkerResources.create(self.settings, name="w1")
         self.messages()  # a shared broker (Redis) may hold an earlier test's messages
 
@@ -156,7 +158,7 @@ def finalize(job_id: uuid.UUID) -> tuple:
 # -- the route a shard is sent again on -----------------------------------------------------------
 
 
-def test_the_route_is_the_shards_queue_its_jobs_priority_and_its_label(session) -> None:
+def test_the_route_is_the_shards_queue_its_class_priority_and_its_label(session, tmp_path: Path) -> None:
     job = Job(
         kind="text_to_image",
         family="sdxl",
@@ -170,13 +172,20 @@ def test_the_route_is_the_shards_queue_its_jobs_priority_and_its_label(session) 
     shards = [Shard(job=job, index=i, queue="farm.gpu.sdxl", params={}, items_total=1) for i in range(3)]
     session.add_all(shards)
     session.flush()
-    assert shard_route(session, shards[2].id) == {
+    amqp = create_app(FarmSettings(_env_file=None, data_dir=tmp_path, broker={"url": "amqp://guest@127.0.0.1//"}))
+    redis = create_app(FarmSettings(_env_file=None, data_dir=tmp_path, broker={"url": "redis://127.0.0.1:6379/0"}))
+    assert shard_route(amqp, session, shards[2].id) == {
         "queue": "farm.gpu.sdxl",
-        "priority": 7,
+        "priority": 9,  # interactive first: AMQP delivers the highest number first
         "label": ShardLabel(2, "text_to_image", "sdxl"),
     }
+    assert shard_route(redis, session, shards[2].id)["priority"] == 0  # kombu's Redis: the lowest first
+    job.service_class = "bulk"
+    session.flush()
+    assert shard_route(amqp, session, shards[2].id)["priority"] == 0
+    assert shard_route(redis, session, shards[2].id)["priority"] == 9
     with pytest.raises(NoResultFound):
-        shard_route(session, uuid.uuid4())
+        shard_route(amqp, session, uuid.uuid4())
 
 
 # -- the outcome policy ---------------------------------------------------------------------------
@@ -205,7 +214,7 @@ def test_each_outcome_sends_what_it_calls_for(
     slept: list[float] = []
     follow_up(rig.app, rig.res, shards[1], job_id, outcome, sleep=slept.append)
     sent = rig.messages()
-    expected = [render(job_id, shards[1], 1, priority=3)] if requeued else []
+    expected = [render(job_id, shards[1], 1, priority=rig.urgent)] if requeued else []
     expected += [finalize(job_id)] if finalized else []
     assert sorted(map(shape, sent)) == sorted(expected)
     assert slept == ([0.5] if outcome.status == "rejected" else [])
@@ -232,7 +241,7 @@ def test_a_shard_held_by_a_live_lease_is_sent_again_once_the_lease_could_have_ex
     result = deliver_shard(rig.app, rig.res, shards[0], job_id)
     assert result == {"outcome": "busy", "error": None, "job_id": str(job_id), "shard_id": str(shards[0])}
     [sent] = rig.messages()
-    assert shape(sent) == render(job_id, shards[0], 0, priority=2)
+    assert shape(sent) == render(job_id, shards[0], 0, priority=rig.urgent)
     assert sent.delay == pytest.approx(61.0, abs=3.0)  # the lease's 60 s, and one more
 
 
@@ -246,7 +255,7 @@ def test_a_blocked_worker_hands_the_shard_back_for_another_one(rig: Rig) -> None
     assert result["outcome"] == "rejected"
     assert time.monotonic() - started >= REJECT_DELAY_S  # the pause: a lone blocked worker does not spin
     [sent] = rig.messages()
-    assert shape(sent) == render(job_id, shards[0], 0)
+    assert shape(sent) == render(job_id, shards[0], 0, priority=rig.urgent)
     assert sent.delay is None  # sent at once, with no ETA: another worker receives it
 
 
@@ -259,19 +268,20 @@ def test_a_shard_no_live_worker_may_take_fails_and_its_job_is_finalized(rig: Rig
     assert [shape(m) for m in rig.messages()] == [finalize(job_id)]
 
 
-# -- scheduling in slices, finalize then feed -----------------------------------------------------
+# -- scheduling a window at a time, finalize then feed ---------------------------------------------
 
 
-def test_a_job_is_scheduled_a_slice_per_message(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("farm.dispatch.SCHEDULE_SLICE", 2)
+def test_a_job_is_sent_a_window_at_a_time_and_each_end_sends_the_next(rig: Rig) -> None:
     job_id, _ = rig.job(3, scheduled=False)
-    assert schedule(rig.app, rig.res, job_id) == {"job_id": str(job_id), "shards_sent": 2, "more": True}
+    # no live worker on the queue: the window is scheduling.window_per_queue (1)
+    assert schedule(rig.app, rig.res, job_id) == {"job_id": str(job_id), "shards_sent": 1}
     shards = rig.shard_ids(job_id)
-    sent = sorted(map(shape, rig.messages()))
-    schedule_rest = (CONTROL_QUEUE, "farm.schedule_job", str(job_id), f"job={str(job_id)[:8]}")
-    assert sent == sorted([render(job_id, shards[0], 0), render(job_id, shards[1], 1), schedule_rest])
-    assert schedule(rig.app, rig.res, job_id) == {"job_id": str(job_id), "shards_sent": 1, "more": False}
-    assert [shape(m) for m in rig.messages()] == [render(job_id, shards[2], 2)]
+    assert [shape(m) for m in rig.messages()] == [render(job_id, shards[0], 0, priority=rig.urgent)]
+    assert schedule(rig.app, rig.res, job_id) == {"job_id": str(job_id), "shards_sent": 0}  # a redelivery: full
+    result = deliver_shard(rig.app, rig.res, shards[0], job_id)  # renders nothing: /models/tiny is not there
+    assert result["outcome"] == "failed"
+    sent = sorted(map(shape, rig.messages()))  # the end made room: the next shard, then the finalize
+    assert sent == sorted([render(job_id, shards[1], 1, priority=rig.urgent), finalize(job_id)])
 
 
 def test_a_bulk_shards_end_finalizes_its_job_and_feeds_the_next(rig: Rig, tmp_path: Path) -> None:
@@ -285,7 +295,7 @@ def test_a_bulk_shards_end_finalizes_its_job_and_feeds_the_next(rig: Rig, tmp_pa
     base["seeds"] = [1]
     manifest = tmp_path / "rows.jsonl"
     manifest.write_text("\n".join(json.dumps({"id": f"r{i}"}) for i in range(2)))
-    submitted = submit_and_feed(rig.app, rig.res.session_factory, rig.res.store, 1, "night", base, manifest)
+    submitted = submit_and_feed(rig.app, rig.res.session_factory, rig.res.store, rig.settings, "night", base, manifest)
     assert (submitted["jobs"], submitted["shards"], submitted["fed"]) == (1, 2, 1)  # a window of 1
     [first] = rig.messages()
     shard_id, job_id = uuid.UUID(first.kwargs["shard_id"]), uuid.UUID(first.kwargs["job_id"])

@@ -140,8 +140,7 @@ def test_tasks_call_only_farm_entry_points() -> None:
     modules (public names), and never SQLAlchemy or ``storage``: queries and policy live in farm."""
     entry_points = {
         "farm.beat",  # start_scheduled_bulk
-        "farm.dispatch",  # schedule
-        "farm.feeder",  # feed_windows
+        "farm.feeder",  # schedule, feed_windows
         "farm.finalizer",  # finalize_and_feed
         "farm.shard_delivery",  # deliver_shard
         "farm.scheduler",  # parse_job_id

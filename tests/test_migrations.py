@@ -23,7 +23,9 @@ from storage.models import (
     JobWorker,
     Project,
     ProjectMember,
+    QueueFeed,
     Shard,
+    ShareUsage,
     User,
     WebSession,
     Worker,
@@ -31,9 +33,21 @@ from storage.models import (
     utcnow,
 )
 
-TABLES = {"job", "shard", "artifact", "worker", "job_worker", "bulk_job", "api_token", "audit_event", "web_session"}
+TABLES = {
+    "job",
+    "shard",
+    "artifact",
+    "worker",
+    "job_worker",
+    "bulk_job",
+    "api_token",
+    "audit_event",
+    "web_session",
+    "share_usage",
+    "queue_feed",
+}
 SEEDED = {"user", "project", "project_member"}  # the upgrade's admin, default, and admin's membership
-HEAD = "0006"
+HEAD = "0007"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
@@ -71,6 +85,8 @@ def _insert_one_of_each(url: str) -> None:
         session.add(ApiToken(user_id=admin.id, name="t", secret_hash="0" * 64))
         session.add(AuditEvent(action="token.create", status=200))
         session.add(WebSession(id_hash=uuid.uuid4().hex * 2, user_id=admin.id, csrf_token="c", expires_at=utcnow()))
+        session.add(ShareUsage(project_id=default.id, user_id=admin.id, gpu_seconds=1.0, items=1.0))
+        session.add(QueueFeed(queue="farm.gpu.sd15"))
     engine.dispose()
 
 
@@ -89,6 +105,8 @@ def _counts(url: str) -> dict[str, int]:
                 ApiToken,
                 AuditEvent,
                 WebSession,
+                ShareUsage,
+                QueueFeed,
                 User,
                 Project,
                 ProjectMember,
@@ -203,7 +221,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "9999"
-down_revision = "0006"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

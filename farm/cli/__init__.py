@@ -19,6 +19,7 @@ from farm.cli import (
     jobs_cmd,
     models_cmd,
     reconcile_cmd,
+    shares_cmd,
     storage_cmd,
     users_cmd,
     worker_cmd,
@@ -74,6 +75,7 @@ bulk_cmd.register(app)
 reconcile_cmd.register(app)
 api_cmd.register(app)
 users_cmd.register(app)
+shares_cmd.register(app)
 
 
 def main() -> None:

@@ -95,7 +95,7 @@ def bulk_page(request: Request, who: Viewer, state: State) -> Response:
                     "may_change": can_change(who, owner_id, project_id),
                 }
             )
-    return page(request, "bulk.html", runs=runs, window=state.settings.bulk.window_per_queue)
+    return page(request, "bulk.html", runs=runs, window=state.settings.scheduling.window_per_queue)
 
 
 @router.post("/bulk/{name}/retry")

@@ -7,7 +7,8 @@ new it renews only every ``renew_every`` seconds. So progress and artifact rows 
 write per interval, and a shard that ends within one interval writes none: its remaining rows go
 in with the shard's end (:meth:`LeaseKeeper.take_artifacts`). The thread also watches the job:
 when the job is cancelled, or the lease is lost to another attempt, the renderer's next step
-callback raises and the render stops.
+callback raises and the render stops; when the feeder asks the shard to make way for interactive
+work (``shard.preempt_requested_at``), the shard hands back after its current item.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sqlalchemy import select
 from farm.errors import FarmError, LeaseLost
 from storage.db import session_scope
 from storage.leases import ShardLease, add_artifacts, renew_lease
-from storage.models import Job
+from storage.models import Job, Shard
 from storage.status import JobStatus
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class LeaseKeeper:
         self.unsure = False  # the last write failed: it may have landed all the same
         self.lost = threading.Event()
         self.cancelled = threading.Event()
+        self.preempted = threading.Event()  # the feeder asked the shard to hand back between items
         self._thread = threading.Thread(target=self._run, name=f"lease-{lease.shard_id}", daemon=True)
 
     def __enter__(self) -> LeaseKeeper:
@@ -101,7 +103,11 @@ class LeaseKeeper:
                     kwargs = {"items_done": progress[0], "progress": progress[1]} if progress else {}
                     self.lease = renew_lease(session, self.lease, self._lease_seconds, **kwargs)
                     add_artifacts(session, self.lease, rows, maybe_written=self.unsure)
-                status = session.scalar(select(Job.status).where(Job.id == self.lease.job_id))
+                status, preempt = session.execute(
+                    select(Job.status, Shard.preempt_requested_at)
+                    .join(Shard, Shard.job_id == Job.id)
+                    .where(Shard.id == self.lease.shard_id)
+                ).one()
         except BaseException:
             with self._lock:
                 self._artifacts = rows + self._artifacts
@@ -112,6 +118,8 @@ class LeaseKeeper:
             self._renewed_at, self._written = time.monotonic(), progress
         if status == JobStatus.CANCELLED:
             self.cancelled.set()
+        if preempt is not None:
+            self.preempted.set()
 
     def _run(self) -> None:
         failures = 0

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import select
 
 from farm.errors import FarmError, LeaseLost, UserError, describe_error
+from farm.fair_share import Charge
 from farm.kinds import job_kind
 from farm.settings import FarmSettings
 from farm.specs import JobSpec, parse_spec
@@ -65,7 +66,8 @@ class ShardOutcome:
     """What happened to one delivery of a shard message, for the task to act on (and, through the
     task's result, for Flower: which shard, how many items it has done, where its outputs go)."""
 
-    status: str  # succeeded | failed | cancelled | retry | skipped | busy | fenced | rejected | handed_back
+    # succeeded | failed | cancelled | retry | skipped | busy | fenced | rejected | handed_back | preempted
+    status: str
     job_id: uuid.UUID | None = None
     retry_in: float | None = None
     error: str | None = None
@@ -74,6 +76,8 @@ class ShardOutcome:
     items_done: int | None = None  # of ``items``, when the shard succeeded
     outputs: str | None = None  # the folder (or bucket prefix) of its outputs
     finalize: bool = True  # send the job's finalize (a terminal outcome; see _deliver)
+    queue: str | None = None  # the shard's queue, once claimed: its window is topped up after
+    charge: Charge | None = None  # the attempt's render time, for the fair-share ledger
 
     @property
     def terminal(self) -> bool:
@@ -91,6 +95,10 @@ class _Delivery:
     index: int | None = None
     items_total: int | None = None
     outputs: str | None = None
+    job: _Job | None = None  # once claimed
+    started: float = 0.0  # time.perf_counter() at the claim
+    run: ShardRun | None = None  # once rendering
+    items_before: int = 0  # items done by earlier attempts
 
 
 def execute_shard(
@@ -102,8 +110,16 @@ def execute_shard(
     outcome = _deliver(res, shard_id, sent_at, delivery, job_id)
     if res.metrics is not None:
         res.metrics.observe_shard(delivery.queue, outcome.status, delivery.timings, delivery.items, delivery.seconds)
+    charge = None
+    if delivery.job is not None:  # claimed: the attempt's time goes to its project and owner
+        seconds = delivery.seconds or time.perf_counter() - delivery.started
+        job = delivery.job
+        rendered = delivery.run.items_done - delivery.items_before if delivery.run is not None else 0
+        charge = Charge(job.project_id, job.owner_id, round(seconds, 4), max(0, rendered))
     return replace(
         outcome,
+        queue=delivery.queue if delivery.job is not None else None,
+        charge=charge,
         shard_index=delivery.index,
         items=delivery.items_total,
         items_done=delivery.items if outcome.status == "succeeded" else None,
@@ -150,7 +166,7 @@ def _deliver(
             # An expired lease we may not take over: its workers died on every attempt.
             crashed = fail_crash_loop(session, shard_id, settings.max_attempts) if remaining == 0.0 else None
         else:
-            job = _job_of(res, session, claim.job_id)
+            job = delivery.job = _job_of(res, session, claim.job_id)
             # Only a shard claimed before (a retry, a take-over, a hand back) can have outputs.
             done_keys = _written_keys(session, shard_id) if lease.fencing_token > 1 else set()
     if lease is None and crashed is not None:
@@ -165,7 +181,7 @@ def _deliver(
     timings = delivery.timings
     timings["queue_wait_s"] = round(max(0.0, claimed_at - sent_at), 4) if sent_at else 0.0
     res.current_shard = shard_id
-    started = time.perf_counter()
+    started = delivery.started = time.perf_counter()
     interval = min(settings.heartbeat_seconds, max(settings.progress_interval_s, 0.05))
     keeper = LeaseKeeper(res.session_factory, lease, settings.lease_seconds, interval, settings.heartbeat_seconds)
     try:
@@ -183,7 +199,7 @@ def _deliver(
                 add_artifacts(session, lease, rows, maybe_written=unsure)
                 if res.blocklist_row(session, lease.job_id):
                     record_success(session, lease.job_id, res.name)
-                rollup_due = not job.bulk and claim_rollup(session, lease.job_id, settings.rollup_interval_s)
+                rollup_due = claim_rollup(session, lease.job_id, settings.rollup_interval_s)
                 unsure = True  # a try that fails from here on may have committed
 
         def succeeded() -> bool:  # an earlier try committed before its connection dropped
@@ -191,9 +207,9 @@ def _deliver(
                 return _finished_by(session, lease, ShardStatus.SUCCEEDED)
 
         res.outlast(succeed, f"shard {shard_id}: finishing", landed=succeeded)
-        # A bulk job's window is topped up by every finalize; another job is rolled up at most once
-        # per worker.rollup_interval_s while it runs, and finalized by the shard that ends it.
-        finalize = job.bulk or rollup_due or res.outlast(lambda: _job_ended(res, lease.job_id), "job end")
+        # A job is rolled up at most once per worker.rollup_interval_s while it runs, and finalized
+        # by the shard that ends it (the window is topped up by the worker: shard_delivery).
+        finalize = rollup_due or res.outlast(lambda: _job_ended(res, lease.job_id), "job end")
         return ShardOutcome("succeeded", lease.job_id, finalize=finalize)
     except LeaseLost as exc:
         log.warning("shard %s: %s", shard_id, exc)
@@ -202,16 +218,19 @@ def _deliver(
         log.info("%s", back)
 
         rows = keeper.take_artifacts()  # taken once: a retried step must still write them
+        preempted = back.preempted
 
         def release() -> None:
             with session_scope(res.session_factory) as session:
-                hand_back(session, keeper.lease)
+                hand_back(session, keeper.lease, preempted=preempted)
                 add_artifacts(session, keeper.lease, rows, maybe_written=True)
 
         try:
             res.outlast(release, f"shard {shard_id}: hand back")
         except LeaseLost as exc:
             return ShardOutcome("fenced", lease.job_id, error=str(exc))
+        if preempted:  # PENDING again: the feeder sends it in its turn
+            return ShardOutcome("preempted", lease.job_id)
         return ShardOutcome("handed_back", lease.job_id, retry_in=0.0)
     except ShardCancelled:
         try:
@@ -233,11 +252,14 @@ def _deliver(
 @dataclass(frozen=True)
 class _Job:
     """What a worker keeps of a job across its shards (a job's spec never changes): the stored
-    spec, whether the job is part of a bulk run, and the spec parsed on first use (outside the
-    claim's transaction, so a spec that no longer parses fails the shard, not the claim)."""
+    spec, whether the job is part of a bulk run, whose it is (the fair-share ledger is charged),
+    and the spec parsed on first use (outside the claim's transaction, so a spec that no longer
+    parses fails the shard, not the claim)."""
 
     stored_spec: dict[str, Any]
     bulk: bool
+    project_id: uuid.UUID
+    owner_id: uuid.UUID
 
     @functools.cached_property
     def spec(self) -> JobSpec:
@@ -248,8 +270,8 @@ def _job_of(res: WorkerResources, session: Any, job_id: uuid.UUID) -> _Job:
     """The job's stored spec and whether it is part of a bulk run: read once per worker."""
 
     def read() -> _Job:
-        row = session.execute(select(Job.spec, Job.bulk_id).where(Job.id == job_id)).one()
-        return _Job(row.spec, row.bulk_id is not None)
+        row = session.execute(select(Job.spec, Job.bulk_id, Job.project_id, Job.owner_id).where(Job.id == job_id)).one()
+        return _Job(row.spec, row.bulk_id is not None, row.project_id, row.owner_id)
 
     return res.jobs.remember(job_id, read)
 
@@ -418,7 +440,8 @@ def _render_items(
         res, job_id, shard_id, shard_index, spec, items, done_keys, keeper, loaded, timings, fingerprint, memory=memory
     )
     run.deadline = _delivery_deadline(res.settings, claimed_at)
-    run.items_done = sum(1 for item in items if item["key"] in done_keys)
+    run.items_done = delivery.items_before = sum(1 for item in items if item["key"] in done_keys)
+    delivery.run = run
     if shard_index in res.settings.worker.slow_shards:
         _drill_hold(keeper, shard_index, res.settings.worker.slow_shards_s)
     try:

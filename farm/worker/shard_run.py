@@ -22,7 +22,12 @@ from farm.worker.lease_keeper import LeaseKeeper
 
 
 class ShardHandBack(FarmError):
-    """The shard stops between items and goes back to the queue, keeping the items done."""
+    """The shard stops between items and goes back to the queue, keeping the items done;
+    ``preempted``: to make way for interactive work (it waits for the feeder, not the broker)."""
+
+    def __init__(self, message: str, *, preempted: bool = False) -> None:
+        super().__init__(message)
+        self.preempted = preempted
 
 
 @dataclass
@@ -126,10 +131,17 @@ class ShardRun:
             self._before_next_item()
 
     def _before_next_item(self) -> None:
-        """Hand the shard back when the next item would likely end after :attr:`deadline`."""
+        """Hand the shard back when interactive work waits for this worker (the feeder asked:
+        :mod:`farm.feeder`), or when the next item would likely end after :attr:`deadline`."""
         now = time.monotonic()
         self._longest_item = max(self._longest_item, now - self._item_mark)
         self._item_mark = now
+        if self.keeper.preempted.is_set() and self.items_done < len(self.items):
+            raise ShardHandBack(
+                f"shard {self.shard_id}: handed back after {self.items_done} of {len(self.items)} items: interactive "
+                "work waits for its queue (preempted); it is fed again in its turn",
+                preempted=True,
+            )
         if self.deadline is not None and self.items_done < len(self.items) and now + self._longest_item > self.deadline:
             raise ShardHandBack(
                 f"shard {self.shard_id}: handed back after {self.items_done} of {len(self.items)} items, before the "
