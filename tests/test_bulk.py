@@ -342,7 +342,9 @@ def test_the_nightly_task_submits_and_feeds_until_the_window_end(tmp_path) -> No
     entry = {"name": "nightly", "base": str(tmp_path / "base.json"), "manifest": str(tmp_path / "rows.jsonl"),
              "at": "02:00", "timezone": "Europe/Berlin", "window_end": "06:00"}  # fmt: skip
     settings = FarmSettings(
-        _env_file=None, data_dir=tmp_path / "data", bulk={"schedules": [entry]},
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        bulk={"schedules": [entry]},
         scheduling={"window_per_queue": 1},
     )
     upgrade(settings.database_url)

@@ -51,7 +51,10 @@ def test_a_broker_restarted_empty_loses_nothing(
         "every lost shard and job is sent again from the database; all jobs succeed; 1 row and 1 object per item",
     )
     farm = farm_factory(
-        broker=amnesiac_redis.url(), db_url=pg_database_factory(), FARM_SCHEDULING__WINDOW_PER_QUEUE="3", **FAST_RECOVERY
+        broker=amnesiac_redis.url(),
+        db_url=pg_database_factory(),
+        FARM_SCHEDULING__WINDOW_PER_QUEUE="3",
+        **FAST_RECOVERY,
     )
     farm.start_worker(["farm.control"], name="control")
     farm.start_worker(["farm.gpu.sd15"], name="gpu")
