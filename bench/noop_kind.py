@@ -20,6 +20,8 @@ import time
 import zlib
 from typing import Any, ClassVar, Literal
 
+from pydantic import Field
+
 from farm.job_spec import JobSpec
 from farm.kinds import JobKind, ShardRunner, register_kind
 from farm.kinds.text_to_image import prompt_major_items
@@ -47,11 +49,14 @@ PNG = tiny_png()
 
 
 class NoopRenderSpec(JobSpec):
-    """A text-to-image spec whose items are written as a fixed 8x8 PNG instead of rendered."""
+    """A text-to-image spec whose items are written as a fixed 8x8 PNG instead of rendered;
+    ``item_seconds``: each item takes that long first (a stand-in for a GPU's render time, for the
+    scheduling tests and benches)."""
 
     families: ClassVar[tuple[str, ...]] = ("sd15",)
 
     kind: Literal["bench_noop"] = "bench_noop"
+    item_seconds: float = Field(default=0.0, ge=0.0, le=60.0)
 
 
 def run_noop_shard(run: Any) -> int:
@@ -61,6 +66,9 @@ def run_noop_shard(run: Any) -> int:
         if item["key"] in run.done_keys:
             continue
         started = time.perf_counter()
+        if run.spec.item_seconds:
+            time.sleep(run.spec.item_seconds)
+            run.progress((position + 0.5) / total)  # a cancelled job or a lost lease stops here
         params = {
             "prompt": run.spec.prompts[item["prompt_index"]],
             "seed": int(item["seed"]),
@@ -78,4 +86,4 @@ def runner() -> ShardRunner:
     return run_noop_shard
 
 
-register_kind(JobKind(spec=NoopRenderSpec, items=prompt_major_items, runner=runner))
+DESCRIPTOR = register_kind(JobKind(spec=NoopRenderSpec, items=prompt_major_items, runner=runner))

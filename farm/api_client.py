@@ -186,6 +186,9 @@ class ApiClient:
     def set_priority(self, job_id: str | uuid.UUID, priority: int) -> dict[str, Any]:
         return self._call("PATCH", f"/v1/jobs/{_ref(job_id)}", json={"priority": priority})
 
+    def set_class(self, job_id: str | uuid.UUID, service_class: str) -> dict[str, Any]:
+        return self._call("PATCH", f"/v1/jobs/{_ref(job_id)}", json={"service_class": service_class})
+
     # -- outputs -------------------------------------------------------------------------------
     def results(self, job_id: str | uuid.UUID, download: Path | None = None) -> list[dict[str, Any]]:
         artifacts = self._call("GET", f"/v1/jobs/{_ref(job_id)}/results")

@@ -40,7 +40,7 @@ from storage.objects.keys import contact_sheet_key, manifest_key
 from storage.recovery import unfinished_shard
 from storage.registry import list_workers
 from storage.status import JOB_TERMINAL, JobStatus
-from storage.transitions import cancel_unstarted_shards, set_job_priority, set_job_status
+from storage.transitions import cancel_unstarted_shards, set_job_class, set_job_priority, set_job_status
 
 
 class FarmClient:
@@ -183,12 +183,12 @@ class FarmClient:
         """The job with its counts by shard status and at most ``shards`` of its shards (failed,
         running, most recently changed; all of them when it has no more); ``shards="all"``
         lists every shard. ``waiting`` says, in words, why work of a job that is not moving waits
-        (no live worker on its queue, every one busy, nobody to schedule it)."""
+        (no live worker on its queue, every one busy, nobody to schedule it, a cap reached)."""
         limit = shard_limit(shards)
         with session_scope(self._sessions) as session:
             job = resolve_job_id(session, job_id)
             summary = job_summary(session, job, shard_limit=limit)
-            summary["waiting"] = why_waiting(session, job, self.settings.worker.lost_after_s)
+            summary["waiting"] = why_waiting(session, job, self.settings)
             return summary
 
     def list_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
@@ -248,6 +248,14 @@ class FarmClient:
         job = self.job_id(job_id)
         with session_scope(self._sessions) as session:
             set_job_priority(session, job, priority)
+        return self.get(job, shards=0)
+
+    def set_class(self, job_id: str | uuid.UUID, service_class: str) -> dict[str, Any]:
+        """Move a job to the ``interactive`` or ``bulk`` class (the feeder sends interactive
+        shards first and may preempt bulk ones for them). Returns the job's summary."""
+        job = self.job_id(job_id)
+        with session_scope(self._sessions) as session:
+            set_job_class(session, job, service_class)
         return self.get(job, shards=0)
 
     def retry(self, job_id: str | uuid.UUID) -> dict[str, Any]:

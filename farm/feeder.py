@@ -14,11 +14,12 @@ lock_queue`): the shards are picked, published, then marked queued; a crash in b
 them PENDING, to be sent again (a duplicate message is harmless: the lease turns it away).
 
 **Preemption.** When interactive shards wait on a queue (queued, unclaimed) beyond its idle
-workers while its workers render bulk shards, the feeder asks that many bulk shards to stop
-(``shard.preempt_requested_at``; queues in ``scheduling.preempt_queues``). A worker learns it
-from its lease keeper and hands the shard back between items: items done are kept, no attempt is
-counted, the shard goes back to PENDING to be fed again, and the worker takes the interactive
-shard, sent with the broker priority that puts it ahead of queued bulk shards.
+workers (live workers of the queue less its running shards) while its workers render bulk
+shards, the feeder asks that many bulk shards to stop (``shard.preempt_requested_at``; queues in
+``scheduling.preempt_queues``). A worker learns it from its lease keeper and hands the shard
+back between items: items done are kept, no attempt is counted, the shard goes back to PENDING
+to be fed again, and the worker takes the interactive shard, sent with the broker priority that
+puts it ahead of queued bulk shards.
 """
 
 from __future__ import annotations
@@ -195,7 +196,8 @@ def feed_queue(session: Session, settings: FarmSettings, queue: str, now: dateti
     if settings.scheduling.preempt and queue in settings.scheduling.preempt_queues:
         interactive_fed = sum(1 for _, c in fed.dispatches if c == ServiceClass.INTERACTIVE)
         waiting = counts.here[(ServiceClass.INTERACTIVE, ShardStatus.QUEUED)] + interactive_fed
-        idle = sum(1 for c in consumers if c.current_shard_id is None)
+        running = sum(n for (_, status), n in counts.here.items() if status == ShardStatus.RUNNING)
+        idle = max(0, len(consumers) - running)  # from the shard table: exact at this moment
         fed.preempted = request_preemption(session, queue, waiting - idle, now)
     return fed
 

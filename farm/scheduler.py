@@ -28,7 +28,7 @@ from storage.blocklist import blocked_workers
 from storage.chunking import insert_rows
 from storage.identity import ensure_default_identity
 from storage.models import Job, Project, Shard, User, utcnow
-from storage.status import JOB_TERMINAL, JobStatus, ShardStatus
+from storage.status import JOB_TERMINAL, JobStatus, ServiceClass, ShardStatus
 from storage.transitions import JobRollup, refresh_job_counts, set_job_status, set_shard_status
 
 
@@ -261,6 +261,7 @@ def job_summary(session: Session, job_id: uuid.UUID, *, shard_limit: int | None 
         "family": job.family,
         "status": JobStatus(job.status).value,
         "priority": job.priority,
+        "service_class": ServiceClass(job.service_class).value,
         "created_at": job.created_at.isoformat(),
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,

@@ -1,35 +1,44 @@
-"""Why a job is not moving, in words a person can act on, from the worker registry.
+"""Why a job is not moving, in words a person can act on, from the worker registry and the
+scheduler's caps.
 
-:func:`why_waiting` looks at the job's waiting shards per queue and at the live workers that
-consume each queue (and ``farm.control`` for a job not split yet):
+:func:`why_waiting` looks at the job's waiting shards per queue, at the live workers that consume
+each queue (and ``farm.control`` for a job not split yet), and at what holds the feeder back
+(:mod:`farm.feeder`):
 
 - "not scheduled yet: no live worker consumes farm.control (start one: farm worker --queues farm.control)"
 - "3 shard(s) queued on farm.gpu.sdxl: no live worker consumes it"
 - "waiting for a worker: 2 busy on farm.gpu.sd15"
+- "project studio is at its cap: 4 shards in flight (farm projects set-share studio --max-running N)"
+- "alice is at their cap: 2 shards in flight (farm users set-quota alice --max-running N)"
+- "its bulk run stopped feeding at 2026-12-06 06:00 UTC (submit the bulk run again to resume)"
 """
 
 from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from farm.celery_app import CONTROL_QUEUE
-from storage.models import Job, Shard, utcnow
+from farm.settings import FarmSettings
+from storage.models import BulkJob, Job, Project, Shard, User, utcnow
 from storage.registry import queue_consumers
 from storage.status import JobStatus, ShardStatus
 
 
-def why_waiting(session: Session, job_id: uuid.UUID, lost_after_s: float, now: datetime | None = None) -> list[str]:
+def why_waiting(session: Session, job_id: uuid.UUID, settings: FarmSettings, now: datetime | None = None) -> list[str]:
     """Reasons the job's unstarted work is waiting (empty when nothing waits or a worker is free)."""
     now = now or utcnow()
-    status = session.scalar(select(Job.status).where(Job.id == job_id))
-    if status not in (JobStatus.PENDING, JobStatus.RUNNING):
+    job = session.execute(
+        select(Job.status, Job.project_id, Job.owner_id, Job.bulk_id).where(Job.id == job_id)
+    ).one_or_none()
+    if job is None or job.status not in (JobStatus.PENDING, JobStatus.RUNNING):
         return []
-    consumers = queue_consumers(session, lost_after_s, now)
-    if status == JobStatus.PENDING:
+    consumers = queue_consumers(session, settings.worker.lost_after_s, now)
+    if job.status == JobStatus.PENDING:
         if not consumers.get(CONTROL_QUEUE):
             return [
                 f"not scheduled yet: no live worker consumes {CONTROL_QUEUE} "
@@ -41,7 +50,7 @@ def why_waiting(session: Session, job_id: uuid.UUID, lost_after_s: float, now: d
         .where(Shard.job_id == job_id, Shard.status.in_([ShardStatus.PENDING, ShardStatus.QUEUED]))
         .group_by(Shard.queue)
     ).all()
-    reasons = []
+    reasons = held_back(session, job, settings, now) if rows else []
     for queue, waiting in sorted(rows):
         workers = consumers.get(queue, [])
         if not workers:
@@ -51,3 +60,47 @@ def why_waiting(session: Session, job_id: uuid.UUID, lost_after_s: float, now: d
         if busy == len(workers):
             reasons.append(f"{waiting} shard(s) waiting for a worker: {busy} busy on {queue}")
     return reasons
+
+
+def held_back(session: Session, job: Any, settings: FarmSettings, now: datetime) -> list[str]:
+    """What keeps the feeder from sending the job's shards: its project's or owner's cap of shards
+    in flight, or its bulk run's feeding window."""
+    conf = settings.scheduling
+    reasons = []
+    if job.bulk_id is not None:
+        until = session.scalar(select(BulkJob.feed_until).where(BulkJob.id == job.bulk_id))
+        if until is not None and until <= now:
+            reasons.append(
+                f"its bulk run stopped feeding at {until:%Y-%m-%d %H:%M} UTC (submit the bulk run again to resume)"
+            )
+    flying = (Shard.status.in_([ShardStatus.QUEUED, ShardStatus.RUNNING]),)
+    project = session.execute(
+        select(Project.name, Project.max_running_shards).where(Project.id == job.project_id)
+    ).one()
+    cap = project.max_running_shards if project.max_running_shards is not None else conf.max_running_per_project
+    if cap:
+        n = session.scalar(
+            select(func.count()).select_from(Shard).join(Job).where(Job.project_id == job.project_id, *flying)
+        )
+        if n >= cap:
+            reasons.append(
+                f"project {project.name} is at its cap: {n} shards in flight "
+                f"(farm projects set-share {project.name} --max-running N)"
+            )
+    user = session.execute(select(User.name, User.max_running_shards).where(User.id == job.owner_id)).one()
+    cap = user.max_running_shards if user.max_running_shards is not None else conf.max_running_per_user
+    if cap:
+        n = session.scalar(
+            select(func.count()).select_from(Shard).join(Job).where(Job.owner_id == job.owner_id, *flying)
+        )
+        if n >= cap:
+            reasons.append(
+                f"{user.name} is at their cap: {n} shards in flight (farm users set-quota {user.name} --max-running N)"
+            )
+    return reasons
+
+
+def _in_flight(session: Session, whose: Any) -> int:
+    """Shards queued or running of the jobs ``whose`` selects."""
+    flying = Shard.status.in_([ShardStatus.QUEUED, ShardStatus.RUNNING])
+    return int(session.scalar(select(func.count()).select_from(Shard).join(Job).where(whose, flying)) or 0)

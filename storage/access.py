@@ -80,6 +80,13 @@ def submit_project(principal: Principal, project_name: str | None) -> uuid.UUID:
     return principal.project_ids_by_name[names[0]]
 
 
+def check_class_change(principal: Principal) -> None:
+    """Only an admin moves a job between the interactive and bulk classes (it decides what goes
+    first on every queue)."""
+    if not principal.is_admin:
+        raise Forbidden(f"only an admin may change a job's service class, not a {principal.role}")
+
+
 def check_priority(principal: Principal, priority: int, member_cap: int) -> None:
     """Refuse a priority above ``member_cap`` unless the principal is an admin."""
     if priority > member_cap and not principal.is_admin:

@@ -1,15 +1,20 @@
 """Reading the audit log (``audit_event``; rows are written by :func:`storage.identity.record_audit`):
-newest first, filtered by who, what and on what, a page at a time."""
+newest first, filtered by who, what and on what, a page at a time; and the submission rate of a
+token, counted from it (:func:`submit_wait`)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from storage.models import AuditEvent
+from storage.models import AuditEvent, utcnow
+
+SUBMIT_ACTIONS = ("job.submit", "bulk.submit")
+RATE_REFUSED = 429  # a submission refused for the rate is not counted against it
 
 MAX_PAGE = 500
 
@@ -54,3 +59,31 @@ def list_audit(
         }
         for row in rows
     ]
+
+
+def submit_wait(
+    session: Session,
+    token_id: uuid.UUID | None,
+    user_id: uuid.UUID,
+    per_minute: int,
+    now: datetime | None = None,
+) -> float | None:
+    """Seconds until the token (or, for a dashboard session, the user's own submissions without
+    a token) may submit again, at most ``per_minute`` submissions in any minute; ``None``: now.
+    Counted from the audit rows of the last minute, so every API process applies one limit."""
+    now = now or utcnow()
+    whose = AuditEvent.token_id == token_id if token_id is not None else AuditEvent.actor_id == user_id
+    times = session.scalars(
+        select(AuditEvent.at)
+        .where(
+            whose,
+            AuditEvent.action.in_(SUBMIT_ACTIONS),
+            AuditEvent.status != RATE_REFUSED,
+            AuditEvent.at > now - timedelta(minutes=1),
+        )
+        .order_by(AuditEvent.at.desc())
+        .limit(per_minute)
+    ).all()
+    if len(times) < per_minute:
+        return None
+    return max(0.1, (times[-1] + timedelta(minutes=1) - now).total_seconds())

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from storage.chunking import chunked
 from storage.errors import InvalidTransition, NotFound, UserError
 from storage.models import Job, Shard, utcnow
-from storage.status import JOB_TERMINAL, SHARD_TERMINAL, JobStatus, ShardStatus
+from storage.status import JOB_TERMINAL, SHARD_TERMINAL, JobStatus, ServiceClass, ShardStatus
 
 J, S = JobStatus, ShardStatus
 
@@ -115,6 +115,26 @@ def set_job_priority(session: Session, job_id: uuid.UUID, priority: int) -> None
         if status is None:
             raise NotFound(f"no job {job_id}")
         raise InvalidTransition(f"job {job_id} is {JobStatus(status).value}: its priority no longer matters")
+
+
+def set_job_class(session: Session, job_id: uuid.UUID, service_class: str) -> None:
+    """Move a job to the ``interactive`` or ``bulk`` class (the feeder sends interactive work
+    first); a job that has ended keeps the one it ran with."""
+    try:
+        chosen = ServiceClass(service_class)
+    except ValueError:
+        raise UserError(f"service_class: give interactive or bulk, not {service_class!r}") from None
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.not_in(list(JOB_TERMINAL)))
+        .values(service_class=chosen, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        if status is None:
+            raise NotFound(f"no job {job_id}")
+        raise InvalidTransition(f"job {job_id} is {JobStatus(status).value}: its class no longer matters")
 
 
 def set_shard_status(

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from farm import __version__
 from farm.api import bulk, errors, events, inputs, jobs, service
-from farm.api.state import ApiState, SubmitLimiter
+from farm.api.state import ApiState
 from farm.client import FarmClient
 from farm.settings import FarmSettings
 from farm.web import farm_pages, jobs_pages, sessions
@@ -100,7 +100,6 @@ def create_api(settings: FarmSettings, farm: FarmClient | None = None) -> FastAP
     app.state.farm_api = ApiState(
         settings=settings,
         farm=farm or FarmClient(settings, direct=True),
-        limiter=SubmitLimiter(settings.api.submit_per_minute),
     )
     errors.install(app)
     for module in (jobs, events, inputs, bulk, service, sessions, jobs_pages, farm_pages):

@@ -27,12 +27,13 @@ from farm.job_refs import resolve_job_id
 from farm.job_spec import SpecError
 from farm.scheduler import job_summary
 from farm.specs import JobSpec, parse_spec
-from storage.access import can_change, check_priority, job_scope, submit_project
+from storage.access import can_change, check_class_change, check_priority, job_scope, submit_project
+from storage.audit import submit_wait
 from storage.db import session_scope
 from storage.identity import Principal
 from storage.models import Artifact, Job, Project, User
 from storage.objects.keys import contact_sheet_key, manifest_key
-from storage.status import JobStatus
+from storage.status import JobStatus, ServiceClass
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 JobRef = Annotated[str, Path(min_length=1, max_length=64, description="A job id or a unique prefix of it.")]
@@ -60,9 +61,14 @@ class SpecCheck(BaseModel):
 
 
 class PriorityChange(BaseModel):
+    """A change of a job's priority and/or its service class (the class: admins only)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    priority: int = Field(ge=0, le=9)
+    priority: int | None = Field(default=None, ge=0, le=9)
+    service_class: ServiceClass | None = Field(
+        default=None, description="interactive (goes first) or bulk; only an admin may change it."
+    )
 
 
 class JobPage(BaseModel):
@@ -100,8 +106,10 @@ def rate_limited(
     state: ApiState, request: Request, who: Principal, action: str, target: str | None = None
 ) -> JSONResponse | None:
     """The 429 answer (audited) when the caller's token is past ``api.submit_per_minute``;
-    ``None`` when the submission may go on (it is counted)."""
-    wait = state.limiter.retry_after(who.token_id or who.user_id)
+    ``None`` when the submission may go on. The count is the audit log's (every API process
+    sees the same one): the submission's own audit row counts it."""
+    with session_scope(state.sessions) as session:
+        wait = submit_wait(session, who.token_id, who.user_id, state.settings.api.submit_per_minute)
     if wait is None:
         return None
     audit(state, request, who, action, target=target, status=429)
@@ -264,13 +272,23 @@ def retry(ref: JobRef, request: Request, who: Caller, state: State) -> dict[str,
         return state.farm.retry(job_id)
 
 
-@router.patch("/jobs/{ref}", summary="Change a job's priority")
+@router.patch("/jobs/{ref}", summary="Change a job's priority or service class")
 def change(ref: JobRef, body: PriorityChange, request: Request, who: Caller, state: State) -> dict[str, Any]:
-    with audited(state, request, who, "job.priority", ref) as note:
+    action = "job.priority" if body.service_class is None else "job.class"
+    with audited(state, request, who, action, ref) as note:
         job_id = _changeable(state, who, ref, "re-prioritize")
-        note.update(target=str(job_id), detail={"priority": body.priority})
-        check_priority(who, body.priority, state.settings.api.member_max_priority)
-        return state.farm.set_priority(job_id, body.priority)
+        note.update(target=str(job_id), detail=body.model_dump(mode="json", exclude_none=True))
+        if body.priority is None and body.service_class is None:
+            raise SpecError([("priority", "give priority and/or service_class")])
+        if body.priority is not None:
+            check_priority(who, body.priority, state.settings.api.member_max_priority)
+        if body.service_class is not None:
+            check_class_change(who)
+        if body.priority is not None:
+            summary = state.farm.set_priority(job_id, body.priority)
+        if body.service_class is not None:
+            summary = state.farm.set_class(job_id, body.service_class.value)
+        return summary
 
 
 def object_url(state: ApiState, request: Request, job_id: uuid.UUID) -> Any:

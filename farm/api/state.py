@@ -1,11 +1,11 @@
 """What the API process holds for its lifetime: settings, the direct farm connection (database,
-broker, store), the submission limiter and the request counters. Built by
+broker, store) and the request counters (the submission rate is counted in the database:
+:func:`storage.audit.submit_wait`). Built by
 :func:`farm.api.app.create_api`, reached by routes through ``request.app.state.farm_api``."""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,28 +14,6 @@ from fastapi import Request
 
 from farm.client import FarmClient
 from farm.settings import FarmSettings
-
-
-class SubmitLimiter:
-    """At most ``per_minute`` submissions per token in any minute (a sliding window kept in this
-    process: each API process counts its own). ``retry_after`` says how long to wait."""
-
-    def __init__(self, per_minute: int) -> None:
-        self.per_minute = per_minute
-        self._times: dict[Any, list[float]] = defaultdict(list)
-        self._lock = threading.Lock()
-
-    def retry_after(self, who: Any, now: float | None = None) -> float | None:
-        """``None`` (and the submission counted) when ``who`` may submit now, else seconds to wait."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            recent = [t for t in self._times[who] if t > now - 60.0]
-            if len(recent) >= self.per_minute:
-                self._times[who] = recent
-                return max(0.1, recent[0] + 60.0 - now)
-            recent.append(now)
-            self._times[who] = recent
-            return None
 
 
 @dataclass
@@ -56,7 +34,6 @@ class RequestCounters:
 class ApiState:
     settings: FarmSettings
     farm: FarmClient
-    limiter: SubmitLimiter
     counters: RequestCounters = field(default_factory=RequestCounters)
 
     @property

@@ -13,6 +13,7 @@ from farm.cli.common import console, settings
 from farm.client import FarmClient
 from farm.errors import NotFound, UserError
 from farm.job_refs import short_id
+from storage.status import ServiceClass
 
 
 def _client():
@@ -271,6 +272,24 @@ def cancel(
         print_job(summary if shards is None else client.get(summary["id"], shards=shards))
 
 
+def reprioritize(
+    job_id: str = typer.Argument(..., help=JOB_HELP),
+    priority: int | None = typer.Option(None, "--priority", min=0, max=9, help="Job priority, 0-9 (within its class)."),
+    service_class: ServiceClass | None = typer.Option(
+        None, "--class", help="interactive (first on every queue) or bulk (admins only through the API)."
+    ),
+) -> None:
+    """Change a job's priority and/or its service class; its next shards are fed accordingly."""
+    if priority is None and service_class is None:
+        raise UserError("give --priority and/or --class")
+    with _client() as client:
+        if priority is not None:
+            summary = client.set_priority(job_id, priority)
+        if service_class is not None:
+            summary = client.set_class(job_id, service_class.value)
+    console.print(f"job {summary['id']}: {summary['service_class']}, priority {summary['priority']}", highlight=False)
+
+
 def retry(job_id: str = typer.Argument(..., help=JOB_HELP + " Or a bulk job's name.")) -> None:
     """Re-queue a job's failed shards and send its stuck ones again, or re-feed a bulk job's
     failed rows. A cancelled job is not retried; nothing to retry is not an error (exit 0)."""
@@ -332,3 +351,4 @@ def _shorten(text: str, width: int) -> str:
 def register(app: typer.Typer) -> None:
     for command in (submit, status, wait, cancel, retry, results):
         app.command()(command)
+    app.command("reprioritize")(reprioritize)

@@ -112,10 +112,12 @@ def execute_shard(
         res.metrics.observe_shard(delivery.queue, outcome.status, delivery.timings, delivery.items, delivery.seconds)
     charge = None
     if delivery.job is not None:  # claimed: the attempt's time goes to its project and owner
-        seconds = delivery.seconds or time.perf_counter() - delivery.started
+        # Loading a model is the worker's cost, not the job's: which shard of which project finds
+        # a cold cache is chance, and a load's minutes would outweigh many renders.
+        seconds = (delivery.seconds or time.perf_counter() - delivery.started) - delivery.timings.get("load_s", 0.0)
         job = delivery.job
         rendered = delivery.run.items_done - delivery.items_before if delivery.run is not None else 0
-        charge = Charge(job.project_id, job.owner_id, round(seconds, 4), max(0, rendered))
+        charge = Charge(job.project_id, job.owner_id, round(max(0.0, seconds), 4), max(0, rendered))
     return replace(
         outcome,
         queue=delivery.queue if delivery.job is not None else None,
