@@ -37,6 +37,7 @@ from bench.cli import write_json
 QUEUE, OTHER_QUEUE = "farm.gpu.sd15", "farm.gpu.sdxl"
 IN_FLIGHT_HERE = 24  # queued or running on QUEUE; the window is set above this
 PICKS = (1, 32)
+EMPTY_SHARD = {"params": {}, "errors": [], "failed_workers": [], "timings": {}}
 
 
 def _fill(
@@ -94,21 +95,10 @@ def _fill(
                     status = ShardStatus.RUNNING if i == done - 2 else ShardStatus.QUEUED
                     queue = QUEUE if in_flight < IN_FLIGHT_HERE else OTHER_QUEUE
                     in_flight += 1
+            lease = now + timedelta(hours=1) if status == ShardStatus.RUNNING else None
             shard_rows.append(
-                {
-                    "id": uuid.uuid4(),
-                    "job_id": job_id,
-                    "index": i,
-                    "queue": queue,
-                    "status": status,
-                    "params": {},
-                    "items_total": rng.choice((1, 4, 10)),
-                    "lease_expires_at": now + timedelta(hours=1) if status == ShardStatus.RUNNING else None,
-                    "errors": [],
-                    "failed_workers": [],
-                    "timings": {},
-                    **stamps,
-                }
+                {**EMPTY_SHARD, "id": uuid.uuid4(), "job_id": job_id, "index": i, "queue": queue, "status": status}
+                | {"items_total": rng.choice((1, 4, 10)), "lease_expires_at": lease, **stamps}
             )
     with Session(engine) as session:
         insert_rows(
@@ -270,18 +260,12 @@ def _profile(fn: Any) -> str:
 
 
 def _postgres(db_url: str, fill: dict[str, int], repeats: int, profile: bool) -> dict[str, Any]:
-    import psycopg
     from sqlalchemy import text
 
+    from bench.services import scratch_postgres
     from storage.db import make_engine
-    from storage.migrate import upgrade
 
-    name = f"farm_bench_pick_{uuid.uuid4().hex[:8]}"
-    admin = psycopg.connect(db_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = db_url.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        upgrade(url)
+    with scratch_postgres(db_url.replace("postgresql+psycopg://", "postgresql://")) as url:
         engine = make_engine(url)
         started = time.perf_counter()
         made = _fill(engine, **fill)
@@ -290,9 +274,6 @@ def _postgres(db_url: str, fill: dict[str, int], repeats: int, profile: bool) ->
             conn.execute(text("VACUUM ANALYZE"))
         engine.dispose()
         return {"backend": "postgres", "made": made, "fill_s": fill_s, **measure(url, repeats, profile=profile)}
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def _sqlite(fill: dict[str, int], repeats: int, profile: bool) -> dict[str, Any]:
