@@ -130,13 +130,13 @@ def share_state(
         cap = row.max_running_shards if row.max_running_shards is not None else conf.max_running_per_project
         if cap:
             state.cap_project[row.id] = cap
-    user_caps = session.execute(select(User.id, User.max_running_shards).where(User.max_running_shards.is_not(None)))
-    explicit = {row.id: row.max_running_shards for row in user_caps}
-    if conf.max_running_per_user or explicit:
-        for user_id in set(counts.user) | set(explicit):
-            cap = explicit.get(user_id, conf.max_running_per_user)
-            if cap:
-                state.cap_user[user_id] = cap
+    user_caps = select(User.id, User.max_running_shards)
+    if not conf.max_running_per_user:  # only users with a cap of their own have one
+        user_caps = user_caps.where(User.max_running_shards.is_not(None))
+    for row in session.execute(user_caps):  # every user: one with nothing in flight yet is capped too
+        cap = row.max_running_shards if row.max_running_shards is not None else conf.max_running_per_user
+        if cap:
+            state.cap_user[row.id] = cap
     return state
 
 

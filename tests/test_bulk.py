@@ -261,6 +261,17 @@ def test_feeding_keeps_each_queue_within_the_window(session) -> None:
     assert refill.shard_id not in {d.shard_id for d in sent}
 
 
+def test_the_user_cap_holds_from_a_users_first_shard(session) -> None:
+    """``scheduling.max_running_per_user`` caps a user with nothing in flight yet too: one feed
+    with room for 10 sends 3, not 10."""
+    b.submit_bulk(
+        session, _name(), {**BASE, "shard_size": 1}, read_manifest(jsonl([{"id": f"r{i}"} for i in range(12)]), "m")
+    )
+    session.commit()
+    settings = FarmSettings(_env_file=None, scheduling={"window_per_queue": 10, "max_running_per_user": 3})
+    assert len(feed_queue(session, settings, "farm.gpu.sd15").dispatches) == 3
+
+
 def test_feeding_stops_at_feed_until(session) -> None:
     name = _name()
     now = datetime.now(UTC)
