@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import case, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from farm.dispatch import class_priority, publish_shards, shard_labels
@@ -59,12 +59,12 @@ class QueueFeed:
 
 @dataclass
 class _InFlight:
-    """Shards queued or running: per project and user (every queue, for the caps), and on the
-    fed queue per class and status."""
+    """Shards queued or running: per project and user (every queue, for the caps), their items
+    per (project, user) (for the usage estimate), and on the fed queue per class and status."""
 
     project: dict[uuid.UUID, int] = field(default_factory=lambda: defaultdict(int))
     user: dict[uuid.UUID, int] = field(default_factory=lambda: defaultdict(int))
-    pairs: dict[tuple[uuid.UUID, uuid.UUID], int] = field(default_factory=lambda: defaultdict(int))
+    pair_items: dict[tuple[uuid.UUID, uuid.UUID], int] = field(default_factory=lambda: defaultdict(int))
     here: dict[tuple[ServiceClass, ShardStatus], int] = field(default_factory=lambda: defaultdict(int))
 
     def on_queue(self, *classes: ServiceClass) -> int:
@@ -73,8 +73,9 @@ class _InFlight:
 
 def in_flight(session: Session, queue: str) -> _InFlight:
     counts = _InFlight()
+    items = func.sum(case((Shard.items_total > 1, Shard.items_total), else_=1))  # as ShareState.charge counts them
     rows = session.execute(
-        select(Shard.queue, Shard.status, Job.project_id, Job.owner_id, Job.service_class, func.count())
+        select(Shard.queue, Shard.status, Job.project_id, Job.owner_id, Job.service_class, items, func.count())
         .join(Job, Job.id == Shard.job_id)
         .where(Shard.status.in_(IN_FLIGHT))
         .group_by(Shard.queue, Shard.status, Job.project_id, Job.owner_id, Job.service_class)
@@ -83,7 +84,7 @@ def in_flight(session: Session, queue: str) -> _InFlight:
         n = int(row[-1])
         counts.project[row.project_id] += n
         counts.user[row.owner_id] += n
-        counts.pairs[(row.project_id, row.owner_id)] += n
+        counts.pair_items[(row.project_id, row.owner_id)] += int(row[-2])
         if row.queue == queue:
             counts.here[(ServiceClass(row.service_class), ShardStatus(row.status))] += n
     return counts
@@ -118,7 +119,7 @@ def share_state(
     for (project_id, user_id), used in usage.items():
         state.usage_project[project_id] = state.usage_project.get(project_id, 0.0) + used.gpu_seconds
         state.usage_user[(project_id, user_id)] = used.gpu_seconds
-    for (project_id, user_id), n in counts.pairs.items():  # not in the ledger until they end
+    for (project_id, user_id), n in counts.pair_items.items():  # not in the ledger until they end: as when picked
         state.usage_project[project_id] = state.usage_project.get(project_id, 0.0) + n * per_item
         state.usage_user[(project_id, user_id)] = state.usage_user.get((project_id, user_id), 0.0) + n * per_item
     state.in_flight_project.update(counts.project)
