@@ -20,6 +20,7 @@ BENCHES: dict[str, str] = {
     "model_cache_mix": "pinned-model cache hits in a mixed job stream: routed by family vs unrouted",
     "reconcile_pass": "one reconciler pass over 100,000 shards vs a GROUP BY over them (Postgres)",
     "api_path": "the farm API vs the direct client: submit latency, status reads, event stream",
+    "pick": "choosing the next shards: one fair-share feed over 100,000 pending shards vs a bare SELECT (Postgres)",
     "gpu": "the GPU figures in one command (real sizes on a CUDA device)",
 }
 

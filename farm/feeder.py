@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import case, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from farm.dispatch import class_priority, publish_shards, shard_labels
@@ -60,12 +60,12 @@ class QueueFeed:
 
 @dataclass
 class _InFlight:
-    """Shards queued or running: per project and user (every queue, for the caps), and on the
-    fed queue per class and status."""
+    """Shards queued or running: per project and user (every queue, for the caps), their items
+    per (project, user) (for the usage estimate), and on the fed queue per class and status."""
 
     project: dict[uuid.UUID, int] = field(default_factory=lambda: defaultdict(int))
     user: dict[uuid.UUID, int] = field(default_factory=lambda: defaultdict(int))
-    pairs: dict[tuple[uuid.UUID, uuid.UUID], int] = field(default_factory=lambda: defaultdict(int))
+    pair_items: dict[tuple[uuid.UUID, uuid.UUID], int] = field(default_factory=lambda: defaultdict(int))
     here: dict[tuple[ServiceClass, ShardStatus], int] = field(default_factory=lambda: defaultdict(int))
 
     def on_queue(self, *classes: ServiceClass) -> int:
@@ -74,8 +74,9 @@ class _InFlight:
 
 def in_flight(session: Session, queue: str) -> _InFlight:
     counts = _InFlight()
+    items = func.sum(case((Shard.items_total > 1, Shard.items_total), else_=1))  # as ShareState.charge counts them
     rows = session.execute(
-        select(Shard.queue, Shard.status, Job.project_id, Job.owner_id, Job.service_class, func.count())
+        select(Shard.queue, Shard.status, Job.project_id, Job.owner_id, Job.service_class, items, func.count())
         .join(Job, Job.id == Shard.job_id)
         .where(Shard.status.in_(IN_FLIGHT))
         .group_by(Shard.queue, Shard.status, Job.project_id, Job.owner_id, Job.service_class)
@@ -84,7 +85,7 @@ def in_flight(session: Session, queue: str) -> _InFlight:
         n = int(row[-1])
         counts.project[row.project_id] += n
         counts.user[row.owner_id] += n
-        counts.pairs[(row.project_id, row.owner_id)] += n
+        counts.pair_items[(row.project_id, row.owner_id)] += int(row[-2])
         if row.queue == queue:
             counts.here[(ServiceClass(row.service_class), ShardStatus(row.status))] += n
     return counts
@@ -119,7 +120,7 @@ def share_state(
     for (project_id, user_id), used in usage.items():
         state.usage_project[project_id] = state.usage_project.get(project_id, 0.0) + used.gpu_seconds
         state.usage_user[(project_id, user_id)] = used.gpu_seconds
-    for (project_id, user_id), n in counts.pairs.items():  # not in the ledger until they end
+    for (project_id, user_id), n in counts.pair_items.items():  # not in the ledger until they end: as when picked
         state.usage_project[project_id] = state.usage_project.get(project_id, 0.0) + n * per_item
         state.usage_user[(project_id, user_id)] = state.usage_user.get((project_id, user_id), 0.0) + n * per_item
     state.in_flight_project.update(counts.project)
@@ -131,13 +132,13 @@ def share_state(
         cap = row.max_running_shards if row.max_running_shards is not None else conf.max_running_per_project
         if cap:
             state.cap_project[row.id] = cap
-    user_caps = session.execute(select(User.id, User.max_running_shards).where(User.max_running_shards.is_not(None)))
-    explicit = {row.id: row.max_running_shards for row in user_caps}
-    if conf.max_running_per_user or explicit:
-        for user_id in set(counts.user) | set(explicit):
-            cap = explicit.get(user_id, conf.max_running_per_user)
-            if cap:
-                state.cap_user[user_id] = cap
+    user_caps = select(User.id, User.max_running_shards)
+    if not conf.max_running_per_user:  # only users with a cap of their own have one
+        user_caps = user_caps.where(User.max_running_shards.is_not(None))
+    for row in session.execute(user_caps):  # every user: one with nothing in flight yet is capped too
+        cap = row.max_running_shards if row.max_running_shards is not None else conf.max_running_per_user
+        if cap:
+            state.cap_user[row.id] = cap
     return state
 
 

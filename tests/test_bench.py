@@ -112,3 +112,19 @@ def test_farm_vs_diffusers_bench_runs(tmp_path: Path) -> None:
     assert result["farm_over_direct"] > 0
     assert result["max_pixel_diff"] <= 2  # the same images both ways
     assert "farm / diffusers" in printed
+
+
+@pytest.mark.integration
+def test_pick_bench_runs(tmp_path: Path, pg_database_factory, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.pick import main
+
+    out = tmp_path / "pick.json"
+    argv = ["--shards", "2000", "--jobs", "40", "--projects", "5", "--users", "10", "--repeats", "2", "--sqlite"]
+    result = main([*argv, "--db-url", pg_database_factory(), "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert [row["backend"] for row in result["results"]] == ["postgres", "sqlite"]
+    for row in result["results"]:
+        assert row["made"]["pending"] == 2000 and row["made"]["in_flight"] == 8
+        for picks in (1, 32):  # the bench checks each feed picked exactly this many
+            assert row[f"interactive_{picks}"]["call_ms"] > 0 and row[f"bulk_{picks}"]["call_ms"] > 0
+    assert "ms per pick" in capsys.readouterr().out

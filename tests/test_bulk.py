@@ -18,7 +18,7 @@ from farm.errors import UserError
 from farm.feeder import feed_queue, in_flight
 from farm.settings import FarmSettings
 from storage.leases import claim_shard, finish_shard
-from storage.models import Job, Shard
+from storage.models import Job, ProjectMember, Shard
 from storage.status import ShardStatus
 from storage.transitions import mark_shards_queued
 
@@ -259,6 +259,43 @@ def test_feeding_keeps_each_queue_within_the_window(session) -> None:
     session.commit()
     (refill,) = feed_bulk(session, window)  # one ended, one more goes
     assert refill.shard_id not in {d.shard_id for d in sent}
+
+
+def test_the_user_cap_holds_from_a_users_first_shard(session) -> None:
+    """``scheduling.max_running_per_user`` caps a user with nothing in flight yet too: one feed
+    with room for 10 sends 3, not 10."""
+    b.submit_bulk(
+        session, _name(), {**BASE, "shard_size": 1}, read_manifest(jsonl([{"id": f"r{i}"} for i in range(12)]), "m")
+    )
+    session.commit()
+    settings = FarmSettings(_env_file=None, scheduling={"window_per_queue": 10, "max_running_per_user": 3})
+    assert len(feed_queue(session, settings, "farm.gpu.sd15").dispatches) == 3
+
+
+def test_one_feed_or_several_send_the_same_shards(session) -> None:
+    """A shard in flight weighs what it weighed when it was picked (its items at the estimated
+    seconds per item), so feeding three shards at once or one at a time (each marked queued before
+    the next feed) gives the same order: A's 10-item shard first (its project's job is older),
+    then B's 1-item shards while B has used less."""
+    from storage.identity import create_user
+
+    owners = [create_user(session, f"u-{_name()}", "member", project=f"p-{_name()}") for _ in "ab"]
+    session.flush()
+    for owner, size in zip(owners, (10, 1), strict=True):
+        project_id = session.scalar(select(ProjectMember.project_id).where(ProjectMember.user_id == owner.id))
+        rows = read_manifest(jsonl([{"id": f"r{i}"} for i in range(3 * size)]), "m")
+        b.submit_bulk(session, _name(), {**BASE, "shard_size": size}, rows, owner_id=owner.id, project_id=project_id)
+        session.commit()
+    at_once = [d.job_id for d in feed_bulk(session, 3)]
+    session.rollback()
+    one_by_one = []
+    for window in (1, 2, 3):
+        (sent,) = feed_bulk(session, window)
+        mark_shards_queued(session, [sent.shard_id])
+        session.commit()
+        one_by_one.append(sent.job_id)
+    assert one_by_one == at_once
+    assert [session.get(Job, j).owner_id for j in at_once] == [owners[0].id, owners[1].id, owners[1].id]
 
 
 def test_feeding_stops_at_feed_until(session) -> None:
