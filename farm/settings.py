@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, PositiveFloat, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from farm.errors import ConfigError
@@ -188,7 +188,7 @@ class SchedulingSettings(_Section):
     half_life_s: float = Field(
         default=3600.0, gt=0, description="Fair share: GPU seconds used count half after this long."
     )
-    project_weights: dict[str, float] = Field(
+    project_weights: dict[str, PositiveFloat] = Field(
         default_factory=dict,
         description="Fair-share weight per project name (JSON); `farm projects set-share` overrides; default 1.",
     )
