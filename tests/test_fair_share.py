@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from farm.fair_share import CLASS_ORDER, Pick, ShareState, WaitingJob, WaitingShard, pick_shards
+from farm.fair_share import CLASS_ORDER, Pick, ShareState, WaitingJob, WaitingShard, next_job, pick_shards
 from storage.status import ServiceClass
 
 INTERACTIVE, BULK = ServiceClass.INTERACTIVE, ServiceClass.BULK
@@ -163,6 +163,24 @@ def test_one_users_jobs_go_by_priority_then_age(case: Case) -> None:
         mine = sorted((j for j in case.jobs if (j.project_id, j.user_id, j.service_class) == key), key=WaitingJob.order)
         due = [j.job_id for j in mine for _ in case.shards[j.job_id]]
         assert job_ids == due[: len(job_ids)]
+
+
+@PROPERTIES
+@given(cases())
+def test_the_grouped_picks_are_the_reference_policys(case: Case) -> None:
+    """pick_shards groups the jobs once per call; next_job, called for every pick, is the policy
+    as written in the module docstring: both choose the same shards in the same order."""
+    jobs, state = copy.deepcopy(case.jobs), copy.deepcopy(case.state)
+    left = {job_id: iter(list(enumerate(items))) for job_id, items in case.shards.items()}
+    reference = []
+    while len(reference) < case.limit and (job := next_job(jobs, state)) is not None:
+        index, items = next(left[job.job_id], (None, 0))
+        if index is None:
+            job.exhausted = True
+            continue
+        state.charge(job, items)
+        reference.append((_shard_id(job.job_id, index), job.job_id))
+    assert [(p.shard_id, p.job.job_id) for p in case.run()] == reference
 
 
 @PROPERTIES
