@@ -34,6 +34,7 @@ from farm.feeder import feed
 from farm.inputs import upload_inputs
 from farm.job_spec import JobSpec
 from farm.kinds import DEFAULT_KIND, KINDS, job_kind
+from farm.model_registry import pin_spec_model
 from farm.scheduler import job_row, owner_and_project, requeue_failed
 from farm.sharding import queue_for
 from farm.spec_files import read_spec_file
@@ -189,6 +190,7 @@ def submit_and_feed(
         return spec
 
     base = upload_inputs(base, store, folder, check=checked)
+    base = {**base, "model": pin_spec_model(check_base(base), store).model}  # registry: one manifest for all rows
     if upload is not None:
         store.put_bytes(key, data, content_type=upload)
     with session_scope(session_factory) as session:
