@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from farm.cli import registry_cmd
 from farm.cli.common import console
+from farm.cli.registry_cmd import add_commands
 from farm.tiny_components import build_tiny_controlnet, build_tiny_face_pack, build_tiny_ip_adapter
 from farm.tiny_models import build_tiny_model, check_family
 
@@ -87,4 +87,4 @@ def tiny_controlnet(
     console.print(f"tiny {family} ControlNet written to {folder.resolve()} ({_size(folder) / 1e6:.1f} MB)")
 
 
-registry_cmd.add_commands(app)
+add_commands(app)
