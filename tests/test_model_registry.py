@@ -176,9 +176,36 @@ def test_eviction_under_a_small_budget_keeps_models_in_use(twin_models, local_st
     assert neighbour.evict() == [b.digest] and neighbour.cached() == [a.digest]
 
 
+def _models(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """``farm models ARGS`` as a user runs it, through a pipe on a narrow terminal."""
+    cmd = [sys.executable, "-m", "farm", "models", *args]
+    return subprocess.run(cmd, env={**env, "COLUMNS": "60"}, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
 def _prefetch(env: dict[str, str], *names: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "farm", "models", "prefetch", *names]
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return _models(env, "prefetch", *names)
+
+
+def test_cli_push_list_show_rm(twin_models, farm_factory) -> None:
+    first, _ = twin_models
+    farm = farm_factory()
+    env = farm.env
+    pushed = _models(env, "push", str(first), "--name", "tiny")
+    assert pushed.returncode == 0, pushed.stderr
+    with farm.client() as client:
+        digest = push_model(client.store, first, "tiny").ref.digest  # version 2
+    assert "pushed tiny@1 (sd15, 13 files" in pushed.stdout and "blobs: 13 uploaded" in pushed.stdout
+    assert "registry:tiny@sha256:" in pushed.stdout
+    listed = _models(env, "list")
+    assert "tiny: versions 1, 2; latest 2 (sd15, " in listed.stdout and digest[:12] in listed.stdout
+    shown = _models(env, "show", "tiny@2")
+    assert f"manifest: sha256:{digest}" in shown.stdout and "unet/diffusion_pytorch_model.safetensors" in shown.stdout
+    refused = _models(env, "rm", "tiny")
+    assert refused.returncode == 2 and "name the version to remove, NAME@VERSION" in refused.stderr
+    removed = _models(env, "rm", "tiny@1")
+    assert "removed tiny@1" in removed.stdout and "0 unshared blobs deleted" in removed.stdout
+    missing = _models(env, "show", "tiny@1")
+    assert missing.returncode == 2 and "model 'tiny' has no version 1" in missing.stderr
 
 
 def test_two_processes_on_one_host_fetch_each_blob_once(twin_models, farm_factory, tmp_path) -> None:
@@ -220,7 +247,8 @@ def test_killed_download_leaves_nothing_trusted_then_resumes(twin_models, farm_f
     }
     killed = _prefetch(env, "tiny")
     assert killed.returncode == -9, killed.stderr
-    host = HostModelStore(farm.client().store, cache, 1 << 30)
+    with farm.client() as client:
+        host = HostModelStore(client.store, cache, 1 << 30)
     assert not (host.blobs / blob["sha256"]).exists() and host.cached() == []
     partial = host.blobs / f".partial-{blob['sha256']}"
     assert 0 < partial.stat().st_size < blob["size"]
