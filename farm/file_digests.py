@@ -53,6 +53,14 @@ def file_sha256(path: Path, progress: Callable[[int], None] | None = None) -> st
     return digest.hexdigest()
 
 
+def remember_sha256(path: Path, digest: str) -> None:
+    """Record ``digest`` as the content of ``path`` as it is now (a file just verified and renamed
+    into place keeps its inode, size and mtime: hashing it again would read the same bytes)."""
+    identity = _identity(path)
+    with _memo_lock:
+        _memo[identity] = digest
+
+
 def folder_files(folder: Path) -> list[tuple[str, Path]]:
     """``(relative path, path)`` of every regular file under ``folder`` (or just ``folder`` when it
     is a file), sorted; names starting with ``.`` (and what is under them) are skipped."""

@@ -96,15 +96,28 @@ def _check_manifest(manifest: Any, digest: str) -> dict[str, Any]:
     return manifest
 
 
-def load_manifest(store: ObjectStore, digest: str) -> dict[str, Any]:
-    """The manifest stored under ``digest``, its bytes checked against the digest."""
+def manifest_bytes(store: ObjectStore, digest: str) -> bytes:
+    """The stored bytes of manifest ``digest`` (not yet checked: see :func:`parse_manifest`)."""
     try:
-        data = store.get_bytes(model_manifest_key(validate_sha256(digest, "manifest digest")))
+        return store.get_bytes(model_manifest_key(validate_sha256(digest, "manifest digest")))
     except ObjectNotFound:
         raise RegistryError(f"no manifest sha256:{digest} in the registry (was its version removed?)") from None
+
+
+def parse_manifest(data: bytes, digest: str) -> dict[str, Any]:
+    """The manifest in ``data``, which must hash to ``digest`` and have the shape a push writes."""
     if hashlib.sha256(data).hexdigest() != digest:
-        raise RegistryError(f"manifest sha256:{digest} in the store does not match its digest (corrupt)")
-    return _check_manifest(json.loads(data), digest)
+        raise RegistryError(f"manifest sha256:{digest} does not match its digest (corrupt)")
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        raise RegistryError(f"manifest sha256:{digest} is not JSON") from None
+    return _check_manifest(manifest, digest)
+
+
+def load_manifest(store: ObjectStore, digest: str) -> dict[str, Any]:
+    """The manifest stored under ``digest``, its bytes checked against the digest."""
+    return parse_manifest(manifest_bytes(store, digest), digest)
 
 
 def versions(store: ObjectStore, name: str) -> list[str]:

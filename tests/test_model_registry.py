@@ -33,7 +33,7 @@ from farm.worker.model_cache import ModelLoadError
 from farm.worker.model_store import HostModelStore
 from storage.db import make_engine
 from storage.models import Artifact, Job
-from storage.objects.keys import model_blob_key
+from storage.objects.keys import model_blob_key, model_manifest_key
 from tests.fixtures.farm import ROOT, WorkerProcess, text_job
 
 FAULTS = ROOT / "tests" / "fixtures" / "faults"
@@ -172,6 +172,8 @@ def test_eviction_under_a_small_budget_keeps_models_in_use(twin_models, local_st
     neighbour = HostModelStore(local_store, tmp_path / "cache", budget)  # another worker on the host
     neighbour.materialise(a.digest)
     assert host.cached() == [b.digest, a.digest]  # b is still pinned by the first one
+    local_store.delete(model_manifest_key(b.digest))  # the store loses it: this host's copy serves
+    assert host.materialise(b.digest) == tmp_path / "cache" / "manifests" / b.digest
     host.release(b.digest)
     assert neighbour.evict() == [b.digest] and neighbour.cached() == [a.digest]
 
@@ -280,7 +282,9 @@ def test_two_workers_on_one_host_download_each_blob_once(
         farm.workers.extend(starting)
         for worker in starting:  # started together, so both meet the model not yet cached
             worker.wait_ready()
-        job_id = client.submit(text_job("registry:tiny", prompts=["a red cube", "a blue sphere"], shard_size=1))
+        job_id = client.submit(
+            text_job("registry:tiny", prompts=["a red cube", "a blue sphere"], count=1, shard_size=1)
+        )
         push_model(client.store, second, "tiny")  # a newer version: the submitted job keeps its bytes
         summary = client.wait(job_id, timeout=180)
     assert summary["status"] == "succeeded", summary

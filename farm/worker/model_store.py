@@ -31,8 +31,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from farm.errors import StorageUnavailable
-from farm.file_digests import file_sha256
-from farm.model_registry import load_manifest
+from farm.file_digests import file_sha256, remember_sha256
+from farm.model_refs import RegistryError
+from farm.model_registry import manifest_bytes, parse_manifest
 from farm.settings import FarmSettings
 from farm.worker.model_cache import ModelLoadError
 from storage.objects.base import ObjectStore
@@ -115,7 +116,7 @@ class HostModelStore:
 
     def _assemble(self, digest: str) -> Path:
         folder = self.manifests / digest
-        manifest = load_manifest(self.store, digest)
+        manifest = self._manifest(digest)
         blobs = {entry["sha256"]: self._blob(entry["sha256"], entry["size"]) for entry in manifest["files"]}
         complete = folder.is_dir() and all(
             (folder / e["path"]).is_file() and os.path.samefile(folder / e["path"], blobs[e["sha256"]])
@@ -139,6 +140,22 @@ class HostModelStore:
         os.utime(folder)  # the LRU stamp
         return folder
 
+    def _manifest(self, digest: str) -> dict:
+        """The manifest: this host's copy (``manifests/<digest>.json``, so a cached model loads
+        while the store is away), else the store's, then kept. Either is checked against its digest."""
+        local = self.manifests / f"{digest}.json"
+        if local.is_file():
+            try:
+                return parse_manifest(local.read_bytes(), digest)
+            except RegistryError:
+                log.warning("model cache: this host's copy of manifest sha256:%s is corrupt; reading it again", digest)
+        data = manifest_bytes(self.store, digest)
+        manifest = parse_manifest(data, digest)
+        partial = self.manifests / f".manifest-{secrets.token_hex(6)}"
+        partial.write_bytes(data)
+        os.replace(partial, local)
+        return manifest
+
     def _blob(self, digest: str, size: int) -> Path:
         """The verified blob ``digest`` on this host: checked if present (a bad one is removed),
         else fetched (resuming a partial download); refused after a second bad fetch."""
@@ -155,6 +172,7 @@ class HostModelStore:
                 if partial.stat().st_size == size and file_sha256(partial) == digest:
                     os.replace(partial, path)
                     _fsync_dir(self.blobs)
+                    remember_sha256(path, digest)
                     return path
                 partial.unlink()
                 log.warning("model cache: blob sha256:%s did not verify (attempt %d)", digest, attempt)
@@ -221,6 +239,7 @@ class HostModelStore:
                 return False
             gone = self.manifests / f".evicted-{secrets.token_hex(6)}"
             (self.manifests / digest).rename(gone)
+            (self.manifests / f"{digest}.json").unlink(missing_ok=True)
             shutil.rmtree(gone, ignore_errors=True)
             return True
         finally:
