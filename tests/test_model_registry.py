@@ -306,3 +306,30 @@ def test_push_refuses_what_is_not_a_model(tmp_path, local_store) -> None:
         push_model(local_store, tmp_path / "empty", "x")
     with pytest.raises(UserError, match="name"):
         push_model(local_store, tmp_path / "empty", "../x", family="sd15")
+
+
+# -- single-file checkpoints -----------------------------------------------------------------------
+def test_import_a_single_file_checkpoint_offline(twin_models, local_store, tmp_path, monkeypatch) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from farm.worker.single_file import convert_single_file
+    from tests.fixtures.single_file import original_state_dict
+
+    first, _ = twin_models
+    checkpoint = tmp_path / "tiny-sd15.safetensors"
+    save_file(original_state_dict(first), checkpoint)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = convert_single_file(checkpoint, "sd15", first, tmp_path / "converted")
+    ref = push_model(local_store, folder, "imported").ref
+    assert ref.family == "sd15" and resolve_model_ref(local_store, "registry:imported").digest == ref.digest
+    host = HostModelStore(local_store, tmp_path / "cache", 1 << 30)
+    materialised = host.materialise(ref.digest)
+    for weights in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        imported, original = load_file(materialised / weights), load_file(first / weights)
+        assert imported.keys() == original.keys()
+        assert all(torch.equal(imported[k], original[k]) for k in original)
+    with pytest.raises(UserError, match="not a StableDiffusionXLPipeline"):
+        convert_single_file(checkpoint, "sdxl", first, tmp_path / "wrong")
+    with pytest.raises(UserError, match="pickled"):
+        convert_single_file(tmp_path / "model.ckpt", "sd15", first, tmp_path / "wrong")

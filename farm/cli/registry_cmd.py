@@ -1,4 +1,4 @@
-"""``farm models push|list|show|rm|prefetch``: the model registry in the object store.
+"""``farm models push|list|show|rm|prefetch|import``: the model registry in the object store.
 
 The commands are added to the ``farm models`` app (:mod:`farm.cli.models_cmd`). A model is named
 on the command line as ``NAME``, ``NAME@VERSION``, ``NAME@sha256:DIGEST`` or with the spec's
@@ -7,6 +7,7 @@ on the command line as ``NAME``, ``NAME@VERSION``, ``NAME@sha256:DIGEST`` or wit
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import typer
@@ -119,6 +120,33 @@ def prefetch(names: list[str] = typer.Argument(..., help="Models to warm: NAME, 
         console.print(f"{ref.name}@{ref.version}: {folder} ({fetched} blobs downloaded, {_mb(ref.size)})")
 
 
+def import_checkpoint(
+    checkpoint: Path = typer.Argument(..., help="An A1111/ComfyUI single-file .safetensors checkpoint."),
+    family: str = typer.Option(..., "--family", help="sd15 or sdxl."),
+    name: str = typer.Option(..., "--name", help="Registry name for the converted model."),
+    config: Path = typer.Option(
+        ...,
+        "--config",
+        help="A diffusers folder of the same family whose configs, tokenizer and scheduler are used "
+        "(its weights are not); nothing is fetched from the hub.",
+    ),
+) -> None:
+    """Convert a single-file checkpoint to a diffusers folder (offline) and push it."""
+
+    from farm.worker.single_file import convert_single_file  # diffusers and torch: only this command
+
+    cfg = settings()
+    store = open_store(cfg.storage, cfg.data_dir)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="import-", dir=cfg.data_dir) as work:
+        err_console.print(f"converting {checkpoint} ({family}) with the configs of {config}")
+        folder = convert_single_file(checkpoint, family, config, Path(work) / "pipeline")
+        result = push_model(store, folder, name, family)
+    ref = result.ref
+    console.print(f"imported {checkpoint.name} as {ref.name}@{ref.version} ({ref.family}, {_mb(ref.size)})")
+    console.print(f"use it as: model: {REGISTRY_PREFIX}{ref.name}  (pinned: {ref.pinned})")
+
+
 def add_commands(app: typer.Typer) -> None:
     """Add the registry commands to ``farm models``."""
     app.command("push")(push)
@@ -126,3 +154,4 @@ def add_commands(app: typer.Typer) -> None:
     app.command("show")(show)
     app.command("rm")(rm)
     app.command("prefetch")(prefetch)
+    app.command("import")(import_checkpoint)
