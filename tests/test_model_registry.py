@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from farm.bulk import pinned_rows
+from farm.bulk_manifest import read_manifest
 from farm.errors import UserError
 from farm.file_digests import content_fingerprint, folder_files
 from farm.job_spec import SpecError
@@ -129,6 +131,23 @@ def test_submit_pins_the_manifest_and_refuses_bad_refs(twin_models, local_store)
         with pytest.raises(SpecError, match="model: ") as caught:
             parse_spec(text_job(bad))
         assert caught.value.problems[0][0] == "model"
+
+
+def test_bulk_rows_naming_registry_models_are_pinned(twin_models, local_store) -> None:
+    first, second = twin_models
+    one = push_model(local_store, first, "tiny").ref
+    two = push_model(local_store, second, "tiny").ref
+    base = {**text_job("registry:tiny"), "seeds": [1]}
+    base.pop("base_seed"), base.pop("count")
+    rows = read_manifest(
+        b'{"id": "a", "seed": 1, "prompt": "p", "model": "registry:tiny@1"}\n{"id": "b", "seed": 2, "prompt": "q"}\n',
+        "rows.jsonl",
+    )
+    assert [row.overrides for row in pinned_rows(base, rows, local_store)] == [{"model": one.pinned}, {}]
+    assert two.version == "2"
+    missing = read_manifest(b'{"id": "c", "seed": 3, "prompt": "p", "model": "registry:tiny@9"}\n', "rows.jsonl")
+    with pytest.raises(UserError, match=r"row c \(line 1\): invalid job spec: model: model 'tiny' has no version 9"):
+        pinned_rows(base, missing, local_store)
 
 
 # -- the per-host cache ----------------------------------------------------------------------------
