@@ -16,6 +16,7 @@ object in the store) to the first window fed: ``FarmClient.submit_bulk`` and the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import uuid
@@ -34,6 +35,8 @@ from farm.feeder import feed
 from farm.inputs import upload_inputs
 from farm.job_spec import JobSpec
 from farm.kinds import DEFAULT_KIND, KINDS, job_kind
+from farm.model_refs import is_registry_ref
+from farm.model_registry import pin_spec_model
 from farm.quotas import check_items
 from farm.scheduler import job_row, owner_and_project, requeue_failed
 from farm.settings import FarmSettings, SchedulingSettings
@@ -61,6 +64,24 @@ def group_spec(base: dict[str, Any], row: ManifestRow) -> dict[str, Any]:
     if row.prompt is not None:
         spec["prompts"] = [row.prompt]
     return spec
+
+
+def pinned_rows(base: dict[str, Any], rows: list[ManifestRow], store: ObjectStore) -> list[ManifestRow]:
+    """``rows`` with each ``registry:`` model override pinned to its exact manifest (resolved once
+    per group), so every job of the bulk run names the bytes it renders with."""
+    pinned: dict[str, str] = {}
+    result = []
+    for row in rows:
+        model = row.overrides.get("model")
+        if isinstance(model, str) and is_registry_ref(model):
+            if row.group not in pinned:
+                try:
+                    pinned[row.group] = pin_spec_model(parse_spec(group_spec(base, row)), store).model
+                except UserError as exc:
+                    raise UserError(f"row {row.row_id} (line {row.line}): {exc}") from None
+            row = dataclasses.replace(row, overrides={**row.overrides, "model": pinned[row.group]})
+        result.append(row)
+    return result
 
 
 def check_bulk_kind(base: dict[str, Any]) -> None:
@@ -197,6 +218,8 @@ def submit_and_feed(
         return spec
 
     base = upload_inputs(base, store, folder, check=checked)
+    base = {**base, "model": pin_spec_model(check_base(base), store).model}  # registry: one manifest for all rows
+    rows = pinned_rows(base, rows, store)
     if upload is not None:
         store.put_bytes(key, data, content_type=upload)
     with session_scope(session_factory) as session:

@@ -26,6 +26,7 @@ from farm.inputs import upload_inputs
 from farm.job_refs import resolve_job_id, short_id
 from farm.job_spec import LOCAL_PATH_PREFIXES
 from farm.job_views import ProgressCallback, Submitted, settled, shard_limit
+from farm.model_registry import pin_spec_model
 from farm.outages import ride_out, unavailable_service
 from farm.reconciler import Reconciler
 from farm.scheduler import SUMMARY_SHARDS, job_summary, requeue_failed, submit_job
@@ -122,7 +123,9 @@ class FarmClient:
         self, spec: Any, *, owner_id: uuid.UUID | None = None, project_id: uuid.UUID | None = None
     ) -> Submitted:
         """Record a parsed, checked spec (inputs already in the store) as a job of ``owner_id`` in
-        ``project_id`` (default: the admin, project ``default``) and send its scheduling message."""
+        ``project_id`` (default: the admin, project ``default``) and send its scheduling message.
+        A ``registry:`` model is pinned to its exact manifest first (every shard loads the same bytes)."""
+        spec = pin_spec_model(spec, self.store)
         with session_scope(self._sessions) as session:
             job, created = submit_job(
                 session, spec, owner_id=owner_id, project_id=project_id, quotas=self.settings.scheduling

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from farm.errors import InvalidKey, UserError
 from farm.families import FAMILIES, Family
+from farm.model_refs import RegistryError, is_registry_ref, parse_registry_ref
 from farm.patch_specs import Patch
 from farm.spec_problems import literal_value, problem
 from storage.objects.keys import check_output_folder, validate_prefix
@@ -97,7 +98,8 @@ class JobSpec(BaseModel):
     model: str = Field(
         min_length=1,
         max_length=MAX_MODEL_CHARS,
-        description="hub id 'org/name' or a local diffusers folder (absolute, or starting with ./ ../ ~/)",
+        description="registry:NAME[@VERSION|@sha256:DIGEST] (pinned to one manifest at submit), a hub id "
+        "'org/name' or a local diffusers folder (absolute, or starting with ./ ../ ~/)",
     )
     family: Family
     prompts: list[Prompt] = Field(min_length=1, max_length=MAX_PROMPTS)
@@ -134,10 +136,17 @@ class JobSpec(BaseModel):
             raise problem((), "URLs are not supported; use a hub id 'org/name' or a local folder", value)
         if value.startswith(LOCAL_PATH_PREFIXES) or value in ("~", "."):
             return value
+        if is_registry_ref(value):
+            try:
+                parse_registry_ref(value)
+            except RegistryError as exc:
+                raise problem((), str(exc), value) from None
+            return value
         if HUB_ID_RE.fullmatch(value) is None or ".." in value or "--" in value:
             raise problem(
                 (),
-                "must be a hub id 'org/name' or a local folder path (absolute, or starting with ./ ../ ~/)",
+                "must be a hub id 'org/name' or a local folder path (absolute, or starting with ./ ../ ~/), "
+                "or registry:NAME[@VERSION]",
                 value,
             )
         return value

@@ -139,6 +139,16 @@ class WorkerSettings(_Section):
     metrics_address: str = Field(
         default="127.0.0.1", description="Address the metrics port binds to (0.0.0.0 to let Prometheus scrape it)."
     )
+    model_dir: Path | None = Field(
+        default=None,
+        description="This host's cache of registry models (shared by its workers); empty = <data_dir>/model-cache.",
+    )
+    model_disk_gb: float = Field(
+        default=200.0,
+        gt=0,
+        description="Disk budget of the registry model cache: least recently used models not in use are removed "
+        "beyond it.",
+    )
     face_models_dir: Path | None = Field(
         default=None,
         description="insightface pack (antelopev2 layout) for InstantID; empty = <data_dir>/models/antelopev2.",
@@ -343,6 +353,10 @@ class FarmSettings(BaseSettings):
     @property
     def broker_folder(self) -> Path:
         return self.data_dir / "broker"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.worker.model_dir or self.data_dir / "model-cache"
 
     @property
     def face_models_dir(self) -> Path:

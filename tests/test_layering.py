@@ -188,6 +188,7 @@ LAZY_IMPORTS = {
     ("farm/kinds/temporal_video.py", "farm.worker.kinds.temporal_video"),
     ("farm/kinds/text_to_image.py", "farm.worker.kinds.text_to_image"),
     ("farm/cli/api_cmd.py", "farm.api.app"),  # FastAPI and the routes: only `farm api` needs them
+    ("farm/cli/registry_cmd.py", "farm.worker.single_file"),  # diffusers, torch: only `farm models import`
 }
 
 

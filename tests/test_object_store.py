@@ -67,6 +67,16 @@ def test_bytes_round_trip_with_sha256(store: ObjectStore) -> None:
     assert head.last_modified is not None
 
 
+def test_read_chunks_streams_from_an_offset(store: ObjectStore) -> None:
+    data = os.urandom(3 * (1 << 20) + 17)  # more than one chunk
+    key = "models/blobs/sha256/" + hashlib.sha256(data).hexdigest()
+    store.put_bytes(key, data)
+    assert b"".join(store.read_chunks(key)) == data
+    assert b"".join(store.read_chunks(key, 1_000_001)) == data[1_000_001:]  # a resumed download
+    with pytest.raises(ObjectNotFound):
+        b"".join(store.read_chunks("models/blobs/sha256/" + "0" * 64))
+
+
 def test_content_type_defaults_to_the_extension(store: ObjectStore) -> None:
     info = store.put_bytes("m/manifest.json", b"{}")
     head = store.head("m/manifest.json")

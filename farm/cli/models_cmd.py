@@ -1,4 +1,4 @@
-"""``farm models``: tiny random-weight models for tests and the demo."""
+"""``farm models``: the model registry (:mod:`farm.cli.registry_cmd`) and tiny random-weight models."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ from pathlib import Path
 import typer
 
 from farm.cli.common import console
+from farm.cli.registry_cmd import add_commands
 from farm.tiny_components import build_tiny_controlnet, build_tiny_face_pack, build_tiny_ip_adapter
 from farm.tiny_models import build_tiny_model, check_family
 
-app = typer.Typer(help="Build tiny random-weight diffusers models (no downloads).", no_args_is_help=True)
+app = typer.Typer(
+    help="The model registry (push, list, show, rm, prefetch) and tiny random-weight models for tests.",
+    no_args_is_help=True,
+)
 
 
 def _size(folder: Path) -> int:
@@ -81,3 +85,6 @@ def tiny_controlnet(
 
     build_tiny_controlnet(family, folder)
     console.print(f"tiny {family} ControlNet written to {folder.resolve()} ({_size(folder) / 1e6:.1f} MB)")
+
+
+add_commands(app)

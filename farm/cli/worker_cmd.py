@@ -15,6 +15,8 @@ from farm.cli.common import console, err_console, settings
 from farm.cli.jobs_cmd import print_job, wait_with_progress
 from farm.client import FarmClient
 from farm.errors import UserError
+from farm.model_refs import is_registry_ref
+from farm.model_registry import resolve_model_ref
 from farm.reconciler import Reconciler, ReconcilerLoop
 from farm.tiny_models import build_tiny_model
 from farm.worker.heartbeat import WorkerHeartbeat
@@ -29,7 +31,9 @@ def worker(
     queues: str | None = typer.Option(
         None, help="Comma-separated queues. Default: the configured worker queues plus farm.control."
     ),
-    preload: list[str] = typer.Option([], help="FAMILY:MODEL to load before taking work (repeatable)."),
+    preload: list[str] = typer.Option(
+        [], help="FAMILY:MODEL to load before taking work (repeatable; MODEL may be registry:NAME[@VERSION])."
+    ),
     name: str | None = typer.Option(None, help="Worker name (default: host-pid)."),
     loglevel: str = typer.Option("INFO", help="Log level."),
 ) -> None:
@@ -46,6 +50,8 @@ def worker(
             _warn_without_control(resources)
         for ref in preload:
             family, _, model = ref.partition(":")
+            if is_registry_ref(model):  # the version a job naming it now would be pinned to
+                model = resolve_model_ref(resources.store, model).pinned
             loaded = resources.model_cache().get(model, family)
             console.print(f"pinned {family} model {model} ({loaded.load_seconds:.2f}s)")
         if cfg.worker.metrics_port is not None:

@@ -24,15 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from farm.errors import UserError
+from farm.file_digests import content_fingerprint
+from farm.model_refs import is_registry_ref, parse_registry_ref
+from farm.model_registry import PIPELINE_CLASSES
 from farm.worker.devices import Placement
 from farm.worker.memory import release_memory
 
 log = logging.getLogger(__name__)
-PIPELINE_CLASSES = {
-    "sd15": "StableDiffusionPipeline",
-    "sdxl": "StableDiffusionXLPipeline",
-    "svd": "StableVideoDiffusionPipeline",
-}
 
 
 class ModelLoadError(UserError):
@@ -54,17 +52,10 @@ class LoadedModel:
 
 
 def model_fingerprint(path: Path) -> str:
-    """A stable hash of a local model folder (or one weight file): its JSON configs' bytes and its
-    weight files' names and sizes (cheap: weights are not read)."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        rel = file.name if file == path else file.relative_to(path).as_posix()
-        if file.suffix in {".json", ".txt"}:
-            digest.update(rel.encode() + b"\0" + file.read_bytes() + b"\0")
-        elif file.suffix in {".safetensors", ".bin", ".onnx", ".pt"}:
-            digest.update(f"{rel}\0{file.stat().st_size}\0".encode())
-    return digest.hexdigest()
+    """The content hash of a local model folder (or one weight file): every file's relative path
+    and SHA-256, each file read once and remembered per (path, size, mtime, inode), so weights
+    replaced in place get a new hash (:func:`farm.file_digests.content_fingerprint`)."""
+    return content_fingerprint(path)
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
@@ -127,12 +118,29 @@ def _hub_cache() -> str:
         return "~/.cache/huggingface/hub"
 
 
-def load_pipeline(model: str, family: str, placement: Placement) -> tuple[Any, str]:
+def load_pipeline(
+    model: str, family: str, placement: Placement, *, models: Any = None, content_hash: str | None = None
+) -> tuple[Any, str]:
     """Load a diffusers pipeline of ``family`` from a local folder (or a hub id: from this
-    machine's hub cache, else from the hub when it is reachable) onto the placement's device;
-    returns it with its model hash. A relative folder is resolved against the worker's working
+    machine's hub cache, else from the hub when it is reachable; or a pinned registry manifest,
+    materialised by ``models``, a :class:`~farm.worker.model_store.HostModelStore`) onto the
+    placement's device; returns it with its model hash (the content digest: a folder's content
+    fingerprint, a manifest's digest). A relative folder is resolved against the worker's working
     folder, ``~`` against its user's home."""
     import diffusers
+
+    if is_registry_ref(model):
+        digest = parse_registry_ref(model).digest
+        if digest is None:
+            raise ModelLoadError(f"model {model!r} was not pinned to a manifest at submit; submit the job again")
+        if models is None:
+            raise ModelLoadError(f"model {model!r}: this worker has no model cache folder for registry models")
+        folder = models.materialise(digest)
+        try:
+            return load_pipeline(str(folder), family, placement, content_hash=digest)
+        except BaseException:
+            models.release(digest)
+            raise
 
     if family not in PIPELINE_CLASSES:
         raise ModelLoadError(f"model family {family!r} is not one of {', '.join(PIPELINE_CLASSES)}")
@@ -175,7 +183,10 @@ def load_pipeline(model: str, family: str, placement: Placement) -> tuple[Any, s
                 raise ModelLoadError(_hub_message(model, exc)) from None
     pipeline.to(placement.device)
     pipeline.set_progress_bar_config(disable=True)
-    model_hash = model_fingerprint(path) if local else hashlib.sha256(model.encode()).hexdigest()
+    if content_hash is not None:
+        model_hash = content_hash
+    else:
+        model_hash = model_fingerprint(path) if local else hashlib.sha256(model.encode()).hexdigest()
     return pipeline, model_hash
 
 
@@ -200,12 +211,14 @@ class ModelCache:
         *,
         measure: Callable[[Any], int] = pipeline_bytes,
         name: str = "model cache",
+        on_drop: Callable[[LoadedModel], None] | None = None,
     ) -> None:
         self.placement = placement
         self.budget_bytes = budget_bytes
         self.name = name
         self._loader = loader
         self._measure = measure
+        self._on_drop = on_drop  # told of each model evicted or cleared (the host cache unpins it)
         self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0
@@ -237,6 +250,8 @@ class ModelCache:
             oldest = next(k for k in self._models if k != keep)
             evicted = self._models.pop(oldest)
             self.evictions += 1
+            if self._on_drop is not None:
+                self._on_drop(evicted)
             log.info(
                 "%s: evicted %s:%s (%.1f MiB, last used %.0f s ago) to stay within its %.1f MiB budget",
                 self.name,
@@ -256,6 +271,9 @@ class ModelCache:
         that still holds one keeps it until it ends. The cache stays usable."""
         with self._lock:
             dropped = len(self._models)
+            if self._on_drop is not None:
+                for loaded in self._models.values():
+                    self._on_drop(loaded)
             self._models.clear()
         return dropped
 

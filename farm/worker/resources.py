@@ -8,6 +8,7 @@ once per process at worker start; a context manager, closed at the worker's shut
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -23,7 +24,8 @@ from farm.settings import FarmSettings
 from farm.worker.components import component_bytes, load_component
 from farm.worker.devices import resolve_placement
 from farm.worker.memory import release_memory
-from farm.worker.model_cache import ModelCache
+from farm.worker.model_cache import ModelCache, load_pipeline
+from farm.worker.model_store import HostModelStore, host_model_store
 from storage.blocklist import has_record
 from storage.db import make_engine, make_session_factory
 from storage.objects import ObjectStore, open_store
@@ -74,6 +76,7 @@ class WorkerResources:
     name: str
     engine: Any = None
     cache: Any = None  # farm.worker.model_cache.ModelCache, built on first render (imports torch)
+    models: HostModelStore | None = None  # registry models on this host's disk, made on first use
     components: Any = None  # a second ModelCache for IP-Adapters, image encoders, ControlNets, face analysis
     memo: JobMemo = field(default_factory=JobMemo)  # per-job derived data (reference embeddings)
     jobs: JobMemo = field(default_factory=lambda: JobMemo(256))  # job id -> spec (stored and parsed), bulk or not
@@ -122,13 +125,26 @@ class WorkerResources:
             )
         return self.components
 
+    def host_models(self) -> HostModelStore:
+        """This host's cache of registry models (``worker.model_dir``), shared with the host's
+        other workers; made on first use."""
+        if self.models is None:
+            self.models = host_model_store(self.settings, self.store)
+        return self.models
+
     def model_cache(self) -> Any:
         """The process's model cache, created on first use (control-only workers never need torch)."""
         if self.closed:
             raise ResourcesClosed(f"worker {self.name} is shutting down: its model caches are closed")
         if self.cache is None:
             placement = resolve_placement(self.settings.worker.device, self.settings.worker.dtype)
-            self.cache = ModelCache(placement, self.settings.worker.model_cache_mb * (1 << 20))
+            models = self.host_models()
+            self.cache = ModelCache(
+                placement,
+                self.settings.worker.model_cache_mb * (1 << 20),
+                loader=functools.partial(load_pipeline, models=models),
+                on_drop=lambda loaded: models.release(loaded.model_hash),
+            )
         return self.cache
 
     def blocklist_row(self, session: Any, job_id: uuid.UUID) -> bool:
@@ -173,6 +189,7 @@ class WorkerResources:
         step("metrics server", self._close_metrics)
         step("component cache", lambda: self._close_cache("components", "component"))
         step("model cache", lambda: self._close_cache("cache", "model"))
+        step("host model cache", lambda: self.models.close() if self.models is not None else None)
         step("job memo", self._close_memo)
         step("memory", self._release_memory)
         step("object store", self._close_store)

@@ -58,6 +58,11 @@ class ObjectStore(Protocol):
         """The object's content; ``ObjectNotFound`` if there is none."""
         ...
 
+    def read_chunks(self, key: str, start: int = 0) -> Iterator[bytes]:
+        """The object's content from byte ``start`` on, in chunks as they arrive (one GET; a
+        ranged one when ``start`` > 0); ``ObjectNotFound`` if there is none."""
+        ...
+
     def download(self, key: str, path: Path) -> Path:
         """Write the object to ``path`` (parent folders created); ``ObjectNotFound`` if there is none."""
         ...

@@ -139,3 +139,38 @@ def manifest_key(prefix: str, job_id: object) -> str:
 def contact_sheet_key(prefix: str, job_id: object) -> str:
     """``{prefix}/{job_id}/contact_sheet.png``."""
     return join_key(job_prefix(prefix, job_id), "contact_sheet.png")
+
+
+# -- the model registry (``models/``) --------------------------------------------------------------
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+MODEL_VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
+
+
+def validate_sha256(value: object, what: str = "digest") -> str:
+    """Return ``value`` if it is a SHA-256 hex digest (64 lower-case hex digits), else :class:`InvalidKey`."""
+    if not isinstance(value, str) or SHA256_RE.fullmatch(value) is None:
+        shown = _shown(value) if isinstance(value, str) else type(value).__name__
+        raise InvalidKey(f"{what}: {shown} is not a SHA-256 digest (64 lower-case hex digits)")
+    return value
+
+
+def model_blob_key(digest: str) -> str:
+    """``models/blobs/sha256/<digest>``: one file of a registered model, named by its content."""
+    return join_key("models/blobs/sha256", validate_sha256(digest))
+
+
+def model_manifest_key(digest: str) -> str:
+    """``models/manifests/sha256/<digest>.json``: a version manifest, named by its own digest."""
+    return join_key("models/manifests/sha256", f"{validate_sha256(digest)}.json")
+
+
+def model_versions_prefix(name: str) -> str:
+    """``models/names/<name>``: the folder of a model's version pointers."""
+    return join_key("models/names", validate_part(name, "name"))
+
+
+def model_version_key(name: str, version: str) -> str:
+    """``models/names/<name>/<version>.json``: which manifest a model's version is (never rewritten)."""
+    if not isinstance(version, str) or MODEL_VERSION_RE.fullmatch(version) is None:
+        raise InvalidKey(f"version: {_shown(str(version))} is not a version number (1, 2, ...)")
+    return join_key(model_versions_prefix(name), f"{version}.json")

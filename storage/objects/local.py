@@ -198,6 +198,25 @@ class LocalStore:
         except OSError as exc:
             raise self._failed(exc, "get", key) from exc
 
+    def read_chunks(self, key: str, start: int = 0) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            fh = path.open("rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise self._missing(key) from None
+        except OSError as exc:
+            raise self._failed(exc, "get", key) from exc
+        return self._chunks_of(fh, key, start)
+
+    def _chunks_of(self, fh: BinaryIO, key: str, start: int) -> Iterator[bytes]:
+        with fh:
+            try:
+                fh.seek(start)
+                while chunk := fh.read(_CHUNK):
+                    yield chunk
+            except OSError as exc:
+                raise self._failed(exc, "get", key) from exc
+
     def download(self, key: str, path: Path) -> Path:
         src = self._path(key)
         dest = Path(path)

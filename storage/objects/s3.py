@@ -293,6 +293,20 @@ class S3Store:
         except _ERRORS as exc:
             raise _translate(exc, "get_object", full, bucket=self.bucket) from None
 
+    def read_chunks(self, key: str, start: int = 0) -> Iterator[bytes]:
+        full = self._full(key)
+        ranged = {"Range": f"bytes={start}-"} if start > 0 else {}
+        response = self._call("get_object", full, self._client.get_object, Bucket=self.bucket, Key=full, **ranged)
+        return self._chunks_of(response["Body"], full)
+
+    def _chunks_of(self, body: Any, full: str) -> Iterator[bytes]:
+        with body:
+            try:
+                while chunk := body.read(MiB):
+                    yield chunk
+            except _ERRORS as exc:
+                raise _translate(exc, "get_object", full, bucket=self.bucket) from None
+
     def download(self, key: str, path: Path) -> Path:
         """Download to ``path`` (via a temporary file, renamed when complete)."""
         full = self._full(key)
