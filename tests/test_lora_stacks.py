@@ -150,6 +150,7 @@ def _base_weights(pipe: Any) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
 def test_lora_jobs_match_diffusers_and_the_base_comes_back_exactly(tiny_models, in_process_worker, loras) -> None:
     import diffusers
     import torch
@@ -257,3 +258,12 @@ def test_a_corrupt_lora_fails_its_job_and_the_worker_keeps_serving(farm_factory,
         assert f"LoRA {str(corrupt)!r}: not a readable .safetensors file" in error, error
         good = client.submit(text_job(model, **ONE))
         assert client.wait(good, timeout=120)["status"] == "succeeded"
+
+
+def test_lora_switch_bench_runs(tmp_path: Path) -> None:
+    from bench.lora_switch import main
+
+    out = tmp_path / "lora.json"
+    (result,) = main(["--family", "sd15", "--repeats", "1", "--json", str(out)])
+    assert out.exists() and result["family"] == "sd15" and result["lora_file_bytes"] > 0
+    assert all(result[f"{name}_s"] > 0 for name in ("reload", "cold", "switch", "off", "step_base", "step_lora"))
