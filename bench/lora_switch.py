@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from bench.cli import add_output_options, prepare_libraries, write_json
+from bench.cli import add_output_options, per_family, prepare_libraries
 
 
 def _timed(step: Any) -> float:
@@ -109,13 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     prepare_libraries(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\.")  # adapters deleted between repeats
     families = ["sd15", "sdxl"] if args.family == "all" else [args.family]
-    results = []
-    for family in families:
-        result = bench_family(family, max(1, args.repeats), args.rank)
-        print_result(result)
-        results.append(result)
-    write_json(args.json, results)
-    return results
+    return per_family(families, lambda f: bench_family(f, max(1, args.repeats), args.rank), print_result, args.json)
 
 
 if __name__ == "__main__":
