@@ -264,3 +264,32 @@ def test_lora_switch_bench_runs(tmp_path: Path) -> None:
     (result,) = main(["--family", "sd15", "--repeats", "1", "--json", str(out)])
     assert out.exists() and result["family"] == "sd15" and result["lora_file_bytes"] > 0
     assert all(result[f"{name}_s"] > 0 for name in ("reload", "cold", "switch", "off", "step_base", "step_lora"))
+
+
+def test_a_lora_file_replaced_in_place_leaves_loaded_adapters_alone(tiny_models, loras, tmp_path: Path) -> None:
+    """Adapters hold copies of the file's bytes, never a memory map: a file overwritten in place
+    (same path, same inode) is a new LoRA by digest, and the one loaded before is unchanged."""
+    import shutil
+
+    from farm.loras import LoraSpec
+    from farm.worker.devices import Placement
+    from farm.worker.lora_stack import LoraAdapters, LoraLayer
+    from farm.worker.model_cache import load_pipeline
+
+    pipe, _ = load_pipeline(str(tiny_models["sd15"]), "sd15", Placement("cpu", "float32"))
+    pipe.set_progress_bar_config(disable=True)
+    adapters = LoraAdapters(pipe, capacity=4)
+    live = tmp_path / "live.safetensors"
+
+    def switch(path: Path) -> list[LoraLayer]:
+        stack = adapters.resolve([LoraSpec(model=str(path), weight=1.0)])
+        adapters.switch(stack)
+        return stack
+
+    shutil.copy(loras["ink"], live)
+    first = switch(live)
+    ink = _render(pipe)
+    shutil.copy(loras["clay"], live)  # rewrites the same inode
+    assert switch(live)[0].sha256 != first[0].sha256
+    assert switch(loras["ink"])[0].adapter_name == first[0].adapter_name and adapters.loads == 2
+    assert (_render(pipe) == ink).all()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from farm.errors import UserError
+from farm.errors import FarmError, UserError
 from farm.loras import is_registry_ref
 from farm.worker.model_cache import _first_line, missing_path_message
 
@@ -40,6 +40,12 @@ class LoraUnavailable(UserError):
 
 class LoraLoadFailed(UserError):
     """A LoRA file cannot be read or applied to the job's model."""
+
+
+class LoraFileChanged(FarmError):
+    """A LoRA file was replaced between its digest and its load (a retry reads it again)."""
+
+    retryable = True
 
 
 @dataclass(frozen=True)
@@ -148,19 +154,28 @@ class LoraAdapters:
 
     def _load(self, layer: LoraLayer) -> None:
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
+        # Read into memory, never memory-mapped: a file replaced in place must not change an adapter
+        # already loaded from it. The bytes loaded are the bytes the lineage digest names.
         try:
-            state_dict = load_file(str(layer.path))
-        except (SafetensorError, OSError, ValueError) as exc:
+            data = layer.path.read_bytes()
+        except OSError as exc:
+            raise LoraUnavailable(f"LoRA {layer.ref!r}: cannot be read ({_first_line(exc)})") from None
+        if hashlib.sha256(data).hexdigest() != layer.sha256:
+            raise LoraFileChanged(f"LoRA {layer.ref!r}: the file changed while the job was starting")
+        try:
+            state_dict = load(data)
+        except (SafetensorError, ValueError) as exc:
             raise LoraLoadFailed(f"LoRA {layer.ref!r}: not a readable .safetensors file ({_first_line(exc)})") from None
+        del data
         name = layer.adapter_name
         try:
             with _text_encoder_adapters(self.pipeline), _peft_notices_off():
                 self.pipeline.load_lora_weights(state_dict, adapter_name=name)
         except Exception as exc:
             self._forget(name)
-            raise LoraLoadFailed(f"LoRA {layer.ref!r} does not fit this model: {_first_line(exc)}") from None
+            raise LoraLoadFailed(f"LoRA {layer.ref!r} does not fit this model: {_misfit(exc)}") from None
         if name not in _loaded_names(self.pipeline):
             raise LoraLoadFailed(f"LoRA {layer.ref!r}: none of its weights match a layer of this model")
         self.loaded[name] = str(layer.path)
@@ -183,6 +198,18 @@ class LoraAdapters:
         elif self.loaded:
             self.pipeline.disable_lora()
         self.fingerprint = stack_fingerprint(self.active)
+
+
+def _misfit(exc: BaseException) -> str:
+    """Why a LoRA did not load, in one line: PEFT lists every weight of the wrong shape."""
+    wrong = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("size mismatch for")]
+    if not wrong:
+        return _first_line(exc)
+    first = wrong[0].removeprefix("size mismatch for ").replace(": copying a param with shape", ":")
+    return (
+        f"{len(wrong)} of its weights have other shapes than this model's layers (made for another model "
+        f"family?); first: {first[:240]}"
+    )
 
 
 def _loaded_names(pipeline: Any) -> set[str]:
