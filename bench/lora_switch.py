@@ -63,18 +63,16 @@ def bench_family(family: str, repeats: int, rank: int) -> dict[str, Any]:
         pipe.set_progress_bar_config(disable=True)
         stacks = [[LoraLayer(str(f), f, file_sha256(f), 0.8)] for f in files]
         size = files[0].stat().st_size
-        for repeat in range(repeats):
+        for _ in range(repeats):
             samples["reload"].append(_timed(lambda: load_pipeline(str(model), family, placement)))
-            # a new name each repeat: the first job with that LoRA on this worker
-            cold = [LoraLayer(s[0].ref, s[0].path, f"{repeat:04d}{s[0].sha256[4:]}", 0.8) for s in stacks]
-            adapters = LoraAdapters(pipe, capacity=8)
-            samples["cold"].append(_timed(lambda a=adapters, c=cold: a.switch([c[0]])))
-            adapters.switch([cold[1]])
-            samples["switch"].append(_timed(lambda a=adapters, c=cold: a.switch([c[0]])))
+            adapters = LoraAdapters(pipe, capacity=8)  # nothing loaded: the first job with a LoRA on a worker
+            samples["cold"].append(_timed(lambda a=adapters: a.switch(stacks[0])))
+            adapters.switch(stacks[1])
+            samples["switch"].append(_timed(lambda a=adapters: a.switch(stacks[0])))
             samples["step_lora"].append(_step_time(pipe))
             samples["off"].append(_timed(lambda a=adapters: a.switch([])))
             samples["step_base"].append(_step_time(pipe))
-            pipe.delete_adapters([layer.adapter_name for layer in cold])
+            pipe.delete_adapters(list(adapters.loaded))
     result: dict[str, Any] = {"family": family, "repeats": repeats, "rank": rank, "lora_file_bytes": size}
     for name, values in samples.items():
         result[f"{name}_s"] = statistics.median(values)
