@@ -12,6 +12,7 @@ import sys
 
 BENCHES: dict[str, str] = {
     "patch_apply": "switching patches on a resident model vs loading the model",
+    "lora_switch": "switching a resident model's LoRA stack vs reloading the model",
     "sag_step": "Self-Attention Guidance: our patch vs diffusers' SAG pipeline",
     "bulk_feed": "bulk renders: windowed feeding vs publishing every shard",
     "celery_overhead": "farm overhead vs bare Celery: no-op shards vs no-op tasks (Redis, RabbitMQ)",

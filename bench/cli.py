@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +43,15 @@ def prepare_libraries(threads: int | None = None) -> None:
 def write_json(path: Path | None, result: Any) -> None:
     if path:
         path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def per_family(
+    families: list[str], run: Callable[[str], dict[str, Any]], show: Callable[[dict[str, Any]], None], out: Path | None
+) -> list[dict[str, Any]]:
+    """``run(family)`` for each family, each result shown as it comes; all of them written to ``out``."""
+    results = []
+    for family in families:
+        results.append(run(family))
+        show(results[-1])
+    write_json(out, results)
+    return results

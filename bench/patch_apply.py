@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.cli import add_model_options, add_output_options, prepare_libraries, write_json
+from bench.cli import add_model_options, add_output_options, per_family, prepare_libraries
 from farm.model_configs import REAL_UNETS
 
 TINY_PIPELINES = {
@@ -276,13 +276,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     prepare_libraries(args.threads)
     families = ["sd15", "sdxl", "svd"] if args.family == "all" else [args.family]
-    results = []
-    for family in families:
-        result = bench_family(family, args.size, args.device, args.dtype, max(1, args.repeats), tuple(args.patches))
-        print_result(result)
-        results.append(result)
-    write_json(args.json, results)
-    return results
+    repeats, patches = max(1, args.repeats), tuple(args.patches)
+
+    def run(family: str) -> dict[str, Any]:
+        return bench_family(family, args.size, args.device, args.dtype, repeats, patches)
+
+    return per_family(families, run, print_result, args.json)
 
 
 if __name__ == "__main__":

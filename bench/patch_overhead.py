@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.cli import add_model_options, add_output_options, prepare_libraries, write_json
+from bench.cli import add_model_options, add_output_options, per_family, prepare_libraries
 
 FAMILIES = ("sd15", "sdxl", "svd")
 VARIANTS = {
@@ -317,9 +317,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     prepare_libraries(args.threads)
     families = list(FAMILIES) if args.family == "all" else [args.family]
     wanted = tuple(dict.fromkeys(["unpatched", *args.variants]))
-    results = []
-    for family in families:
-        result = bench_family(
+
+    def run(family: str) -> dict[str, Any]:
+        return bench_family(
             family,
             args.size,
             args.device,
@@ -330,10 +330,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             max(1, args.repeats),
             wanted,
         )
-        print_result(result)
-        results.append(result)
-    write_json(args.json, results)
-    return results
+
+    return per_family(families, run, print_result, args.json)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,12 @@ class WorkerSettings(_Section):
         default="auto", description="auto = float16 on cuda, float32 on cpu."
     )
     model_cache_mb: int = Field(default=24_000, ge=1, description="Memory budget for pinned models (LRU).")
+    lora_cache_size: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="LoRA adapters kept loaded per pinned model (LRU; a job's whole stack is always kept).",
+    )
     component_cache_mb: int = Field(
         default=8_000,
         ge=1,

@@ -1,6 +1,6 @@
 """Tiny stand-ins for the components identity jobs use beside a pipeline, fabricated for tests
 and demos (no downloads): IP-Adapter / InstantID checkpoints with a CLIP vision encoder, an
-insightface pack (ONNX detector + recognizer) and a ControlNet (IdentityNet). Each fits the
+insightface pack (ONNX detector + recognizer), a ControlNet (IdentityNet) and LoRAs. Each fits the
 tiny pipelines of :mod:`farm.tiny_models`; heavy imports happen inside the functions.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.errors import UserError
-from farm.tiny_models import CROSS_ATTENTION_DIM, _quiet_saves, _tiny_vision_encoder, tiny_unet
+from farm.tiny_models import CROSS_ATTENTION_DIM, _build_text_pipeline, _quiet_saves, _tiny_vision_encoder, tiny_unet
 
 
 def build_tiny_ip_adapter(
@@ -185,3 +185,42 @@ def build_tiny_controlnet(family: str, out_dir: Path, *, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     controlnet.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+LORA_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def build_tiny_lora(
+    family: str, out_dir: Path, *, seed: int = 0, rank: int = 4, scale: float = 0.5, text_encoder: bool = True
+) -> Path:
+    """A LoRA for the tiny ``family`` model in diffusers' layout
+    (``out_dir/pytorch_lora_weights.safetensors``, written by the pipeline's ``save_lora_weights``):
+    rank ``rank`` on every attention projection of the UNet and, with ``text_encoder``, of the
+    text encoder(s). Its up (B) matrices are random with standard deviation ``scale``, not zero
+    as a fresh LoRA's, so it changes the output. Returns the file."""
+    if family not in ("sd15", "sdxl"):
+        raise UserError(f"family {family!r}: tiny LoRAs exist for sd15 and sdxl")
+    import torch
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = _build_text_pipeline(family, 0)  # layer names and widths are all a LoRA needs
+    generator = torch.Generator().manual_seed(seed + 30)
+    parts = {"unet": LORA_UNET_TARGETS}
+    if text_encoder:
+        parts.update({name: LORA_TEXT_TARGETS for name in ("text_encoder", "text_encoder_2") if hasattr(pipe, name)})
+    layers = {}
+    for name, targets in parts.items():
+        module = getattr(pipe, name)
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights="gaussian")
+        inject_adapter_in_model(config, module, adapter_name="default")
+        with torch.no_grad():
+            for parameter_name, parameter in module.named_parameters():
+                if ".lora_B." in parameter_name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    out_dir = Path(out_dir)
+    type(pipe).save_lora_weights(out_dir, **layers)
+    return out_dir / "pytorch_lora_weights.safetensors"

@@ -11,6 +11,8 @@ by whether the layer sits under ``temporal_transformer_blocks`` (ComfyUI's ``tim
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -21,6 +23,18 @@ MIN_FACTOR, MAX_FACTOR = 0.0, 10.0
 _UNET_PROJECTIONS = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
 _CLIP_PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}
 TEMPORAL_MARKER = ".temporal_transformer_blocks."
+_LORA_B = re.compile(r"\.lora_B\.[^.]+\.weight$")
+
+
+def projection_parameters(ctx: PatchContext, component: str) -> Iterator[tuple[str, str]]:
+    """``(name as in the plain model, actual name)`` of a component's parameters. A projection
+    wrapped by a PEFT LoRA layer keeps its own weight and bias under ``base_layer`` and its LoRA
+    branches' output matrices under ``lora_B.<adapter>``: scaling those too scales the projection
+    with its LoRAs, ``(W + dW) * f`` as ComfyUI computes a multiplier over a LoRA."""
+    for name in ctx.parameter_names(component):
+        plain = _LORA_B.sub(".weight", name.replace(".base_layer.", "."))
+        if ".lora_" not in name or _LORA_B.search(name):  # not the LoRA A matrices
+            yield plain, name
 
 
 class _Factors(Patch):
@@ -41,9 +55,9 @@ def _multiply_projections(
     """Multiply weight and bias of ``{owner}.{projection}`` in ``component`` by the projection's
     factor; returns how many parameters matched."""
     matched = 0
-    for name in ctx.parameter_names(component):
+    for plain, name in projection_parameters(ctx, component):
         for short, projection in projections.items():
-            if name.endswith((f".{owner}.{projection}.weight", f".{owner}.{projection}.bias")):
+            if plain.endswith((f".{owner}.{projection}.weight", f".{owner}.{projection}.bias")):
                 ctx.multiply(name, factors[short])
                 matched += 1
     return matched
@@ -94,13 +108,13 @@ class UNetTemporalAttentionMultiply(_Factors):
 
     def apply(self, ctx: PatchContext) -> None:
         matched = 0
-        for name in ctx.parameter_names("unet"):
+        for plain, name in projection_parameters(ctx, "unet"):
             temporal = TEMPORAL_MARKER in name
             for attn, structural, temporal_factor in (
                 ("attn1", self.self_structural, self.self_temporal),
                 ("attn2", self.cross_structural, self.cross_temporal),
             ):
-                if name.endswith((f".{attn}.to_out.0.weight", f".{attn}.to_out.0.bias")):
+                if plain.endswith((f".{attn}.to_out.0.weight", f".{attn}.to_out.0.bias")):
                     ctx.multiply(name, temporal_factor if temporal else structural)
                     matched += 1
         if not matched:

@@ -33,6 +33,7 @@ from farm.guidance import SelfAttentionGuidanceSpec
 from farm.inputs import ImageRef
 from farm.job_spec import MAX_PATH_CHARS, JobSpec, local_path
 from farm.kinds.base import ItemSource, JobKind, ShardRunner
+from farm.loras import LoraStack
 from farm.spec_problems import problem
 
 MAX_REFERENCES = 16
@@ -170,6 +171,7 @@ class FaceIdentitySpec(JobSpec):
     identity: Identity
     frames: list[ImageRef] | None = Field(default=None, min_length=1, max_length=MAX_FRAMES)
     sag: SelfAttentionGuidanceSpec | None = None
+    loras: LoraStack = Field(default_factory=list, description="LoRAs applied to the model, in order")
 
     def item_axes(self) -> dict[str, int]:
         axes = super().item_axes()

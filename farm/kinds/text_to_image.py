@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import ClassVar, Literal
 
+from pydantic import Field
+
 from farm.guidance import SelfAttentionGuidanceSpec
 from farm.job_spec import JobSpec
 from farm.kinds.base import ItemSource, JobKind, ShardRunner
+from farm.loras import LoraStack
 
 
 class TextToImageSpec(JobSpec):
@@ -22,6 +25,7 @@ class TextToImageSpec(JobSpec):
 
     kind: Literal["text_to_image"] = "text_to_image"
     sag: SelfAttentionGuidanceSpec | None = None
+    loras: LoraStack = Field(default_factory=list, description="LoRAs applied to the model, in order")
 
 
 def prompt_major_items(spec: JobSpec) -> Iterator[ItemSource]:

@@ -48,6 +48,7 @@ class LoadedModel:
     load_seconds: float
     last_used: float = field(default_factory=time.monotonic)
     patcher: Any = None  # patching.ModelPatcher, created when a job first applies patches
+    loras: Any = None  # farm.worker.lora_stack.LoraAdapters, created when a job first has LoRAs
     derived: dict[Any, Any] = field(default_factory=dict)  # pipelines built on it (from_pipe); evicted with it
 
 

@@ -435,7 +435,7 @@ def _render_items(
     fingerprint = ""
     if kind.runtime_applies_patches:  # else the runner adds patches of its own and applies them all
         started = time.perf_counter()
-        fingerprint = apply_job_patches(loaded, spec)
+        fingerprint = apply_job_patches(loaded, spec, res=res)
         timings["patch_s"] = round(time.perf_counter() - started, 4)
     timings["denoise_s"] = timings["upload_s"] = 0.0
     run = ShardRun(

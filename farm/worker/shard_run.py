@@ -66,13 +66,14 @@ class ShardRun:
             "patches": [p.model_dump(mode="json") for p in self.spec.patches],
             "patches_fingerprint": self.patches_fingerprint,
             **({"sag": sag.model_dump()} if (sag := getattr(self.spec, "sag", None)) is not None else {}),
+            **({"loras": self.loaded.loras.recorded()} if getattr(self.spec, "loras", None) else {}),
             **({"memory": self.memory} if self.memory else {}),
         }
 
     def apply_patches(self, extra: list[Any]) -> None:
         """Apply the job's patches plus ``extra`` (for runners that build patches themselves)."""
         started = time.perf_counter()
-        self.patches_fingerprint = apply_job_patches(self.loaded, self.spec, extra)
+        self.patches_fingerprint = apply_job_patches(self.loaded, self.spec, extra, res=self.res)
         self.add_time("patch_s", time.perf_counter() - started)
 
     def progress(self, fraction: float) -> None:
