@@ -19,10 +19,8 @@ from farm.celery_app import CONTROL_QUEUE, MAX_PRIORITY
 from farm.scheduler import ShardDispatch
 from farm.sharding import QUEUES
 from storage.chunking import chunked
-from storage.db import session_scope
 from storage.models import Job, Shard
 from storage.status import ServiceClass
-from storage.transitions import mark_shards_queued
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -137,24 +135,3 @@ def publish_shards(
         publish_shard(app, d.shard_id, d.job_id, d.queue, d.priority, producer=producer, label=labels.get(d.shard_id))
         sent.append(d.shard_id)
     return sent
-
-
-SEND_CHUNK = 500  # shards published, then marked queued, per transaction
-
-
-def send_shards(app: Celery, session_factory: Any, dispatches: Iterable[ShardDispatch], chunk: int = SEND_CHUNK) -> int:
-    """Publish shard messages a chunk at a time, marking each chunk queued once it is on the
-    broker: a publisher killed part-way leaves only the unsent shards PENDING (a restart re-sends
-    at most one chunk twice). ``dispatches`` is read lazily, a chunk at a time, and every message
-    goes out on one producer. Returns how many were sent."""
-
-    total = 0
-    with app.producer_or_acquire() as producer:
-        for batch in chunked(dispatches, chunk):
-            with session_scope(session_factory) as session:
-                labels = shard_labels(session, [d.shard_id for d in batch])
-            sent = publish_shards(app, batch, producer, labels)
-            with session_scope(session_factory) as session:
-                mark_shards_queued(session, sent)
-            total += len(sent)
-    return total

@@ -10,39 +10,27 @@ reason. Importing this module does not import torch.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from farm.job_spec import LOCAL_PATH_PREFIXES, MAX_PATH_CHARS, local_path
+from farm.model_refs import RegistryError, is_registry_ref, parse_registry_ref
 from farm.spec_problems import problem
 
 MAX_LORAS = 8
 MIN_WEIGHT, MAX_WEIGHT = -10.0, 10.0
-REGISTRY_PREFIX = "registry:"
-REGISTRY_REF_RE = re.compile(
-    r"registry:(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})"
-    r"(?:@(?:sha256:(?P<digest>[0-9a-f]{64})|(?P<version>[A-Za-z0-9][A-Za-z0-9._-]{0,63})))?"
-)
 NOT_SAFETENSORS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
-def is_registry_ref(value: str) -> bool:
-    return value.startswith(REGISTRY_PREFIX)
 
 
 def check_lora_ref(value: str) -> str:
     """A LoRA reference as a spec may give it: ``registry:NAME[@VERSION|@sha256:<64 hex>]`` or
     a local path (a ``.safetensors`` file or a folder holding one)."""
     if is_registry_ref(value):
-        if REGISTRY_REF_RE.fullmatch(value) is None or ".." in value:
-            raise problem(
-                (),
-                "must be registry:NAME, registry:NAME@VERSION or registry:NAME@sha256:<64 lowercase hex> "
-                "(NAME and VERSION: letters, digits, . _ -)",
-                value,
-            )
+        try:
+            parse_registry_ref(value)  # the one parser of registry references (the model field's too)
+        except RegistryError as exc:
+            raise problem((), str(exc), value) from None
         return value
     if not value.startswith(LOCAL_PATH_PREFIXES):
         reason = "must be registry:NAME[@VERSION] or a local path on the workers (absolute, or starting with ./ ../ ~/)"

@@ -52,6 +52,9 @@ PIPELINE_CLASSES = {
 }
 
 
+PIPELINE, LORA = "pipeline", "lora"  # what a manifest holds
+
+
 @dataclass(frozen=True)
 class ManifestRef:
     """One version of a registered model: its name, version, manifest digest and manifest."""
@@ -69,6 +72,11 @@ class ManifestRef:
     @property
     def family(self) -> str:
         return str(self.manifest["family"])
+
+    @property
+    def kind(self) -> str:
+        """``pipeline`` (a job's ``model``) or ``lora`` (one of a job's ``loras``)."""
+        return str(self.manifest.get("kind", PIPELINE))
 
     @property
     def size(self) -> int:
@@ -163,18 +171,35 @@ def resolve_model_ref(store: ObjectStore, ref: str) -> ManifestRef:
 
 
 def pin_spec_model(spec: Any, store: ObjectStore) -> Any:
-    """``spec`` with a ``registry:`` model replaced by its exact manifest (``registry:NAME@sha256:
-    <digest>``), checked against the spec's family; :class:`SpecError` on field ``model`` when
-    the reference cannot be resolved. Any other model is left as it is."""
-    if not is_registry_ref(spec.model):
-        return spec
+    """``spec`` with a ``registry:`` model, and ``registry:`` LoRAs of its ``loras``, replaced by
+    their exact manifests (``registry:NAME@sha256:<digest>``), each checked against the spec's
+    family; :class:`SpecError` on the field (``model``, ``loras.N.model``) when a reference cannot
+    be resolved. Local paths are left as they are."""
+    update: dict[str, Any] = {}
+    if is_registry_ref(spec.model):
+        update["model"] = _pinned(store, spec.model, spec.family, ("model",), PIPELINE)
+    loras = getattr(spec, "loras", None) or []
+    if any(is_registry_ref(lora.model) for lora in loras):
+        update["loras"] = [
+            lora.model_copy(update={"model": _pinned(store, lora.model, spec.family, ("loras", i, "model"), LORA)})
+            if is_registry_ref(lora.model)
+            else lora
+            for i, lora in enumerate(loras)
+        ]
+    return spec.model_copy(update=update) if update else spec
+
+
+def _pinned(store: ObjectStore, ref: str, family: str, field: tuple, kind: str) -> str:
     try:
-        ref = resolve_model_ref(store, spec.model)
+        found = resolve_model_ref(store, ref)
     except RegistryError as exc:
-        raise SpecError([("model", str(exc))]) from None
-    if ref.family != spec.family:
-        raise SpecError([("model", f"{spec.model} is a {ref.family} model, but the job's family is {spec.family}")])
-    return spec.model_copy(update={"model": ref.pinned})
+        raise SpecError([(field, str(exc))]) from None
+    if found.kind != kind:
+        where = "a job's loras" if found.kind == LORA else "a job's model"
+        raise SpecError([(field, f"{ref} is a {found.kind}: it goes in {where}")])
+    if found.family != family:
+        raise SpecError([(field, f"{ref} is a {found.family} model, but the job's family is {family}")])
+    return found.pinned
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -210,10 +235,19 @@ def push_model(
     progress: Callable[[int], None] | None = None,
 ) -> PushResult:
     """Hash every file of ``folder`` (streamed; ``progress`` gets byte counts), upload the blobs
-    the store lacks, then write a new version's manifest and pointer (versions never change)."""
+    the store lacks, then write a new version's manifest and pointer (versions never change).
+    ``folder`` is a diffusers pipeline (``model_index.json``), or a LoRA: a folder without one
+    that holds ``.safetensors`` weights (its ``family`` must be given; its manifest says
+    ``"kind": "lora"``, and only a job's ``loras`` may name it)."""
     validate_part(name, "name")
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
+    lora = not (folder / "model_index.json").is_file()
+    if lora and (family is None or not any(p.suffix == ".safetensors" for p in folder.iterdir())):
+        raise UserError(
+            f"{folder}: no model_index.json; not a diffusers pipeline folder "
+            "(a LoRA folder holds its .safetensors file: give its --family)"
+        )
     family = family or detect_family(folder)
     if family not in PIPELINE_CLASSES:
         raise UserError(f"family: {family!r} is not one of {', '.join(PIPELINE_CLASSES)}")
@@ -229,8 +263,6 @@ def push_model(
         if not store.exists(model_blob_key(digest)):
             store.put_file(model_blob_key(digest), path, content_type="application/octet-stream")
             uploaded, uploaded_bytes = uploaded + 1, uploaded_bytes + size
-    if not any(f["path"] == "model_index.json" for f in files):
-        raise UserError(f"{folder}: no model_index.json; not a diffusers pipeline folder")
     known = versions(store, name)
     version = str(int(known[-1]) + 1 if known else 1)
     while store.exists(model_version_key(name, version)):  # another push took it meanwhile
@@ -240,7 +272,7 @@ def push_model(
         "name": name,
         "version": version,
         "family": family,
-        "pipeline_class": PIPELINE_CLASSES[family],
+        **({"kind": LORA} if lora else {"pipeline_class": PIPELINE_CLASSES[family]}),
         "files": files,
         "created_by": f"{getpass.getuser()}@{socket.gethostname()}",
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

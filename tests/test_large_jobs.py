@@ -1,7 +1,8 @@
-"""Large jobs through real control workers: a 70,000-shard job on Postgres + Redis is scheduled
-once (one message per shard) and answers status and cancel with a summary; a scheduler SIGKILLed
-mid-publish on RabbitMQ re-sends at most one chunk. No GPU worker: nothing is rendered. Times are
-measured and reported in the fault table, not asserted."""
+"""Large jobs through real control workers: a 70,000-shard job on Postgres + Redis is split once
+(every shard PENDING in the database, only the queue's window on the broker) and answers status
+and cancel with a summary; a scheduler SIGKILLed while it splits a job on RabbitMQ leaves no
+duplicate shard and no flood of messages. No GPU worker: nothing is rendered. Times are measured
+and reported in the fault table, not asserted."""
 
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ import pytest
 from sqlalchemy import func, select
 
 from farm.celery_app import MAX_PRIORITY
-from farm.dispatch import SEND_CHUNK
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Job, Shard
 from tests.fixtures.farm import ROOT
 from tests.fixtures.services import wait_for
 
 GPU_QUEUE = "farm.gpu.sd15"
+WINDOW = 2  # scheduling.window_per_queue (the default), and no live GPU worker on the queue
 
 
 def big_spec(shards: int) -> dict:
@@ -78,8 +79,8 @@ def test_a_70000_shard_job_is_scheduled_once_and_summarized(
         "Resource faults",
         f"a job of {shards:,} single-item shards (Postgres, Redis)",
         "submit 10 prompts x 7,000 seeds with shard_size 1; one control worker, no GPU worker",
-        "scheduled once: every shard QUEUED, one message per shard, job RUNNING; status and cancel "
-        "answer with counts and a few shards unless every shard is asked for",
+        "split once: every shard in the database, only the window's messages on the broker, job RUNNING; "
+        "status and cancel answer with counts and a few shards unless every shard is asked for",
     )
     farm = farm_factory(broker=redis_url, db_url=pg_database_factory())
     engine = make_engine(farm.settings().database_url)
@@ -92,32 +93,28 @@ def test_a_70000_shard_job_is_scheduled_once_and_summarized(
         with farm.client() as client:
             started = time.perf_counter()
             job_id = client.submit(big_spec(shards))
-            wait_for(
-                lambda: job_status(factory, job_id) == "running" and "pending" not in by_status(factory, job_id),
-                600,
-                "every shard queued",
-                interval=1.0,
-            )
+            expected = {"queued": WINDOW, "pending": shards - WINDOW}
+            wait_for(lambda: by_status(factory, job_id) == expected, 600, "the job split", interval=1.0)
             scheduled_s = time.perf_counter() - started
             control.stop()  # nothing else to do; the cancel's finalize message is not consumed
             messages = sum(broker.llen(k) for k in keys) - before
-            assert by_status(factory, job_id) == {"queued": shards}
-            assert messages == shards
+            assert messages == WINDOW  # the broker holds the window, the database the rest
             assert job_status(factory, job_id) == "running"
 
             summary, get_s = timed(lambda: client.get(job_id))
-            assert summary["shards_total"] == shards and summary["shards_by_status"] == {"queued": shards}
+            assert summary["shards_total"] == shards and summary["shards_by_status"] == expected
             assert 0 < len(summary["shards"]) == summary["shards_listed"] <= 20
             everything, all_s = timed(lambda: client.get(job_id, shards="all"))
             assert len(everything["shards"]) == shards
 
             shown, status_s = timed(lambda: _farm(farm, "status", str(job_id)))
             assert shown.returncode == 0, shown.stderr
-            assert f"of {shards:,} shards" in shown.stdout and f"{shards:,} queued" in shown.stdout
+            assert f"of {shards:,} shards" in shown.stdout and f"{shards - WINDOW:,} pending" in shown.stdout
 
             listed, listed_s = timed(lambda: _farm(farm, "status", str(job_id), "--shards", "all"))
             assert listed.returncode == 0, listed.stderr
-            assert sum("\tqueued\t" in line for line in listed.stdout.splitlines()) == shards
+            lines = listed.stdout.splitlines()
+            assert sum("\tqueued\t" in line or "\tpending\t" in line for line in lines) == shards
 
             cancelled, cancel_s = timed(lambda: client.cancel(job_id))
             assert cancelled["status"] == "cancelled" and cancelled["shards_by_status"] == {"cancelled": shards}
@@ -128,7 +125,7 @@ def test_a_70000_shard_job_is_scheduled_once_and_summarized(
         engine.dispose()
     summary_kb, all_mb = len(json.dumps(summary)) / 1e3, len(json.dumps(everything)) / 1e6
     row.observed = (
-        f"submit to every shard queued {scheduled_s:.1f} s; {messages:,} messages on {GPU_QUEUE} for "
+        f"submit to the job split {scheduled_s:.1f} s; {messages:,} messages on {GPU_QUEUE} for "
         f"{shards:,} shards; client.get {get_s:.2f} s ({summary_kb:.1f} KB JSON, {summary['shards_listed']} "
         f"shards listed; shards='all' {all_s:.2f} s, {all_mb:.1f} MB); `farm status JOB` {status_s:.2f} s "
         f"wall with interpreter start, {len(shown.stdout) / 1e3:.1f} KB printed (--shards all {listed_s:.1f} s, "
@@ -146,7 +143,7 @@ def _farm(farm, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_scheduler_killed_mid_publish_resends_at_most_one_chunk(
+def test_a_scheduler_killed_while_it_splits_a_job_leaves_no_duplicates(
     farm_factory, pg_database_factory, rabbitmq_url, fault_table
 ) -> None:
     from kombu import Connection
@@ -154,26 +151,27 @@ def test_a_scheduler_killed_mid_publish_resends_at_most_one_chunk(
     shards = 10_000
     row = fault_table.row(
         "Worker death",
-        f"scheduler SIGKILLed mid-publish ({shards:,} shards, RabbitMQ)",
-        "SIGKILL the control worker once part of the job's shards are queued; a second control worker starts",
-        f"the redelivered scheduling message sends only the shards still pending: at most one chunk "
-        f"({SEND_CHUNK}) of duplicates, no shard without a message, every shard QUEUED",
+        f"scheduler SIGKILLed while it splits a job ({shards:,} shards, RabbitMQ)",
+        "SIGKILL the control worker as it takes the scheduling message; a second control worker starts",
+        "the redelivered scheduling message splits the job once: every shard once in the database, the "
+        "queue's window on the broker (a duplicate of it at most), nothing more",
     )
     farm = farm_factory(broker=rabbitmq_url, db_url=pg_database_factory())
     engine = make_engine(farm.settings().database_url)
     factory = make_session_factory(engine)
     try:
-        first = farm.start_worker(["farm.control"], name="publisher-1")
+        first = farm.start_worker(["farm.control"], name="splitter-1")
         with farm.client() as client:
             job_id = client.submit(big_spec(shards))
-        wait_for(
-            lambda: by_status(factory, job_id).get("queued", 0) >= 3 * SEND_CHUNK, 300, "3 chunks queued", interval=0.05
-        )
+        time.sleep(0.3)  # the split is one transaction: killed in it, nothing of it stays
         first.kill()
         at_kill = by_status(factory, job_id)
-        assert at_kill.get("pending", 0) > 0, f"publishing ended before the kill: {at_kill}"
-        farm.start_worker(["farm.control"], name="publisher-2")
-        wait_for(lambda: by_status(factory, job_id) == {"queued": shards}, 300, "every shard queued", interval=0.5)
+        farm.start_worker(["farm.control"], name="splitter-2")
+        expected = {"queued": WINDOW, "pending": shards - WINDOW}
+        wait_for(lambda: by_status(factory, job_id) == expected, 300, "the job split", interval=0.5)
+        with session_scope(factory) as session:
+            indexes = session.scalar(select(func.count(func.distinct(Shard.index))).where(Shard.job_id == job_id))
+        assert indexes == shards
 
         with Connection(rabbitmq_url) as conn:
             channel = conn.channel()
@@ -183,14 +181,13 @@ def test_a_scheduler_killed_mid_publish_resends_at_most_one_chunk(
 
             settled = wait_for(lambda: (lambda a: a == depth() and a)(depth()), 30, "a settled queue depth")
             try:
-                duplicates = settled - shards
-                assert 0 <= duplicates <= SEND_CHUNK, (settled, at_kill)
+                assert WINDOW <= settled <= 2 * WINDOW, (settled, at_kill)
             finally:
                 channel.queue_purge(GPU_QUEUE)  # the session's vhost serves later tests
     finally:
         engine.dispose()
     row.observed = (
-        f"killed with {at_kill.get('queued', 0):,} queued and {at_kill.get('pending', 0):,} pending; after the restart "
-        f"{settled:,} messages for {shards:,} shards: {duplicates} duplicates (chunk {SEND_CHUNK}), every shard queued"
+        f"killed with {sum(at_kill.values()):,} shards in the database; after the restart {shards:,} shards, "
+        f"each index once, {settled} messages on the broker (window {WINDOW})"
     )
     print(row.observed)

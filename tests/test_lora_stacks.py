@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from farm.job_spec import SpecError
 from farm.specs import parse_spec
 from tests.fixtures.farm import text_job
 from tests.test_specs import problems_of
@@ -24,7 +25,7 @@ def test_loras_round_trip_and_registry_refs() -> None:
         {"model": "/models/loras/ink.safetensors", "weight": 0.8},
         {"model": "./loras/folder"},
         {"model": "registry:ink"},
-        {"model": "registry:ink-style@v2"},
+        {"model": "registry:ink-style@2"},
         {"model": f"registry:ink_style.x@sha256:{HEX}", "weight": -1.5},
     ]
     spec = parse_spec({**BASE, "loras": loras})
@@ -39,8 +40,9 @@ def test_loras_round_trip_and_registry_refs() -> None:
         ([{"model": "/l/a.safetensors", "weight": 10.5}], "loras[0].weight", "less than or equal to 10"),
         ([{"model": "/l/a.ckpt"}], "loras[0].model", "only from .safetensors"),
         ([{"model": "loras/a.safetensors"}], "loras[0].model", "registry:NAME[@VERSION] or a local path"),
-        ([{"model": "registry:a@sha256:ABC"}], "loras[0].model", "registry:NAME@sha256:<64 lowercase hex>"),
-        ([{"model": "registry:../x"}], "loras[0].model", "registry:NAME"),
+        ([{"model": "registry:a@sha256:ABC"}], "loras[0].model", "is not a SHA-256 digest"),
+        ([{"model": "registry:../x"}], "loras[0].model", "name: '../x' is not allowed"),
+        ([{"model": "registry:ink@v2"}], "loras[0].model", "'v2' is not a version number"),
         ([{"model": "/l/a\n.safetensors"}], "loras[0].model", "control characters"),
         ([{"model": "/a"}, {"model": "/b"}, {"model": "/a"}], "loras[2].model", "duplicate of loras[0].model"),
         ([{"model": f"/l/{i}.safetensors"} for i in range(9)], "loras", "at most 8"),
@@ -75,8 +77,8 @@ def test_lora_file_finds_the_weights(tmp_path: Path) -> None:
         lora_file(str(two))
     with pytest.raises(LoraUnavailable, match="no such file or folder on worker host"):
         lora_file(str(tmp_path / "missing.safetensors"))
-    with pytest.raises(LoraUnavailable, match="registry references are not supported by this worker yet"):
-        lora_file("registry:ink@v2")
+    with pytest.raises(LoraUnavailable, match="a registry reference needs a worker's model cache"):
+        lora_file("registry:ink@2")
 
 
 # -- the worker ----------------------------------------------------------------------------------
@@ -183,6 +185,32 @@ def test_lora_jobs_match_diffusers_and_the_base_comes_back_exactly(tiny_models, 
     _run(worker, text_job(model, **ONE, output_prefix="clay", loras=[{"model": str(loras["clay"]), "weight": 1.0}]))
     adapters = worker.res.model_cache().get(str(model), "sd15").loras
     assert list(adapters.loaded) == [adapters.active[0].adapter_name]  # the cache holds one: ink was evicted
+
+
+def test_a_registry_lora_is_pinned_at_submit_and_renders_as_its_file(tiny_models, in_process_worker, loras) -> None:
+    """``registry:NAME`` in ``loras`` resolves (at submit, with the model's own resolver) to the
+    exact manifest, which the worker materialises into its host cache: same bytes, same images."""
+    from farm.model_registry import pin_spec_model, push_model
+    from farm.specs import parse_spec
+
+    model = tiny_models["sd15"]
+    worker = in_process_worker()
+    pushed = push_model(worker.res.store, loras["ink"].parent, "ink", "sd15")
+    by_path = _run(worker, text_job(model, **ONE, output_prefix="path", loras=[{"model": str(loras["ink"])}]))
+    spec = pin_spec_model(
+        parse_spec(text_job(model, **ONE, output_prefix="reg", loras=[{"model": "registry:ink"}])), worker.res.store
+    )
+    assert spec.loras[0].model == f"registry:ink@sha256:{pushed.ref.digest}"
+    by_registry = _run(worker, spec.model_dump(mode="json"))
+    assert _images(by_registry) == _images(by_path)
+    assert by_registry[0][0]["loras"][0]["sha256"] == by_path[0][0]["loras"][0]["sha256"]
+    with pytest.raises(SpecError, match="no model 'nothing' in the registry"):
+        pin_spec_model(parse_spec(text_job(model, **ONE, loras=[{"model": "registry:nothing"}])), worker.res.store)
+    with pytest.raises(SpecError, match="registry:ink is a lora: it goes in a job's loras"):
+        pin_spec_model(parse_spec(text_job("registry:ink", **ONE)), worker.res.store)
+    xl = text_job(tiny_models["sdxl"], family="sdxl", **ONE, loras=[{"model": "registry:ink"}])
+    with pytest.raises(SpecError, match="is a sd15 model, but the job's family is sdxl"):
+        pin_spec_model(parse_spec(xl), worker.res.store)
 
 
 def test_loras_with_multipliers_and_sag_unpatch_exactly(tiny_models, in_process_worker, loras) -> None:

@@ -42,7 +42,9 @@ def _mb(size: int) -> str:
 
 
 def push(
-    folder: Path = typer.Argument(..., help="A diffusers pipeline folder (with model_index.json)."),
+    folder: Path = typer.Argument(
+        ..., help="A diffusers pipeline folder (with model_index.json), or a LoRA's folder (give --family)."
+    ),
     name: str = typer.Option(..., "--name", help="Registry name (A-Z a-z 0-9 . _ -)."),
     family: str | None = typer.Option(None, "--family", help="sd15, sdxl or svd (default: from model_index.json)."),
 ) -> None:

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from farm.errors import FarmError, UserError
-from farm.loras import is_registry_ref
+from farm.model_refs import RegistryError, is_registry_ref, parse_registry_ref
+from farm.model_registry import resolve_model_ref
 from farm.worker.model_cache import _first_line, missing_path_message
 
 LORA_FILE_NAMES = ("pytorch_lora_weights.safetensors",)  # preferred in a folder (diffusers' own name)
@@ -67,14 +68,22 @@ class LoraLayer:
 
 
 def lora_file(ref: str, res: Any = None) -> Path:
-    """The ``.safetensors`` file a spec's LoRA ``ref`` names on this worker. ``res``: the worker's
-    resources (a registry ref will be materialised through them)."""
+    """The ``.safetensors`` file a spec's LoRA ``ref`` names on this worker. A registry reference
+    (pinned to its manifest at submit) is materialised into this host's model cache through the
+    worker's resources ``res`` (downloaded once per host, verified: :mod:`farm.worker.model_store`)."""
     if is_registry_ref(ref):
-        raise LoraUnavailable(
-            f"LoRA {ref!r}: model registry references are not supported by this worker yet; "
-            "give a .safetensors path on the workers"
-        )
-    path = Path(ref).expanduser()
+        if res is None:
+            raise LoraUnavailable(f"LoRA {ref!r}: a registry reference needs a worker's model cache")
+        try:
+            digest = parse_registry_ref(ref).digest or resolve_model_ref(res.store, ref).digest
+        except RegistryError as exc:
+            raise LoraUnavailable(f"LoRA {ref!r}: {exc}") from None
+        return _file_in(ref, res.host_models().materialise(digest))
+    return _file_in(ref, Path(ref).expanduser())
+
+
+def _file_in(ref: str, path: Path) -> Path:
+    """The LoRA file ``path`` is, or the one ``.safetensors`` file of the folder ``path`` is."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".safetensors")
         preferred = [p for p in files if p.name in LORA_FILE_NAMES]
