@@ -14,6 +14,7 @@ BENCHES: dict[str, str] = {
     "patch_apply": "switching patches on a resident model vs loading the model",
     "sag_step": "Self-Attention Guidance: our patch vs diffusers' SAG pipeline",
     "bulk_feed": "bulk renders: windowed feeding vs publishing every shard",
+    "package": "dataset packaging (WebDataset, Parquet) vs plain tarfile writing, rows/s and peak memory",
     "celery_overhead": "farm overhead vs bare Celery: no-op shards vs no-op tasks (Redis, RabbitMQ)",
     "farm_vs_diffusers": "N images through one farm worker vs a plain diffusers loop",
     "patch_overhead": "step time with each patch applied vs unpatched; our IP-Adapter vs diffusers'",
