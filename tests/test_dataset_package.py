@@ -81,22 +81,17 @@ def check_manifest_sha256(folder: Path) -> dict:
 
 def test_webdataset_package_reads_back_and_lists_failed_rows(farm_db, tmp_path: Path) -> None:
     factory, store = farm_db
-    fabricate_bulk(factory, store, "night", 120, image_side=16, failed_shards=(1,))  # render shards of 100
+    fabricate_bulk(factory, store, "night", 200, image_side=16, failed_shards=(1,))  # render shards of 100
     out = tmp_path / "pkg"
     report = package_bulk(factory, store, "night", "webdataset", 30, str(out))
-    assert (report["new_shards"], report["new_rows"], report["packaged"], report["failed"], report["pending"]) == (
-        4,
-        100,
-        100,
-        20,
-        0,
-    )
+    counts = (report["new_shards"], report["new_rows"], report["packaged"], report["failed"], report["pending"])
+    assert counts == (4, 100, 100, 100, 0)
     samples = read_webdataset(out)
     rows = database_rows(factory, "night")
     assert len(samples) == len(rows) == 100 and {s["json"]["row_id"] for s in samples} == set(rows)
     check_against_database(samples, rows)
     manifest = check_manifest_sha256(out)
-    failed_ids = {f"r{i:07d}" for i in range(100, 120)}
+    failed_ids = {f"r{i:07d}" for i in range(100, 200)}
     assert {row["row_id"] for row in manifest["failed"]} == failed_ids
     assert all("injected fault" in row["reason"] for row in manifest["failed"])
     # The failed rows are in the stats of the shard their ids fall in (after the last rendered
@@ -109,7 +104,7 @@ def test_webdataset_package_reads_back_and_lists_failed_rows(farm_db, tmp_path: 
             members.update(tar.getnames())
     assert not any(m.split(".")[0] in failed_ids for m in members)
     card = (out / "README.md").read_text()
-    assert "| failed | 20 " in card and "/models/sd15" in card and "`model_hash`" in card
+    assert "| failed | 100 " in card and "/models/sd15" in card and "`model_hash`" in card
 
 
 def test_failed_rows_between_rendered_ones_go_into_that_shards_stats(farm_db, tmp_path: Path) -> None:
