@@ -277,3 +277,41 @@ def test_cli_package_prints_what_it_did(farm_factory, tmp_path: Path) -> None:
     assert result.returncode == 0 and (folder / "00000.parquet").exists() and (folder / "README.md").exists()
     bad = _farm_cli(farm, "bulk", "package", "nope", "--format", "webdataset")
     assert bad.returncode != 0 and "no bulk job 'nope'" in " ".join((bad.stdout + bad.stderr).split())
+
+
+def test_the_nightly_package_step_runs_at_the_window_end(tmp_path: Path) -> None:
+    """``bulk.schedules[].package``: a beat entry at ``window_end`` sends ``farm.package_bulk``,
+    which extends each package with the rows rendered since (here: two nights)."""
+    from pydantic import ValidationError
+
+    from farm.beat import beat_schedule, package_scheduled_bulk
+    from farm.settings import FarmSettings
+    from farm.worker.resources import WorkerResources
+
+    entry = {"name": "nightly", "base": "b.yaml", "manifest": "m.jsonl", "at": "02:00", "window_end": "06:00",
+             "package": [{"format": "webdataset", "shard_size": 20},
+                         {"format": "files", "shard_size": 50, "out": str(tmp_path / "files")}]}  # fmt: skip
+    settings = FarmSettings(_env_file=None, data_dir=tmp_path / "data", bulk={"schedules": [entry]})
+    package_entry = beat_schedule(settings)["farm-bulk-nightly-package"]
+    assert (package_entry["task"], package_entry["args"], package_entry["schedule"].at) == (
+        "farm.package_bulk",
+        ["nightly"],
+        "06:00",
+    )
+    with pytest.raises(ValidationError, match="package needs window_end"):
+        FarmSettings(_env_file=None, bulk={"schedules": [{**entry, "window_end": None}]})
+    migrate.upgrade(settings.database_url)
+    res = WorkerResources.create(settings, name="control")
+    try:
+        fabricate_bulk(res.session_factory, res.store, "nightly", 30, image_side=8)
+        first = package_scheduled_bulk(res, "nightly")
+        assert [(p["format"], p["new_shards"], p["packaged"]) for p in first["packages"]] == [
+            ("webdataset", 2, 30),
+            ("files", 1, 30),
+        ]
+        fabricate_bulk(res.session_factory, res.store, "nightly", 70, image_side=8)  # the next night
+        second = package_scheduled_bulk(res, "nightly")
+        assert [(p["new_shards"], p["new_rows"], p["shards"]) for p in second["packages"]] == [(2, 40, 4), (1, 40, 2)]
+        assert res.store.exists("packages/nightly/webdataset/00003.tar")
+    finally:
+        res.close()
