@@ -154,11 +154,14 @@ def test_a_shard_an_interrupted_run_wrote_but_never_listed_is_written_again(farm
 
     with pytest.raises(KeyboardInterrupt):
         package_bulk(factory, store, "killed", "webdataset", 30, str(out), on_shard=die_after_the_second)
-    assert not (out / "manifest.json").exists() and (out / "00001.tar").exists()  # committed, not listed
+    listed = [s["name"] for s in json.loads((out / "manifest.json").read_text())["shards"]]
+    assert listed == ["00000.tar"] and (out / "00001.tar").exists()  # the second: committed, not listed
+    shard0 = (out / "00000.tar").stat().st_mtime_ns
     (out / "00001.tar").write_bytes(b"half a tar")  # as if it had been cut short
     (out / ".tmp-leftover").mkdir()  # a scratch folder of a killed writer
     resumed = package_bulk(factory, store, "killed", "webdataset", 30, str(out))
-    assert (resumed["removed_unlisted"], resumed["new_shards"], resumed["packaged"]) == (4, 3, 90)
+    assert (resumed["removed_unlisted"], resumed["new_shards"], resumed["packaged"]) == (2, 2, 90)
+    assert (out / "00000.tar").stat().st_mtime_ns == shard0
     assert not (out / ".tmp-leftover").exists()
     check_manifest_sha256(out)
     assert len(read_webdataset(out)) == 90

@@ -11,7 +11,8 @@ Incremental: ``manifest.json`` lists each finished shard with its sha256, size, 
 counts. Packaging again writes new shards from the rows no listed shard holds and never touches
 a listed shard. A shard is listed only after it was committed whole (see
 :mod:`farm.datasets.targets`); one a killed run wrote but did not list is removed and written
-again. The manifest is rewritten at most every ``flush_every_s`` seconds and at the end.
+again. The manifest is rewritten after the first shard, then at most every ``flush_every_s``
+seconds, and at the end.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def package_bulk(
     target.sweep()
     removed = _remove_unlisted(target, manifest)
     rows = _todo(session_factory, bulk_id, failures, manifest)
-    started, flushed = time.monotonic(), time.monotonic()
+    started, flushed = time.monotonic(), float("-inf")  # the first shard is listed at once
     new: list[dict[str, Any]] = []
     unreadable: list[FailedRow] = []
     while True:
