@@ -112,3 +112,18 @@ def test_farm_vs_diffusers_bench_runs(tmp_path: Path) -> None:
     assert result["farm_over_direct"] > 0
     assert result["max_pixel_diff"] <= 2  # the same images both ways
     assert "farm / diffusers" in printed
+
+
+@pytest.mark.slow
+def test_package_bench_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.package import main
+
+    out = tmp_path / "package.json"
+    result = main(["--rows", "120", "--shard-size", "50", "--image-side", "8", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    (row,) = result["results"]
+    runs = row["runs"]
+    assert set(runs) == {"baseline", "webdataset", "again", "parquet"}
+    assert runs["baseline"]["rows"] == runs["webdataset"]["rows"] == runs["parquet"]["rows"] == 120
+    assert runs["again"]["rows"] == 120 and all(run["peak_kib"] > 0 for run in runs.values())
+    assert "time/baseline" in capsys.readouterr().out
