@@ -229,6 +229,11 @@ def test_refusals_name_the_option(farm_db, tmp_path: Path) -> None:
     package_bulk(factory, store, "x", "webdataset", 10, str(tmp_path / "a"))
     with pytest.raises(UserError, match="holds the webdataset package of bulk job 'x'; give another --out"):
         package_bulk(factory, store, "x", "parquet", 10, str(tmp_path / "a"))
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "00000.tar").write_bytes(b"someone else's shard")
+    with pytest.raises(UserError, match="is not empty and holds no package"):
+        package_bulk(factory, store, "x", "webdataset", 10, str(tmp_path / "theirs"))
+    assert (tmp_path / "theirs" / "00000.tar").read_bytes() == b"someone else's shard"
     assert isinstance(UserError("x"), ValueError)
 
 

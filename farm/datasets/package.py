@@ -87,8 +87,16 @@ def _digest(path: Path) -> tuple[str, int]:
 def _load_manifest(target: FolderTarget | StoreTarget, name: str, format: str) -> dict[str, Any]:
     data = target.read(MANIFEST)
     if data is None:
+        if next(iter(target.names()), None) is not None:  # never remove what another tool wrote there
+            raise UserError(
+                f"--out: {target.describe()} is not empty and holds no package (no {MANIFEST}); "
+                "give an empty or new folder or key"
+            )
         now = utcnow().isoformat()
-        return {"manifest_version": MANIFEST_VERSION, "name": name, "format": format, "created_at": now, "shards": []}
+        manifest = {"manifest_version": MANIFEST_VERSION, "name": name, "format": format, "created_at": now}
+        manifest["shards"] = []
+        target.write(MANIFEST, json.dumps(manifest).encode())  # the folder is the package's from now on
+        return manifest
     manifest = json.loads(data)
     if (manifest.get("name"), manifest.get("format")) != (name, format):
         raise UserError(
@@ -214,8 +222,8 @@ def package_bulk(
         failures = failed_rows(session, bulk_id)
         rendered_total = count_rendered(session, bulk_id)
     target = open_target(out or default_out(name, format), store)
-    manifest = _load_manifest(target, name, format)
     target.sweep()
+    manifest = _load_manifest(target, name, format)
     removed = _remove_unlisted(target, manifest)
     rows = _todo(session_factory, bulk_id, failures, manifest)
     started, flushed = time.monotonic(), float("-inf")  # the first shard is listed at once
