@@ -95,6 +95,7 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         "## Layout",
         "",
         layout,
+        "",
         "Each shard `NNNNN` has `NNNNN_stats.json` (successes, failures with reasons, bytes, models, "
         "render dates); `manifest.json` lists every shard with its sha256, size and row ids.",
         "",
