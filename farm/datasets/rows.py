@@ -76,7 +76,20 @@ class FailedRow:
         return {"row_id": self.row_id, "key": self.key, "reason": self.reason}
 
 
-def _rendered(artifact: Artifact) -> RenderedRow:
+_COLUMNS = (
+    Artifact.key,
+    Artifact.sha256,
+    Artifact.size_bytes,
+    Artifact.content_type,
+    Artifact.seed,
+    Artifact.model_hash,
+    Artifact.params,
+    Artifact.created_at,
+)
+
+
+def _rendered(artifact: Any) -> RenderedRow:
+    """A :class:`RenderedRow` from a row of :data:`_COLUMNS` (plain rows: no ORM objects to build)."""
     params = dict(artifact.params or {})
     row_id = str(params.get("row_id") or artifact.key.rsplit("/", 1)[-1].rsplit(".", 1)[0])
     return RenderedRow(
@@ -99,8 +112,8 @@ def rendered_rows(session_factory: Any, bulk_id: uuid.UUID, after: str = "") -> 
         with session_scope(session_factory) as session:
             page = [
                 _rendered(a)
-                for a in session.scalars(
-                    select(Artifact)
+                for a in session.execute(
+                    select(*_COLUMNS)
                     .join(Job, Job.id == Artifact.job_id)
                     .where(Job.bulk_id == bulk_id, Artifact.key > after)
                     .order_by(Artifact.key)
