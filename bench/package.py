@@ -17,7 +17,7 @@ run: rows/s, seconds, peak RSS (``VmHWM``, reset after the imports through
 ``/proc/self/clear_refs``: ``ru_maxrss`` would carry the parent's peak across fork) and its growth
 over the RSS after imports (the memory packaging itself took), and the ratio to the baseline.
 
-    python -m bench package --rows 10000 100000
+    python -m bench package --rows 10000 100000 --repeats 2
     python -m bench package --rows 200 --image-side 16      # a quick check
 
 ``--json FILE`` writes the figures.
@@ -31,6 +31,7 @@ import io
 import json
 import random
 import resource
+import shutil
 import struct
 import subprocess
 import sys
@@ -232,7 +233,7 @@ def _measure(mode: str, db: str, store: Path, name: str, out: Path, shard_size: 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench(tmp: Path, rows: int, shard_size: int, image_side: int) -> dict[str, Any]:
+def bench(tmp: Path, rows: int, shard_size: int, image_side: int, repeats: int = 1) -> dict[str, Any]:
     from storage import migrate
     from storage.db import make_engine, make_session_factory
 
@@ -248,10 +249,20 @@ def bench(tmp: Path, rows: int, shard_size: int, image_side: int) -> dict[str, A
     engine.dispose()
     fabricate_s = time.perf_counter() - started
     _warm(folder / "objects")
-    runs = {}
-    for mode, out in (("baseline", "plain"), ("webdataset", "wds"), ("again", "wds"), ("parquet", "parquet")):
-        runs[mode] = _measure(mode, db, folder / "objects", name, folder / out, shard_size)
+    runs: dict[str, dict[str, Any]] = {}
+    for _ in range(max(1, repeats)):  # the fastest of the repeats (the host is shared), the largest peak
+        for mode, out in (("baseline", "plain"), ("webdataset", "wds"), ("again", "wds"), ("parquet", "parquet")):
+            run = _measure(mode, db, folder / "objects", name, folder / out, shard_size)
+            best = runs.setdefault(mode, run)
+            best["seconds"] = min(best["seconds"], run["seconds"])
+            best["peak_kib"], best["growth_kib"] = (
+                max(best["peak_kib"], run["peak_kib"]),
+                max(best["growth_kib"], run["growth_kib"]),
+            )
+        for out in ("plain", "wds", "parquet"):
+            shutil.rmtree(folder / out, ignore_errors=True)
     result = {"rows": rows, "image_side": image_side, "shard_size": shard_size, "fabricate_s": fabricate_s, **made}
+    result["repeats"] = max(1, repeats)
     result["runs"] = runs
     return result
 
@@ -277,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--image-side", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each mode; the fastest is shown")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", choices=("baseline", "webdataset", "again", "parquet"), help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
@@ -291,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-package-") as tmp:
         for rows in args.rows:
-            result = bench(Path(tmp), rows, args.shard_size, args.image_side)
+            result = bench(Path(tmp), rows, args.shard_size, args.image_side, args.repeats)
             print_result(result)
             results.append(result)
     out = {"results": results}
