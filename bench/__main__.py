@@ -15,6 +15,7 @@ BENCHES: dict[str, str] = {
     "lora_switch": "switching a resident model's LoRA stack vs reloading the model",
     "sag_step": "Self-Attention Guidance: our patch vs diffusers' SAG pipeline",
     "bulk_feed": "bulk renders: windowed feeding vs publishing every shard",
+    "package": "dataset packaging (WebDataset, Parquet) vs plain tarfile writing, rows/s and peak memory",
     "celery_overhead": "farm overhead vs bare Celery: no-op shards vs no-op tasks (Redis, RabbitMQ)",
     "farm_vs_diffusers": "N images through one farm worker vs a plain diffusers loop",
     "patch_overhead": "step time with each patch applied vs unpatched; our IP-Adapter vs diffusers'",

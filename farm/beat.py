@@ -1,10 +1,12 @@
 """``farm beat``: Celery beat entries for the farm, built from settings.
 
-- ``farm.feed_bulk`` every ``bulk.feed_interval_s``: tops up the bulk windows (a safety net; each
+- ``farm.feed_bulk`` every ``scheduling.feed_interval_s``: tops every queue's window up (a safety net; each
   shard's end also feeds).
 - ``farm.start_bulk`` for each of ``bulk.schedules`` at its ``at`` time in its time zone
   (:class:`DailyAt`): submits the night's manifest under the schedule's name (only new rows are
   added; unfinished ones carry on) and lets feeding run until ``window_end``.
+- ``farm.package_bulk`` for each schedule with ``package`` steps, at its ``window_end``: each
+  package gets new shards for the rows rendered since the last night (:func:`package_scheduled_bulk`).
 
 Schedules are kept in memory (no shelve file: nothing is pickled); a beat started after tonight's
 time waits for tomorrow's, and ``farm bulk submit`` resumes by hand.
@@ -21,6 +23,7 @@ from celery.schedules import BaseSchedule, schedstate
 
 from farm.bulk import submit_and_feed
 from farm.celery_app import CONTROL_QUEUE
+from farm.datasets.package import package_bulk
 from farm.errors import ConfigError
 from farm.settings import BulkSchedule, FarmSettings
 
@@ -88,6 +91,13 @@ def beat_schedule(settings: FarmSettings, nowfun: Callable[[], datetime] | None 
             "args": [entry.name],
             "options": options,
         }
+        if entry.package and entry.window_end:
+            entries[f"farm-bulk-{entry.name}-package"] = {
+                "task": "farm.package_bulk",
+                "schedule": DailyAt(entry.window_end, entry.timezone, nowfun=nowfun),
+                "args": [entry.name],
+                "options": options,
+            }
     return entries
 
 
@@ -119,3 +129,14 @@ def start_scheduled_bulk(app: Any, res: Any, name: str, now: datetime | None = N
         now=now,
     )
     return {**result, "feed_until": until.isoformat() if until else None}
+
+
+def package_scheduled_bulk(res: Any, name: str) -> dict[str, Any]:
+    """What ``farm.package_bulk`` does: extend each ``package`` step of schedule ``name`` with the
+    rows rendered since (the worker's own session factory and store). Returns each step's report."""
+    entry = find_schedule(res.settings, name)
+    reports = [
+        package_bulk(res.session_factory, res.store, entry.name, step.format, step.shard_size, step.out)
+        for step in entry.package
+    ]
+    return {"name": entry.name, "packages": reports}

@@ -164,6 +164,18 @@ class WorkerSettings(_Section):
     )
 
 
+class PackageStep(_Section):
+    """A dataset package a nightly bulk render writes (or extends) when its window ends."""
+
+    format: Literal["webdataset", "parquet", "files"] = Field(description="webdataset, parquet or files.")
+    shard_size: int = Field(default=1000, ge=1, le=1_000_000, description="Samples per shard.")
+    out: str | None = Field(
+        default=None,
+        description="store:<prefix> in the bucket or a folder on the control host; empty = "
+        "store:packages/<name>/<format>.",
+    )
+
+
 class BulkSchedule(_Section):
     """One nightly bulk render started by ``farm beat``."""
 
@@ -177,6 +189,17 @@ class BulkSchedule(_Section):
         pattern=r"^([01]\d|2[0-3]):[0-5]\d$",
         description="HH:MM after which feeding stops (the job stays resumable); empty = no end.",
     )
+    package: list[PackageStep] = Field(
+        default_factory=list,
+        description="Dataset packages `farm beat` extends at `window_end` with the rows rendered since "
+        "(`farm bulk package`); needs `window_end`.",
+    )
+
+    @model_validator(mode="after")
+    def _package_needs_an_end(self) -> BulkSchedule:
+        if self.package and not self.window_end:
+            raise ValueError(f"bulk schedule {self.name!r}: package needs window_end (when to package)")
+        return self
 
 
 class BulkSettings(_Section):

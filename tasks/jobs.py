@@ -1,10 +1,11 @@
-"""Control tasks: split a job into shards, finalize it when every shard is terminal, feed bulk jobs."""
+"""Control tasks: split a job into shards, finalize it when every shard is terminal, feed bulk jobs,
+package nightly bulk renders."""
 
 from __future__ import annotations
 
 from celery import shared_task
 
-from farm.beat import start_scheduled_bulk
+from farm.beat import package_scheduled_bulk, start_scheduled_bulk
 from farm.feeder import feed_windows, schedule
 from farm.finalizer import finalize_and_feed
 from farm.scheduler import parse_job_id
@@ -42,3 +43,11 @@ def start_bulk(self, name: str) -> dict:
     """Start (or resume) the nightly bulk render ``name`` from ``bulk.schedules``."""
     res = worker_resources(self.app)
     return start_scheduled_bulk(self.app, res, name)
+
+
+@shared_task(bind=True, name="farm.package_bulk")
+def package_bulk(self, name: str) -> dict:
+    """Extend the dataset packages of the nightly bulk render ``name`` (at its ``window_end``)."""
+    res = worker_resources(self.app)
+    with requeue_on_outage():
+        return package_scheduled_bulk(res, name)

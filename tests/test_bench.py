@@ -128,3 +128,18 @@ def test_pick_bench_runs(tmp_path: Path, pg_database_factory, capsys: pytest.Cap
         for picks in (1, 32):  # the bench checks each feed picked exactly this many
             assert row[f"interactive_{picks}"]["call_ms"] > 0 and row[f"bulk_{picks}"]["call_ms"] > 0
     assert "ms per pick" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_package_bench_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.package import main
+
+    out = tmp_path / "package.json"
+    result = main(["--rows", "120", "--shard-size", "50", "--image-side", "8", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    (row,) = result["results"]
+    runs = row["runs"]
+    assert set(runs) == {"baseline", "webdataset", "again", "parquet"}
+    assert runs["baseline"]["rows"] == runs["webdataset"]["rows"] == runs["parquet"]["rows"] == 120
+    assert runs["again"]["rows"] == 120 and all(run["peak_kib"] > 0 for run in runs.values())
+    assert "time/baseline" in capsys.readouterr().out

@@ -139,7 +139,7 @@ def test_tasks_call_only_farm_entry_points() -> None:
     resources and calls one farm function. They import from ``farm`` only these entry-point
     modules (public names), and never SQLAlchemy or ``storage``: queries and policy live in farm."""
     entry_points = {
-        "farm.beat",  # start_scheduled_bulk
+        "farm.beat",  # start_scheduled_bulk, package_scheduled_bulk
         "farm.feeder",  # schedule, feed_windows
         "farm.finalizer",  # finalize_and_feed
         "farm.shard_delivery",  # deliver_shard

@@ -1,4 +1,4 @@
-"""``farm bulk submit|status|retry|export`` and ``farm beat`` (nightly bulk renders)."""
+"""``farm bulk submit|status|retry|export|package`` and ``farm beat`` (nightly bulk renders)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from farm.beat import beat_schedule
 from farm.celery_app import create_app
 from farm.cli.common import console, settings
 from farm.client import FarmClient
+from farm.datasets.package import package_bulk
 from farm.reconciler import Reconciler, ReconcilerLoop
 
 app = typer.Typer(help="Bulk dataset renders: manifests fed to the queues in windows.", no_args_is_help=True)
@@ -78,6 +79,36 @@ def export(
     """The dataset: one JSON line per rendered row (row id, params, seed, model hash, key, sha256)."""
     with _client() as client:
         console.print(f"wrote {client.export_bulk(name, out)} row(s) to {out}")
+
+
+@app.command()
+def package(
+    name: str = typer.Argument(...),
+    format: str = typer.Option(..., "--format", help="webdataset, parquet or files."),
+    shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Samples per shard."),
+    out: str | None = typer.Option(
+        None, "--out", help="A local folder, or store:<prefix> in the bucket (default store:packages/NAME/FORMAT)."
+    ),
+) -> None:
+    """Package the rendered rows as a dataset: shards, a stats JSON per shard, manifest.json and a
+    dataset card. Again later, it adds shards for the rows rendered since (on the control host)."""
+    with FarmClient(settings(), direct=True) as client:
+
+        def shown(entry: dict) -> None:
+            failed = f", {len(entry['failed'])} failed row(s) in its stats" if entry["failed"] else ""
+            line = f"  {entry['name']}: {entry['samples']} sample(s), {entry['bytes']} bytes{failed}"
+            console.print(line, highlight=False)
+
+        result = package_bulk(client.sessions, client.store, name, format, shard_size, out, on_shard=shown)
+    console.print(
+        f"{result['format']} package of bulk job {name} in {result['out']}: {result['new_shards']} new shard(s), "
+        f"{result['new_rows']} new row(s); {result['packaged']} row(s) in {result['shards']} shard(s), "
+        f"{result['failed']} failed (listed in manifest.json), {result['pending']} not rendered yet",
+        highlight=False,
+    )
+    if result["removed_unlisted"]:
+        removed = result["removed_unlisted"]
+        console.print(f"removed {removed} unlisted shard file(s) an interrupted run left", highlight=False)
 
 
 def beat(loglevel: str = typer.Option("INFO", help="Log level.")) -> None:
