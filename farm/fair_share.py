@@ -43,7 +43,7 @@ class Charge:
     items: int
 
 
-@dataclass
+@dataclass(slots=True)
 class WaitingJob:
     """A job with shards waiting for this queue."""
 

@@ -100,10 +100,7 @@ def waiting_jobs(session: Session, queue: str, now: datetime) -> list[WaitingJob
             Job.status == JobStatus.RUNNING, or_(Job.bulk_id.is_(None), Job.bulk_id.in_(feeding)), pending
         )
     )
-    return [
-        WaitingJob(r.id, r.project_id, r.owner_id, ServiceClass(r.service_class), r.priority, r.created_at)
-        for r in rows
-    ]
+    return [WaitingJob(*row) for row in rows]  # the column types give ServiceClass and aware datetimes
 
 
 def share_state(
