@@ -149,6 +149,10 @@ class WorkerSettings(_Section):
         default=None,
         description="This host's cache of registry models (shared by its workers); empty = <data_dir>/model-cache.",
     )
+    prefetch_models: list[str] = Field(
+        default_factory=list,
+        description="Registry models `farm models prefetch` warms when given no names (JSON list; compose init).",
+    )
     model_disk_gb: float = Field(
         default=200.0,
         gt=0,

@@ -151,3 +151,13 @@ def test_beat_sends_the_bulk_top_up_and_keeps_no_pickled_schedule(tmp_path: Path
         out, _ = proc.communicate(timeout=20)
     assert "Sending due task farm-feed-bulk (farm.feed_bulk)" in out, out[-3000:]
     assert not list(tmp_path.glob("celerybeat-schedule*"))  # no shelve file: nothing pickled
+
+
+def test_models_prefetch_warms_the_configured_models_or_says_there_are_none(tmp_path: Path) -> None:
+    """Compose's model-prefetch step runs `farm models prefetch` with no names: the models of
+    worker.prefetch_models, or nothing (exit 0), so a farm without registry models starts too."""
+    none = farm("models", "prefetch", cwd=tmp_path)
+    assert none.returncode == 0, none.stderr
+    assert "nothing to prefetch" in none.stdout
+    missing = farm("models", "prefetch", cwd=tmp_path, env={"FARM_WORKER__PREFETCH_MODELS": '["absent"]'})
+    assert missing.returncode != 0 and "no model 'absent' in the registry" in missing.stderr

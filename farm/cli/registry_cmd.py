@@ -107,10 +107,19 @@ def rm(name: str = typer.Argument(..., help="NAME@VERSION.")) -> None:
     console.print(f"removed {ref.name}@{ref.version} (sha256:{ref.digest[:12]}); {removed} unshared blobs deleted")
 
 
-def prefetch(names: list[str] = typer.Argument(..., help="Models to warm: NAME, NAME@VERSION, ...")) -> None:
-    """Download models into this host's cache (worker.model_dir) before its workers start."""
+def prefetch(
+    names: list[str] | None = typer.Argument(
+        None, help="Models to warm: NAME, NAME@VERSION, ... (default: worker.prefetch_models)."
+    ),
+) -> None:
+    """Download models into this host's cache (worker.model_dir) before its workers start; with
+    no names, the ones in worker.prefetch_models (none: nothing to do)."""
 
     cfg = settings()
+    names = names or cfg.worker.prefetch_models
+    if not names:
+        console.print("nothing to prefetch (give names, or set FARM_WORKER__PREFETCH_MODELS)")
+        return
     store = open_store(cfg.storage, cfg.data_dir)
     models = host_model_store(cfg, store)
     for name in names:
