@@ -49,7 +49,7 @@ IN_FLIGHT = (ShardStatus.QUEUED, ShardStatus.RUNNING)
 
 
 @dataclass
-class QueueFeed:
+class FeedDecision:
     """What one feed of a queue decided: the shards to send (with their class), and how many
     bulk shards were asked to hand back."""
 
@@ -169,7 +169,7 @@ class _ShardSource:
         return left.pop(0)
 
 
-def feed_queue(session: Session, settings: FarmSettings, queue: str, now: datetime | None = None) -> QueueFeed:
+def feed_queue(session: Session, settings: FarmSettings, queue: str, now: datetime | None = None) -> FeedDecision:
     """Lock the queue, pick the shards its window takes now, and ask bulk shards to hand back
     when interactive work waits for a worker. The caller publishes the picks, then marks them
     queued, before the transaction ends."""
@@ -182,7 +182,7 @@ def feed_queue(session: Session, settings: FarmSettings, queue: str, now: dateti
         ServiceClass.INTERACTIVE: window - counts.on_queue(ServiceClass.INTERACTIVE),
         ServiceClass.BULK: window - counts.on_queue(ServiceClass.INTERACTIVE, ServiceClass.BULK),
     }
-    fed = QueueFeed(queue)
+    fed = FeedDecision(queue)
     if max(room.values()) > 0:
         jobs = waiting_jobs(session, queue, now)
         if jobs:
