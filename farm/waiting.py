@@ -73,30 +73,20 @@ def held_back(session: Session, job: Any, settings: FarmSettings, now: datetime)
             reasons.append(
                 f"its bulk run stopped feeding at {until:%Y-%m-%d %H:%M} UTC (submit the bulk run again to resume)"
             )
-    flying = (Shard.status.in_([ShardStatus.QUEUED, ShardStatus.RUNNING]),)
     project = session.execute(
         select(Project.name, Project.max_running_shards).where(Project.id == job.project_id)
     ).one()
-    cap = project.max_running_shards if project.max_running_shards is not None else conf.max_running_per_project
-    if cap:
-        n = session.scalar(
-            select(func.count()).select_from(Shard).join(Job).where(Job.project_id == job.project_id, *flying)
-        )
-        if n >= cap:
-            reasons.append(
-                f"project {project.name} is at its cap: {n} shards in flight "
-                f"(farm projects set-share {project.name} --max-running N)"
-            )
     user = session.execute(select(User.name, User.max_running_shards).where(User.id == job.owner_id)).one()
-    cap = user.max_running_shards if user.max_running_shards is not None else conf.max_running_per_user
-    if cap:
-        n = session.scalar(
-            select(func.count()).select_from(Shard).join(Job).where(Job.owner_id == job.owner_id, *flying)
-        )
-        if n >= cap:
-            reasons.append(
-                f"{user.name} is at their cap: {n} shards in flight (farm users set-quota {user.name} --max-running N)"
-            )
+    caps = (  # (its own cap, the settings' cap, whose jobs, how to say it, where to change it)
+        (project.max_running_shards, conf.max_running_per_project, Job.project_id == job.project_id,
+         f"project {project.name} is at its cap", f"farm projects set-share {project.name} --max-running N"),
+        (user.max_running_shards, conf.max_running_per_user, Job.owner_id == job.owner_id,
+         f"{user.name} is at their cap", f"farm users set-quota {user.name} --max-running N"),
+    )  # fmt: skip
+    for own, default, whose, said, change in caps:
+        cap = own if own is not None else default
+        if cap and (n := _in_flight(session, whose)) >= cap:
+            reasons.append(f"{said}: {n} shards in flight ({change})")
     return reasons
 
 

@@ -104,17 +104,7 @@ def set_job_priority(session: Session, job_id: uuid.UUID, priority: int) -> None
     """Change a job's priority (0-9); a job that has ended keeps the one it ran with."""
     if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= MAX_PRIORITY:
         raise UserError(f"priority: give a whole number from 0 to {MAX_PRIORITY}, not {priority!r}")
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.not_in(list(JOB_TERMINAL)))
-        .values(priority=priority, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:
-        status = session.scalar(select(Job.status).where(Job.id == job_id))
-        if status is None:
-            raise NotFound(f"no job {job_id}")
-        raise InvalidTransition(f"job {job_id} is {JobStatus(status).value}: its priority no longer matters")
+    _change_unended_job(session, job_id, "priority", priority=priority)
 
 
 def set_job_class(session: Session, job_id: uuid.UUID, service_class: str) -> None:
@@ -124,17 +114,23 @@ def set_job_class(session: Session, job_id: uuid.UUID, service_class: str) -> No
         chosen = ServiceClass(service_class)
     except ValueError:
         raise UserError(f"service_class: give interactive or bulk, not {service_class!r}") from None
+    _change_unended_job(session, job_id, "class", service_class=chosen)
+
+
+def _change_unended_job(session: Session, job_id: uuid.UUID, what: str, **values: Any) -> None:
+    """Write ``values`` on a job that has not ended; :class:`NotFound` or :class:`InvalidTransition`
+    (naming ``what`` no longer matters) otherwise."""
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.not_in(list(JOB_TERMINAL)))
-        .values(service_class=chosen, updated_at=utcnow())
+        .values(**values, updated_at=utcnow())
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:
         status = session.scalar(select(Job.status).where(Job.id == job_id))
         if status is None:
             raise NotFound(f"no job {job_id}")
-        raise InvalidTransition(f"job {job_id} is {JobStatus(status).value}: its class no longer matters")
+        raise InvalidTransition(f"job {job_id} is {JobStatus(status).value}: its {what} no longer matters")
 
 
 def set_shard_status(
