@@ -4,8 +4,8 @@ For each row count, on a real database and broker (a scratch Postgres database a
 default; ``--embedded``: a temporary SQLite file and the kombu filesystem broker):
 
 1. Expansion: ``read_manifest`` of generated JSONL bytes, then ``submit_bulk`` + commit (rows/s).
-2. Feeding: simulated workers without rendering. Loop: ``feed(app, factory, window)`` (the
-   feeder's own call: pick, publish through Celery, mark queued), sample the broker depth of the
+2. Feeding: simulated workers without rendering. Loop: ``feed(app, factory, settings, [queue])`` with
+   ``scheduling.window_per_queue`` = ``--window`` (the feeder's own call: pick, publish through Celery, mark queued), sample the broker depth of the
    ``farm.gpu.sd15`` queue and the bulk shards in flight, then ``--batch`` workers each take one
    message off the broker (in the order a worker would), claim the shard and finish it as
    SUCCEEDED (``claim_shard`` + ``finish_shard``, one transaction per batch); until every shard
@@ -324,6 +324,8 @@ def feed_loop(
 ) -> dict[str, Any]:
     from farm.feeder import feed, in_flight
 
+    base = app.farm_settings  # no live worker is registered: the window is window_per_queue
+    settings = base.model_copy(update={"scheduling": base.scheduling.model_copy(update={"window_per_queue": window})})
     done = fed = calls = max_depth = max_busy = 0
     feed_s = worker_s = 0.0
     call_s: list[float] = []
@@ -336,7 +338,7 @@ def feed_loop(
         started = time.perf_counter()
         if clock is not None:
             clock.active = True
-        sent = feed(app, factory, window)
+        sent = feed(app, factory, settings, [QUEUE])
         if clock is not None:
             clock.active = False
         took = time.perf_counter() - started
@@ -348,7 +350,7 @@ def feed_loop(
         fed += sent
         max_depth = max(max_depth, broker.depth())
         with factory() as session:
-            max_busy = max(max_busy, in_flight(session).get(QUEUE, 0))
+            max_busy = max(max_busy, sum(in_flight(session, QUEUE).here.values()))
         started = time.perf_counter()
         messages = broker.take(batch)
         if not messages and not sent:
