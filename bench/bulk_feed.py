@@ -4,13 +4,14 @@ For each row count, on a real database and broker (a scratch Postgres database a
 default; ``--embedded``: a temporary SQLite file and the kombu filesystem broker):
 
 1. Expansion: ``read_manifest`` of generated JSONL bytes, then ``submit_bulk`` + commit (rows/s).
-2. Feeding: simulated workers without rendering. Loop: ``feed(app, factory, settings, [queue])`` with
-   ``scheduling.window_per_queue`` = ``--window`` (the feeder's own call: pick, publish through Celery, mark queued), sample the broker depth of the
-   ``farm.gpu.sd15`` queue and the bulk shards in flight, then ``--batch`` workers each take one
-   message off the broker (in the order a worker would), claim the shard and finish it as
-   SUCCEEDED (``claim_shard`` + ``finish_shard``, one transaction per batch); until every shard
-   is done. Shards fed per second of ``feed`` time, feed calls, most messages on the broker, most
-   shards in flight (never above the window), and where the feeder's time goes (SQL vs the rest).
+2. Feeding: simulated workers without rendering. Loop: ``feed(app, factory, settings, [queue])``
+   with ``scheduling.window_per_queue`` = ``--window`` (the feeder's own call: pick, publish
+   through Celery, mark queued), sample the broker depth of the ``farm.gpu.sd15`` queue and the
+   shards in flight, then ``--batch`` workers each take one message off the broker (in the order
+   a worker would), claim the shard and finish it as SUCCEEDED (``claim_shard`` +
+   ``finish_shard``, one transaction per batch); until every shard is done. Shards fed per second
+   of ``feed`` time, feed calls, most messages on the broker, most shards in flight (never above
+   the window), and where the feeder's time goes (SQL vs the rest).
 3. Baseline, same run and database: the shards reset to PENDING, then what a non-windowed
    scheduler does (the ``farm.schedule_job`` path: ``schedule_job`` of each job returns every
    pending shard, ``publish_shards`` sends them all, ``mark_shards_queued``): its time and broker
