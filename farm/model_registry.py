@@ -173,15 +173,15 @@ def resolve_model_ref(store: ObjectStore, ref: str) -> ManifestRef:
 def pin_spec_model(spec: Any, store: ObjectStore) -> Any:
     """``spec`` with a ``registry:`` model, and ``registry:`` LoRAs of its ``loras``, replaced by
     their exact manifests (``registry:NAME@sha256:<digest>``), each checked against the spec's
-    family; :class:`SpecError` on the field (``model``, ``loras.N.model``) when a reference cannot
+    family; :class:`SpecError` on the field (``model``, ``loras[N].model``) when a reference cannot
     be resolved. Local paths are left as they are."""
     update: dict[str, Any] = {}
     if is_registry_ref(spec.model):
-        update["model"] = _pinned(store, spec.model, spec.family, ("model",), PIPELINE)
+        update["model"] = _pinned(store, spec.model, spec.family, "model", PIPELINE)
     loras = getattr(spec, "loras", None) or []
     if any(is_registry_ref(lora.model) for lora in loras):
         update["loras"] = [
-            lora.model_copy(update={"model": _pinned(store, lora.model, spec.family, ("loras", i, "model"), LORA)})
+            lora.model_copy(update={"model": _pinned(store, lora.model, spec.family, f"loras[{i}].model", LORA)})
             if is_registry_ref(lora.model)
             else lora
             for i, lora in enumerate(loras)
@@ -189,7 +189,7 @@ def pin_spec_model(spec: Any, store: ObjectStore) -> Any:
     return spec.model_copy(update=update) if update else spec
 
 
-def _pinned(store: ObjectStore, ref: str, family: str, field: tuple, kind: str) -> str:
+def _pinned(store: ObjectStore, ref: str, family: str, field: str, kind: str) -> str:
     try:
         found = resolve_model_ref(store, ref)
     except RegistryError as exc:

@@ -33,7 +33,7 @@ ROWS = 24
 def test_a_bulk_run_packaged_as_webdataset_then_parquet(
     farm_factory, tiny_models, pg_url, redis_url, tmp_path: Path, monkeypatch
 ) -> None:
-    farm = farm_factory(broker=redis_url, db_url=pg_url, FARM_BULK__WINDOW_PER_QUEUE="8", COLUMNS="60")
+    farm = farm_factory(broker=redis_url, db_url=pg_url, FARM_SCHEDULING__WINDOW_PER_QUEUE="8", COLUMNS="60")
     broken = farm.start_worker(["farm.control", "farm.gpu.sd15"], name="pkg-broken", FARM_WORKER__FAIL_SHARDS="[2]")
     name = "packaged"
     manifest = _manifest(tmp_path / "rows.jsonl", range(ROWS))
