@@ -101,10 +101,11 @@ def wait_status(person, job: str, wanted: set[str], timeout: float = 180.0) -> d
 
 
 def wait_shards(person, job: str, timeout: float = 60.0) -> None:
-    """Until the control worker has split the job into shards (they wait: no render worker yet)."""
+    """Until the control worker has split the job into its 3 shards and sent its queue's window
+    (no render worker yet: 2 on the broker, the third waits in the database)."""
     deadline = time.monotonic() + timeout
     with person.http() as http:
-        while http.get(f"/v1/jobs/{job}").json()["shards_by_status"].get("queued", 0) < 3:
+        while http.get(f"/v1/jobs/{job}").json()["shards_by_status"] != {"queued": 2, "pending": 1}:
             assert time.monotonic() < deadline, f"job {job} not split into shards in {timeout}s"
             time.sleep(0.2)
 
