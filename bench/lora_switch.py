@@ -47,10 +47,11 @@ def _step_time(pipe: Any, steps: int = 2) -> float:
 
 
 def bench_family(family: str, repeats: int, rank: int) -> dict[str, Any]:
+    from farm.file_digests import file_sha256
     from farm.tiny_components import build_tiny_lora
     from farm.tiny_models import build_tiny_model
     from farm.worker.devices import Placement
-    from farm.worker.lora_stack import LoraAdapters, LoraLayer, file_sha256
+    from farm.worker.lora_stack import LoraAdapters, LoraLayer
     from farm.worker.model_cache import load_pipeline
 
     samples: dict[str, list[float]] = {k: [] for k in ("reload", "cold", "switch", "off", "step_base", "step_lora")}

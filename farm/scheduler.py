@@ -167,26 +167,13 @@ def create_shards(session: Session, job_id: uuid.UUID) -> bool:
 
 def pending_dispatches(session: Session, job_id: uuid.UUID) -> list[ShardDispatch]:
     """Every PENDING shard of the job, in order."""
-    return [ShardDispatch(row.id, job_id, row.queue, row.priority) for row in pending_shards(session, job_id)]
-
-
-def pending_shards(
-    session: Session, job_id: uuid.UUID, *, after: int = -1, limit: int | None = None, lock: bool = False
-) -> list[Any]:
-    """``(id, queue, index, priority)`` of the job's PENDING shards past index ``after``, in
-    order. ``lock``: lock them until the transaction ends, skipping shards another transaction
-    holds (Postgres; SQLite serializes writers anyway), so concurrent senders never take the same
-    shards."""
-    query = (
-        select(Shard.id, Shard.queue, Shard.index, Job.priority)
+    rows = session.execute(
+        select(Shard.id, Shard.queue, Job.priority)
         .join(Job, Job.id == Shard.job_id)
-        .where(Shard.job_id == job_id, Shard.status == ShardStatus.PENDING, Shard.index > after)
+        .where(Shard.job_id == job_id, Shard.status == ShardStatus.PENDING)
         .order_by(Shard.index)
-        .limit(limit)
     )
-    if lock:
-        query = query.with_for_update(skip_locked=True, of=Shard)
-    return list(session.execute(query))
+    return [ShardDispatch(row.id, job_id, row.queue, row.priority) for row in rows]
 
 
 def requeue_failed(session: Session, job_id: uuid.UUID) -> int:

@@ -35,6 +35,7 @@ from farm.datasets.rows import FailedRow, RenderedRow, Sample, count_rendered, f
 from farm.datasets.tar_shards import write_tar
 from farm.datasets.targets import FolderTarget, StoreTarget, committed, open_target
 from farm.errors import ObjectNotFound, UserError
+from farm.file_digests import file_sha256
 from storage.db import session_scope
 from storage.models import utcnow
 
@@ -69,19 +70,11 @@ def default_out(name: str, format: str) -> str:
     return f"store:packages/{name}/{format}"
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _digest(path: Path) -> tuple[str, int]:
     """The shard's sha256 (a folder's: its ``SHA256SUMS`` file's) and its size in bytes."""
     if path.is_dir():
-        return _sha256_file(path / SUMS), sum(p.stat().st_size for p in path.iterdir())
-    return _sha256_file(path), path.stat().st_size
+        return file_sha256(path / SUMS), sum(p.stat().st_size for p in path.iterdir())
+    return file_sha256(path), path.stat().st_size
 
 
 def _load_manifest(target: FolderTarget | StoreTarget, name: str, format: str) -> dict[str, Any]:

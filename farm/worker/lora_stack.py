@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.errors import FarmError, UserError
+from farm.file_digests import file_sha256
 from farm.model_refs import RegistryError, is_registry_ref, parse_registry_ref
 from farm.model_registry import resolve_model_ref
 from farm.worker.model_cache import _first_line, missing_path_message
@@ -98,14 +99,6 @@ def _file_in(ref: str, path: Path) -> Path:
     return path
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def stack_fingerprint(stack: list[LoraLayer]) -> str:
     """sha256 (hex) of the ordered stack: digests and weights (the empty stack has one too)."""
     described = [[layer.sha256, layer.weight] for layer in stack]
@@ -122,19 +115,14 @@ class LoraAdapters:
         self.active: list[LoraLayer] = []
         self.fingerprint = stack_fingerprint([])
         self.loads = 0
-        self._digests: dict[tuple[str, int, int, int], str] = {}
 
     def resolve(self, specs: list[Any], res: Any = None) -> list[LoraLayer]:
         """The job's ``loras`` as :class:`LoraLayer` objects; a file's digest is computed once
-        per (path, size, mtime, inode)."""
+        per (path, size, mtime, inode) (:func:`farm.file_digests.file_sha256`)."""
         stack = []
         for spec in specs:
             path = lora_file(spec.model, res)
-            stat = path.stat()
-            key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-            if key not in self._digests:
-                self._digests[key] = file_sha256(path)
-            stack.append(LoraLayer(spec.model, path, self._digests[key], float(spec.weight)))
+            stack.append(LoraLayer(spec.model, path, file_sha256(path), float(spec.weight)))
         return stack
 
     def switch(self, stack: list[LoraLayer]) -> None:
