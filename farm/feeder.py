@@ -123,18 +123,14 @@ def share_state(
     state.in_flight_project.update(counts.project)
     state.in_flight_user.update(counts.user)
     for row in session.execute(select(Project.id, Project.name, Project.share_weight, Project.max_running_shards)):
-        weight = row.share_weight if row.share_weight is not None else conf.project_weights.get(row.name)
-        if weight is not None:
-            state.weights[row.id] = weight
-        cap = row.max_running_shards if row.max_running_shards is not None else conf.max_running_per_project
-        if cap:
+        state.weights[row.id] = conf.project_weight(row.name, row.share_weight)
+        if cap := conf.project_cap(row.max_running_shards):
             state.cap_project[row.id] = cap
     user_caps = select(User.id, User.max_running_shards)
     if not conf.max_running_per_user:  # only users with a cap of their own have one
         user_caps = user_caps.where(User.max_running_shards.is_not(None))
     for row in session.execute(user_caps):  # every user: one with nothing in flight yet is capped too
-        cap = row.max_running_shards if row.max_running_shards is not None else conf.max_running_per_user
-        if cap:
+        if cap := conf.user_cap(row.max_running_shards):
             state.cap_user[row.id] = cap
     return state
 

@@ -42,7 +42,7 @@ def check_items(
             "(scheduling.max_items_per_job): split it into several jobs"
         )
     name, own_cap = session.execute(select(User.name, User.max_items_per_day).where(User.id == owner_id)).one()
-    cap = own_cap if own_cap is not None else conf.max_items_per_day
+    cap = conf.user_items_per_day(own_cap)
     if not cap:
         return
     since = (now or utcnow()) - DAY

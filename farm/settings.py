@@ -253,6 +253,20 @@ class SchedulingSettings(_Section):
         description="Queues where bulk shards may be preempted (JSON).",
     )
 
+    # What counts for one project or user: the value an administrator set in the database
+    # (`farm projects set-share`, `farm users set-quota`), else these settings'. 0: no cap.
+    def project_weight(self, name: str, own: float | None) -> float:
+        return own if own is not None else self.project_weights.get(name, 1.0)
+
+    def project_cap(self, own: int | None) -> int:
+        return own if own is not None else self.max_running_per_project
+
+    def user_cap(self, own: int | None) -> int:
+        return own if own is not None else self.max_running_per_user
+
+    def user_items_per_day(self, own: int | None) -> int:
+        return own if own is not None else self.max_items_per_day
+
 
 class ReconcileSettings(_Section):
     """The reconciler: restores progress from the database alone after any lost message or worker."""

@@ -77,14 +77,13 @@ def held_back(session: Session, job: Any, settings: FarmSettings, now: datetime)
         select(Project.name, Project.max_running_shards).where(Project.id == job.project_id)
     ).one()
     user = session.execute(select(User.name, User.max_running_shards).where(User.id == job.owner_id)).one()
-    caps = (  # (its own cap, the settings' cap, whose jobs, how to say it, where to change it)
-        (project.max_running_shards, conf.max_running_per_project, Job.project_id == job.project_id,
+    caps = (  # (the cap, whose jobs, how to say it, where to change it)
+        (conf.project_cap(project.max_running_shards), Job.project_id == job.project_id,
          f"project {project.name} is at its cap", f"farm projects set-share {project.name} --max-running N"),
-        (user.max_running_shards, conf.max_running_per_user, Job.owner_id == job.owner_id,
+        (conf.user_cap(user.max_running_shards), Job.owner_id == job.owner_id,
          f"{user.name} is at their cap", f"farm users set-quota {user.name} --max-running N"),
     )  # fmt: skip
-    for own, default, whose, said, change in caps:
-        cap = own if own is not None else default
+    for cap, whose, said, change in caps:
         if cap and (n := _in_flight(session, whose)) >= cap:
             reasons.append(f"{said}: {n} shards in flight ({change})")
     return reasons

@@ -27,7 +27,7 @@ def projects_list(as_json: bool = typer.Option(False, "--json", help="Print JSON
     with _session() as session:
         rows = project_shares(session, conf.half_life_s)
     for row in rows:  # what the feeder uses: the project's own value, else the settings'
-        row["weight"] = row["weight"] if row["weight"] is not None else conf.project_weights.get(row["name"], 1.0)
+        row["weight"] = conf.project_weight(row["name"], row["weight"])
         if row["max_running_shards"] is None:
             row["max_running_shards"] = conf.max_running_per_project or None
     if as_json:
