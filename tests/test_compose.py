@@ -26,15 +26,20 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-import typer
 import yaml
-from pydantic import SecretStr
 
 from farm.celery_app import CONTROL_QUEUE, GPU_QUEUES
-from farm.cli import app as farm_app
 from farm.errors import ConfigError
-from farm.settings import PLACEHOLDER_SECRETS, FarmSettings, load_settings, setting_rows
+from farm.settings import PLACEHOLDER_SECRETS, FarmSettings, load_settings
 from farm.sharding import QUEUES
+from tests.fixtures.deployment import (
+    SECRET_NAME,
+    check_healthcheck_command,
+    parse_env_file,
+    resolve_farm_command,
+    secret_settings,
+)
+from tests.fixtures.deployment import setting_env_vars as setting_env_vars_of_the_farm
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -59,23 +64,11 @@ TOP_LEVEL_KEYS = frozenset({"name", "services", "volumes", "networks", "configs"
 HEALTHCHECK_KEYS = frozenset({"test", "interval", "timeout", "retries", "start_period", "start_interval", "disable"})
 DEVICE_KEYS = frozenset({"driver", "count", "device_ids", "capabilities", "options"})
 CONDITIONS = frozenset({"service_started", "service_healthy", "service_completed_successfully"})
-SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|(^|_)KEY($|_)|ACCESS_KEY")
 BARE_REFERENCE = re.compile(r"\$\{\w+(:?\?[^}]*)?\}")  # ${VAR} or ${VAR:?message}: no default value
 INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$(\w+)")
 
 
 # -- reading the files as Compose does ---------------------------------------------------------------
-def parse_env_file(path: Path) -> dict[str, str]:
-    values = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, sep, value = line.partition("=")
-            assert sep, f"{path.name}: not KEY=VALUE: {line!r}"
-            values[key.strip()] = value.strip()
-    return values
-
-
 def interpolate(text: str, env: dict[str, str]) -> str:
     """Compose's variable interpolation: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err},
     ${VAR?err}, $VAR; `$$` is a literal `$`."""
@@ -144,32 +137,10 @@ def gpu_services(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
 
 @pytest.fixture(scope="module")
 def setting_env_vars() -> set[str]:
-    return {row.env_var for row in setting_rows(FarmSettings(_env_file=None))}
+    return setting_env_vars_of_the_farm()
 
 
 # -- the farm CLI ------------------------------------------------------------------------------------
-def resolve_farm_command(argv: list[str]) -> tuple[str, dict[str, Any]]:
-    """`farm SUB [SUB] --opt value ...` against the real CLI: the command's path and its parsed
-    parameters. Unknown commands, unknown options and bad values fail like they would at start.
-    (Typer may bring its own copy of click, so groups and errors are recognised by behaviour.)"""
-    assert argv and argv[0] == "farm", f"not a farm command: {argv}"
-    command = typer.main.get_command(farm_app)
-    args, path = list(argv[1:]), ["farm"]
-    while hasattr(command, "list_commands"):  # a group: the next word names a subcommand
-        assert args, f"`{' '.join(path)}` needs a subcommand"
-        name = args.pop(0)
-        ctx = command.make_context(" ".join(path), [name], resilient_parsing=True)
-        sub = command.get_command(ctx, name)
-        assert sub is not None, f"`{' '.join(path)}` has no command {name!r}"
-        command, path = sub, [*path, name]
-    try:
-        ctx = command.make_context(" ".join(path), args)
-    except Exception as exc:  # click's UsageError (typer's or click's own)
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        raise AssertionError(f"`{' '.join(argv)}`: {message}") from None
-    return " ".join(path[1:]), ctx.params
-
-
 def test_the_resolver_refuses_what_the_cli_refuses() -> None:
     assert resolve_farm_command(["farm", "db", "upgrade"]) == ("db upgrade", {"revision": "head"})
     assert resolve_farm_command(["farm", "worker", "--queues", "farm.control"])[1]["queues"] == "farm.control"
@@ -282,22 +253,6 @@ def test_env_example_placeholders_are_refused(env_example, monkeypatch) -> None:
         load_settings(_env_file=None)
 
 
-def secret_settings() -> set[str]:
-    """FARM_* variables holding a secret: SecretStr fields and URLs that carry a password."""
-    secret = {"FARM_DB__URL", "FARM_BROKER__URL", "FARM_BROKER__RESULT_BACKEND"}
-
-    def walk(model: type, path: list[str]) -> None:
-        for name, field in model.model_fields.items():
-            annotation = field.annotation
-            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
-                walk(annotation, [*path, name])
-            elif SecretStr in getattr(annotation, "__args__", ()) or annotation is SecretStr:
-                secret.add("FARM_" + "__".join(p.upper() for p in [*path, name]))
-
-    walk(FarmSettings, [])
-    return secret
-
-
 def test_no_secret_is_written_in_compose_yaml(raw, env_example) -> None:
     secrets = secret_settings()
     assert {"FARM_FLOWER__PASSWORD", "FARM_STORAGE__S3__SECRET_ACCESS_KEY"} <= secrets
@@ -354,7 +309,6 @@ def test_compose_structure(compose, services) -> None:
 
 
 def test_every_service_has_a_health_check(services) -> None:
-    modes = {"worker": 0, "broker": 0, "http": 1}
     for name, service in services.items():
         check = service.get("healthcheck")
         assert check and not check.get("disable") and check.get("test"), f"{name}: no health check"
@@ -362,7 +316,7 @@ def test_every_service_has_a_health_check(services) -> None:
         test = check["test"]
         assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, f"{name}: {test}"
         if test[1] == "farm-healthcheck":
-            assert test[2] in modes and len(test) == 3 + modes[test[2]], f"{name}: {test}"
+            check_healthcheck_command(test[1:])
     expectations = {
         "postgres": "pg_isready",
         "redis": "redis-cli ping",
