@@ -503,7 +503,7 @@ def test_a_toy_autoscaler_scales_zero_to_n_to_zero(
         rows = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
         assert set(rows) == {"farm.gpu.sd15", "farm.gpu.sdxl", "farm.gpu.svd"}
         assert rows[SD15][1:6] == ["0", "0", "0", "0", "-"] and rows[SD15][8:] == ["0", "0/3"]
-        assert not rows[SD15][6].endswith("*") and rows["farm.gpu.sdxl"][6] == "10.00*"
+        assert not rows[SD15][6].endswith("*") and rows["farm.gpu.sdxl"][6] == "1.00*"
     assert direct == through_api
     as_json = farm_cli(["status", "--queues", "--json"], person.env())
     assert '"desired_workers": 0' in as_json and '"observed": true' in as_json
