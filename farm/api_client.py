@@ -228,6 +228,9 @@ class ApiClient:
     def workers(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/workers")
 
+    def queues(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/queues")
+
     def submit_bulk(
         self,
         name: str,

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from farm.api_client import ApiClient
 from farm.bulk import bulk_status, export_rows, retry_failed_rows, submit_and_feed
 from farm.celery_app import create_app
+from farm.demand import queue_demands
 from farm.dispatch import publish_finalize, publish_schedule
 from farm.errors import JobNotScheduled, NotFound, UserError
 from farm.feeder import feed
@@ -387,6 +388,12 @@ class FarmClient:
         shard and last heartbeat; silent ones are shown lost."""
         with session_scope(self._sessions) as session:
             return list_workers(session, self.settings.worker.lost_after_s)
+
+    def queues(self) -> list[dict[str, Any]]:
+        """Each GPU queue's demand: shards pending, queued and running, items left, the oldest
+        waiting shard's age, measured speeds, live and desired workers (:mod:`farm.demand`)."""
+        with session_scope(self._sessions) as session:
+            return [d.as_dict() for d in queue_demands(session, self.settings)]
 
     def results(
         self, job_id: str | uuid.UUID, download: Path | None = None, url: Callable[[str], str] | None = None

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from farm.dispatch import class_priority, publish_shards, shard_labels
@@ -91,13 +91,19 @@ def in_flight(session: Session, queue: str) -> _InFlight:
     return counts
 
 
+def feedable_job(now: datetime) -> ColumnElement[bool]:
+    """Whether a job's PENDING shards may be fed now: the job runs and, for a bulk run's job, the
+    run's feeding window is open (the demand figures of :mod:`farm.demand` count the same)."""
+    feeding = select(BulkJob.id).where(or_(BulkJob.feed_until.is_(None), BulkJob.feed_until > now))
+    return and_(Job.status == JobStatus.RUNNING, or_(Job.bulk_id.is_(None), Job.bulk_id.in_(feeding)))
+
+
 def waiting_jobs(session: Session, queue: str, now: datetime) -> list[WaitingJob]:
     """Running jobs with PENDING shards on ``queue`` (a bulk run's only while it may be fed)."""
-    feeding = select(BulkJob.id).where(or_(BulkJob.feed_until.is_(None), BulkJob.feed_until > now))
     pending = exists().where(Shard.job_id == Job.id, Shard.status == ShardStatus.PENDING, Shard.queue == queue)
     rows = session.execute(
         select(Job.id, Job.project_id, Job.owner_id, Job.service_class, Job.priority, Job.created_at).where(
-            Job.status == JobStatus.RUNNING, or_(Job.bulk_id.is_(None), Job.bulk_id.in_(feeding)), pending
+            feedable_job(now), pending
         )
     )
     return [WaitingJob(*row) for row in rows]  # the column types give ServiceClass and aware datetimes

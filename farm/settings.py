@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, PositiveFloat, SecretStr, model_validator
+from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from farm.errors import ConfigError
@@ -284,6 +284,59 @@ class ReconcileSettings(_Section):
     batch: int = Field(default=1000, ge=1, le=100_000, description="Most shards or jobs one pass acts on per step.")
 
 
+GPU_QUEUE_NAMES = tuple(f"farm.gpu.{family}" for family in FAMILIES)
+
+
+class AutoscaleSettings(_Section):
+    """Demand per GPU queue (:mod:`farm.demand`): the ``desired_workers`` figure of ``farm status
+    --queues``, ``GET /v1/queues`` and the ``farm_queue_*`` metrics of ``farm api``'s ``/metrics``
+    (what an autoscaler such as KEDA follows)."""
+
+    target_drain_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="Enough workers to render a queue's items left within this many seconds (model loads counted).",
+    )
+    queue_target_drain_s: dict[str, PositiveFloat] = Field(
+        default_factory=dict,
+        description='target_drain_s per queue (JSON), e.g. {"farm.gpu.sdxl": 1200}.',
+    )
+    hold_down_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=24 * 3600,
+        description="Keep a queue's live workers this long after a shard last started or ended there.",
+    )
+    max_workers: dict[str, NonNegativeInt] = Field(
+        default_factory=dict,
+        description='Most workers a queue asks for (JSON), e.g. {"farm.gpu.sd15": 8}; a queue not named: no cap.',
+    )
+    default_seconds_per_item: float = Field(
+        default=10.0, gt=0, le=3600, description="Seconds per item for a queue with no recent shard to measure."
+    )
+    default_load_s: float = Field(
+        default=60.0, ge=0, le=3600, description="Seconds a new worker takes to load its model, before any is measured."
+    )
+    observe_s: float = Field(
+        default=3600.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="Seconds per item and per model load are measured on shards that ended this recently.",
+    )
+
+    @field_validator("queue_target_drain_s", "max_workers")
+    @classmethod
+    def _known_queues(cls, value: dict) -> dict:
+        unknown = sorted(set(value) - set(GPU_QUEUE_NAMES))
+        if unknown:
+            raise ValueError(f"unknown queue {unknown[0]!r}; known: {', '.join(GPU_QUEUE_NAMES)}")
+        return value
+
+    def target_for(self, queue: str) -> float:
+        return self.queue_target_drain_s.get(queue, self.target_drain_s)
+
+
 class FlowerSettings(_Section):
     """``farm flower``: Celery's monitoring UI for the farm's app."""
 
@@ -344,6 +397,7 @@ class FarmSettings(BaseSettings):
     bulk: BulkSettings = Field(default_factory=BulkSettings)
     scheduling: SchedulingSettings = Field(default_factory=SchedulingSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
+    autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
 
     @model_validator(mode="after")

@@ -1,5 +1,11 @@
 """The API's own routes: ``/healthz`` (can it reach its database?), ``/metrics`` (Prometheus
-text: requests by route and status, jobs by status), ``/v1/me`` and ``/v1/workers``."""
+text: requests by route and status, jobs by status, and each GPU queue's demand, the
+``farm_queue_*`` gauges an autoscaler follows: :mod:`farm.demand`), ``/v1/me``, ``/v1/workers``
+and ``/v1/queues``.
+
+The queue gauges are read from the database at each scrape (three small queries). When the
+database cannot be read they are left out (with ``farm_api_database_up 0``) rather than shown as
+zeros: an autoscaler then keeps its workers instead of scaling them away."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from sqlalchemy import func, select, text
 
 from farm.api.auth import caller
 from farm.api.state import ApiState, api_state
+from farm.demand import metric_lines, queue_demands
 from farm.errors import Forbidden
 from storage.audit import MAX_PAGE, list_audit
 from storage.db import session_scope
@@ -57,8 +64,10 @@ def metrics(state: State) -> PlainTextResponse:
     try:
         with session_scope(state.sessions) as session:
             rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+            demands = queue_demands(session, state.settings)
         for status, n in sorted(rows, key=lambda r: str(r[0])):
             lines.append(f'farm_jobs{{status="{_label(getattr(status, "value", status))}"}} {n}')
+        lines += metric_lines(demands)
         lines.append("farm_api_database_up 1")
     except Exception:
         lines.append("farm_api_database_up 0")
@@ -98,3 +107,8 @@ def audit_log(
 @router.get("/v1/workers", tags=["workers"], summary="Registered workers")
 def workers(who: Caller, state: State) -> list[dict[str, Any]]:
     return state.farm.workers()
+
+
+@router.get("/v1/queues", tags=["workers"], summary="Demand per GPU queue and the workers it wants")
+def queues(who: Caller, state: State) -> list[dict[str, Any]]:
+    return state.farm.queues()

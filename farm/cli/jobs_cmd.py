@@ -197,10 +197,18 @@ def status(
     shards: str | None = typer.Option(None, "--shards", help=SHARDS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     limit: int = typer.Option(20, "--limit", min=1, max=1000, help="How many recent jobs to list."),
+    queues: bool = typer.Option(
+        False, "--queues", help="Each GPU queue's demand instead: shards, items left, speeds, live and desired workers."
+    ),
 ) -> None:
     """Show one job with its counts by shard status, the shards worth a look and why it waits, or
-    the latest jobs."""
-
+    the latest jobs (or, with --queues, each GPU queue's demand)."""
+    if queues:
+        if job_id:
+            raise UserError("--queues shows every queue: give no job id with it")
+        with _client() as client:
+            print_queues(client.queues(), as_json)
+        return
     with _client() as client:
         if job_id:
             summary = _get(client, job_id, shards)
@@ -238,6 +246,45 @@ def status(
         table.add_column(column, no_wrap=True)
     for row in rows:
         table.add_row(*row)
+    console.print(table)
+
+
+QUEUE_COLUMNS = ("queue", "pending", "queued", "running", "items left", "oldest", "s/item", "load", "live", "desired")
+
+
+def print_queues(rows: list[dict], as_json: bool = False) -> None:
+    """``farm status --queues``: one row per GPU queue (``*`` after a speed: the settings' default,
+    nothing measured yet)."""
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    lines = []
+    for q in rows:
+        guess = "" if q["observed"] else "*"
+        cap = f"/{q['max_workers']}" if q["max_workers"] is not None else ""
+        lines.append(
+            (
+                q["queue"],
+                str(q["pending"]),
+                str(q["queued"]),
+                str(q["running"]),
+                str(q["items_left"]),
+                duration(q["oldest_waiting_s"]) if q["pending"] + q["queued"] else "-",
+                f"{q['seconds_per_item']:.2f}{guess}",
+                f"{duration(q['model_load_s'])}{guess}",
+                str(q["live_workers"]),
+                f"{q['desired_workers']}{cap}",
+            )
+        )
+    if plain_output():
+        typer.echo("\t".join(QUEUE_COLUMNS))
+        typer.echo("\n".join("\t".join(line) for line in lines))
+        return
+    table = Table(title="queues (* not measured yet: the autoscale defaults)")
+    for column in QUEUE_COLUMNS:
+        table.add_column(column, no_wrap=True)
+    for line in lines:
+        table.add_row(*line)
     console.print(table)
 
 

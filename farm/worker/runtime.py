@@ -430,6 +430,7 @@ def _render_items(
     loads = cache.loads
     loaded = cache.get(spec.model, spec.family)
     timings["load_s"] = round(time.perf_counter() - started, 4)
+    timings["model_loaded"] = float(cache.loads > loads)  # a load, not a cache hit (farm.demand measures loads)
     if res.metrics is not None:
         res.metrics.observe_model(spec.family, loaded=cache.loads > loads)
     fingerprint = ""
