@@ -9,6 +9,8 @@ import hashlib
 import io
 import json
 import socket
+import subprocess
+import sys
 import tarfile
 import urllib.request
 import uuid
@@ -32,6 +34,7 @@ from storage.models import Artifact, Job, Shard
 from tests.test_temporal_video import VIDEO_QUEUES, _png, tiny_video_job
 
 SOURCE = str(uuid.UUID(int=7))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def problems(data: dict[str, Any]) -> dict[str, str]:
@@ -118,6 +121,21 @@ def test_a_step_of_a_job_out_of_scope_is_refused_like_an_unknown_one(tmp_path: P
         elsewhere = parse_spec({"kind": "encode", "source_job": str(source.id), "output_prefix": "mine"})
         with pytest.raises(SpecError, match="output_prefix: a step's outputs go beside its source job's"):
             resolve_step(session, elsewhere, admin.id)
+
+
+def test_a_cpu_worker_runs_the_steps_without_torch() -> None:
+    """The control image (no torch) runs `farm worker --queues farm.cpu`: everything a step's
+    delivery imports loads with torch and diffusers missing."""
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'diffusers', 'transformers', 'insightface'): sys.modules[name] = None\n"
+        "import farm.cli, tasks.shards, farm.worker.runtime, farm.worker.heartbeat\n"
+        "from farm.kinds import job_kind\n"
+        "for kind in ('encode', 'upscale', 'contact_sheet', 'package'): job_kind(kind).runner()\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 # -- whole steps through real workers -------------------------------------------------------------------
