@@ -31,9 +31,9 @@ import yaml
 from pydantic import SecretStr
 
 from farm.celery_app import CONTROL_QUEUE, GPU_QUEUES
-from farm.families import CPU_QUEUE
 from farm.cli import app as farm_app
 from farm.errors import ConfigError
+from farm.families import CPU_QUEUE
 from farm.settings import PLACEHOLDER_SECRETS, FarmSettings, load_settings, setting_rows
 from farm.sharding import QUEUES
 
