@@ -32,7 +32,7 @@ from celery import Celery, signals
 from kombu import Queue
 
 from farm.settings import FarmSettings, load_settings
-from farm.sharding import QUEUES
+from farm.sharding import QUEUES, WORK_QUEUES
 
 CONTROL_QUEUE = "farm.control"
 GPU_QUEUES = tuple(QUEUES.values())
@@ -96,7 +96,7 @@ def create_app(settings: FarmSettings, *, name: str = "farm") -> Celery:
         task_send_sent_event=True,
         task_track_started=True,
         task_default_queue=CONTROL_QUEUE,
-        task_queues=[Queue(CONTROL_QUEUE), *(Queue(q, queue_arguments={"x-max-priority": 10}) for q in GPU_QUEUES)],
+        task_queues=[Queue(CONTROL_QUEUE), *(Queue(q, queue_arguments={"x-max-priority": 10}) for q in WORK_QUEUES)],
         task_queue_max_priority=10,
         task_default_priority=0,
         broker_transport_options=options,

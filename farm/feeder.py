@@ -1,6 +1,7 @@
 """The window feeder: the database decides what runs next, the broker holds a small window.
 
-Every job's shards stay PENDING in the database until the feeder sends them. Per GPU queue, at
+Every job's shards stay PENDING in the database until the feeder sends them. Per queue (each GPU
+queue, and ``farm.cpu`` for the kinds that run no model), at
 most one shard per live worker of the queue plus ``scheduling.window_per_queue`` are in flight
 (queued on the broker or running); the next ones are chosen by the policy in
 :mod:`farm.fair_share` (interactive before bulk, weighted fair share between projects, then
@@ -37,7 +38,7 @@ from farm.dispatch import class_priority, publish_shards, shard_labels
 from farm.fair_share import DEFAULT_SECONDS_PER_ITEM, Charge, ShareState, WaitingJob, WaitingShard, pick_shards
 from farm.scheduler import ShardDispatch, create_shards
 from farm.settings import FarmSettings
-from farm.sharding import QUEUES
+from farm.sharding import WORK_QUEUES
 from storage.db import session_scope
 from storage.models import BulkJob, Job, Project, Shard, User, utcnow
 from storage.registry import queue_consumers
@@ -235,11 +236,11 @@ def feed(
     charge: Charge | None = None,
     now: datetime | None = None,
 ) -> int:
-    """Top the windows of ``queues`` (default: every GPU queue) up: pick, publish, then mark
+    """Top the windows of ``queues`` (default: every GPU queue and ``farm.cpu``) up: pick, publish, then mark
     queued, each queue under its lock in a transaction of its own; ``charge`` goes into the
     ledger with the first. Returns how many shards were sent."""
     sent = 0
-    for queue in queues or list(QUEUES.values()):
+    for queue in queues or list(WORK_QUEUES):
         with session_scope(session_factory) as session:
             if charge is not None:
                 charge_usage(

@@ -12,8 +12,9 @@ import io
 import itertools
 import math
 import os
+import subprocess
 import tempfile
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ClipRow",
+    "FfmpegFailed",
     "VideoInfo",
     "clip_rows",
     "decode_png",
@@ -30,6 +32,7 @@ __all__ = [
     "encode_mp4",
     "probe_video",
     "sample_frames",
+    "stream_mp4",
 ]
 
 MAX_FPS = 240.0
@@ -92,38 +95,71 @@ def _pad_even(image: Image.Image) -> Image.Image:
     return padded
 
 
+class FfmpegFailed(RuntimeError):
+    """ffmpeg exited with an error: the message holds its exit code and the end of its stderr."""
+
+
+STDERR_SHOWN = 600  # characters of ffmpeg's stderr (its first lines: the cause) kept in an error message
+
+
 def encode_mp4(frames: Sequence[Image.Image], fps: float, *, crf: int = 18) -> bytes:
     """H.264 mp4 (yuv420p, moov atom first for streaming); odd sizes are padded by one edge pixel."""
+    size, _ = _check_frames(frames)
+    return stream_mp4(frames, size, fps, crf=crf)
+
+
+def stream_mp4(frames: Iterable[Image.Image], size: tuple[int, int], fps: float, *, crf: int = 18) -> bytes:
+    """H.264 mp4 (yuv420p, moov atom first) of ``frames`` (each ``size``), piped one at a time into
+    the stdin of the ffmpeg that imageio-ffmpeg ships, so a long video never sits in memory as
+    frames; odd sizes are padded by one edge pixel. :class:`FfmpegFailed` (exit code and stderr)
+    when ffmpeg fails; ``ValueError`` for no frames or a frame of another size. An exception the
+    ``frames`` iterator raises stops ffmpeg and is raised as it is."""
     import imageio_ffmpeg
 
     fps = _check_fps(fps)
     if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
         raise ValueError(f"crf must be an int in 0..51, got {crf!r}")
-    (width, height), _ = _check_frames(frames)
-    size = (width + width % 2, height + height % 2)
+    width, height = size
+    if width < 1 or height < 1:
+        raise ValueError(f"frames are empty ({width}x{height})")
+    padded = (width + width % 2, height + height % 2)
     with tempfile.TemporaryDirectory(prefix="farm-media-") as tmp:
         path = os.path.join(tmp, "video.mp4")
-        writer = imageio_ffmpeg.write_frames(
-            path,
-            size,
-            fps=fps,
-            codec="libx264",
-            pix_fmt_in="rgb24",
-            pix_fmt_out="yuv420p",
-            quality=None,  # otherwise imageio-ffmpeg adds its own -crf
-            macro_block_size=2,  # the default (16) silently rescales the video
-            ffmpeg_log_level="error",
-            output_params=["-crf", str(crf), "-movflags", "+faststart"],
-        )
-        try:
-            writer.send(None)
-            for frame in frames:
-                writer.send(_pad_even(frame.convert("RGB")).tobytes())
-        finally:
-            writer.close()  # waits for ffmpeg to finish the file
-        # write_frames does not check ffmpeg's exit status: at least make sure a file came out.
+        command = [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{padded[0]}x{padded[1]}", "-r", f"{fps:g}", "-i", "pipe:0",
+            "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf), "-movflags", "+faststart", path,
+        ]  # fmt: skip
+        with open(os.path.join(tmp, "ffmpeg.log"), "w+b") as log:
+            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
+            assert process.stdin is not None
+            count = 0
+            try:
+                for index, frame in enumerate(frames):
+                    if frame.size != size:
+                        raise ValueError(
+                            f"frame {index} is {frame.size[0]}x{frame.size[1]}, expected {width}x{height} like frame 0"
+                        )
+                    process.stdin.write(_pad_even(frame.convert("RGB")).tobytes())
+                    count += 1
+                process.stdin.close()
+            except BrokenPipeError:
+                pass  # ffmpeg stopped reading: its exit code and stderr say why
+            except BaseException:
+                process.kill()
+                process.wait()
+                raise
+            code = process.wait()
+            log.seek(0)
+            stderr = log.read().decode("utf-8", "replace").strip()
+        if count == 0:
+            raise ValueError("no frames to encode")
+        if code != 0:
+            shown = " | ".join(line.strip() for line in stderr.splitlines() if line.strip())[:STDERR_SHOWN]
+            raise FfmpegFailed(f"ffmpeg exited with code {code}: {shown or '(nothing on stderr)'}")
         if not os.path.isfile(path) or os.path.getsize(path) == 0:
-            raise RuntimeError("ffmpeg produced no mp4 output")
+            raise FfmpegFailed(f"ffmpeg exited with code 0 but wrote no mp4: {stderr[:STDERR_SHOWN]}")
         with open(path, "rb") as fh:
             return fh.read()
 

@@ -43,7 +43,7 @@ from farm.outages import unavailable_service
 from farm.periodic import PeriodicThread
 from farm.scheduler import create_shards
 from farm.settings import FarmSettings
-from farm.sharding import QUEUES
+from farm.sharding import WORK_QUEUES
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Job, Shard, utcnow
 from storage.objects import open_store
@@ -223,7 +223,7 @@ class Reconciler:
         before = now - self._stuck_after if job_id is None else now
         with session_scope(self.sessions) as session:
             consumers = self._consumers(session, now)
-        for queue in sorted({*QUEUES.values(), *consumers}):
+        for queue in sorted({*WORK_QUEUES, *consumers}):
             workers = consumers.get(queue, [])
             if not workers:
                 continue  # nobody would take a message: nothing was lost, nothing can be gained

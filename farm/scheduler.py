@@ -24,6 +24,7 @@ from farm.quotas import check_items
 from farm.settings import SchedulingSettings
 from farm.sharding import iter_shards
 from farm.specs import parse_spec, spec_fingerprint
+from farm.steps import resolve_step
 from storage.blocklist import blocked_workers
 from storage.chunking import insert_rows
 from storage.identity import ensure_default_identity
@@ -79,6 +80,7 @@ def submit_job(
     ``default``), refused when it passes the ``quotas`` (:mod:`farm.quotas`). With an
     idempotency key, a resubmission returns the existing job (``created`` False); the same key
     with a different spec is refused."""
+    spec = resolve_step(session, spec, owner_id)  # a post-step: its source checked, its outputs placed
     fingerprint = spec_fingerprint(spec)
     key = spec.idempotency_key
     if key:

@@ -21,13 +21,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from farm.errors import UserError
-from farm.families import FAMILIES
+from farm.families import CPU_QUEUE, FAMILIES
 from farm.job_spec import JobSpec
 from farm.kinds import item_name, job_kind
 from storage.objects.keys import artifact_key
 
 QUEUE_PREFIX = "farm.gpu."
 QUEUES: dict[str, str] = {family: f"{QUEUE_PREFIX}{family}" for family in FAMILIES}
+# Every queue shards are sent to: a GPU queue per family, and the CPU queue of the kinds that run
+# no model (``JobKind.queue``). The feeder tops each one's window up.
+WORK_QUEUES: tuple[str, ...] = (*QUEUES.values(), CPU_QUEUE)
 
 
 def queue_for(family: str) -> str:
@@ -39,8 +42,9 @@ def queue_for(family: str) -> str:
 
 
 def route(spec: JobSpec) -> tuple[str, int]:
-    """``(queue, priority)`` for every shard of ``spec``."""
-    return queue_for(spec.family), spec.priority
+    """``(queue, priority)`` for every shard of ``spec``: its kind's fixed queue (``farm.cpu``),
+    else the GPU queue of its family."""
+    return job_kind(spec.kind).queue or queue_for(spec.family), spec.priority
 
 
 @dataclass(frozen=True)

@@ -383,6 +383,14 @@ def principal_for(session: Session, user_name: str) -> Principal:
     return _principal(session, user.id, user.name, Role(user.role), None)
 
 
+def principal_of(session: Session, user_id: uuid.UUID) -> Principal:
+    """The principal of a user by id (what a submit recorded as the job's owner acts as)."""
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound(f"no user {user_id}")
+    return _principal(session, user.id, user.name, Role(user.role), None)
+
+
 def _principal(session: Session, user_id: uuid.UUID, name: str, role: Role, token_id: uuid.UUID | None) -> Principal:
     if role == Role.ADMIN:  # an admin may act in every project
         rows = [(pid, pname, True) for pid, pname in session.execute(select(Project.id, Project.name))]

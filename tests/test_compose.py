@@ -30,6 +30,7 @@ import yaml
 
 from farm.celery_app import CONTROL_QUEUE, GPU_QUEUES
 from farm.errors import ConfigError
+from farm.families import CPU_QUEUE
 from farm.settings import PLACEHOLDER_SECRETS, FarmSettings, load_settings
 from farm.sharding import QUEUES
 from tests.fixtures.deployment import (
@@ -177,7 +178,7 @@ def test_workers_cover_every_queue(services) -> None:
             continue
         assert params["queues"], f"{name}: name the queues (the default mixes control and GPU queues)"
         queues = params["queues"].split(",")
-        assert set(queues) <= {CONTROL_QUEUE, *GPU_QUEUES}, f"{name}: unknown queue in {queues}"
+        assert set(queues) <= {CONTROL_QUEUE, CPU_QUEUE, *GPU_QUEUES}, f"{name}: unknown queue in {queues}"
         assert params["name"] is None, f"{name}: a fixed --name would be shared by every replica"
         for queue in queues:
             consumed.setdefault(queue, []).append(name)
@@ -185,8 +186,11 @@ def test_workers_cover_every_queue(services) -> None:
             family, _, model = ref.partition(":")
             assert family in QUEUES and model.startswith("/models/"), f"{name}: --preload {ref}"
             assert queues == [QUEUES[family]], f"{name}: preloads {family} but consumes {queues}"
-    assert set(consumed) == {CONTROL_QUEUE, *GPU_QUEUES}, f"queues without a worker: {consumed}"
+    assert set(consumed) == {CONTROL_QUEUE, CPU_QUEUE, *GPU_QUEUES}, f"queues without a worker: {consumed}"
     assert consumed[CONTROL_QUEUE] == ["scheduler"]
+    assert consumed[CPU_QUEUE] == ["worker-cpu"] and "worker-cpu" not in gpu_services(services)
+    assert services["worker-cpu"]["build"]["dockerfile"].endswith(".control"), "the post-steps need no torch"
+    assert services["worker-cpu"]["healthcheck"]["test"][1:] == ["farm-healthcheck", "worker"]
     gpu = gpu_services(services)
     for family, queue in QUEUES.items():
         assert consumed[queue] == [f"worker-{family}"] and f"worker-{family}" in gpu

@@ -55,21 +55,26 @@ def recipe_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def test_every_built_in_kind_has_one_descriptor() -> None:
-    assert known_kinds() == ["face_identity", "temporal_video", "text_to_image"]
+    renders = ["face_identity", "temporal_video", "text_to_image"]
+    steps = ["contact_sheet", "encode", "package", "upscale"]  # post-steps: no model, farm.cpu
+    assert known_kinds() == sorted(renders + steps)
     for name, kind in KINDS.items():
         assert kind.name == name == kind.spec.model_fields["kind"].default
         assert callable(kind.runner()), name  # the worker side imports
     assert [name for name, kind in KINDS.items() if kind.bulk] == ["text_to_image", "face_identity"]
     assert [name for name, kind in KINDS.items() if not kind.runtime_applies_patches] == ["face_identity"]
     assert job_kind("temporal_video").ext == "mp4"
-    with pytest.raises(FarmError, match="unknown job kind 'nope'; known kinds: face_identity"):
+    assert sorted(name for name, kind in KINDS.items() if not kind.needs_model) == steps
+    assert {name: kind.queue for name, kind in KINDS.items() if kind.queue} == dict.fromkeys(steps, "farm.cpu")
+    with pytest.raises(FarmError, match="unknown job kind 'nope'; known kinds: contact_sheet, encode, face_identity"):
         job_kind("nope")
     with pytest.raises(TypeError, match="not a JobSpec subclass"):
         JobKind(spec=dict, items=iter, runner=dict)  # type: ignore[arg-type]
 
 
 def test_kind_modules_carry_the_kind_name_and_spec_sides_need_no_torch() -> None:
-    spec_side = sorted(p.stem for p in (ROOT / "farm" / "kinds").glob("*.py") if p.stem not in ("__init__", "base"))
+    shared = ("__init__", "base", "step")  # step: what the step kinds share (StepSpec)
+    spec_side = sorted(p.stem for p in (ROOT / "farm" / "kinds").glob("*.py") if p.stem not in shared)
     runners = sorted(p.stem for p in (ROOT / "farm" / "worker" / "kinds").glob("*.py") if p.stem != "__init__")
     assert spec_side == sorted(KINDS)
     assert all(any(r == k or r.startswith(f"{k}_") for k in KINDS) for r in runners), runners

@@ -187,6 +187,10 @@ LAZY_IMPORTS = {
     ("farm/kinds/face_identity.py", "farm.worker.kinds.face_identity"),  # a kind's runner
     ("farm/kinds/temporal_video.py", "farm.worker.kinds.temporal_video"),
     ("farm/kinds/text_to_image.py", "farm.worker.kinds.text_to_image"),
+    ("farm/kinds/encode.py", "farm.worker.kinds.encode"),
+    ("farm/kinds/upscale.py", "farm.worker.kinds.upscale"),
+    ("farm/kinds/contact_sheet.py", "farm.worker.kinds.contact_sheet"),
+    ("farm/kinds/package.py", "farm.worker.kinds.package"),
     ("farm/cli/api_cmd.py", "farm.api.app"),  # FastAPI and the routes: only `farm api` needs them
     ("farm/cli/registry_cmd.py", "farm.worker.single_file"),  # diffusers, torch: only `farm models import`
 }

@@ -96,7 +96,8 @@ REJECTED: list[tuple[str, dict[str, Any], str]] = [
     (
         "unknown kind",
         minimal(kind="face_swap"),
-        "kind: unknown job kind 'face_swap'; known kinds: face_identity, temporal_video, text_to_image",
+        "kind: unknown job kind 'face_swap'; known kinds: contact_sheet, encode, face_identity, package, "
+        "temporal_video, text_to_image, upscale",
     ),
     ("kind not a string", minimal(kind=3), "kind: must be a string naming a job kind"),
     ("empty model", minimal(model=""), "model: String should have at least 1 character"),

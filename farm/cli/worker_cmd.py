@@ -10,7 +10,7 @@ import time
 
 import typer
 
-from farm.celery_app import CONTROL_QUEUE, GPU_QUEUES, create_app, worker_argv
+from farm.celery_app import CONTROL_QUEUE, create_app, worker_argv
 from farm.cli.common import console, err_console, settings
 from farm.cli.jobs_cmd import print_job, wait_with_progress
 from farm.client import FarmClient
@@ -18,6 +18,7 @@ from farm.errors import UserError
 from farm.model_refs import is_registry_ref
 from farm.model_registry import resolve_model_ref
 from farm.reconciler import Reconciler, ReconcilerLoop
+from farm.sharding import WORK_QUEUES
 from farm.tiny_models import build_tiny_model
 from farm.worker.heartbeat import WorkerHeartbeat
 from farm.worker.metrics import WorkerMetrics
@@ -37,7 +38,8 @@ def worker(
     name: str | None = typer.Option(None, help="Worker name (default: host-pid)."),
     loglevel: str = typer.Option("INFO", help="Log level."),
 ) -> None:
-    """Run a worker: one process, one device, models pinned in memory."""
+    """Run a worker: one process, one device, models pinned in memory (--queues farm.cpu: the
+    post-steps, no model)."""
 
     cfg = settings()
     selected = known_queues([q.strip() for q in (queues.split(",") if queues else [*cfg.worker.queues, CONTROL_QUEUE])])
@@ -71,7 +73,7 @@ def known_queues(names: list[str]) -> list[str]:
     would leave a worker waiting on a queue nobody sends to."""
 
     names = [name for name in names if name]
-    known = (CONTROL_QUEUE, *GPU_QUEUES)
+    known = (CONTROL_QUEUE, *WORK_QUEUES)
     unknown = [name for name in names if name not in known]
     if unknown or not names:
         raise UserError(

@@ -22,17 +22,16 @@ import heapq
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from farm.bulk import get_bulk
 from farm.datasets.card import dataset_card
-from farm.datasets.file_shards import SUMS, write_files
-from farm.datasets.parquet_shards import check_available, write_parquet
+from farm.datasets.file_shards import SUMS
+from farm.datasets.formats import FORMATS, Format
+from farm.datasets.parquet_shards import check_available
 from farm.datasets.rows import FailedRow, RenderedRow, Sample, count_rendered, failed_rows, rendered_rows
-from farm.datasets.tar_shards import write_tar
 from farm.datasets.targets import FolderTarget, StoreTarget, committed, open_target
 from farm.errors import ObjectNotFound, UserError
 from farm.file_digests import file_sha256
@@ -47,22 +46,6 @@ CARD = "README.md"
 MANIFEST_VERSION = 1
 MAX_SHARD_SIZE = 1_000_000
 _SHARD_NAME = re.compile(r"(\d{5,})(\.tar|\.parquet|_stats\.json|/.+)")
-
-
-@dataclass(frozen=True)
-class Format:
-    """A package format: its shards' suffix (``""``: a folder) and writer."""
-
-    name: str
-    suffix: str
-    write: Callable[[Path, Iterable[Sample]], int]
-
-
-FORMATS = {
-    "webdataset": Format("webdataset", ".tar", write_tar),
-    "parquet": Format("parquet", ".parquet", write_parquet),
-    "files": Format("files", "", write_files),
-}
 
 
 def default_out(name: str, format: str) -> str:

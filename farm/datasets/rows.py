@@ -76,7 +76,7 @@ class FailedRow:
         return {"row_id": self.row_id, "key": self.key, "reason": self.reason}
 
 
-_COLUMNS = (
+COLUMNS = (
     Artifact.key,
     Artifact.sha256,
     Artifact.size_bytes,
@@ -88,8 +88,9 @@ _COLUMNS = (
 )
 
 
-def _rendered(artifact: Any) -> RenderedRow:
-    """A :class:`RenderedRow` from a row of :data:`_COLUMNS` (plain rows: no ORM objects to build)."""
+def rendered_row(artifact: Any) -> RenderedRow:
+    """A :class:`RenderedRow` from a row of :data:`COLUMNS` (plain rows: no ORM objects to build;
+    the ``package`` step passes its source job's artifacts)."""
     params = dict(artifact.params or {})
     row_id = str(params.get("row_id") or artifact.key.rsplit("/", 1)[-1].rsplit(".", 1)[0])
     return RenderedRow(
@@ -111,9 +112,9 @@ def rendered_rows(session_factory: Any, bulk_id: uuid.UUID, after: str = "") -> 
     while True:
         with session_scope(session_factory) as session:
             page = [
-                _rendered(a)
+                rendered_row(a)
                 for a in session.execute(
-                    select(*_COLUMNS)
+                    select(*COLUMNS)
                     .join(Job, Job.id == Artifact.job_id)
                     .where(Job.bulk_id == bulk_id, Artifact.key > after)
                     .order_by(Artifact.key)

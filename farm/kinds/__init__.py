@@ -9,7 +9,7 @@ items generator and its ``KIND`` descriptor; a runner module; one :func:`registe
 from __future__ import annotations
 
 from farm.errors import FarmError
-from farm.kinds import face_identity, temporal_video, text_to_image
+from farm.kinds import contact_sheet, encode, face_identity, package, temporal_video, text_to_image, upscale
 from farm.kinds.base import ItemSource, JobKind, ShardRunner, item_name
 
 __all__ = [
@@ -58,3 +58,7 @@ def known_kinds() -> list[str]:
 register_kind(text_to_image.KIND)
 register_kind(temporal_video.KIND)
 register_kind(face_identity.KIND)
+register_kind(encode.KIND)
+register_kind(upscale.KIND)
+register_kind(contact_sheet.KIND)
+register_kind(package.KIND)

@@ -49,6 +49,10 @@ class JobKind:
     renders may use it (one output per manifest row). ``runtime_applies_patches``: the worker
     applies the job's patches before calling the runner; ``False`` when the runner builds patches
     of its own (an identity) and applies them together with the job's through ``ShardRun.apply_patches``.
+    ``needs_model``: the worker loads the spec's model (from its ``ModelCache``) and applies the job's
+    patches before the runner; ``False`` for kinds that run no diffusion model (the post-steps), whose
+    runner gets ``ShardRun.loaded = None``. ``queue``: a fixed queue for the kind's shards (``farm.cpu``)
+    instead of the GPU queue of the spec's family.
     """
 
     spec: type[JobSpec]
@@ -57,6 +61,8 @@ class JobKind:
     ext: str = "png"
     bulk: bool = False
     runtime_applies_patches: bool = True
+    needs_model: bool = True
+    queue: str | None = None
 
     @property
     def name(self) -> str:

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
+from farm.families import CPU_QUEUE
 from farm.periodic import PeriodicThread
 from farm.worker.devices import device_info
 from storage.db import session_scope
@@ -43,7 +44,9 @@ class WorkerHeartbeat:
 
     def _device(self) -> dict[str, Any]:
         if not any(q.startswith(GPU_QUEUE_PREFIX) for q in self.queues):
-            return {"device": "none"}  # a control-only worker renders nothing (and needs no torch)
+            # A control-only worker renders nothing; a farm.cpu worker runs steps on the CPU. Neither
+            # loads a model (nor imports torch) to say so.
+            return {"device": "cpu" if CPU_QUEUE in self.queues else "none"}
 
         return device_info(self.res.model_cache().placement)
 

@@ -425,16 +425,18 @@ def _render_items(
     kind = job_kind(spec.kind)
     runner = kind.runner()
 
-    started = time.perf_counter()
-    cache = res.model_cache()
-    loads = cache.loads
-    loaded = cache.get(spec.model, spec.family)
-    timings["load_s"] = round(time.perf_counter() - started, 4)
-    timings["model_loaded"] = float(cache.loads > loads)  # a load, not a cache hit (farm.demand measures loads)
-    if res.metrics is not None:
-        res.metrics.observe_model(spec.family, loaded=cache.loads > loads)
+    cache = loaded = None
+    if kind.needs_model:  # a kind without a model (a post-step on farm.cpu) never builds the cache
+        started = time.perf_counter()
+        cache = res.model_cache()
+        loads = cache.loads
+        loaded = cache.get(spec.model, spec.family)
+        timings["load_s"] = round(time.perf_counter() - started, 4)
+        timings["model_loaded"] = float(cache.loads > loads)  # a load, not a cache hit (farm.demand measures loads)
+        if res.metrics is not None:
+            res.metrics.observe_model(spec.family, loaded=cache.loads > loads)
     fingerprint = ""
-    if kind.runtime_applies_patches:  # else the runner adds patches of its own and applies them all
+    if loaded is not None and kind.runtime_applies_patches:  # else the runner applies its own patches
         started = time.perf_counter()
         fingerprint = apply_job_patches(loaded, spec, res=res)
         timings["patch_s"] = round(time.perf_counter() - started, 4)
@@ -450,7 +452,7 @@ def _render_items(
     try:
         done = runner(run)
     except Exception as exc:
-        if not is_out_of_memory(exc):
+        if cache is None or not is_out_of_memory(exc):
             raise
         raise out_of_memory(exc, spec, memory, cache.placement.device) from exc
     timings["items"] = float(len(items))

@@ -40,7 +40,7 @@ class ShardRun:
     items: list[dict[str, Any]]
     done_keys: set[str]
     keeper: LeaseKeeper
-    loaded: Any  # farm.worker.model_cache.LoadedModel
+    loaded: Any  # farm.worker.model_cache.LoadedModel; None for a kind that runs no model (JobKind.needs_model)
     timings: dict[str, float]
     patches_fingerprint: str = ""
     items_done: int = 0
@@ -121,7 +121,7 @@ class ShardRun:
                 "size_bytes": info.size,
                 "content_type": content_type,
                 "params": params,
-                "model_hash": self.loaded.model_hash,
+                "model_hash": self.loaded.model_hash if self.loaded is not None else None,
             }
         )
         self.done_keys.add(key)

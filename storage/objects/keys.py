@@ -7,7 +7,8 @@ parts joined by ``/``. Nothing else can reach a key: no traversal, no absolute p
 backslashes, no control characters, no empty segments.
 
 Layout: ``{prefix}/{job_id}/{shard_index:05d}/{item}.{ext}`` and ``{prefix}/{job_id}/manifest.json``
-(with an empty prefix the key starts at ``{job_id}``). Every problem raises
+(with an empty prefix the key starts at ``{job_id}``); a job's post-steps (``encode``, ...) are jobs
+whose prefix is ``{prefix}/{job_id}/steps`` (:func:`steps_prefix`). Every problem raises
 :class:`storage.errors.InvalidKey` naming the field and the reason.
 
 Namespaces: the top-level folders in :data:`RESERVED_FOLDERS` belong to the farm (``inputs``:
@@ -32,7 +33,10 @@ MAX_SHARD_INDEX = 99_999  # five digits in the key
 RESERVED_FOLDERS: Mapping[str, str] = MappingProxyType(
     {"inputs": "uploaded inputs and bulk manifests", "models": "the model registry"}
 )
-EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "gif", "mp4", "json", "jsonl", "txt", "safetensors"})
+EXTENSIONS = frozenset(
+    {"png", "jpg", "jpeg", "webp", "gif", "mp4", "json", "jsonl", "txt", "safetensors", "tar", "parquet"}
+)
+STEPS_FOLDER = "steps"  # a job's post-steps write under {prefix}/{job_id}/steps/{step job id}/
 
 
 def _shown(value: str) -> str:
@@ -129,6 +133,12 @@ def artifact_key(prefix: str, job_id: object, shard_index: int, item: str | int,
         item = f"{item:06d}"
     name = f"{validate_part(item, 'item')}.{validate_extension(ext)}"
     return join_key(job_prefix(prefix, job_id), f"{shard_index:05d}", validate_part(name, "item"))
+
+
+def steps_prefix(prefix: str, job_id: object) -> str:
+    """``{prefix}/{job_id}/steps``: the output prefix of the post-steps of job ``job_id`` (a step
+    job's outputs are then ``{prefix}/{job_id}/steps/{step_job_id}/...``, beside its source's)."""
+    return join_key(job_prefix(prefix, job_id), STEPS_FOLDER)
 
 
 def manifest_key(prefix: str, job_id: object) -> str:
