@@ -1,5 +1,5 @@
-"""Demand per GPU queue, read from the database: what waits, what runs, how fast it goes, and the
-worker count each queue wants (:func:`farm.demand_policy.desired_workers`).
+"""Demand per work queue (each GPU queue and ``farm.cpu``), read from the database: what waits,
+what runs, how fast it goes, and the worker count each queue wants (:func:`farm.demand_policy.desired_workers`).
 
 The broker cannot say this: a Redis ``LLEN`` of a queue's key misses the messages of its other
 priority sub-lists, the messages workers hold (prefetched or running) and every shard the feeder
@@ -30,6 +30,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from farm.demand_policy import QueueDemand, QueueLoad, ScalePolicy, demand_of
+from farm.families import CPU_FAMILY, CPU_QUEUE
 from farm.feeder import feedable_job
 from farm.settings import AutoscaleSettings, FarmSettings
 from farm.sharding import QUEUES
@@ -47,7 +48,7 @@ def policy_for(conf: AutoscaleSettings, queue: str) -> ScalePolicy:
 
 
 def queue_demands(session: Session, settings: FarmSettings, now: datetime | None = None) -> list[QueueDemand]:
-    """Every GPU queue's load and desired workers, in the order of the families (idle queues
+    """Every work queue's load and desired workers, in the order of the families (idle queues
     included, with zeros)."""
     return [demand_of(load, policy_for(settings.autoscale, load.queue)) for load in read_loads(session, settings, now)]
 
@@ -59,7 +60,7 @@ def read_loads(session: Session, settings: FarmSettings, now: datetime | None = 
     speeds = _recent_ends(session, now - timedelta(seconds=max(conf.observe_s, conf.hold_down_s)), now, conf)
     consumers = queue_consumers(session, settings.worker.lost_after_s, now)
     loads = []
-    for family, queue in QUEUES.items():
+    for family, queue in (*QUEUES.items(), (CPU_FAMILY, CPU_QUEUE)):
         counts = shards.get(queue, {})
         seen = speeds.get(queue, {})
         waiting_since = min((c["oldest"] for s, c in counts.items() if s != ShardStatus.RUNNING), default=None)

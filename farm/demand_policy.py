@@ -1,4 +1,4 @@
-"""How many workers a GPU queue wants: the autoscaling policy as a pure function.
+"""How many workers a work queue (a GPU queue or ``farm.cpu``) wants: the autoscaling policy as a pure function.
 
 :func:`desired_workers` reads one :class:`QueueLoad` (what :mod:`farm.demand` read from the
 database) and a :class:`ScalePolicy` (from the ``autoscale`` settings) and returns a worker
@@ -37,7 +37,7 @@ class ScalePolicy:
 
 @dataclass(frozen=True)
 class QueueLoad:
-    """What waits and runs on one GPU queue, and how fast it has been going."""
+    """What waits and runs on one work queue, and how fast it has been going."""
 
     queue: str
     family: str

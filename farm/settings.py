@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, NonNegativeInt, PositiveFloat, SecretStr,
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from farm.errors import ConfigError
-from farm.families import FAMILIES
+from farm.families import CPU_QUEUE, FAMILIES
 from storage.settings import DatabaseSettings, StorageSettings
 from storage.settings import Section as _Section
 from storage.urls import redact_url
@@ -284,13 +284,13 @@ class ReconcileSettings(_Section):
     batch: int = Field(default=1000, ge=1, le=100_000, description="Most shards or jobs one pass acts on per step.")
 
 
-GPU_QUEUE_NAMES = tuple(f"farm.gpu.{family}" for family in FAMILIES)
+WORK_QUEUE_NAMES = (*(f"farm.gpu.{family}" for family in FAMILIES), CPU_QUEUE)
 
 
 class AutoscaleSettings(_Section):
-    """Demand per GPU queue (:mod:`farm.demand`): the ``desired_workers`` figure of ``farm status
-    --queues``, ``GET /v1/queues`` and the ``farm_queue_*`` metrics of ``farm api``'s ``/metrics``
-    (what an autoscaler such as KEDA follows)."""
+    """Demand per work queue, each GPU queue and ``farm.cpu`` (:mod:`farm.demand`): the
+    ``desired_workers`` figure of ``farm status --queues``, ``GET /v1/queues`` and the
+    ``farm_queue_*`` metrics of ``farm api``'s ``/metrics`` (what an autoscaler such as KEDA follows)."""
 
     target_drain_s: float = Field(
         default=600.0,
@@ -328,9 +328,9 @@ class AutoscaleSettings(_Section):
     @field_validator("queue_target_drain_s", "max_workers")
     @classmethod
     def _known_queues(cls, value: dict) -> dict:
-        unknown = sorted(set(value) - set(GPU_QUEUE_NAMES))
+        unknown = sorted(set(value) - set(WORK_QUEUE_NAMES))
         if unknown:
-            raise ValueError(f"unknown queue {unknown[0]!r}; known: {', '.join(GPU_QUEUE_NAMES)}")
+            raise ValueError(f"unknown queue {unknown[0]!r}; known: {', '.join(WORK_QUEUE_NAMES)}")
         return value
 
     def target_for(self, queue: str) -> float:

@@ -35,6 +35,7 @@ from farm.demand import queue_demands, read_loads
 from farm.demand_policy import QueueLoad, ScalePolicy, desired_workers, workers_to_drain
 from farm.errors import ConfigError
 from farm.settings import FarmSettings, load_settings
+from farm.sharding import WORK_QUEUES
 from farm.specs import parse_spec
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.leases import claim_shard, finish_shard
@@ -199,7 +200,7 @@ def test_figures_read_from_the_database(db_url: str, tmp_path: Path) -> None:
     t = utcnow() + timedelta(seconds=1000)  # the clock of this test: shards were made ~1000 s before
     try:
         with session_scope(sessions) as session:
-            assert [load.open_shards for load in read_loads(session, conf, t)] == [0, 0, 0]
+            assert [load.open_shards for load in read_loads(session, conf, t)] == [0] * len(WORK_QUEUES)
             job = _job(session, 5)
             s0, s1, s2, s3, _ = _shards(session, job)
             lease = claim_shard(session, s0, "gpu-a", 600, now=t - timedelta(seconds=100))
@@ -468,7 +469,7 @@ def test_a_toy_autoscaler_scales_zero_to_n_to_zero(
 
     # The metrics text as a scraper gets it, then `farm status --queues` through a pipe.
     metrics = scrape(server.url)
-    for queue in ("farm.gpu.sd15", "farm.gpu.sdxl", "farm.gpu.svd"):
+    for queue in WORK_QUEUES:
         q = (("queue", queue),)
         assert desired(metrics, queue) == 0 and metrics[("farm_queue_live_workers", q)] == 0
         assert metrics[("farm_queue_items_left", q)] == 0
@@ -490,7 +491,7 @@ def test_a_toy_autoscaler_scales_zero_to_n_to_zero(
         lines = out.strip().splitlines()
         assert lines[0] == "queue\tpending\tqueued\trunning\titems left\toldest\ts/item\tload\tlive\tdesired"
         rows = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
-        assert set(rows) == {"farm.gpu.sd15", "farm.gpu.sdxl", "farm.gpu.svd"}
+        assert set(rows) == set(WORK_QUEUES), "every GPU queue and farm.cpu"
         assert rows[SD15][1:6] == ["0", "0", "0", "0", "-"] and rows[SD15][8:] == ["0", "0/3"]
         assert not rows[SD15][6].endswith("*") and rows["farm.gpu.sdxl"][6] == "1.00*"
     assert direct == through_api

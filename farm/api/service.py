@@ -1,5 +1,5 @@
 """The API's own routes: ``/healthz`` (can it reach its database?), ``/metrics`` (Prometheus
-text: requests by route and status, jobs by status, and each GPU queue's demand, the
+text: requests by route and status, jobs by status, and each work queue's demand, the
 ``farm_queue_*`` gauges an autoscaler follows: :mod:`farm.demand`), ``/v1/me``, ``/v1/workers``
 and ``/v1/queues``.
 
@@ -109,6 +109,6 @@ def workers(who: Caller, state: State) -> list[dict[str, Any]]:
     return state.farm.workers()
 
 
-@router.get("/v1/queues", tags=["workers"], summary="Demand per GPU queue and the workers it wants")
+@router.get("/v1/queues", tags=["workers"], summary="Demand per work queue and the workers it wants")
 def queues(who: Caller, state: State) -> list[dict[str, Any]]:
     return state.farm.queues()

@@ -198,11 +198,13 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     limit: int = typer.Option(20, "--limit", min=1, max=1000, help="How many recent jobs to list."),
     queues: bool = typer.Option(
-        False, "--queues", help="Each GPU queue's demand instead: shards, items left, speeds, live and desired workers."
+        False,
+        "--queues",
+        help="Each work queue's demand (GPU queues, farm.cpu) instead: shards, items left, speeds, workers.",
     ),
 ) -> None:
     """Show one job with its counts by shard status, the shards worth a look and why it waits, or
-    the latest jobs (or, with --queues, each GPU queue's demand)."""
+    the latest jobs (or, with --queues, each work queue's demand)."""
     if queues:
         if job_id:
             raise UserError("--queues shows every queue: give no job id with it")
@@ -253,7 +255,7 @@ QUEUE_COLUMNS = ("queue", "pending", "queued", "running", "items left", "oldest"
 
 
 def print_queues(rows: list[dict], as_json: bool = False) -> None:
-    """``farm status --queues``: one row per GPU queue (``*`` after a speed: the settings' default,
+    """``farm status --queues``: one row per work queue (``*`` after a speed: the settings' default,
     nothing measured yet)."""
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
