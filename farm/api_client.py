@@ -199,6 +199,9 @@ class ApiClient:
                 artifact["path"] = str(self._download(artifact["url"], target))
         return artifacts
 
+    def webhook_deliveries(self, job_id: str | uuid.UUID) -> list[dict[str, Any]]:
+        return self._call("GET", f"/v1/jobs/{_ref(job_id)}/webhooks")
+
     def previews(self, job_id: str | uuid.UUID, download: Path | None = None) -> dict[str, Any]:
         found = self._call("GET", f"/v1/jobs/{_ref(job_id)}/previews")
         if download is not None:

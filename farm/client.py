@@ -43,6 +43,7 @@ from storage.recovery import unfinished_shard
 from storage.registry import list_workers
 from storage.status import JOB_TERMINAL, JobStatus
 from storage.transitions import cancel_unstarted_shards, set_job_class, set_job_priority, set_job_status
+from storage.webhook_outbox import job_deliveries
 
 
 class FarmClient:
@@ -129,7 +130,12 @@ class FarmClient:
         spec = pin_spec_model(spec, self.store)
         with session_scope(self._sessions) as session:
             job, created = submit_job(
-                session, spec, owner_id=owner_id, project_id=project_id, quotas=self.settings.scheduling
+                session,
+                spec,
+                owner_id=owner_id,
+                project_id=project_id,
+                quotas=self.settings.scheduling,
+                webhooks=self.settings.webhooks,
             )
             job_id, status = job.id, JobStatus(job.status)
         if status == JobStatus.PENDING:
@@ -355,6 +361,11 @@ class FarmClient:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
                 n += 1
         return n
+
+    def webhook_deliveries(self, job_id: str | uuid.UUID) -> list[dict[str, Any]]:
+        """The job's webhook events, in order, with how each one's delivery goes."""
+        with session_scope(self._sessions) as session:
+            return job_deliveries(session, resolve_job_id(session, job_id))
 
     def previews(
         self, job_id: str | uuid.UUID, download: Path | None = None, url: Callable[[str], str] | None = None

@@ -20,7 +20,9 @@ from farm.families import FAMILIES, Family
 from farm.model_refs import RegistryError, is_registry_ref, parse_registry_ref
 from farm.patch_specs import Patch
 from farm.spec_problems import literal_value, problem
+from farm.webhook_urls import check_webhook_url
 from storage.objects.keys import check_output_folder, validate_prefix
+from storage.webhook_outbox import EVENT_TYPES  # the outbox's names: WebhookEventName's
 
 # -- limits --------------------------------------------------------------------------------------
 MAX_MODEL_CHARS = 512
@@ -68,6 +70,36 @@ class SpecError(UserError):
 
 
 # -- the shared fields ---------------------------------------------------------------------------
+WebhookEventName = Literal["job.started", "job.progress", "job.succeeded", "job.partial", "job.failed", "job.cancelled"]
+
+
+def _webhook_url(value: str) -> str:
+    try:
+        check_webhook_url(value)
+    except ValueError as exc:
+        raise problem((), str(exc), value) from None
+    return value
+
+
+WebhookUrl = Annotated[str, AfterValidator(_webhook_url)]
+
+
+class WebhookSpec(BaseModel):
+    """Where a job's events go (``url``) and which (``events``; default every one)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    url: WebhookUrl
+    events: list[WebhookEventName] | None = Field(default=None, min_length=1, max_length=len(EVENT_TYPES))
+
+    @field_validator("events")
+    @classmethod
+    def _unique_events(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise problem((), "lists an event twice", value)
+        return value
+
+
 def _clean_text(value: str) -> str:
     """Free text (prompts): no control characters but tab and newline (the spec is stored as
     JSON in Postgres, which refuses NUL; pydantic already refuses unpaired surrogates)."""
@@ -117,6 +149,8 @@ class JobSpec(BaseModel):
     output_prefix: str = Field(default="renders", max_length=MAX_OUTPUT_PREFIX_CHARS)
     idempotency_key: str | None = None
     patches: list[Patch] = Field(default_factory=list, max_length=MAX_PATCHES)
+    webhook: WebhookSpec | None = Field(default=None, description="{url, events?}: where the job's events go.")
+    webhook_url: WebhookUrl | None = Field(default=None, description="Short for webhook: {url: ...}.")
 
     @model_validator(mode="before")
     @classmethod
@@ -214,6 +248,8 @@ class JobSpec(BaseModel):
             raise problem(("base_seed",), "required with count", None)
         if self.base_seed is not None and self.count is not None and self.base_seed + self.count - 1 > MAX_SEED:
             raise problem(("count",), f"base_seed + count - 1 exceeds the largest seed {MAX_SEED}", self.count)
+        if self.webhook is not None and self.webhook_url is not None:
+            raise problem(("webhook_url",), "give either webhook or webhook_url, not both", self.webhook_url)
         for i, patch in enumerate(self.patches):
             families = getattr(type(patch), "families", FAMILIES)
             if self.family not in families:
@@ -241,6 +277,12 @@ class JobSpec(BaseModel):
 
     def item_count(self) -> int:
         return math.prod(self.item_axes().values())
+
+    def webhook_target(self) -> WebhookSpec | None:
+        """The spec's webhook, in either form."""
+        if self.webhook_url is not None:
+            return WebhookSpec(url=self.webhook_url)
+        return self.webhook
 
 
 def local_path(value: str, suffixes: tuple[str, ...] = ()) -> str:

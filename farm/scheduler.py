@@ -21,10 +21,11 @@ from sqlalchemy.orm import Session
 from farm.errors import NotFound, UserError
 from farm.job_spec import JobSpec
 from farm.quotas import check_items
-from farm.settings import SchedulingSettings
+from farm.settings import SchedulingSettings, WebhooksSettings
 from farm.sharding import iter_shards
 from farm.specs import parse_spec, spec_fingerprint
 from farm.steps import resolve_step
+from farm.webhooks import attach_job_webhook
 from storage.blocklist import blocked_workers
 from storage.chunking import insert_rows
 from storage.identity import ensure_default_identity
@@ -75,9 +76,11 @@ def submit_job(
     owner_id: uuid.UUID | None = None,
     project_id: uuid.UUID | None = None,
     quotas: SchedulingSettings | None = None,
+    webhooks: WebhooksSettings | None = None,
 ) -> tuple[Job, bool]:
     """Write the job row, owned by ``owner_id`` in ``project_id`` (by default: ``admin`` in
-    ``default``), refused when it passes the ``quotas`` (:mod:`farm.quotas`). With an
+    ``default``), refused when it passes the ``quotas`` (:mod:`farm.quotas`); with ``webhooks``,
+    its webhook too (:func:`farm.webhooks.attach_job_webhook`: the spec's, else the owner's). With an
     idempotency key, a resubmission returns the existing job (``created`` False); the same key
     with a different spec is refused."""
     spec = resolve_step(session, spec, owner_id)  # a post-step: its source checked, its outputs placed
@@ -109,6 +112,8 @@ def submit_job(
         if existing is None:
             raise
         return _same_spec(existing, fingerprint, key, owner_id), False
+    if webhooks is not None:
+        attach_job_webhook(session, job.id, spec, owner, webhooks)
     return job, True
 
 

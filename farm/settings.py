@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from farm.errors import ConfigError
 from farm.families import CPU_QUEUE, FAMILIES
+from farm.webhook_urls import AddressPolicy
 from storage.settings import DatabaseSettings, StorageSettings
 from storage.settings import Section as _Section
 from storage.urls import redact_url
@@ -376,6 +377,63 @@ class ApiSettings(_Section):
         return bool(self.url) and self.token is not None
 
 
+class WebhooksSettings(_Section):
+    """Job webhooks: events leave from the outbox table, delivered by every worker that consumes
+    farm.control (:mod:`farm.webhook_delivery`), signed with the job owner's secret."""
+
+    enabled: bool = Field(
+        default=True, description="Record job events for webhooks at submit, and deliver them from control workers."
+    )
+    timeout_s: float = Field(
+        default=10.0, gt=0, le=120, description="Seconds one delivery may take (connect + answer)."
+    )
+    max_attempts: int = Field(default=12, ge=1, le=100, description="Deliveries of one event before it is dead.")
+    max_age_s: float = Field(
+        default=86400.0, gt=0, description="An event not delivered this long after it happened is dead."
+    )
+    backoff_base_s: float = Field(
+        default=5.0, gt=0, description="Wait after a failed delivery; doubles each attempt (with jitter)."
+    )
+    backoff_max_s: float = Field(default=3600.0, gt=0, description="Longest wait between two deliveries of an event.")
+    progress_interval_s: float = Field(
+        default=60.0, gt=0, description="At most one job.progress event per job this often."
+    )
+    poll_interval_s: float = Field(default=1.0, gt=0, le=60, description="How often a deliverer looks for due events.")
+    batch: int = Field(default=50, ge=1, le=1000, description="Most events one look delivers.")
+    claim_lease_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A claimed event whose deliverer died is delivered again after this long (above timeout_s).",
+    )
+    max_response_bytes: int = Field(
+        default=4096, ge=0, le=1_048_576, description="Most bytes of a receiver's answer read (for the error shown)."
+    )
+    allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names and addresses or CIDRs (JSON list) a webhook may reach although private, loopback "
+        "or link-local; everything else must resolve to public addresses.",
+    )
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _allow_list(cls, value: list[str]) -> list[str]:
+        AddressPolicy.from_entries(value)  # a bad entry is named
+        return value
+
+    @property
+    def policy(self) -> AddressPolicy:
+        """Which addresses webhooks may reach."""
+        return AddressPolicy.from_entries(self.allow_hosts)
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_delivery(self) -> WebhooksSettings:
+        if self.claim_lease_s <= self.timeout_s:
+            raise ValueError("webhooks.claim_lease_s must be longer than webhooks.timeout_s")
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError("webhooks.backoff_max_s must be at least webhooks.backoff_base_s")
+        return self
+
+
 class FarmSettings(BaseSettings):
     """All settings. Build with ``FarmSettings()`` in an entry point and pass it down."""
 
@@ -399,6 +457,7 @@ class FarmSettings(BaseSettings):
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
     autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    webhooks: WebhooksSettings = Field(default_factory=WebhooksSettings)
 
     @model_validator(mode="after")
     def _refuse_placeholders(self) -> FarmSettings:

@@ -1,6 +1,7 @@
 """SQLAlchemy models for the farm's state: ``job``, ``shard``, ``artifact``, ``worker``, ``job_worker``,
 ``bulk_job``, and who may use it: ``user``, ``project``, ``project_member``, ``api_token``,
-``web_session``, ``audit_event``; the scheduler's ``share_usage`` and ``queue_feed``.
+``web_session``, ``audit_event``; the scheduler's ``share_usage`` and ``queue_feed``; webhooks:
+``user_webhook``, ``job_webhook`` and the outbox ``webhook_event``.
 
 Typed declarative models (``Mapped[]``). UUID keys, timezone-aware UTC timestamps on every
 backend, JSON spec and params. Status columns are plain strings checked by the enums; which
@@ -32,7 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from storage.status import JobStatus, Role, ServiceClass, ShardStatus, WorkerStatus
+from storage.status import JobStatus, Role, ServiceClass, ShardStatus, WebhookStatus, WorkerStatus
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -343,6 +344,57 @@ class JobWorker(Timestamped, Base):
     successes: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     blocked_at: Mapped[datetime | None]
+
+
+class UserWebhook(Timestamped, Base):
+    """A user's webhook settings: the URL their jobs report to when a spec names none, and the
+    secret every delivery to them is signed with (HMAC-SHA256). The secret is kept as it is, not
+    hashed: the farm must sign with it, which a hash cannot do. It is shown once, when made."""
+
+    __tablename__ = "user_webhook"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), primary_key=True)
+    url: Mapped[str | None] = mapped_column(String(2048))
+    secret: Mapped[str | None] = mapped_column(String(128))
+    secret_created_at: Mapped[datetime | None]
+
+
+class JobWebhook(Base):
+    """Where a job's events go, fixed at submit (the spec's webhook, else its owner's URL), which
+    events, and the ``job.progress`` throttle: at most one per ``progress_interval_s``."""
+
+    __tablename__ = "job_webhook"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), primary_key=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[Any]] = mapped_column(default=list)
+    progress_interval_s: Mapped[float] = mapped_column(Float)
+    last_progress_at: Mapped[datetime | None]
+    last_progress_items: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class WebhookEvent(Base):
+    """The outbox: one event of a job to deliver, written in the transaction of the change it
+    reports. ``id`` is the event's identity for the receiver (the same on every attempt);
+    ``seq`` orders a job's events. A claimed event's ``next_attempt_at`` is its claim's expiry."""
+
+    __tablename__ = "webhook_event"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True, default=uuid.uuid4)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[WebhookStatus] = mapped_column(_status(WebhookStatus), default=WebhookStatus.PENDING)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_http_status: Mapped[int | None] = mapped_column(Integer)
+
+    __table_args__ = (Index(None, "status", "next_attempt_at"), Index(None, "job_id", "seq"))
 
 
 metadata = Base.metadata

@@ -47,5 +47,14 @@ class Role(StrEnum):
     VIEWER = "viewer"
 
 
+class WebhookStatus(StrEnum):
+    """Where one outbox event is: waiting for a (first or next) delivery, accepted by the
+    receiver, or given up on (``webhooks.max_attempts`` / ``webhooks.max_age_s`` passed)."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
 JOB_TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED, JobStatus.CANCELLED})
 SHARD_TERMINAL = frozenset({ShardStatus.SUCCEEDED, ShardStatus.FAILED, ShardStatus.CANCELLED})

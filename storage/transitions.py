@@ -11,6 +11,10 @@ Shard: pending -> queued | running | cancelled;  queued -> running | failed | ca
        running -> succeeded | failed | queued (retryable failure) | pending (preempted) | cancelled;
        failed -> queued (retry) | pending (a retry: fed again by the feeder).
 
+A job's status change and its roll-ups also write the job's webhook events to the outbox
+(:mod:`storage.webhook_outbox`), in the same transaction: an event exists exactly when its
+change was committed.
+
 Shard leases (claims, heartbeats, fencing, and the end of a leased attempt) live in
 :mod:`storage.leases`, which asks the tables here whether each status it writes is allowed.
 """
@@ -29,6 +33,7 @@ from storage.chunking import chunked
 from storage.errors import InvalidTransition, NotFound, UserError
 from storage.models import Job, Shard, utcnow
 from storage.status import JOB_TERMINAL, SHARD_TERMINAL, JobStatus, ServiceClass, ShardStatus
+from storage.webhook_outbox import record_progress_event, record_status_event
 
 J, S = JobStatus, ShardStatus
 
@@ -87,7 +92,8 @@ def _guarded(session: Session, model: type, row_id: uuid.UUID, to: Any, allowed:
 def set_job_status(
     session: Session, job_id: uuid.UUID, to: JobStatus, *, expected: JobStatus | None = None, **values: Any
 ) -> None:
-    """Move a job to ``to`` (optionally only from ``expected``), writing ``values`` with it."""
+    """Move a job to ``to`` (optionally only from ``expected``), writing ``values`` with it, and
+    its webhook's event of the change (if it has a webhook) to the outbox."""
     allowed = _sources(JOB_TRANSITIONS, to)
     if expected is not None:
         check_job_transition(expected, to)
@@ -95,6 +101,7 @@ def set_job_status(
     if to in JOB_TERMINAL:
         values.setdefault("finished_at", utcnow())
     _guarded(session, Job, job_id, to, allowed, values)
+    record_status_event(session, job_id, to)
 
 
 MAX_PRIORITY = 9  # as a job spec allows
@@ -265,4 +272,8 @@ def refresh_job_counts(session: Session, job_id: uuid.UUID) -> JobRollup:
     )
     if result.rowcount != 1:
         raise NotFound(f"no job {job_id}")
+    if not rollup.all_terminal:  # an ending job reports its end, not a last progress
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        if status == J.RUNNING:
+            record_progress_event(session, job_id, rollup.items_done)
     return rollup

@@ -20,6 +20,7 @@ from storage.models import (
     AuditEvent,
     BulkJob,
     Job,
+    JobWebhook,
     JobWorker,
     Project,
     ProjectMember,
@@ -27,6 +28,8 @@ from storage.models import (
     Shard,
     ShareUsage,
     User,
+    UserWebhook,
+    WebhookEvent,
     WebSession,
     Worker,
     metadata,
@@ -45,9 +48,12 @@ TABLES = {
     "web_session",
     "share_usage",
     "queue_feed",
+    "user_webhook",
+    "job_webhook",
+    "webhook_event",
 }
 SEEDED = {"user", "project", "project_member"}  # the upgrade's admin, default, and admin's membership
-HEAD = "0007"
+HEAD = "0009"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
@@ -87,6 +93,9 @@ def _insert_one_of_each(url: str) -> None:
         session.add(WebSession(id_hash=uuid.uuid4().hex * 2, user_id=admin.id, csrf_token="c", expires_at=utcnow()))
         session.add(ShareUsage(project_id=default.id, user_id=admin.id, gpu_seconds=1.0, items=1.0))
         session.add(QueueFeed(queue="farm.gpu.sd15"))
+        session.add(UserWebhook(user_id=admin.id, url="https://example.com/hook", secret="whsec_x"))
+        session.add(JobWebhook(job_id=job.id, url="https://example.com/hook", events=[], progress_interval_s=60.0))
+        session.add(WebhookEvent(job_id=job.id, type="job.started", url="https://example.com/hook", payload={}))
     engine.dispose()
 
 
@@ -107,6 +116,9 @@ def _counts(url: str) -> dict[str, int]:
                 WebSession,
                 ShareUsage,
                 QueueFeed,
+                UserWebhook,
+                JobWebhook,
+                WebhookEvent,
                 User,
                 Project,
                 ProjectMember,
@@ -245,7 +257,7 @@ def test_sqlite_batch_rebuild_keeps_child_rows(tmp_path: Path) -> None:
 
     scripts = tmp_path / "migrations"
     shutil.copytree(migrate.script_location(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "9999_rebuild_job.py").write_text(REBUILD_JOB)
+    (scripts / "versions" / "9999_rebuild_job.py").write_text(REBUILD_JOB.replace('"0007"', f'"{HEAD}"'))
     url = f"sqlite:///{tmp_path / 'farm.db'}"
     migrate.upgrade(url)
     _insert_one_of_each(url)

@@ -215,10 +215,12 @@ def status(
         if job_id:
             summary = _get(client, job_id, shards)
             previews = client.previews(summary["id"])
+            hooks = client.webhook_deliveries(summary["id"])
             if as_json:
-                typer.echo(json.dumps({**summary, "previews": previews}, indent=2))
+                typer.echo(json.dumps({**summary, "previews": previews, "webhooks": hooks}, indent=2))
             else:
                 print_job(summary, previews)
+                print_deliveries(hooks)
             return
         jobs = client.list_jobs(limit=limit)
     if as_json:
@@ -395,6 +397,18 @@ def results(
 def _shorten(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 3].rstrip() + "..."
+
+
+def print_deliveries(events: list[dict]) -> None:
+    """The job's webhook events: one line each (event, status, attempts, last HTTP status, error)."""
+    if not events:
+        return
+    typer.echo("webhooks:")
+    for e in events:
+        http = f"  HTTP {e['last_http_status']}" if e.get("last_http_status") else ""
+        error = f"  {e['last_error']}" if e.get("last_error") and e["status"] != "delivered" else ""
+        tries = f"{e['attempts']} attempt{'s' if e['attempts'] != 1 else ''}"
+        typer.echo(f"  {e['event']}  {e['status']}  {tries}{http}{error}")
 
 
 def register(app: typer.Typer) -> None:

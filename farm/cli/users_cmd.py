@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from farm.cli.common import console, err_console, settings
 from farm.cli.jobs_cmd import plain_output
 from farm.errors import ConfigError, UserError
+from farm.webhooks import checked_url
 from storage import migrate
 from storage.audit import list_audit
 from storage.db import make_engine, make_session_factory, session_scope
@@ -38,6 +39,7 @@ from storage.identity import (
 )
 from storage.logins import check_password_text, set_password
 from storage.status import Role
+from storage.webhook_outbox import rotate_webhook_secret, set_user_webhook_url, user_id_by_name
 
 users_app = typer.Typer(help="Users of the farm API, their roles and projects.", no_args_is_help=True)
 tokens_app = typer.Typer(help="API tokens: create (shown once), list, revoke.", no_args_is_help=True)
@@ -154,6 +156,35 @@ def disable(name: str = typer.Argument(..., help="User name.")) -> None:
         disable_user(session, name)
         _audit(session, "user.disable", name)
     console.print(f"user {name} is disabled", highlight=False)
+
+
+@users_app.command("set-webhook")
+def set_webhook(
+    name: str = typer.Argument(..., help="User name."),
+    url: str = typer.Argument(..., help="http(s) URL their jobs' events go to when a spec names none; '' clears it."),
+) -> None:
+    """Set a user's default webhook URL. A user without a signing secret gets one, printed once
+    alone on standard output."""
+    cfg = settings()
+    checked = checked_url(url, cfg.webhooks, "url") if url else None
+    with _session() as session:
+        made = set_user_webhook_url(session, user_id_by_name(session, name), checked)
+        _audit(session, "webhook.set", name, url=checked, secret_made=made is not None)
+    err_console.print(f"webhook of {name}: {checked or 'none'}", highlight=False)
+    if made is not None:
+        typer.echo(made)
+        err_console.print("this is their new signing secret; it cannot be shown again: copy it now", highlight=False)
+
+
+@users_app.command("webhook-secret")
+def webhook_secret(name: str = typer.Argument(..., help="User name.")) -> None:
+    """Make a new webhook signing secret for a user, printed once alone on standard output; the
+    old one stops signing at once. The farm keeps it (it must sign with it)."""
+    with _session() as session:
+        secret = rotate_webhook_secret(session, user_id_by_name(session, name))
+        _audit(session, "webhook.secret", name)
+    typer.echo(secret)
+    err_console.print(f"new webhook signing secret of {name}; it cannot be shown again: copy it now", highlight=False)
 
 
 @users_app.command("list")

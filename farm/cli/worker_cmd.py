@@ -20,6 +20,7 @@ from farm.model_registry import resolve_model_ref
 from farm.reconciler import Reconciler, ReconcilerLoop
 from farm.sharding import WORK_QUEUES
 from farm.tiny_models import build_tiny_model
+from farm.webhook_delivery import WebhookDeliverer, WebhookLoop
 from farm.worker.heartbeat import WorkerHeartbeat
 from farm.worker.metrics import WorkerMetrics
 from farm.worker.resources import WorkerResources
@@ -64,6 +65,8 @@ def worker(
         if CONTROL_QUEUE in selected and cfg.reconcile.enabled:
             reconciler = Reconciler(cfg, resources.session_factory, app, resources.store, resources.metrics)
             resources.hold(ReconcilerLoop(reconciler), "reconciler")
+        if CONTROL_QUEUE in selected and cfg.webhooks.enabled:
+            resources.hold(WebhookLoop(WebhookDeliverer(cfg.webhooks, resources.session_factory)), "webhooks")
         # Tasks run one at a time on a pool thread; this thread runs the consumer loop.
         app.worker_main(worker_argv(selected, f"{resources.name}@%h", loglevel))
 
