@@ -6,8 +6,9 @@ offline against the Kubernetes schemas (kubernetes-validate, strict: unknown fie
 KEDA's ScaledObjects against tests/fixtures/keda_scaledobject.schema.json. Then the output is read
 against the farm itself, as tests/test_compose.py does for compose: every command is a real
 `farm` / `farm-healthcheck` command, every FARM_* variable a real setting and the settings each
-container gets are valid, every GPU family has a worker Deployment and a ScaledObject on its own
-queue's demand, secrets come only from the Secret `farm-secrets`, pods run as the images' user.
+container gets are valid, every work queue (farm.sharding.WORK_QUEUES: each GPU family's and
+farm.cpu) has one worker Deployment and a ScaledObject on its own queue's demand, secrets come only
+from the Secret `farm-secrets`, pods run as the images' user.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import yaml
 
 from farm.celery_app import CONTROL_QUEUE
 from farm.errors import ConfigError
+from farm.families import CPU_QUEUE
 from farm.settings import PLACEHOLDER_SECRETS, FarmSettings, WorkerSettings, load_settings
-from farm.sharding import QUEUES
+from farm.sharding import QUEUES, WORK_QUEUES
 from tests.fixtures.deployment import (
     SECRET_NAME,
     check_healthcheck_command,
@@ -103,6 +105,24 @@ def workloads(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def gpu_workers(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {name: doc for name, doc in of_kind(docs, "Deployment").items() if uses_gpu(doc["spec"]["template"]["spec"])}
+
+
+def queue_workers(docs: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The Deployments running `farm worker`, by each queue they consume."""
+    consumed: dict[str, list[str]] = {}
+    for name, deployment in of_kind(docs, "Deployment").items():
+        path, params = resolve_farm_command(argv(deployment["spec"]["template"]["spec"]["containers"][0], docs))
+        if path == "worker":
+            for queue in params["queues"].split(","):
+                consumed.setdefault(queue, []).append(name)
+    return consumed
+
+
+def work_queue_workers(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each work queue's one worker Deployment (test_workers_cover_every_queue checks there is one)."""
+    consumed = queue_workers(docs)
+    deployments = of_kind(docs, "Deployment")
+    return {queue: deployments[consumed[queue][0]] for queue in WORK_QUEUES if len(consumed.get(queue, [])) == 1}
 
 
 def uses_gpu(pod: dict[str, Any]) -> bool:
@@ -262,8 +282,10 @@ def test_every_container_runs_a_real_farm_command(example) -> None:
 
 
 def test_the_workloads_are_compose_s_farm_services(example) -> None:
-    """The same services as docker/compose.yaml, running the same commands on the same queues
-    (compose's model-prefetch is each GPU worker pod's init container here)."""
+    """The same services as docker/compose.yaml (worker-cpu and the GPU workers included), running
+    the same commands on the same queues from the same image, with or without a GPU as there, and
+    the same health check where both run a command (compose's model-prefetch is each GPU worker
+    pod's init container here)."""
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
     farm_services = {name: s for name, s in compose.items() if "build" in s}
     pods = workloads(example)
@@ -276,36 +298,70 @@ def test_the_workloads_are_compose_s_farm_services(example) -> None:
         if path == "worker":
             assert params["queues"] == compose_params["queues"], name
             assert params["name"] is None, f"{name}: a fixed --name would be shared by every replica"
+        compose_image = farm_services[name]["image"].rsplit("/", 1)[1].split(":")[0]  # ${IMAGE_REPO}/control:...
+        assert image_name(pod["containers"][0]) == f"patchfarm/{compose_image}", f"{name}: not compose's image"
+        compose_gpu = farm_services[name].get("deploy", {}).get("resources", {}).get("reservations", {})
+        assert uses_gpu(pod) == bool(compose_gpu.get("devices")), f"{name}: a GPU here and none in compose, or back"
+        probe = (pod["containers"][0].get("readinessProbe") or {}).get("exec")
+        if probe:
+            assert ["CMD", *probe["command"]] == farm_services[name]["healthcheck"]["test"], f"{name}: {probe}"
         if uses_gpu(pod):
             assert [resolve_farm_command(argv(c, example))[0] for c in pod.get("initContainers", [])] == [prefetch]
 
 
 def test_workers_cover_every_queue(example) -> None:
-    consumed: dict[str, list[str]] = {}
-    for name, pod in workloads(example).items():
-        path, params = resolve_farm_command(argv(pod["containers"][0], example))
-        if path != "worker":
-            continue
-        for queue in params["queues"].split(","):
-            consumed.setdefault(queue, []).append(name)
+    """Every work queue (farm.sharding.WORK_QUEUES) has exactly one worker Deployment, which
+    consumes only it: a GPU family's with that family's model pinned, farm.cpu's with none."""
+    consumed = queue_workers(example)
+    assert consumed.pop(CONTROL_QUEUE, None) == ["scheduler"], "the scheduler alone consumes the control queue"
+    assert not set(consumed) - set(WORK_QUEUES), f"consumed but no work queue: {set(consumed) - set(WORK_QUEUES)}"
+    for queue in WORK_QUEUES:
+        assert len(consumed.get(queue, [])) == 1, f"{queue}: one worker Deployment, not {consumed.get(queue)}"
+    workers = work_queue_workers(example)
+    families = {queue: family for family, queue in QUEUES.items()}
+    for queue, deployment in workers.items():
+        name = deployment["metadata"]["name"]
+        _, params = resolve_farm_command(argv(deployment["spec"]["template"]["spec"]["containers"][0], example))
+        assert params["queues"] == queue, f"{name}: consumes {params['queues']}, only {queue} is its own"
+        preloaded = [ref.partition(":")[0] for ref in params["preload"]]
+        assert preloaded == ([families[queue]] if queue in families else []), f"{name}: --preload {params['preload']}"
         for ref in params["preload"]:
-            family, _, model = ref.partition(":")
-            assert params["queues"] == QUEUES[family], f"{name}: preloads {family} but consumes {params['queues']}"
-            assert model.startswith(("/models/", "registry:")), f"{name}: --preload {ref}"
-    assert consumed == {CONTROL_QUEUE: ["scheduler"]} | {queue: [f"worker-{f}"] for f, queue in QUEUES.items()}
+            assert ref.partition(":")[2].startswith(("/models/", "registry:")), f"{name}: --preload {ref}"
+    assert {queue for queue, d in workers.items() if d["metadata"]["name"] in gpu_workers(example)} == set(families)
     assert set(gpu_workers(example)) == {f"worker-{family}" for family in QUEUES}
     assert not uses_gpu(workloads(example)["scheduler"]), "the scheduler needs no GPU"
 
 
-def test_gpu_workers_take_one_gpu_and_drain_on_sigterm(example) -> None:
+def test_gpu_workers_take_one_gpu(example) -> None:
     for name, deployment in gpu_workers(example).items():
-        assert "replicas" not in deployment["spec"], f"{name}: its ScaledObject owns the replica count"
         pod = deployment["spec"]["template"]["spec"]
         worker = pod["containers"][0]
         assert len(pod["containers"]) == 1 and str(worker["resources"]["limits"]["nvidia.com/gpu"]) == "1", name
         assert image_name(worker) == WORKER_IMAGE
         for init in pod.get("initContainers", []):
             assert "nvidia.com/gpu" not in (init.get("resources") or {}).get("limits", {}), f"{name}: init takes no GPU"
+
+
+def test_the_cpu_worker_takes_no_gpu_and_bounded_resources(example) -> None:
+    deployment = work_queue_workers(example)[CPU_QUEUE]
+    name, pod = deployment["metadata"]["name"], deployment["spec"]["template"]["spec"]
+    assert not uses_gpu(pod), f"{name}: the post-steps need no GPU"
+    assert [image_name(c) for c in all_containers(pod)] == [CONTROL_IMAGE], f"{name}: the control image (no torch)"
+    resources = pod["containers"][0]["resources"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{name}: cpu and memory {kind}"
+
+
+def test_workers_drain_on_sigterm(example) -> None:
+    """Every work queue's worker: scaled by its ScaledObject, drained within the grace period,
+    ready by `farm-healthcheck worker`, its metrics scraped."""
+    workers = work_queue_workers(example)
+    assert set(workers) == set(WORK_QUEUES)
+    for deployment in workers.values():
+        name = deployment["metadata"]["name"]
+        assert "replicas" not in deployment["spec"], f"{name}: its ScaledObject owns the replica count"
+        pod = deployment["spec"]["template"]["spec"]
+        worker = pod["containers"][0]
         env = container_env(worker, example)
         # The drain's bound (worker.drain_timeout_s), where the settings have it: the container's, else the default.
         field = WorkerSettings.model_fields.get("drain_timeout_s")
@@ -448,12 +504,14 @@ def test_the_secrets_example_is_complete_and_refused_as_it_is(monkeypatch) -> No
 
 
 # -- KEDA ------------------------------------------------------------------------------------------------------
-def test_each_gpu_family_scales_on_its_own_demand(rendered) -> None:
+def test_each_work_queue_scales_on_its_own_demand(rendered) -> None:
     scaled = of_kind(rendered, "ScaledObject")
-    workers = gpu_workers(rendered)
-    assert {s["spec"]["scaleTargetRef"]["name"] for s in scaled.values()} == set(workers)
-    for family, queue in QUEUES.items():
-        target = f"worker-{family}"
+    workers = work_queue_workers(rendered)
+    assert set(workers) == set(WORK_QUEUES), "each work queue has its one worker Deployment"
+    targets = {d["metadata"]["name"] for d in workers.values()}
+    assert {s["spec"]["scaleTargetRef"]["name"] for s in scaled.values()} == targets
+    for queue, deployment in workers.items():
+        target = deployment["metadata"]["name"]
         mine = [s for s in scaled.values() if s["spec"]["scaleTargetRef"]["name"] == target]
         assert len(mine) == 1, f"{target}: one ScaledObject"
         spec = mine[0]["spec"]
@@ -479,6 +537,17 @@ def test_the_overlay_sets_what_the_base_leaves_open(base, example) -> None:
             assert (PLACEHOLDER_ADDRESS in address) == placeholder, address
     caps = {name: s["spec"]["maxReplicaCount"] for name, s in of_kind(example, "ScaledObject").items()}
     assert caps != {name: s["spec"]["maxReplicaCount"] for name, s in of_kind(base, "ScaledObject").items()}
+    capped = set()  # the ScaledObjects whose maxReplicaCount the overlay sets by name
+    for patch in yaml.safe_load((EXAMPLE / "kustomization.yaml").read_text())["patches"]:
+        target = patch["target"]
+        ops = yaml.safe_load(patch.get("patch", "[]"))
+        if (
+            target["kind"] == "ScaledObject"
+            and "name" in target
+            and any(op["path"] == "/spec/maxReplicaCount" for op in ops)
+        ):
+            capped.add(target["name"])
+    assert capped == set(caps), f"the overlay caps every worker Deployment: missing {set(caps) - capped}"
     for claim in of_kind(example, "PersistentVolumeClaim").values():
         assert claim["spec"]["storageClassName"], claim["metadata"]["name"]
         assert set(claim["spec"]["accessModes"]) & {"ReadWriteMany", "ReadOnlyMany"}, "shared by pods on many nodes"
@@ -495,7 +564,9 @@ def test_a_renamed_deployment_is_followed_by_its_scaled_object(tmp_path) -> None
     docs = render(overlay)
     deployments = set(of_kind(docs, "Deployment"))
     targets = {s["spec"]["scaleTargetRef"]["name"] for s in of_kind(docs, "ScaledObject").values()}
-    assert targets == {f"farm-worker-{family}" for family in QUEUES} and targets <= deployments
+    workers = {d["metadata"]["name"] for d in work_queue_workers(docs).values()}
+    assert len(workers) == len(WORK_QUEUES) and all(name.startswith("farm-worker-") for name in workers)
+    assert targets == workers and targets <= deployments
 
 
 # -- images and pod security ----------------------------------------------------------------------------------
