@@ -74,11 +74,12 @@ def submit_job(
     owner_id: uuid.UUID | None = None,
     project_id: uuid.UUID | None = None,
     quotas: SchedulingSettings | None = None,
+    parent_job_id: uuid.UUID | None = None,
 ) -> tuple[Job, bool]:
     """Write the job row, owned by ``owner_id`` in ``project_id`` (by default: ``admin`` in
     ``default``), refused when it passes the ``quotas`` (:mod:`farm.quotas`). With an
     idempotency key, a resubmission returns the existing job (``created`` False); the same key
-    with a different spec is refused."""
+    with a different spec is refused. ``parent_job_id``: the job this one re-runs."""
     fingerprint = spec_fingerprint(spec)
     key = spec.idempotency_key
     if key:
@@ -97,6 +98,7 @@ def submit_job(
         owner_id=owner,
         project_id=project,
         items_total=items,
+        parent_job_id=parent_job_id,
     )
     try:
         with session.begin_nested():
@@ -249,6 +251,7 @@ def job_summary(session: Session, job_id: uuid.UUID, *, shard_limit: int | None 
         "status": JobStatus(job.status).value,
         "priority": job.priority,
         "service_class": ServiceClass(job.service_class).value,
+        "parent_job_id": str(job.parent_job_id) if job.parent_job_id else None,
         "created_at": job.created_at.isoformat(),
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
