@@ -93,8 +93,8 @@ def _set(target: Any, path: str, parts: list[str], value: Any) -> None:
             if last:
                 where[part] = value
                 return
-            if not isinstance(where.get(part), dict | list):
-                where[part] = {}
+            if where.get(part) is None:
+                where[part] = {}  # a mapping named for the first time (or unset): its fields follow
             where = where[part]
         else:
             raise SpecError([(so_far, f"{'.'.join(parts[:depth])} holds a single value, not fields")])
