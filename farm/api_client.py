@@ -200,8 +200,9 @@ class ApiClient:
             raw, base_dir = spec, Path.cwd()
         raw, pending = plan_uploads(raw, base_dir)
         check_template(raw)
-        self._call("POST", "/v1/specs/check", json={"spec": raw, "project": project})
-        self._send_inputs(pending)
+        if pending:  # the server checks the spec before any file is sent
+            self._call("POST", "/v1/specs/check", json={"spec": raw, "project": project})
+            self._send_inputs(pending)
         body = {"spec": raw, "project": project}
         return self._call("PUT", f"/v1/templates/{_name(name, 'template name')}", json=body)
 

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from farm.api.auth import caller
-from farm.api.jobs import audited, check_inputs_sent
+from farm.api.jobs import audited, check_inputs_sent, refuse_local_paths
 from farm.api.state import ApiState, api_state
 from farm.templates import check_template
 from storage.db import session_scope
@@ -56,6 +56,7 @@ def put_template(
     name: Name, body: TemplateBody, request: Request, response: Response, who: Caller, state: State
 ) -> dict[str, Any]:
     with audited(state, request, who, "template.save", name) as note:
+        refuse_local_paths(body.spec)
         check_template(body.spec)
         check_inputs_sent(state, body.spec)
         with session_scope(state.sessions) as session:
