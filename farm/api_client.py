@@ -27,6 +27,7 @@ from farm.job_views import ProgressCallback, Submitted, settled, shard_limit
 from farm.scheduler import SUMMARY_SHARDS
 from farm.settings import FarmSettings
 from farm.spec_files import read_spec_file
+from farm.templates import check_template, template_spec
 from storage.status import JOB_TERMINAL, JobStatus
 
 TIMEOUT_S = 60.0
@@ -183,6 +184,45 @@ class ApiClient:
     def retry(self, job_id: str | uuid.UUID) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{_ref(job_id)}/retry")
 
+    def rerun(
+        self, job_id: str | uuid.UUID, only_failed: bool = False, overrides: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A new job from the job's stored spec (see :meth:`FarmClient.rerun`); yours, in its project."""
+        body = {"only_failed": only_failed, "overrides": overrides or {}}
+        return self._call("POST", f"/v1/jobs/{_ref(job_id)}/rerun", json=body)
+
+    # -- templates -----------------------------------------------------------------------------
+    def save_template(self, name: str, spec: Any, *, project: str | None = None) -> dict[str, Any]:
+        """Check a template's spec (here, then by the server), send its input files, save it."""
+        if isinstance(spec, str | Path):
+            raw, base_dir = read_spec_file(Path(spec)), Path(spec).parent
+        else:
+            raw, base_dir = spec, Path.cwd()
+        raw, pending = plan_uploads(raw, base_dir)
+        check_template(raw)
+        if pending:  # the server checks the spec before any file is sent
+            self._call("POST", "/v1/specs/check", json={"spec": raw, "project": project})
+            self._send_inputs(pending)
+        body = {"spec": raw, "project": project}
+        return self._call("PUT", f"/v1/templates/{_name(name, 'template name')}", json=body)
+
+    def templates(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/templates")
+
+    def template(self, name: str, *, project: str | None = None) -> dict[str, Any]:
+        return self._call("GET", f"/v1/templates/{_name(name, 'template name')}", params=_project(project))
+
+    def delete_template(self, name: str, *, project: str | None = None) -> dict[str, Any]:
+        return self._call("DELETE", f"/v1/templates/{_name(name, 'template name')}", params=_project(project))
+
+    def submit_template(
+        self, name: str, overrides: dict[str, Any] | None = None, *, project: str | None = None
+    ) -> Submitted:
+        """A job from the template with ``overrides``, in the template's project (checked by the
+        server as any submit)."""
+        template = self.template(name, project=project)
+        return self.submit_job(template_spec(template["spec"], overrides), project=template["project"])
+
     def set_priority(self, job_id: str | uuid.UUID, priority: int) -> dict[str, Any]:
         return self._call("PATCH", f"/v1/jobs/{_ref(job_id)}", json={"priority": priority})
 
@@ -310,11 +350,15 @@ def _save_stream(http: httpx.Client, path: str, target: Path) -> Path:
     return _save(response, target)
 
 
-def _name(name: str) -> str:
-    """A bulk job's name as a path segment (names are single path parts: no slashes)."""
+def _name(name: str, what: str = "bulk name") -> str:
+    """A bulk job's or template's name as a path segment (names are single path parts: no slashes)."""
     if not name or "/" in name or name in (".", "..") or len(name) > 128:
-        raise UserError(f"bulk name {name[:80]!r}: one path part of at most 128 characters")
+        raise UserError(f"{what} {name[:80]!r}: one path part of at most 128 characters")
     return quote(name, safe="")
+
+
+def _project(project: str | None) -> dict[str, str]:
+    return {} if project is None else {"project": project}
 
 
 def _ref(ref: str | uuid.UUID) -> str:

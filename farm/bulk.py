@@ -89,6 +89,8 @@ def check_bulk_kind(base: dict[str, Any]) -> None:
     bulk_kinds = [name for name, known in KINDS.items() if known.bulk]  # image kinds: one output per row
     if kind not in bulk_kinds:
         raise UserError(f"bulk renders take {' or '.join(bulk_kinds)} base specs, not {kind}")
+    if base.get("only_items") is not None:
+        raise UserError("only_items: a bulk run's items are its manifest rows; remove it from the base spec")
 
 
 def check_base(base: dict[str, Any]) -> JobSpec:

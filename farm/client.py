@@ -30,10 +30,12 @@ from farm.job_views import ProgressCallback, Submitted, settled, shard_limit
 from farm.model_registry import pin_spec_model
 from farm.outages import ride_out, unavailable_service
 from farm.reconciler import Reconciler
+from farm.reruns import RerunPlan, plan_rerun
 from farm.scheduler import SUMMARY_SHARDS, job_summary, requeue_failed, submit_job
 from farm.settings import FarmSettings, load_settings
 from farm.spec_files import read_spec_file
 from farm.specs import parse_spec
+from farm.templates import TemplateMethods
 from farm.waiting import why_waiting
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, Job
@@ -46,7 +48,7 @@ from storage.transitions import cancel_unstarted_shards, set_job_class, set_job_
 from storage.webhook_outbox import job_deliveries
 
 
-class FarmClient:
+class FarmClient(TemplateMethods):
     """A connection to one farm: directly to its database, broker and object store (the control
     host, the farm's own services), or, with ``api.url`` and ``api.token`` set, through the farm
     API (:class:`farm.api_client.ApiClient`, the same methods and results) unless ``direct``."""
@@ -122,11 +124,17 @@ class FarmClient:
         return spec.model_copy(update={"model": self._local_model({"model": spec.model})["model"]})
 
     def submit_parsed(
-        self, spec: Any, *, owner_id: uuid.UUID | None = None, project_id: uuid.UUID | None = None
+        self,
+        spec: Any,
+        *,
+        owner_id: uuid.UUID | None = None,
+        project_id: uuid.UUID | None = None,
+        parent_job_id: uuid.UUID | None = None,
     ) -> Submitted:
         """Record a parsed, checked spec (inputs already in the store) as a job of ``owner_id`` in
         ``project_id`` (default: the admin, project ``default``) and send its scheduling message.
-        A ``registry:`` model is pinned to its exact manifest first (every shard loads the same bytes)."""
+        A ``registry:`` model is pinned to its exact manifest first (every shard loads the same bytes).
+        ``parent_job_id``: the job this one re-runs."""
         spec = pin_spec_model(spec, self.store)
         with session_scope(self._sessions) as session:
             job, created = submit_job(
@@ -136,11 +144,38 @@ class FarmClient:
                 project_id=project_id,
                 quotas=self.settings.scheduling,
                 webhooks=self.settings.webhooks,
+                parent_job_id=parent_job_id,
             )
             job_id, status = job.id, JobStatus(job.status)
         if status == JobStatus.PENDING:
             self._publish_schedule(job_id)
         return Submitted(job_id, created, status.value)
+
+    # -- re-runs and templates -----------------------------------------------------------------
+    def rerun(
+        self, job_id: str | uuid.UUID, only_failed: bool = False, overrides: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """``farm rerun``: a new job from the stored spec of ``job_id`` with ``overrides`` (dotted
+        paths, :mod:`farm.spec_overrides`), only the items it did not render when ``only_failed``
+        (:mod:`farm.reruns`); validated as any submit. In the direct mode the re-run is the
+        parent's owner's, in its project. Returns the new job's id, its parent, its items."""
+        parent = self.job_id(job_id)
+        with session_scope(self._sessions) as session:
+            plan = plan_rerun(session, parent, only_failed=only_failed, overrides=overrides)
+        spec = plan.check(parse_spec(upload_inputs(plan.raw, self.store, Path.cwd(), check=self._checked)))
+        return self.submit_rerun(plan, spec, owner_id=plan.owner_id, project_id=plan.project_id)
+
+    def submit_rerun(self, plan: RerunPlan, spec: Any, *, owner_id: uuid.UUID, project_id: uuid.UUID) -> dict[str, Any]:
+        """Submit a planned re-run's checked spec (the API server's route checks it its own way)."""
+        done = self.submit_parsed(spec, owner_id=owner_id, project_id=project_id, parent_job_id=plan.parent_id)
+        return {
+            "job_id": str(done.job_id),
+            "parent_job_id": str(plan.parent_id),
+            "created": done.created,
+            "status": done.status,
+            "items_total": spec.item_count(),
+            "only_failed": bool(plan.failed),
+        }
 
     def _checked(self, raw: Any) -> Any:
         """A spec with its input references in place, before any input is uploaded: valid as a

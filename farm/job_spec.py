@@ -112,6 +112,7 @@ def _clean_text(value: str) -> str:
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_clean_text)]
 NegativePrompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_clean_text)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+ItemIndex = Annotated[int, Field(ge=0, lt=MAX_ITEMS)]
 
 
 class JobSpec(BaseModel):
@@ -151,6 +152,13 @@ class JobSpec(BaseModel):
     patches: list[Patch] = Field(default_factory=list, max_length=MAX_PATCHES)
     webhook: WebhookSpec | None = Field(default=None, description="{url, events?}: where the job's events go.")
     webhook_url: WebhookUrl | None = Field(default=None, description="Short for webhook: {url: ...}.")
+    only_items: list[ItemIndex] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_ITEMS,
+        description="render only these items (their indexes in the full job, ascending; `farm rerun "
+        "--only-failed` sets it), each with its own seed and index as in the full job",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -260,7 +268,16 @@ class JobSpec(BaseModel):
         if total > MAX_ITEMS:
             product = " x ".join(f"{n} {name}" for name, n in axes.items())
             raise problem((), f"{product} = {total} items; a job may have at most {MAX_ITEMS}", total)
+        self._check_only_items(total)
         return self
+
+    def _check_only_items(self, total: int) -> None:
+        """``only_items``: strictly ascending indexes of items the full job has (``0 .. total - 1``)."""
+        for i, index in enumerate(self.only_items or ()):
+            if index >= total:
+                raise problem(("only_items", i), f"the job has {total} items (0 to {total - 1})", index)
+            if i and index <= self.only_items[i - 1]:
+                raise problem(("only_items", i), "item indexes must be unique and in ascending order", index)
 
     def resolved_seeds(self) -> list[int]:
         """The job's seeds in order: the ``seeds`` list, or ``base_seed .. base_seed + count - 1``."""
@@ -276,6 +293,9 @@ class JobSpec(BaseModel):
         return {"prompts": len(self.prompts), "seeds": count}
 
     def item_count(self) -> int:
+        """The items this job renders: ``only_items`` when given, else every item of its axes."""
+        if self.only_items is not None:
+            return len(self.only_items)
         return math.prod(self.item_axes().values())
 
     def webhook_target(self) -> WebhookSpec | None:

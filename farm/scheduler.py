@@ -77,12 +77,13 @@ def submit_job(
     project_id: uuid.UUID | None = None,
     quotas: SchedulingSettings | None = None,
     webhooks: WebhooksSettings | None = None,
+    parent_job_id: uuid.UUID | None = None,
 ) -> tuple[Job, bool]:
     """Write the job row, owned by ``owner_id`` in ``project_id`` (by default: ``admin`` in
     ``default``), refused when it passes the ``quotas`` (:mod:`farm.quotas`); with ``webhooks``,
     its webhook too (:func:`farm.webhooks.attach_job_webhook`: the spec's, else the owner's). With an
     idempotency key, a resubmission returns the existing job (``created`` False); the same key
-    with a different spec is refused."""
+    with a different spec is refused. ``parent_job_id``: the job this one re-runs."""
     spec = resolve_step(session, spec, owner_id)  # a post-step: its source checked, its outputs placed
     fingerprint = spec_fingerprint(spec)
     key = spec.idempotency_key
@@ -102,6 +103,7 @@ def submit_job(
         owner_id=owner,
         project_id=project,
         items_total=items,
+        parent_job_id=parent_job_id,
     )
     try:
         with session.begin_nested():
@@ -256,6 +258,7 @@ def job_summary(session: Session, job_id: uuid.UUID, *, shard_limit: int | None 
         "status": JobStatus(job.status).value,
         "priority": job.priority,
         "service_class": ServiceClass(job.service_class).value,
+        "parent_job_id": str(job.parent_job_id) if job.parent_job_id else None,
         "created_at": job.created_at.isoformat(),
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,

@@ -11,6 +11,9 @@ shards, seeds and keys.
 
 A kind whose items span more axes (reference frames, conditioning images) puts them in
 :attr:`RenderItem.extra`; they are flattened into the shard params.
+
+A spec with ``only_items`` (a re-run of a job's failed items) keeps just those items of the full
+enumeration, each with the index and seed it has in the full job; they form the shards as above.
 """
 
 from __future__ import annotations
@@ -83,7 +86,10 @@ def iter_shards(spec: JobSpec, job_id: object) -> Iterator[ShardPlan]:
     """The shards of ``spec`` one at a time (for feeding very large jobs in windows)."""
     kind = job_kind(spec.kind)
     queue, priority = route(spec)
-    sources = enumerate(kind.items(spec))
+    sources: Iterator[tuple[int, Any]] = enumerate(kind.items(spec))
+    if spec.only_items is not None:
+        wanted = frozenset(spec.only_items)
+        sources = itertools.islice(((index, src) for index, src in sources if index in wanted), len(spec.only_items))
     for shard_index in itertools.count():
         batch = list(itertools.islice(sources, spec.shard_size))
         if not batch:

@@ -5,6 +5,10 @@ clauses; no HTTP, no sessions.
 - A **member** sees the jobs of their projects; changes their own jobs in their projects, and any
   job of a project they manage; submits into their projects up to the member priority cap.
 - A **viewer** sees the jobs of their projects and changes nothing.
+- A job is **re-run** (a new job from its spec, the caller's own, in the job's project) by whoever
+  may submit into that project: admins, and members of it.
+- **Templates** follow their project as jobs do: its members see and use them; their owner, the
+  project's managers and admins change them.
 
 Read access and change access follow the job's project as it is now: a member removed from a
 project no longer sees or changes its jobs, their own included.
@@ -18,7 +22,7 @@ from sqlalchemy import ColumnElement, false, true
 
 from storage.errors import Forbidden, UserError
 from storage.identity import DEFAULT_PROJECT, Principal
-from storage.models import BulkJob, Job
+from storage.models import BulkJob, Job, JobTemplate
 
 
 def _scope(principal: Principal, column: ColumnElement[uuid.UUID]) -> ColumnElement[bool]:
@@ -39,6 +43,11 @@ def bulk_scope(principal: Principal) -> ColumnElement[bool]:
     return _scope(principal, BulkJob.project_id)
 
 
+def template_scope(principal: Principal) -> ColumnElement[bool]:
+    """A WHERE clause on ``job_template``: the templates the principal may see and use."""
+    return _scope(principal, JobTemplate.project_id)
+
+
 def can_read(principal: Principal, owner_id: uuid.UUID, project_id: uuid.UUID) -> bool:
     """Whether the principal may see a job (or bulk job) of this owner in this project."""
     return principal.is_admin or principal.member_of(project_id)
@@ -53,6 +62,19 @@ def can_change(principal: Principal, owner_id: uuid.UUID, project_id: uuid.UUID)
     if principal.is_viewer or not principal.member_of(project_id):
         return False
     return owner_id == principal.user_id or principal.manages(project_id)
+
+
+def can_rerun(principal: Principal, project_id: uuid.UUID) -> bool:
+    """Whether the principal may re-run a job of this project (a submit into it)."""
+    return not principal.is_viewer and (principal.is_admin or principal.member_of(project_id))
+
+
+def check_rerun(principal: Principal, project_id: uuid.UUID) -> None:
+    """A re-run is a submit into the job's project: refused to viewers and to non-members."""
+    if principal.is_viewer:
+        raise Forbidden("viewers may not re-run jobs")
+    if not (principal.is_admin or principal.member_of(project_id)):
+        raise Forbidden("you may re-run only jobs of your projects")
 
 
 def submit_project(principal: Principal, project_name: str | None) -> uuid.UUID:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from storage.models import AuditEvent, utcnow
 
-SUBMIT_ACTIONS = ("job.submit", "bulk.submit")
+SUBMIT_ACTIONS = ("job.submit", "job.rerun", "bulk.submit")
 RATE_REFUSED = 429  # a submission refused for the rate is not counted against it
 
 MAX_PAGE = 500

@@ -1,7 +1,7 @@
 """SQLAlchemy models for the farm's state: ``job``, ``shard``, ``artifact``, ``worker``, ``job_worker``,
 ``bulk_job``, and who may use it: ``user``, ``project``, ``project_member``, ``api_token``,
 ``web_session``, ``audit_event``; the scheduler's ``share_usage`` and ``queue_feed``; webhooks:
-``user_webhook``, ``job_webhook`` and the outbox ``webhook_event``.
+``user_webhook``, ``job_webhook`` and the outbox ``webhook_event``; saved specs: ``job_template``.
 
 Typed declarative models (``Mapped[]``). UUID keys, timezone-aware UTC timestamps on every
 backend, JSON spec and params. Status columns are plain strings checked by the enums; which
@@ -239,6 +239,8 @@ class Job(Timestamped, Base):
     bulk_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("bulk_job.id", ondelete="CASCADE"), index=True)
     owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("user.id"), index=True)  # who submitted it
     project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("project.id"), index=True)
+    # the job this one re-runs (``farm rerun``); its outputs are untouched, the re-run writes its own
+    parent_job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("job.id", ondelete="SET NULL"), index=True)
 
     shards: Mapped[list[Shard]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="Shard.index"
@@ -395,6 +397,22 @@ class WebhookEvent(Base):
     last_http_status: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (Index(None, "status", "next_attempt_at"), Index(None, "job_id", "seq"))
+
+
+class JobTemplate(Timestamped, Base):
+    """A saved job spec (``farm templates save``), a full valid spec as written (inputs already in
+    the store), that jobs are submitted from with overrides. Named uniquely within its project:
+    the project's members use it, its owner and the project's managers change it."""
+
+    __tablename__ = "job_template"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict[str, Any]]
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("user.id"), index=True)
+    project_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"))
+
+    __table_args__ = (UniqueConstraint("project_id", "name"),)
 
 
 metadata = Base.metadata

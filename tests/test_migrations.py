@@ -20,6 +20,7 @@ from storage.models import (
     AuditEvent,
     BulkJob,
     Job,
+    JobTemplate,
     JobWebhook,
     JobWorker,
     Project,
@@ -51,9 +52,11 @@ TABLES = {
     "user_webhook",
     "job_webhook",
     "webhook_event",
+    "job_template",
 }
 SEEDED = {"user", "project", "project_member"}  # the upgrade's admin, default, and admin's membership
-HEAD = "0009"
+HEAD = "0010"
+ONE_OF_EACH = {**dict.fromkeys(TABLES | SEEDED, 1), "job": 2}  # what _insert_one_of_each writes: a job and its re-run
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
@@ -96,6 +99,19 @@ def _insert_one_of_each(url: str) -> None:
         session.add(UserWebhook(user_id=admin.id, url="https://example.com/hook", secret="whsec_x"))
         session.add(JobWebhook(job_id=job.id, url="https://example.com/hook", events=[], progress_interval_s=60.0))
         session.add(WebhookEvent(job_id=job.id, type="job.started", url="https://example.com/hook", payload={}))
+        session.add(JobTemplate(name="t", spec={"prompts": ["x"]}, **owned))
+        session.flush()
+        session.add(  # a re-run of the job (the job table's second row)
+            Job(
+                kind="text_to_image",
+                family="sd15",
+                spec={"a": 1},
+                spec_hash="0" * 64,
+                output_prefix="r",
+                parent_job_id=job.id,
+                **owned,
+            )
+        )
     engine.dispose()
 
 
@@ -119,6 +135,7 @@ def _counts(url: str) -> dict[str, int]:
                 UserWebhook,
                 JobWebhook,
                 WebhookEvent,
+                JobTemplate,
                 User,
                 Project,
                 ProjectMember,
@@ -126,6 +143,14 @@ def _counts(url: str) -> dict[str, int]:
         }
     engine.dispose()
     return counts
+
+
+def _reruns(url: str) -> int:
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        count = conn.scalar(select(func.count()).select_from(Job).where(Job.parent_job_id.is_not(None)))
+    engine.dispose()
+    return count
 
 
 def _tables(url: str) -> set[str]:
@@ -144,7 +169,7 @@ def test_upgrade_downgrade_upgrade_with_rows(fresh_url: str) -> None:
     migrate.upgrade(fresh_url)
     assert migrate.current(fresh_url) == HEAD
     _insert_one_of_each(fresh_url)
-    assert _counts(fresh_url) == dict.fromkeys(TABLES | SEEDED, 1)
+    assert _counts(fresh_url) == ONE_OF_EACH
     migrate.downgrade(fresh_url, "base")
     assert migrate.current(fresh_url) is None
     assert not (_tables(fresh_url) & (TABLES | SEEDED))
@@ -228,12 +253,12 @@ def test_models_and_migrations_do_not_drift(fresh_url: str) -> None:
     assert diff == []
 
 
-REBUILD_JOB = """
+REBUILD_JOB = f"""
 import sqlalchemy as sa
 from alembic import op
 
 revision = "9999"
-down_revision = "0007"
+down_revision = "{HEAD}"
 branch_labels = None
 depends_on = None
 
@@ -264,9 +289,11 @@ def test_sqlite_batch_rebuild_keeps_child_rows(tmp_path: Path) -> None:
     config = migrate.alembic_config(url)
     config.set_main_option("script_location", str(scripts))
     command.upgrade(config, "head")
-    assert _counts(url) == dict.fromkeys(TABLES | SEEDED, 1)
+    assert _counts(url) == ONE_OF_EACH
+    assert _reruns(url) == 1, "the re-run still names its parent"
     command.downgrade(config, HEAD)
-    assert _counts(url) == dict.fromkeys(TABLES | SEEDED, 1)
+    assert _counts(url) == ONE_OF_EACH
+    assert _reruns(url) == 1
 
 
 def _insert_at_0004(url: str) -> tuple[uuid.UUID, uuid.UUID]:

@@ -245,6 +245,39 @@ def test_retry_several_jobs_at_once(dashboard, chromium) -> None:
     assert sorted(rows) == sorted((job, 200) for job in jobs)
 
 
+def test_rerun_a_failed_job_from_its_page(dashboard, chromium, tmp_path) -> None:
+    """A job whose model does not load fails on the worker; its page offers "Re-run" and "Re-run
+    failed"; the latter opens a new job with only the failed items that names its parent."""
+    farm, server, alice, _, _ = dashboard
+    worker_up(farm)
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{}")  # a diffusers folder to the eye, that does not load
+    spec = text_job(broken, prompts=["a lost cube"], count=2, shard_size=1, output_prefix="rerun-page")
+    job = submit(alice, spec)
+    assert wait_status(alice, job, {"failed"})["status"] == "failed"
+    context, page = logged_in(chromium, server, "alice", "alice's long password")
+    try:
+        page.goto(f"/jobs/{job}")
+        assert page.locator("#rerun-job").is_visible() and page.locator("#rerun-failed").is_visible()
+        assert page.locator("#parent-job").count() == 0
+        shot(page, "job-rerun")
+        page.click("#rerun-failed")
+        page.wait_for_url(lambda url: "/jobs/" in url and job not in url)
+        child = page.url.rsplit("/", 1)[-1]
+        assert job[:8] in page.inner_text("#parent-job")
+        assert "only_items:\n- 0\n- 1" in page.inner_text("#spec")
+        shot(page, "job-rerun-child")
+        page.click("#parent-job a")
+        page.wait_for_url(f"**/jobs/{job}")
+    finally:
+        context.close()
+    with alice.http() as http:
+        summary = http.get(f"/v1/jobs/{child}").json()
+    assert (summary["parent_job_id"], summary["owner"], summary["items_total"]) == (job, "alice", 2)
+    wait_status(alice, child, {"failed"})  # the same broken model: it fails too, and is done
+
+
 def test_another_project_never_sees_the_job_and_csrf_is_required(dashboard, chromium) -> None:
     _, server, alice, _, model = dashboard
     job = submit(alice, text_job(model, output_prefix="private", base_seed=999))

@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from farm import __version__
-from farm.api import bulk, errors, events, inputs, jobs, service, webhooks
+from farm.api import bulk, errors, events, inputs, jobs, service, templates, webhooks
 from farm.api.state import ApiState
 from farm.client import FarmClient
 from farm.settings import FarmSettings
@@ -102,7 +102,7 @@ def create_api(settings: FarmSettings, farm: FarmClient | None = None) -> FastAP
         farm=farm or FarmClient(settings, direct=True),
     )
     errors.install(app)
-    for module in (jobs, webhooks, events, inputs, bulk, service, sessions, jobs_pages, farm_pages):
+    for module in (jobs, webhooks, events, inputs, bulk, templates, service, sessions, jobs_pages, farm_pages):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

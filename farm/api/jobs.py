@@ -1,4 +1,4 @@
-"""``/v1/jobs``: submit, list, look at, cancel, retry, re-prioritize a job; its results.
+"""``/v1/jobs``: submit, list, look at, cancel, retry, re-run, re-prioritize a job; its results.
 
 Every job a caller may not see answers exactly as a job that does not exist (404), by id or by
 prefix: nobody learns another project's jobs by guessing. Who may change what is decided by
@@ -25,9 +25,18 @@ from farm.errors import FarmError, Forbidden, NotFound, UserError
 from farm.inputs import local_paths, missing_inputs
 from farm.job_refs import resolve_job_id
 from farm.job_spec import SpecError
+from farm.reruns import plan_rerun
 from farm.scheduler import job_summary
+from farm.spec_overrides import MAX_OVERRIDES
 from farm.specs import JobSpec, parse_spec
-from storage.access import can_change, check_class_change, check_priority, job_scope, submit_project
+from storage.access import (
+    can_change,
+    check_class_change,
+    check_priority,
+    check_rerun,
+    job_scope,
+    submit_project,
+)
 from storage.audit import submit_wait
 from storage.db import session_scope
 from storage.identity import Principal
@@ -69,6 +78,28 @@ class PriorityChange(BaseModel):
     service_class: ServiceClass | None = Field(
         default=None, description="interactive (goes first) or bulk; only an admin may change it."
     )
+
+
+class RerunRequest(BaseModel):
+    """A new job from a job's stored spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    only_failed: bool = Field(default=False, description="Only the items the job did not render.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=MAX_OVERRIDES,
+        description='Changes to the spec: dotted path -> value, e.g. {"steps": 30, "prompts.0": "a cat"}.',
+    )
+
+
+class Rerun(BaseModel):
+    job_id: str
+    parent_job_id: str
+    created: bool
+    status: str
+    items_total: int
+    only_failed: bool
 
 
 class JobPage(BaseModel):
@@ -270,6 +301,32 @@ def retry(ref: JobRef, request: Request, who: Caller, state: State) -> dict[str,
         job_id = _changeable(state, who, ref, "retry")
         note["target"] = str(job_id)
         return state.farm.retry(job_id)
+
+
+@router.post(
+    "/jobs/{ref}/rerun",
+    response_model=Rerun,
+    status_code=201,
+    summary="Submit a new job from a job's spec: with overrides, or only its failed items",
+    responses={429: {"description": "Too many submissions from this token"}},
+)
+def rerun(ref: JobRef, body: RerunRequest, request: Request, response: Response, who: Caller, state: State) -> Any:
+    refused = rate_limited(state, request, who, "job.rerun", ref)
+    if refused is not None:
+        return refused
+    with audited(state, request, who, "job.rerun", ref) as note:
+        job_id, row = job_of(state, who, ref)
+        note["target"] = str(job_id)
+        check_rerun(who, row.project_id)
+        with session_scope(state.sessions) as session:
+            plan = plan_rerun(session, job_id, only_failed=body.only_failed, overrides=body.overrides)
+        spec = plan.check(checked_spec(state, plan.raw))
+        check_priority(who, spec.priority, state.settings.api.member_max_priority)
+        done = state.farm.submit_rerun(plan, spec, owner_id=who.user_id, project_id=row.project_id)
+        note.update(target=done["job_id"], detail={"parent": str(job_id), "only_failed": body.only_failed})
+        note["status"] = 201 if done["created"] else 200
+    response.status_code = note["status"]
+    return Rerun(**done)
 
 
 @router.patch("/jobs/{ref}", summary="Change a job's priority or service class")

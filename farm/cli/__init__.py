@@ -21,6 +21,7 @@ from farm.cli import (
     reconcile_cmd,
     shares_cmd,
     storage_cmd,
+    templates_cmd,
     users_cmd,
     worker_cmd,
     workers_cmd,
@@ -76,6 +77,7 @@ reconcile_cmd.register(app)
 api_cmd.register(app)
 users_cmd.register(app)
 shares_cmd.register(app)
+templates_cmd.register(app)
 
 
 def main() -> None:

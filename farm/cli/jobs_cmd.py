@@ -1,4 +1,4 @@
-"""Job commands: submit, status, wait, cancel, retry, results."""
+"""Job commands: submit (a file, or a template with overrides), status, wait, cancel, retry, rerun, results."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from farm.cli.common import console, settings
 from farm.client import FarmClient
 from farm.errors import NotFound, UserError
 from farm.job_refs import short_id
+from farm.spec_overrides import parse_sets
 from storage.status import ServiceClass
 
 
@@ -84,6 +85,8 @@ def print_job(summary: dict, previews: dict | None = None) -> None:
         f"job {summary['id']}  [bold]{summary['status']}[/]  {summary['kind']}/{summary['family']}  "
         f"{_items(summary)}{shards}{pace}{eta}"
     )
+    if summary.get("parent_job_id"):
+        console.print(f"re-run of job {summary['parent_job_id']}", highlight=False)
     if summary.get("error"):
         console.print(f"error: {summary['error']}", highlight=False)
     for reason in summary.get("waiting") or []:
@@ -158,17 +161,35 @@ def _exit_for(summary: dict) -> None:
         raise typer.Exit(1)
 
 
+SET_HELP = (
+    "Change the spec: KEY=VALUE, KEY a dotted path (prompts.0), VALUE read as JSON when it parses "
+    "(30, '[1,2,3]', null), else text. Repeat it."
+)
+
+
 def submit(
-    spec_file: Path = typer.Argument(..., help="Job spec, YAML or JSON."),
+    spec_file: Path | None = typer.Argument(None, help="Job spec, YAML or JSON (not with --template)."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the job and show progress; exit 1 unless it succeeds."),
+    template: str | None = typer.Option(None, "--template", help="Submit from this saved template (farm templates)."),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP + " With --template."),
+    project: str | None = typer.Option(
+        None, "--project", help="The template's project, when several of yours have one of that name."
+    ),
 ) -> None:
-    """Validate and submit a job spec; prints the job id.
+    """Validate and submit a job spec, or a saved template with --set overrides; prints the job id.
 
     Exit codes: 0 submitted (with --wait: the job succeeded); 1 with --wait the job failed, ended
     partial or was cancelled, or the broker was down (the job is kept and scheduled later); 2 a
     usage or validation error."""
+    if (spec_file is None) == (template is None):
+        raise UserError("give a spec FILE or --template NAME (one of them)")
+    if sets and template is None:
+        raise UserError("--set changes a template (--template NAME); edit the spec file instead")
     with _client() as client:
-        done = client.submit_job(spec_file)
+        if template is not None:
+            done = client.submit_template(template, parse_sets(sets), project=project)
+        else:
+            done = client.submit_job(spec_file)
         if done.created:
             console.print(f"submitted job {done.job_id}", highlight=False)
         else:
@@ -358,6 +379,34 @@ def retry(job_id: str = typer.Argument(..., help=JOB_HELP + " Or a bulk job's na
         console.print(client.retry(job_id)["note"], highlight=False)
 
 
+def rerun(
+    job_id: str = typer.Argument(..., help=JOB_HELP),
+    only_failed: bool = typer.Option(
+        False, "--only-failed", help="Only the items the job did not render (same indexes and seeds)."
+    ),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the new job; exit 1 unless it succeeds."),
+) -> None:
+    """Submit a new job from a job's spec: with --set changes, or only its failed items. The
+    job itself is untouched: the re-run writes under its own id and names it as its parent.
+
+    Exit codes: 0 submitted (with --wait: the new job succeeded); 1 with --wait it did not; 2 a
+    usage or validation error (a bad --set, a job still running, nothing failed)."""
+    overrides = parse_sets(sets)
+    with _client() as client:
+        done = client.rerun(job_id, only_failed=only_failed, overrides=overrides)
+        what = "its failed items" if done["only_failed"] else "all its items"
+        verb = "submitted" if done["created"] else "already submitted (its idempotency_key was used before) as"
+        console.print(
+            f"{verb} job {done['job_id']}: a re-run of job {done['parent_job_id']} ({what}: {done['items_total']})",
+            highlight=False,
+        )
+        if wait:
+            summary = wait_with_progress(client, done["job_id"])
+            print_job(summary)
+            _exit_for(summary)
+
+
 def results(
     job_id: str = typer.Argument(..., help=JOB_HELP),
     download: Path | None = typer.Option(
@@ -412,6 +461,6 @@ def print_deliveries(events: list[dict]) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    for command in (submit, status, wait, cancel, retry, results):
+    for command in (submit, status, wait, cancel, retry, rerun, results):
         app.command()(command)
     app.command("reprioritize")(reprioritize)

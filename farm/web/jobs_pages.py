@@ -1,6 +1,7 @@
 """The jobs pages: ``/jobs`` (newest first, filters, a search box, pages, several jobs cancelled
 or retried at once) and ``/jobs/{ref}`` (the spec, the shard grid that follows the job live, the
-finished items, the contact sheet and manifest, and cancel / retry / priority for those allowed).
+finished items, the contact sheet and manifest, and cancel / retry / priority for those allowed,
+re-run or re-run failed for those who may submit into the job's project).
 
 The pages call the same route functions the API serves (:mod:`farm.api.jobs`): the same scope
 (another project's job is a 404 page), the same :mod:`storage.access` decisions, the same audit.
@@ -18,12 +19,12 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import select
 
 from farm.api import jobs as api_jobs
-from farm.api.jobs import JobRef, PriorityChange, job_of
+from farm.api.jobs import JobRef, PriorityChange, RerunRequest, job_of
 from farm.api.state import ApiState, api_state
 from farm.errors import FarmError, UserError
 from farm.web.render import PageRoute, page
 from farm.web.sessions import form_caller, page_caller
-from storage.access import can_change
+from storage.access import can_change, can_rerun
 from storage.db import session_scope
 from storage.identity import Principal
 from storage.models import Job
@@ -144,6 +145,7 @@ def job_page(
         more_results=max(0, len(results) - THUMBNAILS),
         previews=previews,
         may_change=can_change(who, row.owner_id, row.project_id),
+        may_rerun=can_rerun(who, row.project_id),
         ended=ended,
         max_priority=9 if who.is_admin else state.settings.api.member_max_priority,
     )
@@ -159,6 +161,21 @@ def job_cancel(request: Request, ref: JobRef, who: Editor, state: State) -> Resp
 def job_retry(request: Request, ref: JobRef, who: Editor, state: State) -> Response:
     api_jobs.retry(ref, request, who, state)
     return RedirectResponse(f"/jobs/{quote(ref, safe='')}", status_code=303)
+
+
+@router.post("/jobs/{ref}/rerun")
+def job_rerun(
+    request: Request,
+    ref: JobRef,
+    who: Editor,
+    state: State,
+    only_failed: Annotated[bool, Form()] = False,
+) -> Response:
+    """A new job from this one's spec (only its failed items when asked); opens the new job."""
+    done = api_jobs.rerun(ref, RerunRequest(only_failed=only_failed), request, Response(), who, state)
+    if not isinstance(done, api_jobs.Rerun):  # the rate limit's answer
+        raise UserError("too many submissions: wait a minute and try again")
+    return RedirectResponse(f"/jobs/{done.job_id}", status_code=303)
 
 
 @router.post("/jobs/{ref}/priority")
