@@ -20,7 +20,7 @@ from farm.job_spec import JobSpec, SpecError
 from farm.kinds import DEFAULT_KIND, KINDS
 from farm.spec_problems import problems_from
 
-__all__ = ["JobSpec", "SpecError", "parse_spec", "spec_adapter", "spec_fingerprint"]
+__all__ = ["LATER_FIELDS", "JobSpec", "SpecError", "parse_spec", "spec_adapter", "spec_fingerprint"]
 
 _adapter_cache: tuple[tuple[type[JobSpec], ...], TypeAdapter[Any]] | None = None
 
@@ -56,7 +56,24 @@ def parse_spec(data: Any) -> JobSpec:
         raise SpecError(problems_from(exc, {name: kind.spec for name, kind in KINDS.items()}, data)) from None
 
 
+# Fields added after jobs were first stored: left out of the fingerprint while at their default, so a
+# spec stored before they existed fingerprints as it did then (resubmitting it with its
+# idempotency key after an upgrade is still "the same spec", not a conflict).
+LATER_FIELDS = ("name", "after", "after_policy", "after_mode", "webhook", "webhook_url", "only_items", "post_steps")
+
+
 def spec_fingerprint(spec: JobSpec) -> str:
-    """sha256 (hex) of the spec's canonical JSON: sorted keys, no whitespace, ASCII escapes."""
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """sha256 (hex) of the spec's canonical JSON: sorted keys, no whitespace, ASCII escapes;
+    :data:`LATER_FIELDS` at their default left out."""
+    data = spec.model_dump(mode="json")
+    defaults = type(spec).model_fields
+    for name in LATER_FIELDS:
+        if name in data and name in defaults and data[name] == _default_json(defaults[name]):
+            del data[name]
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _default_json(field: Any) -> Any:
+    default = field.get_default(call_default_factory=True)
+    return default.value if hasattr(default, "value") else default

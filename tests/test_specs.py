@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
@@ -18,7 +19,7 @@ from farm.kinds import KINDS, JobKind, register_kind, unregister_kind
 from farm.kinds.text_to_image import TextToImageSpec, prompt_major_items
 from farm.patch_specs import PATCH_TYPES, PatchSpec, known_patch_types, register_patch_type
 from farm.spec_files import MAX_SPEC_FILE_BYTES, load_spec_file
-from farm.specs import parse_spec, spec_fingerprint
+from farm.specs import LATER_FIELDS, parse_spec, spec_fingerprint
 
 
 def minimal(**overrides: Any) -> dict[str, Any]:
@@ -397,6 +398,16 @@ def test_json_round_trip_and_fingerprint() -> None:
     assert again == spec and spec_fingerprint(again) == spec_fingerprint(spec)
     assert len(spec_fingerprint(spec)) == 64
     assert spec_fingerprint(parse_spec(minimal(steps=31))) != spec_fingerprint(parse_spec(minimal()))
+
+
+def test_fields_added_later_leave_an_older_specs_fingerprint_alone() -> None:
+    """A spec stored before the LATER_FIELDS existed fingerprints the same now (an idempotent
+    resubmission after an upgrade is the same spec); a value given for one of them counts."""
+    spec = parse_spec(minimal(idempotency_key="k-1"))
+    stored_before = {k: v for k, v in spec.model_dump(mode="json").items() if k not in LATER_FIELDS}
+    canonical = json.dumps(stored_before, sort_keys=True, separators=(",", ":"))
+    assert spec_fingerprint(spec) == hashlib.sha256(canonical.encode("ascii")).hexdigest()
+    assert spec_fingerprint(parse_spec(minimal(only_items=[0]))) != spec_fingerprint(parse_spec(minimal()))
 
 
 valid_specs = st.fixed_dictionaries(
