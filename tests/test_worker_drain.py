@@ -1,8 +1,9 @@
 """Draining a worker on SIGTERM (farm/worker/drain.py), with real worker processes mid-shard.
 
 Fake-render workers (``python -m bench.farm_worker``: ``farm worker`` with the bench's ``bench_noop``
-kind, whose items sleep ``item_seconds``) on Postgres and Redis. Each signal is sent just after an
-item ended (read from the shard's ``items_done``), so the next item is in progress:
+kind, whose items sleep ``item_seconds``) on Postgres and Redis (the first test on RabbitMQ too).
+Each signal is sent just after an item ended (read from the shard's ``items_done``), so the next
+item is in progress:
 
 - SIGTERM mid-shard: the worker is no queue's consumer at once (registry: draining), exits 0
   within ``worker.drain_timeout_s``; the shard is handed back PENDING with its items kept and no
@@ -98,10 +99,11 @@ def noop_job(model: Any, items: int, item_seconds: float) -> dict[str, Any]:
 
 
 class Drill:
-    """One farm on Postgres and Redis: a control worker and fake-render workers on ``QUEUE``."""
+    """One farm on Postgres and a broker (Redis unless told): a control worker and fake-render
+    workers on ``QUEUE``."""
 
-    def __init__(self, farm_factory, pg_url: str, redis_url: str, tiny_models, **env: str) -> None:
-        self.farm = farm_factory(broker=redis_url, db_url=pg_url, **{**FAST, **env})
+    def __init__(self, farm_factory, pg_url: str, broker_url: str, tiny_models, **env: str) -> None:
+        self.farm = farm_factory(broker=broker_url, db_url=pg_url, **{**FAST, **env})
         self.model = tiny_models["sd15"]
         self.engine = make_engine(pg_url)
         self.sessions = make_session_factory(self.engine)
@@ -170,11 +172,11 @@ class Drill:
 
 
 @pytest.fixture
-def drill(farm_factory, pg_url, redis_url, tiny_models) -> Iterator[Any]:
+def drill(request, farm_factory, pg_url, tiny_models) -> Iterator[Any]:
     made: list[Drill] = []
 
-    def make(**env: str) -> Drill:
-        made.append(Drill(farm_factory, pg_url, redis_url, tiny_models, **env))
+    def make(broker: str = "redis", **env: str) -> Drill:
+        made.append(Drill(farm_factory, pg_url, request.getfixturevalue(f"{broker}_url"), tiny_models, **env))
         return made[-1]
 
     yield make
@@ -201,8 +203,9 @@ def each_item_once(artifacts: list[tuple[int, str, int]], items: int) -> None:
 # -- real workers --------------------------------------------------------------------------------------------
 @pytest.mark.integration
 @pytest.mark.slow
-def test_sigterm_mid_shard_hands_back_and_another_worker_finishes(drill) -> None:
-    d = drill()
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_sigterm_mid_shard_hands_back_and_another_worker_finishes(drill, broker) -> None:
+    d = drill(broker)
     leaver = d.worker("leaver")
     items = 5
     job_id = d.submit(items, item_seconds=3.0)
@@ -240,10 +243,10 @@ def test_sigterm_mid_shard_hands_back_and_another_worker_finishes(drill) -> None
     artifacts = d.artifacts(job_id)
     each_item_once(artifacts, items)
     tokens = [a[2] for a in artifacts]
-    # The leaver's items keep its rows; the finisher rendered only the rest (a second render
-    # would have made no new row, so count the finisher's: exactly the items left).
+    # The leaver's rows carry its fencing token and stay; the finisher's (the next token) are
+    # exactly the items left: it skipped what the leaver had written.
     assert tokens.count(back.fencing_token) == kept and len(set(tokens)) == 2, artifacts
-    print(f"drained {took:.1f} s after SIGTERM, {kept} of {items} items kept; finisher rendered {items - kept}")
+    print(f"{broker}: drained {took:.1f} s after SIGTERM, {kept}/{items} items kept, {items - kept} rendered after")
 
 
 @pytest.mark.integration
