@@ -24,7 +24,8 @@ process itself, so there is no ``worker_process_shutdown`` (a prefork child's) t
 
 ``farm worker`` drains on SIGTERM instead of waiting for the whole shard (:mod:`farm.worker.drain`):
 on ``worker_ready``, once Celery has installed its signal handlers, the app's ``farm_drain`` takes
-SIGTERM and SIGINT over; it still ends in Celery's warm shutdown, and a second signal in its cold one.
+SIGTERM and SIGINT over; it still ends in Celery's warm shutdown, and a second signal stops the
+worker at once (Celery's cold shutdown cannot stop a render on the ``threads`` pool).
 """
 
 from __future__ import annotations
