@@ -3,7 +3,8 @@
 
     farm-healthcheck worker     this container's `farm worker` is registered and online in the
                                 worker registry (the table `farm workers` shows), and its metrics
-                                endpoint answers when FARM_WORKER__METRICS_PORT is set
+                                endpoint answers when FARM_WORKER__METRICS_PORT is set; a worker
+                                draining (told to stop, SIGTERM) is not ready
     farm-healthcheck http URL   URL answers 200 (Flower's /healthcheck)
     farm-healthcheck broker     the configured broker (FARM_BROKER__URL) accepts a connection
 
@@ -53,6 +54,9 @@ def check_worker() -> str:
         rows = client.workers()
     mine = pick_worker(rows, hostname)
     if mine is None:
+        draining = [w["name"] for w in rows if w.get("hostname") == hostname and w.get("status") == "draining"]
+        if draining:
+            raise RuntimeError(f"worker {', '.join(draining)} on {hostname} is draining (stopping): not ready")
         seen = sorted({w["status"] for w in rows if w.get("hostname") == hostname})
         raise RuntimeError(
             f"no online farm worker registered from {hostname} (rows from this host: {', '.join(seen) or 'none'})"

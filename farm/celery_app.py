@@ -21,6 +21,11 @@ closed on Celery's ``worker_shutdown`` signal, sent at a warm shutdown (SIGTERM,
 shutdown) once the running task has finished; ``farm worker`` also closes them when its worker
 loop returns (a cold shutdown sends no signal). The ``threads`` pool runs tasks in the worker
 process itself, so there is no ``worker_process_shutdown`` (a prefork child's) to handle.
+
+``farm worker`` drains on SIGTERM instead of waiting for the whole shard (:mod:`farm.worker.drain`):
+on ``worker_ready``, once Celery has installed its signal handlers, the app's ``farm_drain`` takes
+SIGTERM and SIGINT over; it still ends in Celery's warm shutdown, and a second signal stops the
+worker at once (Celery's cold shutdown cannot stop a render on the ``threads`` pool).
 """
 
 from __future__ import annotations
@@ -135,6 +140,16 @@ def close_worker_resources(sender: Any = None, **_: Any) -> None:
     resources = getattr(getattr(sender, "app", None), "farm_resources", None)
     if resources is not None:
         resources.close()
+
+
+@signals.worker_ready.connect(dispatch_uid="farm.install_worker_drain")
+def install_worker_drain(sender: Any = None, **_: Any) -> None:
+    """Celery's worker is ready, its signal handlers installed (``sender`` is its consumer, on the
+    main thread): the app's drain (``farm worker`` sets ``app.farm_drain``) takes SIGTERM over."""
+    drain = getattr(getattr(sender, "app", None), "farm_drain", None)
+    controller = getattr(sender, "controller", None)
+    if drain is not None and controller is not None:
+        drain.install(controller)
 
 
 def __getattr__(name: str) -> Celery:

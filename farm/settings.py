@@ -133,6 +133,15 @@ class WorkerSettings(_Section):
     lost_after_s: float = Field(
         default=60.0, gt=0, description="A worker silent this long is shown as lost and its shard leases expire."
     )
+    drain_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=86_400,
+        description="On SIGTERM a worker drains: it takes no new shard, hands its shard back after the item in "
+        "progress (or finishes it on its last item) and exits 0 within this many seconds, else it stops anyway "
+        "and exits 1 (the shard is re-run after its lease). Keep it above the longest item, and the container's "
+        "grace period (Kubernetes terminationGracePeriodSeconds, compose stop_grace_period) above it.",
+    )
     blocklist_after: int = Field(
         default=3,
         ge=0,

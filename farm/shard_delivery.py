@@ -7,7 +7,10 @@ outcome calls for, and say what happened in the task's result (Flower shows it).
 - ``rejected`` (this worker is blocked from the job): pause, then send the shard again at once;
 - any other outcome with ``retry_in`` (a retryable failure, a shard held by a live lease, a shard
   handed back between items): send it again with that countdown;
-- ``preempted`` (handed back to make way for interactive work): nothing; it is PENDING again;
+- ``preempted`` (handed back to make way for interactive work) and ``drained`` (handed back
+  between items because this worker is stopping): nothing; it is PENDING again and the feeder
+  sends it (this worker no longer counts towards the window). A delivery that reaches a worker
+  already draining is ``drained`` unclaimed, with ``retry_in`` 0: sent again at once;
 - a terminal outcome (``succeeded``, ``failed``, ``cancelled``): send the job's finalize message
   when the outcome asks for it (a shard that succeeded asks only when it ended the job or when
   the job's roll-up is due);
@@ -69,8 +72,9 @@ def follow_up(
         back = f"shard {shard_id}: hand back"
         res.outlast(lambda: publish_shard(app, shard_id, job_id, **_route(app, res, shard_id)), back)
     elif outcome.retry_in is not None:
-        # A retryable failure, a shard held by a lease that may belong to a dead worker, or a
-        # shard that stopped between items and went back to the queue (``handed_back``).
+        # A retryable failure, a shard held by a lease that may belong to a dead worker, a
+        # shard that stopped between items and went back to the queue (``handed_back``), or a
+        # delivery that reached a draining worker (``drained``, not claimed).
         res.outlast(
             lambda: publish_shard(app, shard_id, job_id, **_route(app, res, shard_id), countdown=outcome.retry_in),
             f"shard {shard_id}: requeue",

@@ -330,18 +330,24 @@ def _release(
     _leased_update(session, lease, {**values, **failure}, "release for retry")
 
 
-def hand_back(session: Session, lease: ShardLease, *, preempted: bool = False) -> None:
+def hand_back(
+    session: Session, lease: ShardLease, *, preempted: bool = False, items_done: int | None = None, items: int = 0
+) -> None:
     """End an attempt that stopped early on purpose (not a failure): the shard is QUEUED again
-    (to be sent at once), or PENDING when it was ``preempted`` (the feeder sends it in its turn),
-    with the items it wrote kept; the attempt does not count against ``max_attempts``. Raises
-    :class:`LeaseLost` when fenced out."""
-    values = {
+    (to be sent at once), or PENDING when it was ``preempted`` (or its worker is draining: the
+    feeder sends it in its turn), with the items it wrote kept (``items_done`` of ``items``, when
+    given, is recorded as they stand: the last progress write may be older); the attempt does not
+    count against ``max_attempts``. Raises :class:`LeaseLost` when fenced out."""
+    values: dict[str, Any] = {
         "status": S.PENDING if preempted else S.QUEUED,
         "lease_owner": None,
         "lease_expires_at": None,
         "attempts": lease.attempt - 1,
         "preempt_requested_at": None,
     }
+    if items_done is not None:
+        values["items_done"] = items_done
+        values["progress"] = min(1.0, items_done / items) if items else 0.0
     _leased_update(session, lease, values, "hand back")
 
 

@@ -6,8 +6,13 @@ silent for longer than the timeout is marked lost by :func:`sweep_lost_workers` 
 worker sweeps as it heartbeats), which also expires the leases it held so its shards can be taken
 over at once instead of when their leases run out.
 
-Worker: online -> lost (silent) | stopped (clean exit);  lost -> online (it spoke again) | stopped;
-stopped -> online (the same name registered again). Callers own the transaction.
+A worker told to stop (SIGTERM) is marked draining at once (:func:`mark_draining`): it takes no new
+work and counts as no queue's consumer (the feeder's windows, the reconciler, ``farm workers``),
+while it heartbeats until its current shard has handed back and it stops.
+
+Worker: online -> lost (silent) | draining (told to stop) | stopped (clean exit);  lost -> online
+(it spoke again) | stopped; draining -> stopped | lost (silent); stopped -> online (the same name
+registered again). Callers own the transaction.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from storage.chunking import chunked
@@ -69,23 +74,37 @@ def worker_heartbeat(
     *,
     current_shard_id: uuid.UUID | None = None,
     pinned_models: Sequence[str] | None = None,
+    draining: bool = False,
     now: datetime | None = None,
 ) -> bool:
-    """Record that the worker is alive (a lost worker that speaks again is online again).
-    Returns False when it has no row (it must register)."""
+    """Record that the worker is alive (a lost worker that speaks again is online again, or
+    draining when ``draining``; a draining worker stays draining). Returns False when it has no
+    row or its row says stopped (it must register)."""
     now = now or utcnow()
     values: dict[str, Any] = {
         "heartbeat_at": now,
         "current_shard_id": current_shard_id,
-        "status": W.ONLINE,
+        "status": W.DRAINING if draining else case((Worker.status == W.DRAINING, W.DRAINING), else_=W.ONLINE),
         "idle_since": None if current_shard_id is not None else func.coalesce(Worker.idle_since, now),
     }
     if pinned_models is not None:
         values["pinned_models"] = list(pinned_models)
     result = session.execute(
         update(Worker)
-        .where(Worker.name == name, Worker.status.in_([W.ONLINE, W.LOST]))
+        .where(Worker.name == name, Worker.status.in_([W.ONLINE, W.LOST, W.DRAINING]))
         .values(updated_at=now, **values)
+    )
+    return result.rowcount == 1
+
+
+def mark_draining(session: Session, name: str, now: datetime | None = None) -> bool:
+    """The worker was told to stop: from now on it is no queue's consumer (it finishes or hands
+    back its current shard, then stops). False when it has no row or has stopped already."""
+    now = now or utcnow()
+    result = session.execute(
+        update(Worker)
+        .where(Worker.name == name, Worker.status.in_([W.ONLINE, W.LOST, W.DRAINING]))
+        .values(status=W.DRAINING, heartbeat_at=now, updated_at=now)
     )
     return result.rowcount == 1
 
@@ -98,15 +117,16 @@ def stop_worker(session: Session, name: str) -> None:
 
 
 def sweep_lost_workers(session: Session, lost_after_s: float, now: datetime | None = None) -> list[str]:
-    """Mark online workers silent for longer than ``lost_after_s`` lost, and expire the leases
-    they hold. Returns their names."""
+    """Mark online (or draining) workers silent for longer than ``lost_after_s`` lost, and expire
+    the leases they hold. Returns their names."""
     now = now or utcnow()
     cutoff = now - timedelta(seconds=lost_after_s)
-    names = list(session.scalars(select(Worker.name).where(Worker.status == W.ONLINE, Worker.heartbeat_at < cutoff)))
+    alive = Worker.status.in_([W.ONLINE, W.DRAINING])
+    names = list(session.scalars(select(Worker.name).where(alive, Worker.heartbeat_at < cutoff)))
     for chunk in chunked(names):
         session.execute(
             update(Worker)
-            .where(Worker.name.in_(chunk), Worker.status == W.ONLINE, Worker.heartbeat_at < cutoff)
+            .where(Worker.name.in_(chunk), alive, Worker.heartbeat_at < cutoff)
             .values(status=W.LOST, current_shard_id=None, updated_at=now)
         )
         expire_leases(session, chunk, now)
@@ -148,8 +168,8 @@ def queue_consumers(session: Session, lost_after_s: float, now: datetime | None 
 
 def list_workers(session: Session, lost_after_s: float, now: datetime | None = None) -> list[dict[str, Any]]:
     """Every registered worker as plain data, newest first. A worker whose row still says online
-    but that has been silent past the timeout is shown lost. Its current shard is the one it
-    holds a lease on."""
+    (or draining) but that has been silent past the timeout is shown lost. Its current shard is
+    the one it holds a lease on."""
     now = now or utcnow()
     running = session.execute(
         select(Shard.lease_owner, Shard.id, Shard.index, Shard.job_id, Shard.progress, Job.kind)
@@ -161,9 +181,9 @@ def list_workers(session: Session, lost_after_s: float, now: datetime | None = N
     for w in session.scalars(select(Worker).order_by(Worker.started_at.desc())):
         silent = (now - w.heartbeat_at).total_seconds()
         status = W(w.status)
-        if status == W.ONLINE and silent > lost_after_s:
+        if status in (W.ONLINE, W.DRAINING) and silent > lost_after_s:
             status = W.LOST
-        shard = holding.get(w.name) if status == W.ONLINE else None
+        shard = holding.get(w.name) if status in (W.ONLINE, W.DRAINING) else None
         out.append(
             {
                 "name": w.name,

@@ -28,6 +28,7 @@ class WorkerStatus(StrEnum):
     ONLINE = "online"
     LOST = "lost"  # silent past the heartbeat timeout
     STOPPED = "stopped"  # shut down cleanly
+    DRAINING = "draining"  # stopping (SIGTERM): takes no work, its shard hands back after the current item
 
 
 class ServiceClass(StrEnum):

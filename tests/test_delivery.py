@@ -199,6 +199,9 @@ def test_the_route_is_the_shards_queue_its_class_priority_and_its_label(session,
         (ShardOutcome("retry", retry_in=4.0, error="RuntimeError: flaky"), True, 4.0, False),
         (ShardOutcome("busy", retry_in=31.0), True, 31.0, False),
         (ShardOutcome("handed_back", retry_in=0.0), True, None, False),
+        # the worker is stopping: handed back to the feeder (PENDING), or passed on unclaimed
+        (ShardOutcome("drained"), False, None, False),
+        (ShardOutcome("drained", retry_in=0.0), True, None, False),
         (ShardOutcome("succeeded"), False, None, True),
         (ShardOutcome("failed", error="ValueError: bad"), False, None, True),
         (ShardOutcome("cancelled", error="job cancelled"), False, None, True),
@@ -243,6 +246,21 @@ def test_a_shard_held_by_a_live_lease_is_sent_again_once_the_lease_could_have_ex
     [sent] = rig.messages()
     assert shape(sent) == render(job_id, shards[0], 0, priority=rig.urgent)
     assert sent.delay == pytest.approx(61.0, abs=3.0)  # the lease's 60 s, and one more
+
+
+def test_a_delivery_reaching_a_draining_worker_is_sent_again_unclaimed(rig: Rig) -> None:
+    from sqlalchemy import select
+
+    job_id, shards = rig.job(1)
+    rig.res.draining.set()  # SIGTERM came (farm.worker.drain)
+    result = deliver_shard(rig.app, rig.res, shards[0], job_id)
+    assert result["outcome"] == "drained"
+    [sent] = rig.messages()
+    assert shape(sent) == render(job_id, shards[0], 0, priority=rig.urgent)
+    with session_scope(rig.res.session_factory) as session:
+        query = select(Shard.status, Shard.attempts, Shard.lease_owner).where(Shard.id == shards[0])
+        row = session.execute(query).one()
+    assert tuple(row) == (ShardStatus.PENDING, 0, None)  # never claimed
 
 
 def test_a_blocked_worker_hands_the_shard_back_for_another_one(rig: Rig) -> None:

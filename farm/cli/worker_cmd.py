@@ -21,6 +21,7 @@ from farm.reconciler import Reconciler, ReconcilerLoop
 from farm.sharding import WORK_QUEUES
 from farm.tiny_models import build_tiny_model
 from farm.webhook_delivery import WebhookDeliverer, WebhookLoop
+from farm.worker.drain import WorkerDrain
 from farm.worker.heartbeat import WorkerHeartbeat
 from farm.worker.metrics import WorkerMetrics
 from farm.worker.resources import WorkerResources
@@ -40,7 +41,8 @@ def worker(
     loglevel: str = typer.Option("INFO", help="Log level."),
 ) -> None:
     """Run a worker: one process, one device, models pinned in memory (--queues farm.cpu: the
-    post-steps, no model)."""
+    post-steps, no model). SIGTERM drains it: no new shard, the current one handed back after its
+    item, exit 0 within worker.drain_timeout_s; a second SIGTERM stops it at once."""
 
     cfg = settings()
     selected = known_queues([q.strip() for q in (queues.split(",") if queues else [*cfg.worker.queues, CONTROL_QUEUE])])
@@ -49,6 +51,7 @@ def worker(
     # ends (a cold shutdown, a failed start): threads stopped, models freed, connections closed.
     with WorkerResources.create(cfg, name) as resources:
         app.farm_resources = resources
+        app.farm_drain = WorkerDrain(resources, cfg.worker.drain_timeout_s)  # installed at worker_ready
         if CONTROL_QUEUE not in selected:
             _warn_without_control(resources)
         for ref in preload:

@@ -27,7 +27,7 @@ def workers(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
     table = Table(title="workers")
     for column in ("name", "status", "host", "queues", "device", "pinned models", "current shard", "heartbeat"):
         table.add_column(column, overflow="fold")
-    styles = {"online": "green", "lost": "bold red", "stopped": "dim"}
+    styles = {"online": "green", "lost": "bold red", "draining": "yellow", "stopped": "dim"}
     for w in rows:
         device = w["device"] if not w["gpu_name"] else f"{w['gpu_name']} ({_memory(w['gpu_memory_bytes'])})"
         shard = w["current_shard"]

@@ -4,7 +4,8 @@ clean exit.
 :class:`WorkerHeartbeat` runs one daemon thread per worker process. Each beat records the worker's
 current shard and pinned models and sweeps the registry for workers silent past
 ``worker.lost_after_s`` (marking them lost and expiring their leases), so a dead worker is noticed
-by any live one. A failed beat (database restarting) is logged and retried on the next one.
+by any live one. A failed beat (database restarting) is logged and retried on the next one. While
+the worker drains (``res.draining``, :mod:`farm.worker.drain`) its beats keep the row draining.
 """
 
 from __future__ import annotations
@@ -63,12 +64,17 @@ class WorkerHeartbeat:
 
     def beat(self) -> None:
         """One heartbeat and one sweep for lost workers."""
+        draining = self.res.draining.is_set()
         with session_scope(self.res.session_factory) as session:
             known = worker_heartbeat(
-                session, self.res.name, current_shard_id=self.res.current_shard, pinned_models=_pinned(self.res)
+                session,
+                self.res.name,
+                current_shard_id=self.res.current_shard,
+                pinned_models=_pinned(self.res),
+                draining=draining,
             )
             lost = sweep_lost_workers(session, self.res.settings.worker.lost_after_s)
-        if not known:
+        if not known and not draining:
             self.register()  # the row was removed or marked stopped: register again
         if lost:
             log.warning("workers silent past %ss, marked lost: %s", self.res.settings.worker.lost_after_s, lost)

@@ -83,6 +83,9 @@ class WorkerResources:
     _blocklist_rows: JobMemo = field(default_factory=lambda: JobMemo(1024), repr=False)
     metrics: Any = None  # farm.worker.metrics.WorkerMetrics when worker.metrics_port is set
     current_shard: uuid.UUID | None = None
+    # Set when the worker was told to stop (SIGTERM, farm.worker.drain): no new shard is claimed,
+    # the running one hands back after its current item.
+    draining: threading.Event = field(default_factory=threading.Event)
     closed: bool = False
     _held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
     _held_names: list[str] = field(default_factory=list, repr=False)

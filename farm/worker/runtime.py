@@ -67,6 +67,7 @@ class ShardOutcome:
     task's result, for Flower: which shard, how many items it has done, where its outputs go)."""
 
     # succeeded | failed | cancelled | retry | skipped | busy | fenced | rejected | handed_back | preempted
+    # | drained (the worker is stopping: handed back after an item, or passed on unclaimed)
     status: str
     job_id: uuid.UUID | None = None
     retry_in: float | None = None
@@ -151,6 +152,8 @@ def _deliver(
     one write transaction to end the attempt with its artifact rows: a shard that renders within
     ``worker.progress_interval_s`` writes nothing in between."""
     settings = res.settings.worker
+    if res.draining.is_set():  # stopping: another worker takes it (the message is sent again)
+        return ShardOutcome("drained", job_id, retry_in=0.0)
     claimed_at, claimed_mono = time.time(), time.monotonic()
     with session_scope(res.session_factory) as session:
         if settings.blocklist_after:
@@ -220,19 +223,21 @@ def _deliver(
         log.info("%s", back)
 
         rows = keeper.take_artifacts()  # taken once: a retried step must still write them
-        preempted = back.preempted
+        to_feeder = back.to_feeder
+        run = delivery.run
+        done = {"items_done": run.items_done, "items": len(run.items)} if run is not None else {}
 
         def release() -> None:
             with session_scope(res.session_factory) as session:
-                hand_back(session, keeper.lease, preempted=preempted)
+                hand_back(session, keeper.lease, preempted=to_feeder, **done)
                 add_artifacts(session, keeper.lease, rows, maybe_written=True)
 
         try:
             res.outlast(release, f"shard {shard_id}: hand back")
         except LeaseLost as exc:
             return ShardOutcome("fenced", lease.job_id, error=str(exc))
-        if preempted:  # PENDING again: the feeder sends it in its turn
-            return ShardOutcome("preempted", lease.job_id)
+        if to_feeder:  # preempted or drained: PENDING again, the feeder sends it in its turn
+            return ShardOutcome(back.reason, lease.job_id)
         return ShardOutcome("handed_back", lease.job_id, retry_in=0.0)
     except ShardCancelled:
         try:
@@ -447,6 +452,7 @@ def _render_items(
     run.deadline = _delivery_deadline(res.settings, claimed_at)
     run.items_done = delivery.items_before = sum(1 for item in items if item["key"] in done_keys)
     delivery.run = run
+    run.hand_back_if_draining()  # told to stop while the model loaded
     if shard_index in res.settings.worker.slow_shards:
         _drill_hold(keeper, shard_index, res.settings.worker.slow_shards_s)
     try:

@@ -22,12 +22,23 @@ from farm.worker.lease_keeper import LeaseKeeper
 
 
 class ShardHandBack(FarmError):
-    """The shard stops between items and goes back to the queue, keeping the items done;
-    ``preempted``: to make way for interactive work (it waits for the feeder, not the broker)."""
+    """The shard stops between items and goes back, keeping the items done, no attempt counted.
+    ``reason``: ``handed_back`` (before the broker's consumer_timeout: QUEUED and sent again at
+    once), ``preempted`` (to make way for interactive work) or ``drained`` (the worker is stopping):
+    PENDING again, the feeder sends it in its turn."""
 
-    def __init__(self, message: str, *, preempted: bool = False) -> None:
+    REASONS = ("handed_back", "preempted", "drained")
+
+    def __init__(self, message: str, *, reason: str = "handed_back") -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"reason: {reason!r} is not one of {', '.join(self.REASONS)}")
         super().__init__(message)
-        self.preempted = preempted
+        self.reason = reason
+
+    @property
+    def to_feeder(self) -> bool:
+        """PENDING again (the feeder sends it in its turn), not QUEUED and sent at once."""
+        return self.reason != "handed_back"
 
 
 @dataclass
@@ -131,17 +142,29 @@ class ShardRun:
         if item_finished:
             self._before_next_item()
 
+    def hand_back_if_draining(self) -> None:
+        """Hand the shard back when the worker is stopping (``res.draining``, set by SIGTERM:
+        :mod:`farm.worker.drain`) and items are left; a shard on its last item finishes."""
+        if self.res.draining.is_set() and self.items_done < len(self.items):
+            raise ShardHandBack(
+                f"shard {self.shard_id}: handed back after {self.items_done} of {len(self.items)} items: worker "
+                f"{self.res.name} is stopping (drained); it is fed again in its turn",
+                reason="drained",
+            )
+
     def _before_next_item(self) -> None:
-        """Hand the shard back when interactive work waits for this worker (the feeder asked:
-        :mod:`farm.feeder`), or when the next item would likely end after :attr:`deadline`."""
+        """Hand the shard back when the worker is stopping, when interactive work waits for this
+        worker (the feeder asked: :mod:`farm.feeder`), or when the next item would likely end
+        after :attr:`deadline`."""
         now = time.monotonic()
         self._longest_item = max(self._longest_item, now - self._item_mark)
         self._item_mark = now
+        self.hand_back_if_draining()
         if self.keeper.preempted.is_set() and self.items_done < len(self.items):
             raise ShardHandBack(
                 f"shard {self.shard_id}: handed back after {self.items_done} of {len(self.items)} items: interactive "
                 "work waits for its queue (preempted); it is fed again in its turn",
-                preempted=True,
+                reason="preempted",
             )
         if self.deadline is not None and self.items_done < len(self.items) and now + self._longest_item > self.deadline:
             raise ShardHandBack(
