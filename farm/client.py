@@ -35,6 +35,7 @@ from farm.spec_files import read_spec_file
 from farm.specs import parse_spec
 from farm.waiting import why_waiting
 from storage.db import make_engine, make_session_factory, session_scope
+from storage.dependencies import upstreams
 from storage.models import Artifact, Job
 from storage.objects import open_store
 from storage.objects.keys import contact_sheet_key, manifest_key
@@ -120,15 +121,22 @@ class FarmClient:
         return spec.model_copy(update={"model": self._local_model({"model": spec.model})["model"]})
 
     def submit_parsed(
-        self, spec: Any, *, owner_id: uuid.UUID | None = None, project_id: uuid.UUID | None = None
+        self,
+        spec: Any,
+        *,
+        owner_id: uuid.UUID | None = None,
+        project_id: uuid.UUID | None = None,
+        scope: Any = None,
     ) -> Submitted:
         """Record a parsed, checked spec (inputs already in the store) as a job of ``owner_id`` in
         ``project_id`` (default: the admin, project ``default``) and send its scheduling message.
+        ``scope`` (a condition on ``job``: the submitter's, :func:`storage.access.job_scope`) limits
+        the jobs its ``after`` may name by id; ``None``: every job (the admin on the control host).
         A ``registry:`` model is pinned to its exact manifest first (every shard loads the same bytes)."""
         spec = pin_spec_model(spec, self.store)
         with session_scope(self._sessions) as session:
             job, created = submit_job(
-                session, spec, owner_id=owner_id, project_id=project_id, quotas=self.settings.scheduling
+                session, spec, owner_id=owner_id, project_id=project_id, quotas=self.settings.scheduling, scope=scope
             )
             job_id, status = job.id, JobStatus(job.status)
         if status == JobStatus.PENDING:
@@ -185,12 +193,14 @@ class FarmClient:
     def get(self, job_id: str | uuid.UUID, shards: int | str = SUMMARY_SHARDS) -> dict[str, Any]:
         """The job with its counts by shard status and at most ``shards`` of its shards (failed,
         running, most recently changed; all of them when it has no more); ``shards="all"``
-        lists every shard. ``waiting`` says, in words, why work of a job that is not moving waits
-        (no live worker on its queue, every one busy, nobody to schedule it, a cap reached)."""
+        lists every shard. ``after`` lists the jobs it waits for (id, name, status, mode, policy);
+        ``waiting`` says, in words, why work of a job that is not moving waits (an upstream job
+        not done yet, no live worker on its queue, every one busy, nobody to schedule it, a cap reached)."""
         limit = shard_limit(shards)
         with session_scope(self._sessions) as session:
             job = resolve_job_id(session, job_id)
             summary = job_summary(session, job, shard_limit=limit)
+            summary["after"] = upstreams(session, job)
             summary["waiting"] = why_waiting(session, job, self.settings)
             return summary
 

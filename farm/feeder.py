@@ -39,6 +39,7 @@ from farm.scheduler import ShardDispatch, create_shards
 from farm.settings import FarmSettings
 from farm.sharding import QUEUES
 from storage.db import session_scope
+from storage.dependencies import job_released, shard_released
 from storage.models import BulkJob, Job, Project, Shard, User, utcnow
 from storage.registry import queue_consumers
 from storage.share_usage import charge_usage, lock_queue, read_usage
@@ -92,12 +93,21 @@ def in_flight(session: Session, queue: str) -> _InFlight:
 
 
 def waiting_jobs(session: Session, queue: str, now: datetime) -> list[WaitingJob]:
-    """Running jobs with PENDING shards on ``queue`` (a bulk run's only while it may be fed)."""
+    """Running jobs with PENDING shards on ``queue`` that their dependencies release
+    (:mod:`storage.dependencies`; a bulk run's only while it may be fed)."""
     feeding = select(BulkJob.id).where(or_(BulkJob.feed_until.is_(None), BulkJob.feed_until > now))
-    pending = exists().where(Shard.job_id == Job.id, Shard.status == ShardStatus.PENDING, Shard.queue == queue)
+    pending = exists().where(
+        Shard.job_id == Job.id,
+        Shard.status == ShardStatus.PENDING,
+        Shard.queue == queue,
+        shard_released(Job.id, Shard.index),
+    )
     rows = session.execute(
         select(Job.id, Job.project_id, Job.owner_id, Job.service_class, Job.priority, Job.created_at).where(
-            Job.status == JobStatus.RUNNING, or_(Job.bulk_id.is_(None), Job.bulk_id.in_(feeding)), pending
+            Job.status == JobStatus.RUNNING,
+            or_(Job.bulk_id.is_(None), Job.bulk_id.in_(feeding)),
+            job_released(Job.id),
+            pending,
         )
     )
     return [WaitingJob(*row) for row in rows]  # the column types give ServiceClass and aware datetimes
@@ -136,8 +146,8 @@ def share_state(
 
 
 class _ShardSource:
-    """A job's next PENDING shards on the queue, read a batch at a time through the
-    ``(job_id, status, index)`` index."""
+    """A job's next PENDING shards on the queue that its dependencies release, read a batch at a
+    time through the ``(job_id, status, index)`` index."""
 
     def __init__(self, session: Session, queue: str, batch: int) -> None:
         self.session, self.queue, self.batch = session, queue, max(1, batch)
@@ -154,6 +164,7 @@ class _ShardSource:
                     Shard.status == ShardStatus.PENDING,
                     Shard.queue == self.queue,
                     Shard.index > self.after.get(job.job_id, -1),
+                    shard_released(Shard.job_id, Shard.index),
                 )
                 .order_by(Shard.index)
                 .limit(self.batch)

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from farm.dependencies import resolve_after
 from farm.errors import NotFound, UserError
 from farm.job_spec import JobSpec
 from farm.quotas import check_items
@@ -26,6 +27,7 @@ from farm.sharding import iter_shards
 from farm.specs import parse_spec, spec_fingerprint
 from storage.blocklist import blocked_workers
 from storage.chunking import insert_rows
+from storage.dependencies import add_dependencies, cancel_broken_dependents, released
 from storage.identity import ensure_default_identity
 from storage.models import Job, Project, Shard, User, utcnow
 from storage.status import JOB_TERMINAL, JobStatus, ServiceClass, ShardStatus
@@ -51,6 +53,7 @@ def job_row(spec: JobSpec, **values: Any) -> Job:
         priority=spec.priority,
         spec=spec.model_dump(mode="json"),
         output_prefix=spec.output_prefix,
+        name=spec.name,
         **values,
     )
 
@@ -74,11 +77,14 @@ def submit_job(
     owner_id: uuid.UUID | None = None,
     project_id: uuid.UUID | None = None,
     quotas: SchedulingSettings | None = None,
+    scope: Any = None,
 ) -> tuple[Job, bool]:
     """Write the job row, owned by ``owner_id`` in ``project_id`` (by default: ``admin`` in
-    ``default``), refused when it passes the ``quotas`` (:mod:`farm.quotas`). With an
-    idempotency key, a resubmission returns the existing job (``created`` False); the same key
-    with a different spec is refused."""
+    ``default``), refused when it passes the ``quotas`` (:mod:`farm.quotas`), with the upstream
+    jobs its ``after`` names (:func:`farm.dependencies.resolve_after`; ``scope``: a condition on
+    :class:`Job`, the jobs the submitter may see, ``None`` for all). With an idempotency key, a
+    resubmission returns the existing job (``created`` False); the same key with a different spec
+    is refused. A job whose ``cancel``-policy upstream has already ended badly is cancelled at once."""
     fingerprint = spec_fingerprint(spec)
     key = spec.idempotency_key
     if key:
@@ -89,6 +95,7 @@ def submit_job(
     items = spec.item_count()
     if quotas is not None:
         check_items(session, quotas, owner, items)
+    upstreams = resolve_after(session, spec, owner, scope) if spec.after else []
     job = job_row(
         spec,
         status=JobStatus.PENDING,
@@ -101,12 +108,17 @@ def submit_job(
     try:
         with session.begin_nested():
             session.add(job)
+            session.flush()
+            if upstreams:
+                add_dependencies(session, job.id, upstreams)
     except IntegrityError:
         # Another submitter won the race for this idempotency key.
         existing = session.scalar(select(Job).where(Job.idempotency_key == key))
         if existing is None:
             raise
         return _same_spec(existing, fingerprint, key, owner_id), False
+    if upstreams and cancel_broken_dependents(session, dependent_ids=[job.id]):
+        session.refresh(job)
     return job, True
 
 
@@ -166,11 +178,11 @@ def create_shards(session: Session, job_id: uuid.UUID) -> bool:
 
 
 def pending_dispatches(session: Session, job_id: uuid.UUID) -> list[ShardDispatch]:
-    """Every PENDING shard of the job, in order."""
+    """Every PENDING shard of the job that its dependencies release (:mod:`storage.dependencies`), in order."""
     rows = session.execute(
         select(Shard.id, Shard.queue, Job.priority)
         .join(Job, Job.id == Shard.job_id)
-        .where(Shard.job_id == job_id, Shard.status == ShardStatus.PENDING)
+        .where(Shard.job_id == job_id, Shard.status == ShardStatus.PENDING, released(Shard.job_id, Shard.index))
         .order_by(Shard.index)
     )
     return [ShardDispatch(row.id, job_id, row.queue, row.priority) for row in rows]

@@ -20,6 +20,7 @@ from storage.models import (
     AuditEvent,
     BulkJob,
     Job,
+    JobDependency,
     JobWorker,
     Project,
     ProjectMember,
@@ -45,9 +46,10 @@ TABLES = {
     "web_session",
     "share_usage",
     "queue_feed",
+    "job_dependency",
 }
 SEEDED = {"user", "project", "project_member"}  # the upgrade's admin, default, and admin's membership
-HEAD = "0007"
+HEAD = "0008"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
@@ -66,6 +68,7 @@ def _insert_one_of_each(url: str) -> None:
         shard = Shard(job=job, index=0, queue="farm.gpu.sd15", params={"items": []})
         session.add_all([job, shard])
         session.flush()
+        session.add(JobDependency(job_id=job.id, upstream_id=job.id))  # a row of the table, nothing more
         session.add(
             Artifact(
                 job_id=job.id,
@@ -107,6 +110,7 @@ def _counts(url: str) -> dict[str, int]:
                 WebSession,
                 ShareUsage,
                 QueueFeed,
+                JobDependency,
                 User,
                 Project,
                 ProjectMember,
@@ -221,7 +225,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "9999"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

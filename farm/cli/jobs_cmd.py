@@ -86,6 +86,12 @@ def print_job(summary: dict, previews: dict | None = None) -> None:
     )
     if summary.get("error"):
         console.print(f"error: {summary['error']}", highlight=False)
+    for up in summary.get("after") or []:
+        named = f" ({up['name']})" if up.get("name") else ""
+        console.print(
+            f"after: job {up['id'][:8]}{named} {up['status']} (mode {up['mode']}, policy {up['policy']})",
+            highlight=False,
+        )
     for reason in summary.get("waiting") or []:
         console.print(f"waiting: {reason}", highlight=False)
     by_status = summary.get("shards_by_status") or {}
