@@ -13,7 +13,7 @@ each queue (and ``farm.control`` for a job not split yet), and at what holds the
 - "its bulk run stopped feeding at 2026-12-06 06:00 UTC (submit the bulk run again to resume)"
 - "after job 1a2b3c4d (frames): running, 3/10 shards done"
 - "after job 1a2b3c4d (frames): failed; waits until it is retried and succeeds (farm retry 1a2b3c4d)"
-- "4 shard(s) after the same shards of job 1a2b3c4d (frames, running): shard 2 waits for its shard 2 (queued)"
+- "4 shard(s) wait for the same shards of job 1a2b3c4d (frames), running: shard 2 waits for its shard 2 (queued)"
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def dependency_reason(b: Blocker) -> str:
             if b.first_upstream_status
             else (f"the whole job (it has no shard {b.first_index})")
         )
-        state = b.status.value + (f"; {_ended(b)}" if b.status in JOB_ENDED_BADLY else "")
-        return f"{b.held} shard(s) after the same shards of {job} ({state}): shard {b.first_index} waits for {theirs}"
+        state = _ended(b) if b.status in JOB_ENDED_BADLY else b.status.value
+        return f"{b.held} shard(s) wait for the same shards of {job}, {state}: shard {b.first_index} waits for {theirs}"
     if b.status in JOB_ENDED_BADLY:
         return f"after {job}: {_ended(b)}"
     done = f", {b.shards_done}/{b.shards_total} shards done" if b.shards_total else ""

@@ -82,7 +82,7 @@ def job_released(job_id: Any) -> ColumnElement[bool]:
     """No ``job``-mode dependency of ``job_id`` (a value or a correlated column) is unmet."""
     up = aliased(Job)
     unmet = exists().where(D.job_id == job_id, D.mode == DependencyMode.JOB, up.id == D.upstream_id, ~_job_met(up))
-    return ~unmet
+    return ~unmet.correlate_except(D, up)
 
 
 def shard_released(job_id: Any, index: Any) -> ColumnElement[bool]:
@@ -98,9 +98,13 @@ def shard_released(job_id: Any, index: Any) -> ColumnElement[bool]:
         ),
     )
     unmet = exists().where(
-        D.job_id == job_id, D.mode == DependencyMode.SHARD, up.id == D.upstream_id, ~_job_met(up), ~shard_met
+        D.job_id == job_id,
+        D.mode == DependencyMode.SHARD,
+        up.id == D.upstream_id,
+        ~_job_met(up),
+        ~shard_met.correlate_except(up_shard),  # the dependent's shard is the outer query's, two levels up
     )
-    return ~unmet
+    return ~unmet.correlate_except(D, up)
 
 
 def released(job_id: Any, index: Any) -> ColumnElement[bool]:
