@@ -13,6 +13,11 @@ Each queue is fed in a transaction that holds the queue's lock (:func:`storage.s
 lock_queue`): the shards are picked, published, then marked queued; a crash in between leaves
 them PENDING, to be sent again (a duplicate message is harmless: the lease turns it away).
 
+**Dependencies.** A job's PENDING shards whose upstream work is not done (``after:``) are not
+picked: :func:`waiting_jobs` and the shard source carry the release conditions of
+:mod:`storage.dependencies`, so a shard is released by the first feed after its upstream
+succeeded, under the queue's lock, exactly once.
+
 **Preemption.** When interactive shards wait on a queue (queued, unclaimed) beyond its idle
 workers (live workers of the queue less its running shards) while its workers render bulk
 shards, the feeder asks that many bulk shards to stop (``shard.preempt_requested_at``; queues in

@@ -402,7 +402,7 @@ def chain(tmp_path_factory, pg_database_factory, redis_url, tiny_models, bench_k
         **_base_env(tmp),
         "FARM_BROKER__URL": redis_url,
         "FARM_DB__URL": pg_database_factory(),
-        "FARM_SCHEDULING__WINDOW_PER_QUEUE": "0",  # the broker holds only what the workers run
+        "FARM_SCHEDULING__WINDOW_PER_QUEUE": "1",  # the broker holds little more than the workers run
         "FARM_WORKER__ROLLUP_INTERVAL_S": "1",
         "FARM_RECONCILE__INTERVAL_S": "1",
         "FARM_RECONCILE__STUCK_AFTER_S": "3",
