@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, exists, func, or_, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from farm.dispatch import class_priority, publish_shards, shard_labels
@@ -44,7 +44,7 @@ from farm.scheduler import ShardDispatch, create_shards
 from farm.settings import FarmSettings
 from farm.sharding import QUEUES
 from storage.db import session_scope
-from storage.dependencies import job_released, shard_released
+from storage.dependencies import may_feed, shard_released
 from storage.models import BulkJob, Job, Project, Shard, User, utcnow
 from storage.registry import queue_consumers
 from storage.share_usage import charge_usage, lock_queue, read_usage
@@ -101,18 +101,12 @@ def waiting_jobs(session: Session, queue: str, now: datetime) -> list[WaitingJob
     """Running jobs with PENDING shards on ``queue`` that their dependencies release
     (:mod:`storage.dependencies`; a bulk run's only while it may be fed)."""
     feeding = select(BulkJob.id).where(or_(BulkJob.feed_until.is_(None), BulkJob.feed_until > now))
-    pending = exists().where(
-        Shard.job_id == Job.id,
-        Shard.status == ShardStatus.PENDING,
-        Shard.queue == queue,
-        shard_released(Job.id, Shard.index),
-    )
+    columns = (Job.id, Job.project_id, Job.owner_id, Job.service_class, Job.priority, Job.created_at)
     rows = session.execute(
-        select(Job.id, Job.project_id, Job.owner_id, Job.service_class, Job.priority, Job.created_at).where(
+        select(*columns).where(
             Job.status == JobStatus.RUNNING,
             or_(Job.bulk_id.is_(None), Job.bulk_id.in_(feeding)),
-            job_released(Job.id),
-            pending,
+            may_feed(Job.id, queue),
         )
     )
     return [WaitingJob(*row) for row in rows]  # the column types give ServiceClass and aware datetimes
@@ -169,7 +163,7 @@ class _ShardSource:
                     Shard.status == ShardStatus.PENDING,
                     Shard.queue == self.queue,
                     Shard.index > self.after.get(job.job_id, -1),
-                    shard_released(Shard.job_id, Shard.index),
+                    shard_released(Shard.job_id, Shard.index),  # job-level: waiting_jobs checked it
                 )
                 .order_by(Shard.index)
                 .limit(self.batch)

@@ -44,6 +44,11 @@ from storage.transitions import cancel_unstarted_shards, set_job_status
 
 D = JobDependency
 UNENDED = (JobStatus.PENDING, JobStatus.RUNNING)
+# Aliases made once: an ORM alias costs a millisecond to make, and the feeder's query is built
+# on every feed. Each is used inside its own subquery (correlate_except), so reuse is safe.
+_UP = aliased(Job, name="upstream")
+_UP_SHARD = aliased(Shard, name="upstream_shard")
+_MINE = aliased(Shard, name="pending_shard")
 
 
 @dataclass(frozen=True)
@@ -80,23 +85,24 @@ def _job_met(upstream: Any) -> ColumnElement[bool]:
 
 def job_released(job_id: Any) -> ColumnElement[bool]:
     """No ``job``-mode dependency of ``job_id`` (a value or a correlated column) is unmet."""
-    up = aliased(Job)
+    up = _UP
     unmet = exists().where(D.job_id == job_id, D.mode == DependencyMode.JOB, up.id == D.upstream_id, ~_job_met(up))
     return ~unmet.correlate_except(D, up)
+
+
+def _shard_met(upstream_shard: Any) -> ColumnElement[bool]:
+    """The dependency ``D`` is met by ``upstream_shard`` (an alias of ``shard``) for its index."""
+    return or_(
+        upstream_shard.status == ShardStatus.SUCCEEDED,
+        and_(D.policy == DependencyPolicy.RUN_ANYWAY, upstream_shard.status.in_(list(SHARD_TERMINAL))),
+    )
 
 
 def shard_released(job_id: Any, index: Any) -> ColumnElement[bool]:
     """No ``shard``-mode dependency of shard ``index`` of ``job_id`` (values or correlated
     columns) is unmet: the upstream job met it, or the upstream's shard ``index`` did."""
-    up, up_shard = aliased(Job), aliased(Shard)
-    shard_met = exists().where(
-        up_shard.job_id == D.upstream_id,
-        up_shard.index == index,
-        or_(
-            up_shard.status == ShardStatus.SUCCEEDED,
-            and_(D.policy == DependencyPolicy.RUN_ANYWAY, up_shard.status.in_(list(SHARD_TERMINAL))),
-        ),
-    )
+    up, up_shard = _UP, _UP_SHARD
+    shard_met = exists().where(up_shard.job_id == D.upstream_id, up_shard.index == index, _shard_met(up_shard))
     unmet = exists().where(
         D.job_id == job_id,
         D.mode == DependencyMode.SHARD,
@@ -110,6 +116,35 @@ def shard_released(job_id: Any, index: Any) -> ColumnElement[bool]:
 def released(job_id: Any, index: Any) -> ColumnElement[bool]:
     """Shard ``index`` of ``job_id`` may be sent: :func:`job_released` and :func:`shard_released`."""
     return and_(job_released(job_id), shard_released(job_id, index))
+
+
+def may_feed(job_id: Any, queue: str) -> ColumnElement[bool]:
+    """A condition on ``job`` (``job_id``: its correlated id) for the feeder's list of waiting
+    jobs: its job-mode dependencies are met and it has a PENDING shard on ``queue`` that its
+    shard-mode dependency releases. Cheap for the many jobs without dependencies (a probe of
+    ``job_dependency`` each); a shard-mode job is matched by a join of its pending shards with
+    the upstream's finished ones through the ``(job_id, status, index)`` index. Exact for the one
+    shard-mode upstream a spec allows; the feeder reads the shards themselves with :func:`released`."""
+    pending = exists().where(Shard.job_id == job_id, Shard.status == ShardStatus.PENDING, Shard.queue == queue)
+    up, mine, theirs = _UP, _MINE, _UP_SHARD
+    shard_deps_met = ~exists().where(
+        D.job_id == job_id, D.mode == DependencyMode.SHARD, up.id == D.upstream_id, ~_job_met(up)
+    ).correlate_except(D, up)
+    by_shard = (
+        exists()
+        .where(
+            D.job_id == job_id,
+            D.mode == DependencyMode.SHARD,
+            mine.job_id == job_id,
+            mine.status == ShardStatus.PENDING,
+            mine.queue == queue,
+            theirs.job_id == D.upstream_id,
+            theirs.index == mine.index,
+            _shard_met(theirs),
+        )
+        .correlate_except(D, mine, theirs)
+    )
+    return and_(job_released(job_id), pending, or_(shard_deps_met, by_shard))
 
 
 # -- what the workers and the finalizer feed -----------------------------------------------------------

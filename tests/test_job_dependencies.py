@@ -498,7 +498,8 @@ def test_the_job_page_says_what_the_job_waits_for(
     from tests.test_web_dashboard import logged_in, set_password, shot, submit
 
     tmp = tmp_path_factory.mktemp("deps-dashboard")
-    env = {**_base_env(tmp), "FARM_BROKER__URL": redis_url, "FARM_DB__URL": pg_database_factory()}
+    # A broker of its own: the module's chain farm (on the session's Redis) still runs its control worker.
+    env = {**_base_env(tmp), "FARM_BROKER__URL": "filesystem://", "FARM_DB__URL": pg_database_factory()}
     farm = Farm(env, tmp)
     migrate.upgrade(farm.settings().database_url)
     farm.start_worker(["farm.control"], name="deps-control")  # no render worker: everything waits
