@@ -290,6 +290,36 @@ def test_cancel_dependents_follows_a_chain_in_one_call(session_factory, tmp_path
         assert [session.get(Job, j).status for j in chain[1:]] == [J.CANCELLED] * 3
 
 
+def test_a_reconciler_pass_cancels_and_releases_what_lost_messages_left(sqlite_url: str, tmp_path: Path) -> None:
+    """Upstreams that ended with nobody to act on it (the finalize message lost): one pass cancels
+    the cancel-policy dependent and sends the released dependent's shards."""
+    from farm.celery_app import create_app
+    from farm.reconciler import Reconciler
+
+    settings = FarmSettings(_env_file=None, data_dir=tmp_path / "data", db={"url": sqlite_url})
+    engine = make_engine(sqlite_url)
+    sessions = make_session_factory(engine)
+    app = create_app(settings)
+    try:
+        failed, succeeded = split(sessions, count=2), split(sessions, count=2)
+        doomed = split(sessions, count=2, after=[str(failed)], after_policy="cancel")
+        released_job = split(sessions, count=2, after=[str(succeeded)])
+        held = split(sessions, count=2, after=[str(failed)])
+        set_status(sessions, failed, J.FAILED, s0=S.FAILED, s1=S.FAILED)  # their ends told nobody
+        set_status(sessions, succeeded, J.SUCCEEDED, s0=S.SUCCEEDED, s1=S.SUCCEEDED)
+        store = open_store(settings.storage, settings.data_dir)
+        report = Reconciler(settings, sessions, app, store).run_pass()
+        assert report.dependents_cancelled == 1 and not report.errors, report
+        with session_scope(sessions) as session:
+            statuses = dict(session.execute(select(Shard.job_id, Shard.status).where(Shard.index == 0)).all())
+            assert session.get(Job, doomed).status == J.CANCELLED
+        assert statuses[released_job] == S.QUEUED and statuses[held] == S.PENDING
+        assert report.fed == 2
+    finally:
+        app.close()
+        engine.dispose()
+
+
 def test_why_waiting_names_the_upstream_and_what_it_waits_for(session_factory, tmp_path: Path) -> None:
     settings = FarmSettings(_env_file=None, data_dir=tmp_path)
     upstream = split(session_factory, name="frames")
