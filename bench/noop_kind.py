@@ -15,6 +15,7 @@ the workers that execute them.
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 import zlib
@@ -22,6 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from farm.errors import UserError
 from farm.job_spec import JobSpec
 from farm.kinds import JobKind, ShardRunner, register_kind
 from farm.kinds.text_to_image import prompt_major_items
@@ -48,15 +50,22 @@ def tiny_png(width: int = 8, height: int = 8, rgb: tuple[int, int, int] = (40, 1
 PNG = tiny_png()
 
 
+class NoopItemFailed(UserError):
+    """An item of a ``bench_noop`` job failed on purpose (``fail_while`` exists): not retryable,
+    so the shard fails at once."""
+
+
 class NoopRenderSpec(JobSpec):
     """A text-to-image spec whose items are written as a fixed 8x8 PNG instead of rendered;
     ``item_seconds``: each item takes that long first (a stand-in for a GPU's render time, for the
-    scheduling tests and benches)."""
+    scheduling tests and benches); ``fail_while``: a path on the worker; while a file is there,
+    every item fails (a job that fails, then succeeds when retried after the file is gone)."""
 
     families: ClassVar[tuple[str, ...]] = ("sd15",)
 
     kind: Literal["bench_noop"] = "bench_noop"
     item_seconds: float = Field(default=0.0, ge=0.0, le=60.0)
+    fail_while: str | None = Field(default=None, min_length=1, max_length=1024)
 
 
 def run_noop_shard(run: Any) -> int:
@@ -66,6 +75,8 @@ def run_noop_shard(run: Any) -> int:
         if item["key"] in run.done_keys:
             continue
         started = time.perf_counter()
+        if run.spec.fail_while and os.path.exists(run.spec.fail_while):
+            raise NoopItemFailed(f"item {item['key']}: failed on purpose ({run.spec.fail_while} exists)")
         if run.spec.item_seconds:
             time.sleep(run.spec.item_seconds)
             run.progress((position + 0.5) / total)  # a cancelled job or a lost lease stops here

@@ -33,7 +33,7 @@ from farm.bulk_manifest import ManifestRow, read_manifest, read_manifest_file
 from farm.errors import NotFound, UserError
 from farm.feeder import feed
 from farm.inputs import upload_inputs
-from farm.job_spec import JobSpec
+from farm.job_spec import JobSpec, SpecError
 from farm.kinds import DEFAULT_KIND, KINDS, job_kind
 from farm.model_refs import is_registry_ref
 from farm.model_registry import pin_spec_model
@@ -96,7 +96,12 @@ def check_bulk_kind(base: dict[str, Any]) -> None:
 def check_base(base: dict[str, Any]) -> JobSpec:
     """The bulk run's base spec (input images as uploaded references), validated."""
     check_bulk_kind(base)
-    return parse_spec(base)
+    spec = parse_spec(base)
+    if spec.after:
+        raise SpecError([("after", "a bulk run's jobs cannot wait for other jobs; submit the bulk run after them")])
+    if spec.post_steps:
+        raise SpecError([("post_steps", "a bulk run's outputs are packaged by the run (farm bulk package); remove it")])
+    return spec
 
 
 def _base_hash(base: dict[str, Any]) -> str:

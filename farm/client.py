@@ -38,6 +38,7 @@ from farm.specs import parse_spec
 from farm.templates import TemplateMethods
 from farm.waiting import why_waiting
 from storage.db import make_engine, make_session_factory, session_scope
+from storage.dependencies import dependents, upstreams
 from storage.models import Artifact, Job
 from storage.objects import open_store
 from storage.objects.keys import contact_sheet_key, manifest_key
@@ -130,11 +131,14 @@ class FarmClient(TemplateMethods):
         owner_id: uuid.UUID | None = None,
         project_id: uuid.UUID | None = None,
         parent_job_id: uuid.UUID | None = None,
+        scope: Any = None,
     ) -> Submitted:
         """Record a parsed, checked spec (inputs already in the store) as a job of ``owner_id`` in
         ``project_id`` (default: the admin, project ``default``) and send its scheduling message.
         A ``registry:`` model is pinned to its exact manifest first (every shard loads the same bytes).
-        ``parent_job_id``: the job this one re-runs."""
+        ``parent_job_id``: the job this one re-runs. ``scope`` (a condition on ``job``: the
+        submitter's, :func:`storage.access.job_scope`) limits the jobs its ``after`` may name by id;
+        ``None``: every job (the admin on the control host)."""
         spec = pin_spec_model(spec, self.store)
         with session_scope(self._sessions) as session:
             job, created = submit_job(
@@ -145,10 +149,13 @@ class FarmClient(TemplateMethods):
                 quotas=self.settings.scheduling,
                 webhooks=self.settings.webhooks,
                 parent_job_id=parent_job_id,
+                scope=scope,
             )
             job_id, status = job.id, JobStatus(job.status)
-        if status == JobStatus.PENDING:
-            self._publish_schedule(job_id)
+            made = dependents(session, job_id) if created else []  # its post-steps, made with it
+            steps = [uuid.UUID(d["id"]) for d in made if d["status"] == JobStatus.PENDING.value]
+        for pending in (job_id, *steps) if status == JobStatus.PENDING else steps:
+            self._publish_schedule(pending)  # a post-step is split at once; its shards wait for the job
         return Submitted(job_id, created, status.value)
 
     # -- re-runs and templates -----------------------------------------------------------------
@@ -227,12 +234,15 @@ class FarmClient(TemplateMethods):
     def get(self, job_id: str | uuid.UUID, shards: int | str = SUMMARY_SHARDS) -> dict[str, Any]:
         """The job with its counts by shard status and at most ``shards`` of its shards (failed,
         running, most recently changed; all of them when it has no more); ``shards="all"``
-        lists every shard. ``waiting`` says, in words, why work of a job that is not moving waits
-        (no live worker on its queue, every one busy, nobody to schedule it, a cap reached)."""
+        lists every shard. ``after`` lists the jobs it waits for (id, name, status, mode, policy);
+        ``waiting`` says, in words, why work of a job that is not moving waits (an upstream job
+        not done yet, no live worker on its queue, every one busy, nobody to schedule it, a cap reached)."""
         limit = shard_limit(shards)
         with session_scope(self._sessions) as session:
             job = resolve_job_id(session, job_id)
             summary = job_summary(session, job, shard_limit=limit)
+            summary["after"] = upstreams(session, job)
+            summary["then"] = dependents(session, job)
             summary["waiting"] = why_waiting(session, job, self.settings)
             return summary
 

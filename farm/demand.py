@@ -7,8 +7,9 @@ keeps PENDING in the database. The shard table knows them all, so an autoscaler 
 figures (``farm_queue_*`` on ``farm api``'s ``/metrics``, ``farm status --queues``,
 ``GET /v1/queues``):
 
-- shards pending (only those the feeder may send: their job runs and a bulk run's feeding window
-  is open, :func:`farm.feeder.feedable_job`), queued and running, and their items left;
+- shards pending (only those the feeder may send: their job runs, a bulk run's feeding window
+  is open, :func:`farm.feeder.feedable_job`, and their dependencies release them,
+  :func:`storage.dependencies.released`), queued and running, and their items left;
 - the age of the oldest pending or queued shard (since it was made);
 - seconds per item and per model load, measured on the last ``SAMPLE`` shards of the queue that
   ended within ``autoscale.observe_s`` (the attempt's time less its model load, over its items;
@@ -26,7 +27,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from farm.demand_policy import QueueDemand, QueueLoad, ScalePolicy, demand_of
@@ -34,6 +35,7 @@ from farm.families import CPU_FAMILY, CPU_QUEUE
 from farm.feeder import feedable_job
 from farm.settings import AutoscaleSettings, FarmSettings
 from farm.sharding import QUEUES
+from storage.dependencies import released
 from storage.models import Job, Shard, utcnow
 from storage.registry import queue_consumers
 from storage.status import SHARD_TERMINAL, JobStatus, ShardStatus
@@ -100,7 +102,10 @@ def _open_shards(session: Session, now: datetime) -> dict[str, dict[ShardStatus,
             func.max(Shard.started_at),
         )
         .join(Job, Job.id == Shard.job_id)
-        .where(Shard.status.in_(OPEN), or_(Shard.status != ShardStatus.PENDING, feedable_job(now)))
+        .where(
+            Shard.status.in_(OPEN),
+            or_(Shard.status != ShardStatus.PENDING, and_(feedable_job(now), released(Shard.job_id, Shard.index))),
+        )
         .group_by(Shard.queue, Shard.status)
     )
     found: dict[str, dict[ShardStatus, dict[str, Any]]] = {}

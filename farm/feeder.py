@@ -14,6 +14,11 @@ Each queue is fed in a transaction that holds the queue's lock (:func:`storage.s
 lock_queue`): the shards are picked, published, then marked queued; a crash in between leaves
 them PENDING, to be sent again (a duplicate message is harmless: the lease turns it away).
 
+**Dependencies.** A job's PENDING shards whose upstream work is not done (``after:``) are not
+picked: :func:`waiting_jobs` and the shard source carry the release conditions of
+:mod:`storage.dependencies`, so a shard is released by the first feed after its upstream
+succeeded, under the queue's lock, exactly once.
+
 **Preemption.** When interactive shards wait on a queue (queued, unclaimed) beyond its idle
 workers (live workers of the queue less its running shards) while its workers render bulk
 shards, the feeder asks that many bulk shards to stop (``shard.preempt_requested_at``; queues in
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from farm.dispatch import class_priority, publish_shards, shard_labels
@@ -40,6 +45,7 @@ from farm.scheduler import ShardDispatch, create_shards
 from farm.settings import FarmSettings
 from farm.sharding import WORK_QUEUES
 from storage.db import session_scope
+from storage.dependencies import may_feed, shard_released
 from storage.models import BulkJob, Job, Project, Shard, User, utcnow
 from storage.registry import queue_consumers
 from storage.share_usage import charge_usage, lock_queue, read_usage
@@ -100,11 +106,13 @@ def feedable_job(now: datetime) -> ColumnElement[bool]:
 
 
 def waiting_jobs(session: Session, queue: str, now: datetime) -> list[WaitingJob]:
-    """Running jobs with PENDING shards on ``queue`` (a bulk run's only while it may be fed)."""
-    pending = exists().where(Shard.job_id == Job.id, Shard.status == ShardStatus.PENDING, Shard.queue == queue)
+    """Running jobs with PENDING shards on ``queue`` that their dependencies release
+    (:mod:`storage.dependencies`; a bulk run's only while it may be fed)."""
+    columns = (Job.id, Job.project_id, Job.owner_id, Job.service_class, Job.priority, Job.created_at)
     rows = session.execute(
-        select(Job.id, Job.project_id, Job.owner_id, Job.service_class, Job.priority, Job.created_at).where(
-            feedable_job(now), pending
+        select(*columns).where(
+            feedable_job(now),
+            may_feed(Job.id, queue),
         )
     )
     return [WaitingJob(*row) for row in rows]  # the column types give ServiceClass and aware datetimes
@@ -143,8 +151,8 @@ def share_state(
 
 
 class _ShardSource:
-    """A job's next PENDING shards on the queue, read a batch at a time through the
-    ``(job_id, status, index)`` index."""
+    """A job's next PENDING shards on the queue that its dependencies release, read a batch at a
+    time through the ``(job_id, status, index)`` index."""
 
     def __init__(self, session: Session, queue: str, batch: int) -> None:
         self.session, self.queue, self.batch = session, queue, max(1, batch)
@@ -161,6 +169,7 @@ class _ShardSource:
                     Shard.status == ShardStatus.PENDING,
                     Shard.queue == self.queue,
                     Shard.index > self.after.get(job.job_id, -1),
+                    shard_released(Shard.job_id, Shard.index),  # job-level: waiting_jobs checked it
                 )
                 .order_by(Shard.index)
                 .limit(self.batch)

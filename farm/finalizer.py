@@ -22,11 +22,13 @@ from farm.errors import StorageError
 from farm.feeder import top_up
 from farm.manifest import write_job_outputs
 from farm.scheduler import finalize_job, job_summary
+from farm.sharding import QUEUES
 from storage.db import session_scope
+from storage.dependencies import cancel_broken_dependents, dependent_queues
 from storage.models import Job, utcnow
 from storage.objects import ObjectStore
 from storage.recovery import unfinished_shard
-from storage.status import JOB_TERMINAL, JobStatus
+from storage.status import JOB_ENDED_BADLY, JOB_TERMINAL, JobStatus
 from storage.transitions import JobRollup
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,32 @@ class Finalized:
 
 def finalize(session_factory: Any, store: ObjectStore, job_id: uuid.UUID) -> Finalized:
     """Roll the job up (its final status once every shard has ended), commit, then write its
-    outputs if they are due. Safe to repeat."""
+    outputs if they are due; a job that ended partial, failed or cancelled then cancels the jobs
+    that wait for it under the ``cancel`` policy (:func:`cancel_dependents`). Safe to repeat."""
+    done = _finalize_one(session_factory, store, job_id)
+    if done.status in JOB_ENDED_BADLY:
+        cancel_dependents(session_factory, store, [job_id])
+    return done
+
+
+def cancel_dependents(session_factory: Any, store: ObjectStore, upstream_ids: list[uuid.UUID] | None = None) -> int:
+    """Cancel the jobs whose ``cancel``-policy upstream (one of ``upstream_ids``; ``None``: any)
+    ended badly, and theirs in turn, each finalized (outputs written) as it is cancelled; the
+    reconciler runs it every pass, so a lost finalize never leaves one waiting. Returns how many."""
+    cancelled = 0
+    while True:
+        with session_scope(session_factory) as session:
+            ids = cancel_broken_dependents(session, upstream_ids=upstream_ids)
+        for dependent in ids:
+            log.info("job %s cancelled: an upstream job ended badly (after_policy: cancel)", dependent)
+            _finalize_one(session_factory, store, dependent)
+        cancelled += len(ids)
+        if not ids:
+            return cancelled
+        upstream_ids = ids
+
+
+def _finalize_one(session_factory: Any, store: ObjectStore, job_id: uuid.UUID) -> Finalized:
     with session_scope(session_factory) as session:
         rollup, status = finalize_job(session, job_id)
         bulk = session.scalar(select(Job.bulk_id).where(Job.id == job_id)) is not None
@@ -81,12 +108,21 @@ def write_outputs(session_factory: Any, store: ObjectStore, job_id: uuid.UUID) -
     return True
 
 
+def _dependent_queues(res: Any, job_id: uuid.UUID) -> list[str]:
+    with session_scope(res.session_factory) as session:
+        return dependent_queues(session, job_id)
+
+
 def finalize_and_feed(app: Any, res: Any, job_id: uuid.UUID) -> dict[str, Any]:
     """What ``farm.finalize_job`` does: :func:`finalize` the job, then top every queue's window
-    up (an ended job may have freed places; a lost feed after a shard's end is made up here).
+    up (an ended job may have freed places, or released the jobs that wait for it; a lost feed
+    after a shard's end is made up here).
     Each step waits out service outages on its own (``res.outlast``). Returns the task's result."""
     done = res.outlast(lambda: finalize(res.session_factory, res.store, job_id), f"job {job_id}: finalize")
-    fed = top_up(app, res)
+    queues = set(QUEUES.values())
+    if done.status in JOB_TERMINAL:  # jobs waiting for this one may be released: their queues too
+        queues.update(res.outlast(lambda: _dependent_queues(res, job_id), f"job {job_id}: dependents"))
+    fed = top_up(app, res, sorted(queues))
     return {
         "job_id": str(job_id),
         "status": done.status.value,

@@ -35,6 +35,9 @@ MAX_ITEMS = 100_000  # render items (prompts x seeds x ...) in one job
 MAX_SHARD_SIZE = 256
 MAX_PATCHES = 16
 MAX_OUTPUT_PREFIX_CHARS = 256  # keeps every output key well under the key length limit
+MAX_AFTER = 16  # upstream jobs one job may wait for
+MAX_POST_STEPS = 8  # post-steps one job may list
+MAX_JOB_NAME_CHARS = 64
 MAX_PROBLEMS_SHOWN = 20  # in a SpecError's message; ``problems`` keeps them all
 
 
@@ -52,6 +55,8 @@ SCHEDULERS: dict[str, str] = {
 SchedulerName = Literal["ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "unipc"]
 
 IDEMPOTENCY_KEY_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+JOB_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_JOB_NAME_CHARS - 1}}}")
+UUID_FORM_RE = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
 HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 LOCAL_PATH_PREFIXES = ("/", "./", "../", "~/")
 
@@ -115,6 +120,30 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 ItemIndex = Annotated[int, Field(ge=0, lt=MAX_ITEMS)]
 
 
+def _job_name(value: str) -> str:
+    if JOB_NAME_RE.fullmatch(value) is None:
+        raise problem(
+            (),
+            f"must be 1-{MAX_JOB_NAME_CHARS} characters of A-Z a-z 0-9 . _ -, starting with a letter or digit",
+            value,
+        )
+    if UUID_FORM_RE.fullmatch(value):
+        raise problem((), "must not have the form of a job id (after: would read it as one)", value)
+    return value
+
+
+def _job_ref(value: str) -> str:
+    if not value or len(value) > MAX_JOB_NAME_CHARS or any(ord(ch) <= 32 or ord(ch) == 127 for ch in value):
+        raise problem(
+            (), f"must be a job id, an id prefix or a job name (1-{MAX_JOB_NAME_CHARS} characters, no spaces)", value
+        )
+    return value
+
+
+JobName = Annotated[str, AfterValidator(_job_name)]
+JobRef = Annotated[str, AfterValidator(_job_ref)]
+
+
 class JobSpec(BaseModel):
     """Fields every job kind shares. Concrete kinds subclass it (``kind: Literal[...]``, and
     ``families`` naming the model families they run on); :func:`parse_spec` returns one of them.
@@ -158,6 +187,30 @@ class JobSpec(BaseModel):
         max_length=MAX_ITEMS,
         description="render only these items (their indexes in the full job, ascending; `farm rerun "
         "--only-failed` sets it), each with its own seed and index as in the full job",
+    )
+    name: JobName | None = Field(
+        default=None, description="a name for the job; another job's `after:` may use it (your latest job of that name)"
+    )
+    after: list[JobRef] = Field(
+        default_factory=list,
+        max_length=MAX_AFTER,
+        description="jobs to start after: ids, id prefixes or names of your jobs, resolved at submit",
+    )
+    after_policy: Literal["wait", "run_anyway", "cancel"] = Field(
+        default="wait",
+        description="when an upstream ends partial, failed or cancelled: wait (for `farm retry` of it), "
+        "run_anyway, or cancel this job",
+    )
+    after_mode: Literal["job", "shard"] = Field(
+        default="job",
+        description="job: start when the upstream jobs are done; shard: shard i starts when shard i of the "
+        "one upstream succeeded",
+    )
+    post_steps: list[dict[str, Any]] = Field(
+        default_factory=list,
+        max_length=MAX_POST_STEPS,
+        description="steps that run on this job's outputs once it succeeds, each a job of its own: "
+        "{kind: encode|upscale|contact_sheet|package, ...its fields} (checked by farm.specs.parse_spec)",
     )
 
     @model_validator(mode="before")
@@ -254,6 +307,14 @@ class JobSpec(BaseModel):
             raise problem(("count",), "required with base_seed", None)
         if self.count is not None and self.base_seed is None:
             raise problem(("base_seed",), "required with count", None)
+        first: dict[str, int] = {}
+        for i, ref in enumerate(self.after):
+            if ref.lower() in first:
+                raise problem(("after", i), f"duplicate of after[{first[ref.lower()]}]", ref)
+            first[ref.lower()] = i
+        if self.after_mode == "shard" and len(self.after) != 1:
+            reason = f"shard mode takes exactly one job in after, not {len(self.after)}"
+            raise problem(("after_mode",), reason, self.after_mode)
         if self.base_seed is not None and self.count is not None and self.base_seed + self.count - 1 > MAX_SEED:
             raise problem(("count",), f"base_seed + count - 1 exceeds the largest seed {MAX_SEED}", self.count)
         if self.webhook is not None and self.webhook_url is not None:

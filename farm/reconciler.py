@@ -17,7 +17,10 @@ the tables alone what must happen and does it, idempotently:
 4. **ended jobs** (RUNNING, every shard terminal) are finalized;
 5. **outputs** (manifest, contact sheet) of terminal jobs that lack them are written, retried with
    backoff while the store refuses;
-6. **windows** are topped up (:mod:`farm.feeder`).
+6. **dependents** of upstream jobs that ended badly are cancelled where their ``after_policy`` is
+   ``cancel`` (:func:`farm.finalizer.cancel_dependents`): a lost finalize never leaves one waiting;
+7. **windows** are topped up (:mod:`farm.feeder`), which also releases the shards whose upstream
+   work has succeeded since (:mod:`storage.dependencies`).
 
 Every change is a guarded update that re-checks its condition under the row lock
 (:mod:`storage.recovery`, :mod:`storage.transitions`), so passes may run in several processes
@@ -38,7 +41,7 @@ from sqlalchemy import exists, select
 from farm.dispatch import class_priority, publish_shard, shard_labels
 from farm.errors import FarmError, StorageError
 from farm.feeder import feed
-from farm.finalizer import finalize, write_outputs
+from farm.finalizer import cancel_dependents, finalize, write_outputs
 from farm.outages import unavailable_service
 from farm.periodic import PeriodicThread
 from farm.scheduler import create_shards
@@ -69,7 +72,8 @@ class ReconcileReport:
     finalized: int = 0  # jobs whose shards had all ended, given their final status
     outputs_written: int = 0  # manifests and contact sheets written
     outputs_failed: int = 0  # manifest writes the store refused (tried again later)
-    fed: int = 0  # bulk shards sent to fill the windows
+    dependents_cancelled: int = 0  # jobs cancelled: a cancel-policy upstream ended badly
+    fed: int = 0  # shards sent to fill the windows
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -82,6 +86,7 @@ class ReconcileReport:
         "finalized",
         "outputs_written",
         "outputs_failed",
+        "dependents_cancelled",
         "fed",
     )
 
@@ -127,6 +132,7 @@ class Reconciler:
             self._resend_waiting,
             self._finalize_ended,
             self._write_missing_outputs,
+            self._cancel_dependents,
             self._feed,
         ):
             try:
@@ -288,7 +294,11 @@ class Reconciler:
         self._output_backoff[job_id] = (time.monotonic() + delay, delay)
         return delay
 
-    # -- 6. windows ----------------------------------------------------------------------------
+    # -- 6. dependents of upstreams that ended badly -----------------------------------------------
+    def _cancel_dependents(self, now: datetime, report: ReconcileReport) -> None:
+        report.dependents_cancelled += cancel_dependents(self.sessions, self.store)
+
+    # -- 7. windows ----------------------------------------------------------------------------
     def _feed(self, now: datetime, report: ReconcileReport) -> None:
         report.fed += feed(self.app, self.sessions, self.settings, now=now)
 

@@ -18,16 +18,18 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from farm.dependencies import resolve_after
 from farm.errors import NotFound, UserError
 from farm.job_spec import JobSpec
 from farm.quotas import check_items
 from farm.settings import SchedulingSettings, WebhooksSettings
 from farm.sharding import iter_shards
 from farm.specs import parse_spec, spec_fingerprint
-from farm.steps import resolve_step
+from farm.steps import post_step_specs, resolve_step
 from farm.webhooks import attach_job_webhook
 from storage.blocklist import blocked_workers
 from storage.chunking import insert_rows
+from storage.dependencies import add_dependencies, cancel_broken_dependents, released
 from storage.identity import ensure_default_identity
 from storage.models import Job, Project, Shard, User, utcnow
 from storage.status import JOB_TERMINAL, JobStatus, ServiceClass, ShardStatus
@@ -53,6 +55,7 @@ def job_row(spec: JobSpec, **values: Any) -> Job:
         priority=spec.priority,
         spec=spec.model_dump(mode="json"),
         output_prefix=spec.output_prefix,
+        name=spec.name,
         **values,
     )
 
@@ -78,12 +81,17 @@ def submit_job(
     quotas: SchedulingSettings | None = None,
     webhooks: WebhooksSettings | None = None,
     parent_job_id: uuid.UUID | None = None,
+    scope: Any = None,
 ) -> tuple[Job, bool]:
     """Write the job row, owned by ``owner_id`` in ``project_id`` (by default: ``admin`` in
-    ``default``), refused when it passes the ``quotas`` (:mod:`farm.quotas`); with ``webhooks``,
-    its webhook too (:func:`farm.webhooks.attach_job_webhook`: the spec's, else the owner's). With an
+    ``default``), refused when it passes the ``quotas`` (:mod:`farm.quotas`), with the upstream
+    jobs its ``after`` names (:func:`farm.dependencies.resolve_after`; ``scope``: a condition on
+    :class:`Job`, the jobs the submitter may see, ``None`` for all); with ``webhooks``, its webhook
+    too (:func:`farm.webhooks.attach_job_webhook`: the spec's, else the owner's). With an
     idempotency key, a resubmission returns the existing job (``created`` False); the same key
-    with a different spec is refused. ``parent_job_id``: the job this one re-runs."""
+    with a different spec is refused. A job whose ``cancel``-policy upstream has already ended
+    badly is cancelled at once. ``parent_job_id``: the job this one re-runs. The spec's
+    ``post_steps`` become jobs of their own after this one, in the same transaction."""
     spec = resolve_step(session, spec, owner_id)  # a post-step: its source checked, its outputs placed
     fingerprint = spec_fingerprint(spec)
     key = spec.idempotency_key
@@ -95,6 +103,7 @@ def submit_job(
     items = spec.item_count()
     if quotas is not None:
         check_items(session, quotas, owner, items)
+    upstreams = resolve_after(session, spec, owner, scope) if spec.after else []
     job = job_row(
         spec,
         status=JobStatus.PENDING,
@@ -108,6 +117,9 @@ def submit_job(
     try:
         with session.begin_nested():
             session.add(job)
+            session.flush()
+            if upstreams:
+                add_dependencies(session, job.id, upstreams)
     except IntegrityError:
         # Another submitter won the race for this idempotency key.
         existing = session.scalar(select(Job).where(Job.idempotency_key == key))
@@ -116,6 +128,10 @@ def submit_job(
         return _same_spec(existing, fingerprint, key, owner_id), False
     if webhooks is not None:
         attach_job_webhook(session, job.id, spec, owner, webhooks)
+    if upstreams and cancel_broken_dependents(session, dependent_ids=[job.id]):
+        session.refresh(job)
+    for step in post_step_specs(spec, job.id):  # jobs of their own, after this one (farm/steps.py)
+        submit_job(session, step, owner_id=owner, project_id=project, webhooks=webhooks)
     return job, True
 
 
@@ -175,11 +191,11 @@ def create_shards(session: Session, job_id: uuid.UUID) -> bool:
 
 
 def pending_dispatches(session: Session, job_id: uuid.UUID) -> list[ShardDispatch]:
-    """Every PENDING shard of the job, in order."""
+    """Every PENDING shard of the job that its dependencies release (:mod:`storage.dependencies`), in order."""
     rows = session.execute(
         select(Shard.id, Shard.queue, Job.priority)
         .join(Job, Job.id == Shard.job_id)
-        .where(Shard.job_id == job_id, Shard.status == ShardStatus.PENDING)
+        .where(Shard.job_id == job_id, Shard.status == ShardStatus.PENDING, released(Shard.job_id, Shard.index))
         .order_by(Shard.index)
     )
     return [ShardDispatch(row.id, job_id, row.queue, row.priority) for row in rows]

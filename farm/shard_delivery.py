@@ -15,7 +15,9 @@ outcome calls for, and say what happened in the task's result (Flower shows it).
   when the outcome asks for it (a shard that succeeded asks only when it ended the job or when
   the job's roll-up is due);
 - after any attempt: charge its render time to the job's project and owner, and top the
-  shard's queue's window up (:func:`farm.feeder.top_up`): the database picks what runs next.
+  shard's queue's window up (:func:`farm.feeder.top_up`): the database picks what runs next;
+  after a success also the queues of jobs that wait for this job shard by shard
+  (:mod:`storage.dependencies`): its end may have released their shard of the same index.
 
 Each step waits out a restarting database, broker or store on its own (``res.outlast``), so a
 step that already happened (the render) is not repeated because a later one (a publish) had to
@@ -33,6 +35,8 @@ from farm.dispatch import publish_finalize, publish_shard, shard_route
 from farm.feeder import top_up
 from farm.worker.runtime import execute_shard
 from storage.db import session_scope
+from storage.dependencies import dependent_queues
+from storage.status import DependencyMode
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -80,9 +84,17 @@ def follow_up(
             f"shard {shard_id}: requeue",
         )
     if outcome.queue is not None:
-        top_up(app, res, [outcome.queue], outcome.charge)
+        queues = [outcome.queue]
+        if outcome.status == "succeeded":  # it may release shards of jobs that wait for it shard by shard
+            queues += res.outlast(lambda: _released_queues(res, job_id), f"job {job_id}: dependents")
+        top_up(app, res, sorted(set(queues)), outcome.charge)
     if outcome.terminal and outcome.finalize:
         res.outlast(lambda: publish_finalize(app, job_id), f"job {job_id}: finalize")
+
+
+def _released_queues(res: Any, job_id: uuid.UUID) -> list[str]:
+    with session_scope(res.session_factory) as session:
+        return dependent_queues(session, job_id, DependencyMode.SHARD)
 
 
 def _route(app: Celery, res: Any, shard_id: uuid.UUID) -> dict[str, Any]:

@@ -20,7 +20,15 @@ from farm.job_spec import JobSpec, SpecError
 from farm.kinds import DEFAULT_KIND, KINDS
 from farm.spec_problems import problems_from
 
-__all__ = ["LATER_FIELDS", "JobSpec", "SpecError", "parse_spec", "spec_adapter", "spec_fingerprint"]
+__all__ = [
+    "LATER_FIELDS",
+    "SET_FOR_POST_STEPS",
+    "JobSpec",
+    "SpecError",
+    "parse_spec",
+    "spec_adapter",
+    "spec_fingerprint",
+]
 
 _adapter_cache: tuple[tuple[type[JobSpec], ...], TypeAdapter[Any]] | None = None
 
@@ -51,9 +59,39 @@ def parse_spec(data: Any) -> JobSpec:
     if not isinstance(data, dict):
         raise SpecError([("spec", f"must be a mapping of fields, not {type(data).__name__}")])
     try:
-        return spec_adapter().validate_python(data)
+        spec = spec_adapter().validate_python(data)
     except ValidationError as exc:
         raise SpecError(problems_from(exc, {name: kind.spec for name, kind in KINDS.items()}, data)) from None
+    if spec.post_steps:
+        _check_post_steps(spec.post_steps)
+    return spec
+
+
+# What the farm sets on a post-step (the job it follows): a post-step entry may not give them.
+SET_FOR_POST_STEPS = ("source_job", "after", "after_mode", "output_prefix", "idempotency_key")
+_NO_JOB_YET = "00000000-0000-0000-0000-000000000000"  # the source while checking, before the job exists
+
+
+def _check_post_steps(steps: list[dict[str, Any]]) -> None:
+    """Each ``post_steps`` entry must be a step kind's spec without the fields the farm sets;
+    every problem is named ``post_steps[i].field``."""
+    step_kinds = sorted(name for name, kind in KINDS.items() if not kind.needs_model)
+    problems: list[tuple[str, str]] = []
+    for i, step in enumerate(steps):
+        where = f"post_steps[{i}]"
+        if step.get("kind") not in step_kinds:
+            problems.append((f"{where}.kind", f"must be a step kind: {', '.join(step_kinds)}"))
+            continue
+        given = [name for name in SET_FOR_POST_STEPS if name in step]
+        if given:
+            problems.append((f"{where}.{given[0]}", "set by the farm for a post-step (the job it follows); remove it"))
+            continue
+        try:
+            parse_spec({**step, "source_job": _NO_JOB_YET})
+        except SpecError as exc:
+            problems.extend((f"{where}.{path}", reason) for path, reason in exc.problems)
+    if problems:
+        raise SpecError(problems)
 
 
 # Fields added after jobs were first stored: left out of the fingerprint while at their default, so a

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from farm.job_spec import JobSpec, SpecError
 from farm.kinds.step import STEP_PREFIX_CHARS, StepSpec
+from farm.specs import parse_spec
 from storage.access import job_scope
 from storage.identity import principal_of
 from storage.models import Job
@@ -44,3 +45,10 @@ def resolve_step(session: Session, spec: JobSpec, owner_id: uuid.UUID | None) ->
         reason = f"a step's outputs go beside its source job's ({prefix}); leave output_prefix out"
         raise SpecError([("output_prefix", reason)])
     return spec.model_copy(update={"output_prefix": prefix})
+
+
+def post_step_specs(spec: JobSpec, job_id: uuid.UUID) -> list[JobSpec]:
+    """The jobs a spec's ``post_steps`` become once its job ``job_id`` exists: each step's spec
+    with ``source_job`` and ``after`` set to that job (the step waits for it, with the step's own
+    ``after_policy``, ``wait`` unless given). Checked already by :func:`farm.specs.parse_spec`."""
+    return [parse_spec({**step, "source_job": str(job_id), "after": [str(job_id)]}) for step in spec.post_steps]

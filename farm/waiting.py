@@ -11,6 +11,9 @@ each queue (and ``farm.control`` for a job not split yet), and at what holds the
 - "project studio is at its cap: 4 shards in flight (farm projects set-share studio --max-running N)"
 - "alice is at their cap: 2 shards in flight (farm users set-quota alice --max-running N)"
 - "its bulk run stopped feeding at 2026-12-06 06:00 UTC (submit the bulk run again to resume)"
+- "after job 1a2b3c4d (frames): running, 3/10 shards done"
+- "after job 1a2b3c4d (frames): failed; waits until it is retried and succeeds (farm retry 1a2b3c4d)"
+- "4 shard(s) wait for the same shards of job 1a2b3c4d (frames), running: shard 2 waits for its shard 2 (queued)"
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from farm.celery_app import CONTROL_QUEUE
+from farm.job_refs import short_id
 from farm.settings import FarmSettings
+from storage.dependencies import Blocker, blockers, released
 from storage.models import BulkJob, Job, Project, Shard, User, utcnow
 from storage.registry import queue_consumers
-from storage.status import JobStatus, ShardStatus
+from storage.status import JOB_ENDED_BADLY, DependencyMode, DependencyPolicy, JobStatus, ShardStatus
 
 
 def why_waiting(session: Session, job_id: uuid.UUID, settings: FarmSettings, now: datetime | None = None) -> list[str]:
@@ -38,19 +43,21 @@ def why_waiting(session: Session, job_id: uuid.UUID, settings: FarmSettings, now
     if job is None or job.status not in (JobStatus.PENDING, JobStatus.RUNNING):
         return []
     consumers = queue_consumers(session, settings.worker.lost_after_s, now)
+    upstream = [dependency_reason(b) for b in blockers(session, job_id)]
     if job.status == JobStatus.PENDING:
         if not consumers.get(CONTROL_QUEUE):
             return [
                 f"not scheduled yet: no live worker consumes {CONTROL_QUEUE} "
-                f"(start one: farm worker --queues {CONTROL_QUEUE})"
+                f"(start one: farm worker --queues {CONTROL_QUEUE})",
+                *upstream,
             ]
-        return ["not scheduled yet: waiting for the control worker"]
+        return ["not scheduled yet: waiting for the control worker", *upstream]
+    pending = and_(Shard.status == ShardStatus.PENDING, released(job_id, Shard.index))
+    sendable = or_(Shard.status == ShardStatus.QUEUED, pending)
     rows = session.execute(
-        select(Shard.queue, func.count())
-        .where(Shard.job_id == job_id, Shard.status.in_([ShardStatus.PENDING, ShardStatus.QUEUED]))
-        .group_by(Shard.queue)
+        select(Shard.queue, func.count()).where(Shard.job_id == job_id, sendable).group_by(Shard.queue)
     ).all()
-    reasons = held_back(session, job, settings, now) if rows else []
+    reasons = upstream + (held_back(session, job, settings, now) if rows else [])
     for queue, waiting in sorted(rows):
         workers = consumers.get(queue, [])
         if not workers:
@@ -60,6 +67,32 @@ def why_waiting(session: Session, job_id: uuid.UUID, settings: FarmSettings, now
         if busy == len(workers):
             reasons.append(f"{waiting} shard(s) waiting for a worker: {busy} busy on {queue}")
     return reasons
+
+
+def dependency_reason(b: Blocker) -> str:
+    """One unmet dependency, in words."""
+    job = f"job {short_id(b.upstream_id)}" + (f" ({b.name})" if b.name else "")
+    if b.mode == DependencyMode.SHARD:
+        theirs = (
+            f"its shard {b.first_index} ({b.first_upstream_status.value})"
+            if b.first_upstream_status
+            else (f"the whole job (it has no shard {b.first_index})")
+        )
+        state = _ended(b) if b.status in JOB_ENDED_BADLY else b.status.value
+        return f"{b.held} shard(s) wait for the same shards of {job}, {state}: shard {b.first_index} waits for {theirs}"
+    if b.status in JOB_ENDED_BADLY:
+        return f"after {job}: {_ended(b)}"
+    done = f", {b.shards_done}/{b.shards_total} shards done" if b.shards_total else ""
+    return f"after {job}: {b.status.value}{done}"
+
+
+def _ended(b: Blocker) -> str:
+    """What an upstream that ended badly means for the job waiting on it."""
+    if b.policy == DependencyPolicy.CANCEL:
+        return f"{b.status.value}; this job is being cancelled (after_policy: cancel)"
+    if b.status == JobStatus.CANCELLED:
+        return "cancelled, it cannot run again; cancel this job, or submit it again after a new run"
+    return f"{b.status.value}; waits until it is retried and succeeds (farm retry {short_id(b.upstream_id)})"
 
 
 def held_back(session: Session, job: Any, settings: FarmSettings, now: datetime) -> list[str]:

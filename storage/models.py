@@ -1,7 +1,8 @@
 """SQLAlchemy models for the farm's state: ``job``, ``shard``, ``artifact``, ``worker``, ``job_worker``,
 ``bulk_job``, and who may use it: ``user``, ``project``, ``project_member``, ``api_token``,
-``web_session``, ``audit_event``; the scheduler's ``share_usage`` and ``queue_feed``; webhooks:
-``user_webhook``, ``job_webhook`` and the outbox ``webhook_event``; saved specs: ``job_template``.
+``web_session``, ``audit_event``; the scheduler's ``share_usage`` and ``queue_feed``; the jobs a job
+waits for, ``job_dependency``; webhooks: ``user_webhook``, ``job_webhook`` and the outbox
+``webhook_event``; saved specs: ``job_template``.
 
 Typed declarative models (``Mapped[]``). UUID keys, timezone-aware UTC timestamps on every
 backend, JSON spec and params. Status columns are plain strings checked by the enums; which
@@ -33,7 +34,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from storage.status import JobStatus, Role, ServiceClass, ShardStatus, WebhookStatus, WorkerStatus
+from storage.status import (
+    DependencyMode,
+    DependencyPolicy,
+    JobStatus,
+    Role,
+    ServiceClass,
+    ShardStatus,
+    WebhookStatus,
+    WorkerStatus,
+)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -226,6 +236,7 @@ class Job(Timestamped, Base):
     spec_hash: Mapped[str] = mapped_column(String(64))
     idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True)
     output_prefix: Mapped[str] = mapped_column(String(512))
+    name: Mapped[str | None] = mapped_column(String(64))  # the spec's name: `after:` may name the job by it
     shards_total: Mapped[int] = mapped_column(Integer, default=0)
     shards_done: Mapped[int] = mapped_column(Integer, default=0)
     shards_failed: Mapped[int] = mapped_column(Integer, default=0)
@@ -249,7 +260,24 @@ class Job(Timestamped, Base):
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True
     )
 
-    __table_args__ = (Index(None, "status", "created_at"),)
+    __table_args__ = (Index(None, "status", "created_at"), Index(None, "owner_id", "name", "created_at"))
+
+
+class JobDependency(Base):
+    """Job ``job_id`` starts after job ``upstream_id`` (resolved at submit from the spec's ``after``):
+    for the whole job (``mode`` job) or shard by shard (``shard``: its shard i after the upstream's
+    shard i); ``policy`` says what it does when the upstream ends partial, failed or cancelled.
+    The feeder sends no shard whose dependency is unmet (:mod:`storage.dependencies`)."""
+
+    __tablename__ = "job_dependency"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), primary_key=True)
+    upstream_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, default=0)  # its place in the spec's ``after``
+    mode: Mapped[DependencyMode] = mapped_column(_status(DependencyMode), default=DependencyMode.JOB)
+    policy: Mapped[DependencyPolicy] = mapped_column(_status(DependencyPolicy), default=DependencyPolicy.WAIT)
+
+    __table_args__ = (Index(None, "upstream_id"),)
 
 
 class Shard(Timestamped, Base):

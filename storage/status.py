@@ -39,6 +39,24 @@ class ServiceClass(StrEnum):
     BULK = "bulk"
 
 
+class DependencyMode(StrEnum):
+    """How a job waits for an upstream job (``after_mode``): for the whole job, or shard by shard
+    (shard i waits for the upstream's shard i: frame-by-frame chains)."""
+
+    JOB = "job"
+    SHARD = "shard"
+
+
+class DependencyPolicy(StrEnum):
+    """What a dependent job does when its upstream ends partial, failed or cancelled
+    (``after_policy``): keep waiting until the upstream is retried and succeeds, start anyway,
+    or be cancelled."""
+
+    WAIT = "wait"
+    RUN_ANYWAY = "run_anyway"
+    CANCEL = "cancel"
+
+
 class Role(StrEnum):
     """What a user may do: everything (admin), submit and change their own jobs (member, or any
     job of a project they manage), or only look (viewer)."""
@@ -59,3 +77,4 @@ class WebhookStatus(StrEnum):
 
 JOB_TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED, JobStatus.CANCELLED})
 SHARD_TERMINAL = frozenset({ShardStatus.SUCCEEDED, ShardStatus.FAILED, ShardStatus.CANCELLED})
+JOB_ENDED_BADLY = frozenset({JobStatus.PARTIAL, JobStatus.FAILED, JobStatus.CANCELLED})

@@ -39,7 +39,7 @@ from farm.sharding import WORK_QUEUES
 from farm.specs import parse_spec
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.leases import claim_shard, finish_shard
-from storage.models import Artifact, BulkJob, Job, Shard, utcnow
+from storage.models import Artifact, BulkJob, Job, JobDependency, Shard, utcnow
 from storage.registry import register_worker
 from storage.status import ShardStatus
 from storage.transitions import mark_shards_queued
@@ -221,6 +221,9 @@ def test_figures_read_from_the_database(db_url: str, tmp_path: Path) -> None:
             session.add(bulk)
             session.flush()
             session.execute(update(Job).where(Job.id == late).values(bulk_id=bulk.id))
+            # A job after `job` (still running): its PENDING shards wait for it and are not counted.
+            blocked = _job(session, 2)
+            session.add(JobDependency(job_id=blocked, upstream_id=job))
             register_worker(session, name="gpu-a", hostname="h", queues=[SD15], device="cpu", now=t)
             register_worker(session, name="gpu-b", hostname="h", queues=["farm.gpu.sdxl"], device="cpu", now=t)
         with session_scope(sessions) as session:

@@ -20,6 +20,7 @@ from storage.models import (
     AuditEvent,
     BulkJob,
     Job,
+    JobDependency,
     JobTemplate,
     JobWebhook,
     JobWorker,
@@ -49,6 +50,7 @@ TABLES = {
     "web_session",
     "share_usage",
     "queue_feed",
+    "job_dependency",
     "user_webhook",
     "job_webhook",
     "webhook_event",
@@ -75,6 +77,7 @@ def _insert_one_of_each(url: str) -> None:
         shard = Shard(job=job, index=0, queue="farm.gpu.sd15", params={"items": []})
         session.add_all([job, shard])
         session.flush()
+        session.add(JobDependency(job_id=job.id, upstream_id=job.id))  # a row of the table, nothing more
         session.add(
             Artifact(
                 job_id=job.id,
@@ -132,6 +135,7 @@ def _counts(url: str) -> dict[str, int]:
                 WebSession,
                 ShareUsage,
                 QueueFeed,
+                JobDependency,
                 UserWebhook,
                 JobWebhook,
                 WebhookEvent,

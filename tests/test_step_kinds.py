@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from farm.job_spec import SpecError
 from farm.kinds.encode import EncodeSpec
@@ -27,7 +27,7 @@ from farm.kinds.step import StepSpec
 from farm.media import FfmpegFailed, probe_video, stream_mp4
 from farm.sharding import plan_shards
 from farm.specs import parse_spec
-from farm.steps import resolve_step
+from farm.steps import post_step_specs, resolve_step
 from storage.db import session_scope
 from storage.identity import create_user, ensure_default_identity
 from storage.models import Artifact, Job, Shard
@@ -83,6 +83,30 @@ def test_bad_step_specs_name_the_field(overrides: dict[str, Any], field: str, re
     found = problems({"kind": "encode", "source_job": SOURCE, **overrides})
     assert field in found, found
     assert reason in found[field]
+
+
+@pytest.mark.parametrize(
+    ("step", "field", "reason"),
+    [
+        ({"kind": "text_to_image"}, "post_steps[0].kind", "must be a step kind"),
+        ({"kind": "encode", "fps": 0}, "post_steps[0].fps", "greater than"),
+        ({"kind": "encode", "source_job": SOURCE}, "post_steps[0].source_job", "set by the farm"),
+        ({"kind": "upscale", "after": ["x"]}, "post_steps[0].after", "set by the farm"),
+    ],
+)
+def test_bad_post_steps_name_the_field(step: dict[str, Any], field: str, reason: str) -> None:
+    spec = {"model": "org/model", "family": "sd15", "prompts": ["p"], "seeds": [1], "post_steps": [step]}
+    found = problems(spec)
+    assert field in found and reason in found[field], found
+
+
+def test_post_steps_become_step_specs_after_their_job() -> None:
+    spec = parse_spec(
+        {"model": "org/m", "family": "sd15", "prompts": ["p"], "seeds": [1], "post_steps": [{"kind": "contact_sheet"}]}
+    )
+    job = uuid.uuid4()
+    (step,) = post_step_specs(spec, job)
+    assert (step.kind, step.source_job, step.after, step.after_policy) == ("contact_sheet", job, [str(job)], "wait")
 
 
 def test_ffmpeg_failure_is_reported_with_its_exit_code_and_stderr() -> None:
@@ -176,15 +200,27 @@ def test_svd_job_then_its_steps_on_a_cpu_worker(farm_factory, tiny_models, tmp_p
     metrics_port = _free_port()
     cpu = farm.start_worker(["farm.cpu"], name="cpu-steps", FARM_WORKER__METRICS_PORT=str(metrics_port))
     with farm.client() as client:
-        source = client.submit(tiny_video_job(tiny_models["svd"], image))  # 2 clips x 6 frames, 64x64
-        assert client.wait(source, timeout=300)["status"] == "succeeded"
+        # 2 clips x 6 frames, 64x64, with an encode post-step: a job of its own, after the source
+        video = {**tiny_video_job(tiny_models["svd"], image), "post_steps": [{"kind": "encode", "fps": 12, "crf": 20}]}
+        source = client.submit(video)
+        (then,) = client.get(source)["then"]
+        assert (then["kind"], then["mode"], then["policy"]) == ("encode", "job", "wait")
+        encode = uuid.UUID(then["id"])
+        ended = client.wait(source, timeout=300)
+        assert ended["status"] == "succeeded"
+        summary = client.wait(encode, timeout=180)
+        assert summary["status"] == "succeeded", summary
+        assert client.get(encode)["after"][0]["id"] == str(source)
+        with session_scope(client.sessions) as session:
+            source_end = session.scalar(select(Job.finished_at).where(Job.id == source))
+            step_start = session.scalar(select(func.min(Shard.started_at)).where(Shard.job_id == encode))
+        assert step_start >= source_end, "the step's shard started only once its source had ended"
         source_rows = _artifacts(client, source)
         shas = {a.key: a.sha256 for a in source_rows}
         frames = [a for a in source_rows if a.content_type == "image/png"]
         assert len(frames) == 12
 
         # encode: one mp4 per clip, every frame, at the fps asked for, beside the source's outputs
-        encode, summary = _run_step(client, {"kind": "encode", "source_job": str(source), "fps": 12, "crf": 20})
         steps_folder = f"videos/{source}/steps/{encode}/00000"
         mp4s = [a for a in _artifacts(client, encode) if a.content_type == "video/mp4"]
         assert sorted(a.key for a in mp4s) == [f"{steps_folder}/000000-s5.mp4", f"{steps_folder}/000001-s6.mp4"]

@@ -216,7 +216,7 @@ def submit(body: SubmitRequest, request: Request, response: Response, who: Calle
         spec = checked_spec(state, body.spec)
         check_priority(who, spec.priority, state.settings.api.member_max_priority)
         project_id = submit_project(who, body.project)
-        done = state.farm.submit_parsed(spec, owner_id=who.user_id, project_id=project_id)
+        done = state.farm.submit_parsed(spec, owner_id=who.user_id, project_id=project_id, scope=job_scope(who))
         note.update(target=str(done.job_id), status=201 if done.created else 200)
     response.status_code = 201 if done.created else 200
     return Submitted(job_id=str(done.job_id), created=done.created, status=done.status)

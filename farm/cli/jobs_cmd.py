@@ -89,6 +89,14 @@ def print_job(summary: dict, previews: dict | None = None) -> None:
         console.print(f"re-run of job {summary['parent_job_id']}", highlight=False)
     if summary.get("error"):
         console.print(f"error: {summary['error']}", highlight=False)
+    for up in summary.get("after") or []:
+        named = f" ({up['name']})" if up.get("name") else ""
+        console.print(
+            f"after: job {up['id'][:8]}{named} {up['status']} (mode {up['mode']}, policy {up['policy']})",
+            highlight=False,
+        )
+    for down in summary.get("then") or []:
+        console.print(f"then: job {down['id'][:8]} {down['kind']} {down['status']}", highlight=False)
     for reason in summary.get("waiting") or []:
         console.print(f"waiting: {reason}", highlight=False)
     by_status = summary.get("shards_by_status") or {}

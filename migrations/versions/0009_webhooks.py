@@ -3,7 +3,7 @@ fixed at submit with its progress throttle (``job_webhook``), and the outbox of 
 deliver (``webhook_event``). The downgrade drops them: undelivered events and secrets are lost.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-12
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
