@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.fixtures.api",  # after farm: it builds on it
     "tests.fixtures.browser",
     "tests.fixtures.local_servers",
+    "tests.fixtures.noop_jobs",
     "tests.fixtures.reliability",
     "tests.fixtures.seaweed",
 ]

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -44,9 +43,12 @@ from storage.registry import register_worker
 from storage.status import ShardStatus
 from storage.transitions import mark_shards_queued
 from tests.fixtures.farm import ROOT, Farm, WorkerProcess, text_job
+from tests.fixtures.noop_jobs import noop_spec
 
 SD15 = "farm.gpu.sd15"
 PROPERTIES = settings(max_examples=300, deadline=None)
+
+pytestmark = pytest.mark.usefixtures("bench_kind")  # this module submits bench_noop jobs
 
 
 # -- the policy, no database ------------------------------------------------------------------
@@ -256,33 +258,6 @@ def test_figures_read_from_the_database(db_url: str, tmp_path: Path) -> None:
 
 
 # -- real workers on Redis ------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def bench_kind() -> Iterator[None]:
-    """This process submits ``bench_noop`` jobs: the kind is registered for the module only."""
-    import bench.noop_kind as noop
-    from farm.kinds import KINDS, register_kind, unregister_kind
-
-    if noop.KIND not in KINDS:
-        register_kind(noop.DESCRIPTOR)
-    yield
-    unregister_kind(noop.KIND)
-
-
-def noop_spec(model: Path, shards: int, items: int, item_seconds: float, prefix: str) -> dict[str, Any]:
-    return {
-        "kind": "bench_noop",
-        "model": str(model),
-        "family": "sd15",
-        "prompts": ["a no-op render"],
-        "base_seed": 1,
-        "count": shards * items,
-        "steps": 1,
-        "width": 64,
-        "height": 64,
-        "shard_size": items,
-        "output_prefix": prefix,
-        "item_seconds": item_seconds,
-    }
 
 
 def redis_farm(farm_factory: Any, redis_url: str, db_url: str, **env: str) -> Farm:

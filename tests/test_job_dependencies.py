@@ -349,18 +349,6 @@ def test_why_waiting_names_the_upstream_and_what_it_waits_for(session_factory, t
 QUEUES = ["farm.gpu.sd15"]
 
 
-@pytest.fixture(scope="module")
-def bench_kind() -> Iterator[None]:
-    """This process submits ``bench_noop`` jobs: the kind is registered for the module only."""
-    import bench.noop_kind as noop
-    from farm.kinds import KINDS, register_kind, unregister_kind
-
-    if noop.KIND not in KINDS:
-        register_kind(noop.DESCRIPTOR)
-    yield
-    unregister_kind(noop.KIND)
-
-
 class Chain:
     """A farm on Postgres and Redis with a control worker and two render workers (``bench_noop``
     jobs), and direct access to its tables."""

@@ -31,8 +31,9 @@ from storage.models import Artifact, Job, Project, Shard
 from storage.share_usage import set_project_share, set_user_quota
 from storage.status import ShardStatus
 from tests.fixtures.farm import Farm, _base_env
+from tests.fixtures.noop_jobs import noop_spec
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("bench_kind")]
 
 WORKERS = 4
 WINDOW = 2  # scheduling.window_per_queue
@@ -111,41 +112,12 @@ class People:
         self.engine.dispose()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def bench_kind() -> Iterator[None]:
-    """This process submits ``bench_noop`` jobs: the kind is registered for the module only."""
-    import bench.noop_kind as noop
-    from farm.kinds import KINDS, register_kind, unregister_kind
-
-    if noop.KIND not in KINDS:
-        register_kind(noop.DESCRIPTOR)
-    yield
-    unregister_kind(noop.KIND)
-
-
 @pytest.fixture
 def people(redis_farm, tiny_models) -> Iterator[People]:
     redis_farm.tiny_model = tiny_models["sd15"]
     made = People(redis_farm)
     yield made
     made.close()
-
-
-def noop_spec(model: Any, shards: int, items: int, item_seconds: float, prefix: str) -> dict[str, Any]:
-    return {
-        "kind": "bench_noop",
-        "model": str(model),
-        "family": "sd15",
-        "prompts": ["a no-op render"],
-        "base_seed": 1,
-        "count": shards * items,
-        "steps": 1,
-        "width": 64,
-        "height": 64,
-        "shard_size": items,
-        "output_prefix": prefix,
-        "item_seconds": item_seconds,
-    }
 
 
 def small_job_behind_a_big_one(people: People, tag: str) -> None:

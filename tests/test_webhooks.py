@@ -513,17 +513,6 @@ def test_the_api_sets_urls_and_secrets_and_shows_deliveries_in_scope(farm_factor
 # -- real workers -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def bench_kind() -> Iterator[None]:
-    import bench.noop_kind as noop
-    from farm.kinds import KINDS, register_kind, unregister_kind
-
-    if noop.KIND not in KINDS:
-        register_kind(noop.DESCRIPTOR)
-    yield
-    unregister_kind(noop.KIND)
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_job_run_by_real_workers_reports_started_then_succeeded(

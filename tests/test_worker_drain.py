@@ -45,6 +45,7 @@ from storage.registry import (
     worker_heartbeat,
 )
 from storage.status import ShardStatus, WorkerStatus
+from tests.fixtures.noop_jobs import noop_spec
 from tests.fixtures.services import wait_for
 
 QUEUE = "farm.gpu.sd15"
@@ -60,17 +61,7 @@ FAST = {
     "FARM_RECONCILE__STUCK_AFTER_S": "5",
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def bench_kind() -> Iterator[None]:
-    """This process submits ``bench_noop`` jobs: the kind is registered for the module only."""
-    import bench.noop_kind as noop
-    from farm.kinds import KINDS, register_kind, unregister_kind
-
-    if noop.KIND not in KINDS:
-        register_kind(noop.DESCRIPTOR)
-    yield
-    unregister_kind(noop.KIND)
+pytestmark = pytest.mark.usefixtures("bench_kind")  # this module submits bench_noop jobs
 
 
 @pytest.fixture
@@ -78,24 +69,6 @@ def factory(pg_url):
     engine = make_engine(pg_url)
     yield make_session_factory(engine)
     engine.dispose()
-
-
-def noop_job(model: Any, items: int, item_seconds: float) -> dict[str, Any]:
-    """One shard of ``items`` fake renders of ``item_seconds`` each."""
-    return {
-        "kind": "bench_noop",
-        "model": str(model),
-        "family": "sd15",
-        "prompts": ["a drained render"],
-        "base_seed": 1,
-        "count": items,
-        "steps": 1,
-        "width": 64,
-        "height": 64,
-        "shard_size": items,
-        "output_prefix": f"drain-{uuid.uuid4().hex[:8]}",
-        "item_seconds": item_seconds,
-    }
 
 
 class Drill:
@@ -115,7 +88,7 @@ class Drill:
         return started
 
     def submit(self, items: int, item_seconds: float) -> uuid.UUID:
-        return self.client.submit(noop_job(self.model, items, item_seconds))
+        return self.client.submit(noop_spec(self.model, 1, items, item_seconds, f"drain-{uuid.uuid4().hex[:8]}"))
 
     def shard(self, job_id: uuid.UUID) -> Any:
         with session_scope(self.sessions) as s:

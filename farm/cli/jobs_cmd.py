@@ -67,6 +67,21 @@ def plain_output() -> bool:
     return not console.is_terminal or console.width < TABLE_WIDTH
 
 
+def print_rows(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A table in a wide terminal; tab-separated lines through a pipe or in a narrow one."""
+    if plain_output():
+        typer.echo("\t".join(columns))
+        for row in rows:
+            typer.echo("\t".join(row))
+        return
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
 def _items(summary: dict) -> str:
     if summary["status"] == "pending" or not summary.get("items_total"):
         return "items: not split into shards yet"
@@ -270,16 +285,7 @@ def status(
         )
         for j in jobs
     ]
-    if plain_output():
-        typer.echo("\t".join(columns))
-        typer.echo("\n".join("\t".join(row) for row in rows))
-        return
-    table = Table(title="jobs")
-    for column in columns:
-        table.add_column(column, no_wrap=True)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    print_rows("jobs", columns, rows)
 
 
 QUEUE_COLUMNS = ("queue", "pending", "queued", "running", "items left", "oldest", "s/item", "load", "live", "desired")
@@ -309,16 +315,7 @@ def print_queues(rows: list[dict], as_json: bool = False) -> None:
                 f"{q['desired_workers']}{cap}",
             )
         )
-    if plain_output():
-        typer.echo("\t".join(QUEUE_COLUMNS))
-        typer.echo("\n".join("\t".join(line) for line in lines))
-        return
-    table = Table(title="queues (* not measured yet: the autoscale defaults)")
-    for column in QUEUE_COLUMNS:
-        table.add_column(column, no_wrap=True)
-    for line in lines:
-        table.add_row(*line)
-    console.print(table)
+    print_rows("queues (* not measured yet: the autoscale defaults)", QUEUE_COLUMNS, lines)
 
 
 def wait(

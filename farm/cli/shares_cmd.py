@@ -12,7 +12,8 @@ import json
 import typer
 
 from farm.cli.common import console, settings
-from farm.cli.users_cmd import _audit, _print_rows, _session, users_app
+from farm.cli.jobs_cmd import print_rows
+from farm.cli.users_cmd import _audit, _session, users_app
 from farm.errors import UserError
 from storage.share_usage import project_shares, set_project_share, set_user_quota
 
@@ -44,7 +45,7 @@ def projects_list(as_json: bool = typer.Option(False, "--json", help="Print JSON
         )
         for r in rows
     ]
-    _print_rows("projects", ("name", "weight", "cap", "gpu_s", "in_flight", "members"), shown)
+    print_rows("projects", ("name", "weight", "cap", "gpu_s", "in_flight", "members"), shown)
 
 
 @projects_app.command("set-share")

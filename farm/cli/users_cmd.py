@@ -15,12 +15,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import typer
-from rich.table import Table
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from farm.cli.common import console, err_console, settings
-from farm.cli.jobs_cmd import plain_output
+from farm.cli.jobs_cmd import print_rows
 from farm.errors import ConfigError, UserError
 from farm.webhooks import checked_url
 from storage import migrate
@@ -77,21 +76,6 @@ def _audit(session: Session, action: str, target: str, **detail: Any) -> None:
 
 def _when(iso: str | None, empty: str = "-") -> str:
     return iso[:16].replace("T", " ") if iso else empty
-
-
-def _print_rows(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    """A table in a wide terminal; tab-separated lines through a pipe or in a narrow one."""
-    if plain_output():
-        typer.echo("\t".join(columns))
-        for row in rows:
-            typer.echo("\t".join(row))
-        return
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column, no_wrap=True)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
 
 
 # -- users -------------------------------------------------------------------------------------
@@ -205,7 +189,7 @@ def users_list(as_json: bool = typer.Option(False, "--json", help="Print JSON in
         )
         for u in users
     ]
-    _print_rows("users", ("name", "role", "projects", "tokens", "created"), rows)
+    print_rows("users", ("name", "role", "projects", "tokens", "created"), rows)
 
 
 # -- tokens ------------------------------------------------------------------------------------
@@ -250,7 +234,7 @@ def tokens_list(
         )
         for t in tokens
     ]
-    _print_rows("tokens", ("id", "user", "name", "state", "created", "expires", "last used"), rows)
+    print_rows("tokens", ("id", "user", "name", "state", "created", "expires", "last used"), rows)
 
 
 @tokens_app.command("revoke")
@@ -290,7 +274,7 @@ def audit(
         (_when(r["at"]), r["actor"] or "-", r["action"], r["target"] or "-", str(r["status"]), r["remote"] or "-")
         for r in rows
     ]
-    _print_rows("audit log", columns, shown)
+    print_rows("audit log", columns, shown)
 
 
 def register(app: typer.Typer) -> None:
