@@ -623,6 +623,16 @@ VALID_BASES: dict[str, dict[str, Any]] = {
         },
     ),
     "temporal_video": video(images=[REF, REF], seeds=[1, 2], segments=2),
+    # post-steps: their outputs go beside their source's; planned here under the same prefix
+    **{
+        kind: {"kind": kind, "source_job": str(uuid.UUID(int=5)), "output_prefix": "hostile", **fields}
+        for kind, fields in {
+            "encode": {"fps": 12},
+            "upscale": {"scale": 2, "parts": 2},
+            "contact_sheet": {"title": "t"},
+            "package": {"format": "webdataset"},
+        }.items()
+    },
 }
 
 # Strings a hostile user tries in any field: traversal, absolute paths, control characters, URLs,
@@ -800,7 +810,8 @@ PATH_FIELDS = [
     (base, target)
     for base in sorted(VALID_BASES)
     for target in ("output_prefix", "model", "idempotency_key", "ref_key")
-    if target != "ref_key" or base != "text_to_image"  # the one kind without input images
+    # ref_key: only where the spec has input images (not text_to_image, not the post-steps)
+    if target != "ref_key" or {"identity", "images"} & set(VALID_BASES[base])
 ]
 
 
