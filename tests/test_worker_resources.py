@@ -199,7 +199,7 @@ def test_sigterm_closes_a_real_workers_resources(farm_factory, tiny_models, tmp_
     assert len(closed) == 1, log[-4000:]
     released = closed[0].split(f"{CLOSED}closer: ", 1)[1]
     assert released.split("; ") == [
-        "heartbeat and reconciler stopped",
+        "heartbeat, reconciler and webhooks stopped",
         "metrics server stopped",
         "model cache: 1 pinned model dropped",
         "memory released (cpu)",

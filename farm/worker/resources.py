@@ -202,7 +202,10 @@ class WorkerResources:
     def _close_held(self) -> str | None:
         names, self._held_names = self._held_names, []
         self._held.close()
-        return f"{' and '.join(names)} stopped" if names else None
+        if not names:
+            return None
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+        return f"{listed} stopped"
 
     def _close_metrics(self) -> str | None:
         if self.metrics is None or getattr(self.metrics, "server", None) is None:
