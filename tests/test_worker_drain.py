@@ -177,7 +177,14 @@ def each_item_once(artifacts: list[tuple[int, str, int]], items: int) -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
-def test_sigterm_mid_shard_hands_back_and_another_worker_finishes(drill, broker) -> None:
+def test_sigterm_mid_shard_hands_back_and_another_worker_finishes(drill, broker, fault_table) -> None:
+    row = fault_table.row(
+        "Worker death",
+        f"worker SIGTERMed mid-shard: the drain ({broker})",
+        "SIGTERM after item 1 of a 5-item shard (3 s items); a second worker starts once the first has exited",
+        "no new work at once (not a consumer any more), the shard handed back after the item in progress (items "
+        "kept, no attempt counted), exit 0 within worker.drain_timeout_s; the second worker renders only the rest",
+    )
     d = drill(broker)
     leaver = d.worker("leaver")
     items = 5
@@ -220,6 +227,11 @@ def test_sigterm_mid_shard_hands_back_and_another_worker_finishes(drill, broker)
     # exactly the items left: it skipped what the leaver had written.
     assert tokens.count(back.fencing_token) == kept and len(set(tokens)) == 2, artifacts
     print(f"{broker}: drained {took:.1f} s after SIGTERM, {kept}/{items} items kept, {items - kept} rendered after")
+    row.observed = (
+        f"marked draining at once; exit 0 {took:.1f} s after SIGTERM; shard back with {kept}/{items} items, "
+        f"attempts {back.attempts}; the finisher rendered {items - kept} (attempt {shard['attempts']}); "
+        f"{len(artifacts)} artifacts, one per item"
+    )
 
 
 @pytest.mark.integration
@@ -244,10 +256,18 @@ def test_sigterm_on_the_last_item_finishes_the_shard_then_exits(drill) -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["second SIGTERM", "item longer than the bound"])
-def test_a_forced_stop_leaves_the_shard_to_a_take_over(drill, how) -> None:
+def test_a_forced_stop_leaves_the_shard_to_a_take_over(drill, how, fault_table) -> None:
     """The drain gives up: a second SIGTERM, or an item longer than ``worker.drain_timeout_s``.
     The worker exits 1 at once, its lease expired; another worker takes the shard over (the
     attempt counts, as after any lost worker)."""
+    row = fault_table.row(
+        "Worker death",
+        f"drain cut short: {how}",
+        "SIGTERM after item 1 of 3 (12 s items)"
+        + ("; SIGTERM again at once" if how == "second SIGTERM" else "; worker.drain_timeout_s 3 s"),
+        "exit 1 at once (the second signal, or the bound), leases expired and the worker marked stopped; another "
+        "worker takes the shard over and the job succeeds, each item once",
+    )
     bound = 3.0 if how == "item longer than the bound" else float(DRAIN_TIMEOUT_S)
     d = drill(FARM_WORKER__DRAIN_TIMEOUT_S=str(bound))
     worker = d.worker("forced")
@@ -271,13 +291,24 @@ def test_a_forced_stop_leaves_the_shard_to_a_take_over(drill, how) -> None:
     assert any("lease expired" in e for e in shard["errors"]), shard
     each_item_once(d.artifacts(job_id), items)
     print(f"{how}: exit 1 {took:.1f} s after the signal; the rescuer took the shard over")
+    row.observed = (
+        f"exit 1 {took:.1f} s after the signal; registry 'stopped'; the rescuer ran attempt {shard['attempts']} and "
+        f"the job succeeded; {len(d.artifacts(job_id))} artifacts, one per item"
+    )
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_sigkill_during_the_drain_still_ends_the_job(drill) -> None:
+def test_sigkill_during_the_drain_still_ends_the_job(drill, fault_table) -> None:
     """An unlisted fault: the orchestrator's SIGKILL lands mid-drain. Nothing marks the row stopped
     or hands the shard back; the draining row is swept lost, its lease expires, the job ends."""
+    row = fault_table.row(
+        "Worker death",
+        "SIGKILL during a drain",
+        "SIGTERM after item 1 of 4 (3 s items), SIGKILL once the worker is marked draining; a second worker starts",
+        "the job still ends: the lease expires, another worker finishes the shard (each item once), the draining "
+        "worker is swept lost",
+    )
     d = drill()
     victim = d.worker("victim")
     items = 4
@@ -292,6 +323,10 @@ def test_sigkill_during_the_drain_still_ends_the_job(drill) -> None:
     assert shard["worker"] == "rescuer", shard
     each_item_once(d.artifacts(job_id), items)
     wait_for(lambda: d.worker_status("victim") == "lost", 30, "the killed draining worker to be swept lost")
+    row.observed = (
+        f"job succeeded, the shard finished by the rescuer (attempt {shard['attempts']}, errors {shard['errors']}); "
+        f"{len(d.artifacts(job_id))} artifacts for {items} items; the victim's row 'lost'"
+    )
 
 
 # -- the registry and the health check, without workers ------------------------------------------------------
