@@ -22,9 +22,8 @@ from farm.errors import StorageError
 from farm.feeder import top_up
 from farm.manifest import write_job_outputs
 from farm.scheduler import finalize_job, job_summary
-from farm.sharding import QUEUES
 from storage.db import session_scope
-from storage.dependencies import cancel_broken_dependents, dependent_queues
+from storage.dependencies import cancel_broken_dependents
 from storage.models import Job, utcnow
 from storage.objects import ObjectStore
 from storage.recovery import unfinished_shard
@@ -108,21 +107,13 @@ def write_outputs(session_factory: Any, store: ObjectStore, job_id: uuid.UUID) -
     return True
 
 
-def _dependent_queues(res: Any, job_id: uuid.UUID) -> list[str]:
-    with session_scope(res.session_factory) as session:
-        return dependent_queues(session, job_id)
-
-
 def finalize_and_feed(app: Any, res: Any, job_id: uuid.UUID) -> dict[str, Any]:
     """What ``farm.finalize_job`` does: :func:`finalize` the job, then top every queue's window
     up (an ended job may have freed places, or released the jobs that wait for it; a lost feed
     after a shard's end is made up here).
     Each step waits out service outages on its own (``res.outlast``). Returns the task's result."""
     done = res.outlast(lambda: finalize(res.session_factory, res.store, job_id), f"job {job_id}: finalize")
-    queues = set(QUEUES.values())
-    if done.status in JOB_TERMINAL:  # jobs waiting for this one may be released: their queues too
-        queues.update(res.outlast(lambda: _dependent_queues(res, job_id), f"job {job_id}: dependents"))
-    fed = top_up(app, res, sorted(queues))
+    fed = top_up(app, res)  # every work queue: the jobs waiting for this one are released there too
     return {
         "job_id": str(job_id),
         "status": done.status.value,
