@@ -505,6 +505,33 @@ def test_the_control_worker_killed_mid_chain_resumes_without_rerunning_finished_
     assert min(s.started_at for s in chain.shards(second)) >= max(s.finished_at for s in chain.shards(first))
 
 
+@pytest.mark.integration
+def test_the_broker_emptied_mid_chain_still_ends_every_job_once(chain: Chain) -> None:
+    """An unlisted fault: Redis loses every message (a restart without persistence) while a chain
+    runs and its dependent shards wait. The database still holds the chain; the reconciler sends
+    what the broker lost, so every job ends, each shard's outputs once."""
+    import redis
+
+    first = chain.submit(6, item_seconds=0.4, name="flush-1")
+    second = chain.submit(4, item_seconds=0.1, after=["flush-1"], after_mode="shard")
+    third = chain.submit(2, item_seconds=0.1, after=[str(second)])
+    chain.wait_for(
+        "two shards of the first stage", lambda: sum(s.status == S.SUCCEEDED for s in chain.shards(first)) >= 2
+    )
+    broker = redis.Redis.from_url(chain.farm.env["FARM_BROKER__URL"])
+    dropped = broker.dbsize()
+    broker.flushdb()  # queued messages, unacked deliveries, kombu's bindings: all gone
+
+    assert chain.client.wait(third, timeout=180)["status"] == "succeeded"
+    for job_id, items in ((first, 6), (second, 4), (third, 2)):
+        assert chain.status(job_id) == "succeeded"
+        assert chain.artifacts(job_id) == items, "each shard's output once"
+    up, down = chain.shards(first), chain.shards(second)
+    for mine, theirs in zip(down, up, strict=False):  # the release still held: shard i after shard i
+        assert mine.started_at >= theirs.finished_at
+    print(f"flushed {dropped} broker keys mid-chain; 3 jobs succeeded, 12 artifacts")
+
+
 # -- the API and the dashboard --------------------------------------------------------------------
 @pytest.mark.integration
 @pytest.mark.slow
