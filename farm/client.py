@@ -152,7 +152,7 @@ class FarmClient(TemplateMethods):
                 scope=scope,
             )
             job_id, status = job.id, JobStatus(job.status)
-            made = dependents(session, job_id) if created else []  # its post-steps, made with it
+            made = dependents(session, job_id) if created and spec.post_steps else []  # its post-steps
             steps = [uuid.UUID(d["id"]) for d in made if d["status"] == JobStatus.PENDING.value]
         for pending in (job_id, *steps) if status == JobStatus.PENDING else steps:
             self._publish_schedule(pending)  # a post-step is split at once; its shards wait for the job

@@ -235,7 +235,8 @@ def refresh_job_counts(session: Session, job_id: uuid.UUID) -> JobRollup:
     Locks the job row first (``FOR UPDATE``; SQLite serializes writers anyway): without it, two
     workers finishing the last two shards in concurrent transactions each count the other's shard
     as still running, neither sees the job end, and the stored counts are stale."""
-    if session.scalar(select(Job.id).where(Job.id == job_id).with_for_update()) is None:
+    status = session.scalar(select(Job.status).where(Job.id == job_id).with_for_update())
+    if status is None:
         raise NotFound(f"no job {job_id}")
     rows = session.execute(
         select(Shard.status, func.count(), func.sum(Shard.items_total), func.sum(Shard.items_done))
@@ -272,8 +273,6 @@ def refresh_job_counts(session: Session, job_id: uuid.UUID) -> JobRollup:
     )
     if result.rowcount != 1:
         raise NotFound(f"no job {job_id}")
-    if not rollup.all_terminal:  # an ending job reports its end, not a last progress
-        status = session.scalar(select(Job.status).where(Job.id == job_id))
-        if status == J.RUNNING:
-            record_progress_event(session, job_id, rollup.items_done)
+    if not rollup.all_terminal and status == J.RUNNING:  # an ending job reports its end, not a last progress
+        record_progress_event(session, job_id, rollup.items_done)
     return rollup
