@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 
 from farm.api_client import ApiClient
 from farm.bulk import bulk_status, export_rows, retry_failed_rows, submit_and_feed
@@ -231,19 +231,24 @@ class FarmClient(TemplateMethods):
         with session_scope(self._sessions) as session:
             return resolve_job_id(session, ref)
 
-    def get(self, job_id: str | uuid.UUID, shards: int | str = SUMMARY_SHARDS) -> dict[str, Any]:
+    def get(
+        self, job_id: str | uuid.UUID, shards: int | str = SUMMARY_SHARDS, scope: ColumnElement[bool] | None = None
+    ) -> dict[str, Any]:
         """The job with its counts by shard status and at most ``shards`` of its shards (failed,
         running, most recently changed; all of them when it has no more); ``shards="all"``
-        lists every shard. ``after`` lists the jobs it waits for (id, name, status, mode, policy);
-        ``waiting`` says, in words, why work of a job that is not moving waits (an upstream job
-        not done yet, no live worker on its queue, every one busy, nobody to schedule it, a cap reached)."""
+        lists every shard. ``after`` lists the jobs it waits for (id, name, status, mode, policy),
+        ``then`` the jobs that wait for it; ``waiting`` says, in words, why work of a job that is
+        not moving waits (an upstream job not done yet, no live worker on its queue, every one
+        busy, nobody to schedule it, a cap reached). ``scope``: the jobs the viewer may open
+        (:func:`storage.access.job_scope`; ``None``: every job); a linked job outside it shows
+        only its status (``hidden``), without id, name or kind."""
         limit = shard_limit(shards)
         with session_scope(self._sessions) as session:
             job = resolve_job_id(session, job_id)
             summary = job_summary(session, job, shard_limit=limit)
-            summary["after"] = upstreams(session, job)
-            summary["then"] = dependents(session, job)
-            summary["waiting"] = why_waiting(session, job, self.settings)
+            summary["after"] = upstreams(session, job, scope)
+            summary["then"] = dependents(session, job, scope)
+            summary["waiting"] = why_waiting(session, job, self.settings, scope=scope)
             return summary
 
     def list_jobs(self, limit: int = 20) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from farm.celery_app import CONTROL_QUEUE
@@ -34,8 +34,15 @@ from storage.registry import queue_consumers
 from storage.status import JOB_ENDED_BADLY, DependencyMode, DependencyPolicy, JobStatus, ShardStatus
 
 
-def why_waiting(session: Session, job_id: uuid.UUID, settings: FarmSettings, now: datetime | None = None) -> list[str]:
-    """Reasons the job's unstarted work is waiting (empty when nothing waits or a worker is free)."""
+def why_waiting(
+    session: Session,
+    job_id: uuid.UUID,
+    settings: FarmSettings,
+    now: datetime | None = None,
+    scope: ColumnElement[bool] | None = None,
+) -> list[str]:
+    """Reasons the job's unstarted work is waiting (empty when nothing waits or a worker is free).
+    ``scope``: the jobs the viewer may open; an upstream outside it is not named."""
     now = now or utcnow()
     job = session.execute(
         select(Job.status, Job.project_id, Job.owner_id, Job.bulk_id).where(Job.id == job_id)
@@ -43,7 +50,7 @@ def why_waiting(session: Session, job_id: uuid.UUID, settings: FarmSettings, now
     if job is None or job.status not in (JobStatus.PENDING, JobStatus.RUNNING):
         return []
     consumers = queue_consumers(session, settings.worker.lost_after_s, now)
-    upstream = [dependency_reason(b) for b in blockers(session, job_id)]
+    upstream = [dependency_reason(b) for b in blockers(session, job_id, scope)]
     if job.status == JobStatus.PENDING:
         if not consumers.get(CONTROL_QUEUE):
             return [
@@ -71,7 +78,10 @@ def why_waiting(session: Session, job_id: uuid.UUID, settings: FarmSettings, now
 
 def dependency_reason(b: Blocker) -> str:
     """One unmet dependency, in words."""
-    job = f"job {short_id(b.upstream_id)}" + (f" ({b.name})" if b.name else "")
+    if b.hidden:
+        job = "a job you may not open"
+    else:
+        job = f"job {short_id(b.upstream_id)}" + (f" ({b.name})" if b.name else "")
     if b.mode == DependencyMode.SHARD:
         theirs = (
             f"its shard {b.first_index} ({b.first_upstream_status.value})"
@@ -92,7 +102,8 @@ def _ended(b: Blocker) -> str:
         return f"{b.status.value}; this job is being cancelled (after_policy: cancel)"
     if b.status == JobStatus.CANCELLED:
         return "cancelled, it cannot run again; cancel this job, or submit it again after a new run"
-    return f"{b.status.value}; waits until it is retried and succeeds (farm retry {short_id(b.upstream_id)})"
+    retry = "its owner retries it" if b.hidden else f"farm retry {short_id(b.upstream_id)}"
+    return f"{b.status.value}; waits until it is retried and succeeds ({retry})"
 
 
 def held_back(session: Session, job: Any, settings: FarmSettings, now: datetime) -> list[str]:

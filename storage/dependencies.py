@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select
+from sqlalchemy import ColumnElement, and_, case, exists, false, func, or_, select, true
 from sqlalchemy.orm import Session, aliased
 
 from storage.errors import InvalidTransition
@@ -224,57 +224,72 @@ class Blocker:
     held: int = 0
     first_index: int | None = None
     first_upstream_status: ShardStatus | None = None
+    hidden: bool = False  # outside the viewer's scope: named without its id or name
 
 
-def upstreams(session: Session, job_id: uuid.UUID) -> list[dict[str, Any]]:
-    """Every upstream of the job as plain data (id, name, status, mode, policy), in ``after`` order."""
+def _visible(scope: ColumnElement[bool] | None) -> ColumnElement[bool]:
+    """Whether the joined job is one the viewer may open (every job when ``scope`` is ``None``)."""
+    return true() if scope is None else case((scope, true()), else_=false())
+
+
+def _link(job_id: uuid.UUID, r: Any, *, kind: bool) -> dict[str, Any]:
+    """A linked job as plain data; one the viewer may not open shows only its status (``hidden``)."""
+    shown = bool(r.visible)
+    link = {
+        "id": str(job_id) if shown else None,
+        "name": r.name if shown else None,
+        "status": JobStatus(r.status).value,
+        "mode": DependencyMode(r.mode).value,
+        "policy": DependencyPolicy(r.policy).value,
+        "hidden": not shown,
+    }
+    if kind:
+        link["kind"] = r.kind if shown else None
+    return link
+
+
+def upstreams(session: Session, job_id: uuid.UUID, scope: ColumnElement[bool] | None = None) -> list[dict[str, Any]]:
+    """Every upstream of the job as plain data (id, name, status, mode, policy, hidden), in
+    ``after`` order. ``scope``: the jobs the viewer may open (:func:`storage.access.job_scope`);
+    an upstream outside it (another project's, submitted by someone in both) keeps only its
+    status, mode and policy."""
     rows = session.execute(
-        select(D.upstream_id, D.mode, D.policy, Job.name, Job.status)
+        select(D.upstream_id, D.mode, D.policy, Job.name, Job.status, _visible(scope).label("visible"))
         .join(Job, Job.id == D.upstream_id)
         .where(D.job_id == job_id)
         .order_by(D.position)
     ).all()
-    return [
-        {
-            "id": str(r.upstream_id),
-            "name": r.name,
-            "status": JobStatus(r.status).value,
-            "mode": DependencyMode(r.mode).value,
-            "policy": DependencyPolicy(r.policy).value,
-        }
-        for r in rows
-    ]
+    return [_link(r.upstream_id, r, kind=False) for r in rows]
 
 
-def dependents(session: Session, job_id: uuid.UUID) -> list[dict[str, Any]]:
+def dependents(session: Session, job_id: uuid.UUID, scope: ColumnElement[bool] | None = None) -> list[dict[str, Any]]:
     """The jobs that wait for ``job_id`` (its post-steps among them) as plain data (id, name, kind,
-    status, mode, policy), oldest first."""
+    status, mode, policy, hidden), oldest first; ``scope`` as for :func:`upstreams`."""
     rows = session.execute(
-        select(D.job_id, D.mode, D.policy, Job.name, Job.kind, Job.status)
+        select(D.job_id, D.mode, D.policy, Job.name, Job.kind, Job.status, _visible(scope).label("visible"))
         .join(Job, Job.id == D.job_id)
         .where(D.upstream_id == job_id)
         .order_by(Job.created_at, Job.id)
     ).all()
-    return [
-        {
-            "id": str(r.job_id),
-            "name": r.name,
-            "kind": r.kind,
-            "status": JobStatus(r.status).value,
-            "mode": DependencyMode(r.mode).value,
-            "policy": DependencyPolicy(r.policy).value,
-        }
-        for r in rows
-    ]
+    return [_link(r.job_id, r, kind=True) for r in rows]
 
 
-def blockers(session: Session, job_id: uuid.UUID) -> list[Blocker]:
-    """The job's unmet dependencies, in ``after`` order."""
-    up = aliased(Job)
+def blockers(session: Session, job_id: uuid.UUID, scope: ColumnElement[bool] | None = None) -> list[Blocker]:
+    """The job's unmet dependencies, in ``after`` order. ``scope``: the jobs the viewer may open;
+    an upstream outside it is marked ``hidden`` (its id and name are not for this viewer)."""
     rows = session.execute(
-        select(D.upstream_id, D.mode, D.policy, up.name, up.status, up.shards_done, up.shards_total)
-        .join(up, up.id == D.upstream_id)
-        .where(D.job_id == job_id, ~_job_met(up))
+        select(
+            D.upstream_id,
+            D.mode,
+            D.policy,
+            Job.name,
+            Job.status,
+            Job.shards_done,
+            Job.shards_total,
+            _visible(scope).label("visible"),
+        )
+        .join(Job, Job.id == D.upstream_id)
+        .where(D.job_id == job_id, ~_job_met(Job))
         .order_by(D.position)
     ).all()
     found = []
@@ -287,6 +302,7 @@ def blockers(session: Session, job_id: uuid.UUID) -> list[Blocker]:
             DependencyPolicy(r.policy),
             r.shards_done,
             r.shards_total,
+            hidden=not r.visible,
         )
         if blocker.mode == DependencyMode.SHARD:
             held = and_(

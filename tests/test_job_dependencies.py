@@ -32,8 +32,8 @@ from farm.specs import parse_spec
 from farm.waiting import why_waiting
 from storage.access import job_scope
 from storage.db import make_engine, make_session_factory, session_scope
-from storage.dependencies import cancel_broken_dependents, released, upstreams
-from storage.identity import create_user, principal_for
+from storage.dependencies import cancel_broken_dependents, dependents, released, upstreams
+from storage.identity import add_member, create_user, principal_for
 from storage.models import Artifact, Job, Shard
 from storage.objects import open_store
 from storage.status import JobStatus, ShardStatus
@@ -345,6 +345,46 @@ def test_why_waiting_names_the_upstream_and_what_it_waits_for(session_factory, t
     assert not any("after" in r for r in reasons(by_job) + reasons(by_shard))
 
 
+def test_a_linked_job_in_another_project_shows_only_its_status(session_factory, people, tmp_path: Path) -> None:
+    """Carol is in both projects and chains her studio job into an elsewhere job: bob (elsewhere
+    only) sees that his project's job waits for "a job you may not open", never its id or name;
+    alice (studio only) sees the same of the job waiting for hers. Carol and the admin see both."""
+    settings = FarmSettings(_env_file=None, data_dir=tmp_path)
+    alice, bob = people["alice"], people["bob"]
+    studio, elsewhere = next(iter(alice.projects)), next(iter(bob.projects))
+    tag = alice.name.split("-", 1)[1]
+    with session_scope(session_factory) as session:
+        create_user(session, f"carol-{tag}", "member", project=f"studio-{tag}")
+        add_member(session, f"carol-{tag}", f"elsewhere-{tag}")
+        carol = principal_for(session, f"carol-{tag}")
+    ids = {}
+    for project, name, after in ((studio, "secret-frames", []), (elsewhere, "video", ["secret-frames"])):
+        with session_scope(session_factory) as session:
+            job, _ = submit_job(
+                session,
+                spec(name=name, after=after),
+                owner_id=carol.user_id,
+                project_id=project,
+                scope=job_scope(carol),
+            )
+            create_shards(session, job.id)
+            ids[name] = job.id
+    upstream, downstream = ids["secret-frames"], ids["video"]
+    with session_scope(session_factory) as session:
+        (hidden_up,) = upstreams(session, downstream, job_scope(bob))
+        (hidden_down,) = dependents(session, upstream, job_scope(alice))
+        reasons = why_waiting(session, downstream, settings, scope=job_scope(bob))
+        (shown_up,) = upstreams(session, downstream, job_scope(carol))
+        (admins,) = dependents(session, upstream)
+    assert hidden_up == {"id": None, "name": None, "status": "running", "mode": "job", "policy": "wait", "hidden": True}
+    assert hidden_down["hidden"] and hidden_down["id"] is None and hidden_down["kind"] is None
+    assert reasons[0] == "after a job you may not open: running, 0/4 shards done", reasons
+    seen = repr((hidden_up, hidden_down, reasons))
+    assert str(upstream)[:8] not in seen and "secret-frames" not in seen and str(downstream)[:8] not in seen
+    assert shown_up["id"] == str(upstream) and shown_up["name"] == "secret-frames" and not shown_up["hidden"]
+    assert admins["id"] == str(downstream) and admins["kind"] == "text_to_image"
+
+
 # -- with real workers ----------------------------------------------------------------------------
 QUEUES = ["farm.gpu.sd15"]
 
@@ -582,8 +622,51 @@ def test_the_job_page_says_what_the_job_waits_for(
             page.go_back()
             page.wait_for_url(f"**/jobs/{video}")
             shot(page, "job-after")  # with FARM_SCREENSHOTS=DIR
+            page.goto(f"/jobs/{frames}")
+            assert video[:8] in page.locator("#job-then").inner_text()
+        finally:
+            context.close()
+
+        # Carol, in both projects, chains a studio job into an elsewhere job: bob sees his
+        # project's job wait for "a job you may not open", without its id, name or a link.
+        carol = add_person(farm, server, "carol", "member", project="studio")
+        _add_member(farm, "carol", "elsewhere")
+        set_password(farm, "bob", "bob's long password")
+        with carol.http() as http:
+            made = []
+            for project, job in (
+                ("studio", text_job(model, name="carols-frames", output_prefix="carol")),
+                ("elsewhere", text_job(model, after=["carols-frames"], output_prefix="cv")),
+            ):
+                answer = http.post("/v1/jobs", json={"spec": job, "project": project})
+                assert answer.status_code == 201, answer.text
+                made.append(answer.json()["job_id"])
+        hers, chained = made
+        with bob.http() as http:
+            summary = http.get(f"/v1/jobs/{chained}").json()
+        assert summary["after"][0]["hidden"] and summary["after"][0]["id"] is None, summary["after"]
+        assert hers[:8] not in repr(summary) and "carols-frames" not in repr(summary)
+        context, page = logged_in(chromium, server, "bob", "bob's long password")
+        try:
+            page.goto(f"/jobs/{chained}")
+            after = page.locator("#job-after").inner_text()
+            assert "a job you may not open" in after and hers[:8] not in after and "carols" not in after
+            assert page.locator("#job-after a").count() == 0
+            assert hers[:8] not in page.content()
+            shot(page, "job-after-hidden")
         finally:
             context.close()
     finally:
         server.stop()
         farm.stop()
+
+
+def _add_member(farm: Farm, user: str, project: str) -> None:
+    from storage.identity import add_member
+
+    engine = make_engine(farm.settings().database_url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            add_member(session, user, project)
+    finally:
+        engine.dispose()

@@ -19,6 +19,7 @@ from farm.api.auth import caller
 from farm.api.jobs import JobRef, job_of
 from farm.api.state import ApiState, api_state
 from farm.job_views import settled
+from storage.access import job_scope
 from storage.identity import Principal
 from storage.status import JOB_TERMINAL, JobStatus
 
@@ -35,13 +36,14 @@ def _ended(summary: dict[str, Any]) -> bool:
     return JobStatus(summary["status"]) in JOB_TERMINAL and settled(summary)
 
 
-async def job_events(state: ApiState, job_id: Any) -> AsyncIterator[str]:
-    """The stream's lines. An async generator: a watcher who goes away, or the server shutting
+async def job_events(state: ApiState, job_id: Any, scope: Any) -> AsyncIterator[str]:
+    """The stream's lines (linked jobs outside ``scope``, the watcher's, show only their status).
+    An async generator: a watcher who goes away, or the server shutting
     down, cancels it at its next wait (the database is read on a worker thread)."""
     last: str | None = None
     quiet_since = time.monotonic()
     while True:
-        summary = await anyio.to_thread.run_sync(lambda: state.farm.get(job_id, shards=0))
+        summary = await anyio.to_thread.run_sync(lambda: state.farm.get(job_id, shards=0, scope=scope))
         shown = json.dumps({k: v for k, v in summary.items() if k != "waiting"}, sort_keys=True, default=str)
         if _ended(summary):
             yield _event("end", summary)
@@ -66,4 +68,4 @@ def events(
 ) -> StreamingResponse:
     job_id, _ = job_of(state, who, ref)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(job_events(state, job_id), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(job_events(state, job_id, job_scope(who)), media_type="text/event-stream", headers=headers)

@@ -284,7 +284,7 @@ def get_job(
     shards: Annotated[str, Query(max_length=8, description="How many shards to list, or 'all'.")] = "20",
 ) -> dict[str, Any]:
     job_id, _ = job_of(state, who, ref)
-    return state.farm.get(job_id, shards=shards)
+    return state.farm.get(job_id, shards=shards, scope=job_scope(who))
 
 
 @router.post("/jobs/{ref}/cancel", summary="Cancel a job")

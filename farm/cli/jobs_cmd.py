@@ -82,6 +82,15 @@ def print_rows(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]
     console.print(table)
 
 
+def _linked(link: dict) -> str:
+    """A job in ``after``/``then``: its short id, name and kind, or that the viewer may not open it."""
+    if link.get("hidden") or not link.get("id"):
+        return "a job you may not open"
+    named = f" ({link['name']})" if link.get("name") else ""
+    kind = f" {link['kind']}" if link.get("kind") else ""
+    return f"job {link['id'][:8]}{named}{kind}"
+
+
 def _items(summary: dict) -> str:
     if summary["status"] == "pending" or not summary.get("items_total"):
         return "items: not split into shards yet"
@@ -105,13 +114,11 @@ def print_job(summary: dict, previews: dict | None = None) -> None:
     if summary.get("error"):
         console.print(f"error: {summary['error']}", highlight=False)
     for up in summary.get("after") or []:
-        named = f" ({up['name']})" if up.get("name") else ""
         console.print(
-            f"after: job {up['id'][:8]}{named} {up['status']} (mode {up['mode']}, policy {up['policy']})",
-            highlight=False,
+            f"after: {_linked(up)} {up['status']} (mode {up['mode']}, policy {up['policy']})", highlight=False
         )
     for down in summary.get("then") or []:
-        console.print(f"then: job {down['id'][:8]} {down['kind']} {down['status']}", highlight=False)
+        console.print(f"then: {_linked(down)} {down['status']}", highlight=False)
     for reason in summary.get("waiting") or []:
         console.print(f"waiting: {reason}", highlight=False)
     by_status = summary.get("shards_by_status") or {}

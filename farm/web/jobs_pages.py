@@ -24,7 +24,7 @@ from farm.api.state import ApiState, api_state
 from farm.errors import FarmError, UserError
 from farm.web.render import PageRoute, page
 from farm.web.sessions import form_caller, page_caller
-from storage.access import can_change, can_rerun
+from storage.access import can_change, can_rerun, job_scope
 from storage.db import session_scope
 from storage.identity import Principal
 from storage.models import Job
@@ -127,7 +127,7 @@ def job_page(
     state: State,
 ) -> Response:
     job_id, row = job_of(state, who, ref)
-    summary = state.farm.get(job_id, shards="all")
+    summary = state.farm.get(job_id, shards="all", scope=job_scope(who))
     with session_scope(state.sessions) as session:
         spec = session.scalar(select(Job.spec).where(Job.id == job_id)) or {}
     results = state.farm.results(job_id, url=lambda key: object_link(state, job_id, key))
