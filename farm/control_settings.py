@@ -157,6 +157,12 @@ class WebhooksSettings(_Section):
     )
     poll_interval_s: float = Field(default=1.0, gt=0, le=60, description="How often a deliverer looks for due events.")
     batch: int = Field(default=50, ge=1, le=1000, description="Most events one look delivers.")
+    concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Deliveries a deliverer makes at once (to different jobs); a slow receiver holds up only its own.",
+    )
     claim_lease_s: float = Field(
         default=60.0,
         gt=0,

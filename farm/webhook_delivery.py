@@ -1,5 +1,6 @@
 """Delivering job webhooks from the outbox (:mod:`storage.webhook_outbox`): a pass claims the due
-events, POSTs each one, and records how it went; :class:`WebhookLoop` runs passes in every worker
+events (a round of ``webhooks.concurrency`` at a time), POSTs them in parallel threads, and
+records how each went; :class:`WebhookLoop` runs passes in every worker
 that consumes farm.control.
 
 Outbound safety: the URL's host is resolved and every address judged (:mod:`farm.webhook_urls`)
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -139,14 +141,32 @@ class WebhookDeliverer:
         self.policy = settings.policy
 
     def run_pass(self, now: datetime | None = None) -> DeliveryReport:
+        """Deliver up to ``webhooks.batch`` due events, ``webhooks.concurrency`` at once. An event
+        is claimed only when a thread is free to send it (one event per job, so a job's events
+        stay in order): no claim waits behind a slow receiver while its lease runs out, and a
+        slow receiver holds up only its own thread."""
         report = DeliveryReport()
-        with session_scope(self.sessions) as session:
-            claimed = claim_due(session, now or utcnow(), self.settings.batch, self.settings.claim_lease_s)
-        for event in claimed:
-            self._deliver(event, report)
-        return report
+        left, width = self.settings.batch, min(self.settings.concurrency, self.settings.batch)
+        running: set[Future[str]] = set()
+        more = True
+        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="farm-webhook") as pool:
+            while True:
+                wanted = min(width - len(running), left)
+                if more and wanted > 0:
+                    with session_scope(self.sessions) as session:
+                        claimed = claim_due(session, now or utcnow(), wanted, self.settings.claim_lease_s)
+                    left -= len(claimed)
+                    more = len(claimed) == wanted  # fewer: nothing else is due now
+                    running |= {pool.submit(self._deliver, event) for event in claimed}
+                if not running:
+                    return report
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    outcome = future.result()
+                    setattr(report, outcome, getattr(report, outcome) + 1)
 
-    def _deliver(self, event: ClaimedEvent, report: DeliveryReport) -> None:
+    def _deliver(self, event: ClaimedEvent) -> str:
+        """POST one claimed event and record how it went; returns the report field it counts in."""
         attempt = post_event(event, self.settings, self.policy)
         now = utcnow()
         host = check_webhook_url(event.url).hostname
@@ -159,14 +179,7 @@ class WebhookDeliverer:
                 written = mark_failed(session, event, attempt.error or "failed", attempt.http_status, again)
                 outcome = "dead" if again is None else f"failed, next try at {again:%H:%M:%S}"
         if not written:
-            report.lost += 1
-            return
-        if attempt.accepted:
-            report.delivered += 1
-        elif outcome == "dead":
-            report.dead += 1
-        else:
-            report.failed += 1
+            return "lost"
         level = logging.INFO if attempt.accepted else logging.WARNING
         log.log(
             level,
@@ -179,6 +192,9 @@ class WebhookDeliverer:
             outcome,
             f" ({attempt.error})" if attempt.error else "",
         )
+        if attempt.accepted:
+            return "delivered"
+        return "dead" if outcome == "dead" else "failed"
 
 
 class WebhookLoop:

@@ -339,6 +339,40 @@ def test_a_receiver_down_at_the_end_gets_the_event_when_it_is_back(hook_db, rece
     assert [r["headers"]["X-Farm-Event-Id"] for r in receiver.requests] == [str(e.id) for e in events(sessions, job_id)]
 
 
+def test_a_slow_receiver_holds_up_only_its_own_delivery(hook_db, receivers) -> None:
+    """One receiver that does not answer yet and five that do: in one pass (two threads, a batch
+    of six) the five are delivered while the slow one still holds its request; no claim ran out."""
+    _, sessions = hook_db
+    settings = WebhooksSettings(**{**LOOPBACK_OK, "concurrency": 2, "batch": 6, "timeout_s": 20})
+    new_secret(sessions)
+    slow = receivers(stall=True)
+    quick = receivers()
+    first = job_with_webhook(sessions, settings, webhook={"url": slow.url, "events": ["job.succeeded"]})
+    others = [
+        job_with_webhook(sessions, settings, webhook={"url": quick.url, "events": ["job.succeeded"]}) for _ in range(5)
+    ]
+    for job_id in (first, *others):
+        run_job(sessions, job_id)
+    reports: list[Any] = []
+    deliverer = WebhookDeliverer(settings, sessions)
+    passing = threading.Thread(target=lambda: reports.append(deliverer.run_pass()))
+    passing.start()
+    try:
+        assert slow.seen.wait(20), "the slow receiver got nothing"
+        deadline = time.monotonic() + 30
+        while len(quick.requests) < 5:
+            assert time.monotonic() < deadline, f"only {len(quick.requests)} quick deliveries while one is slow"
+            time.sleep(0.05)
+        assert not slow.release.is_set() and passing.is_alive()  # all five went by the stalled one
+        assert all(events(sessions, j)[0].status == WebhookStatus.DELIVERED for j in others)
+    finally:
+        slow.release.set()
+        passing.join(30)
+    (report,) = reports
+    assert (report.delivered, report.failed, report.lost) == (6, 0, 0)
+    assert events(sessions, first)[0].attempts == 1 and len(slow.requests) == 1
+
+
 def test_a_literal_private_address_is_refused_at_submit(hook_db) -> None:
     _, sessions = hook_db
     new_secret(sessions)
