@@ -69,7 +69,7 @@ def _source_model(spec: StepSpec, kind: str, family: str, source_spec: dict[str,
     model unless the step names one (of that family)."""
     how = getattr(spec, "method", spec.kind)
     if "source_job" in source_spec or family == CPU_FAMILY:
-        reason = f"{how} refines with its source job's model; job {spec.source_job} is a {kind} step and has none"
+        reason = f"{how} refines with its source job's model; job {spec.source_job} is a step ({kind}), with none"
         raise SpecError([("method", reason)])
     if family not in spec.families:
         models = " or ".join(f for f in spec.families if f != CPU_FAMILY)
