@@ -240,3 +240,33 @@ def test_img2img_post_step_runs_on_the_sources_gpu_queue(farm_factory, tiny_mode
     difference = np.abs(np.asarray(refined, dtype=int) - np.asarray(reference, dtype=int)).max()
     print(f"worker output vs bare diffusers img2img: max abs difference {difference} (of 255)")
     assert difference <= 1  # another process, perhaps other CPU threads: a rounding at most
+
+
+def test_registry_models_of_img2img_steps_are_pinned_at_submit(farm_factory, tiny_models) -> None:
+    """The step takes its source's pinned manifest; a registry model it names is pinned like a
+    render job's and must be of the source's family."""
+    from farm.model_registry import push_model
+
+    farm = farm_factory()  # submits only: no worker needed
+    with farm.client() as client:
+        sd15 = push_model(client.store, tiny_models["sd15"], "tiny").ref
+        push_model(client.store, tiny_models["sdxl"], "tinyxl")
+        pinned = f"registry:tiny@sha256:{sd15.digest}"
+        spec = text_job("registry:tiny", post_steps=[{"kind": "upscale", "method": "img2img"}])
+        source = client.submit(spec)
+        (then,) = client.get(source)["then"]
+        named = client.submit(
+            {"kind": "upscale", "source_job": str(source), "method": "img2img", "model": "registry:tiny@1"}
+        )
+        with session_scope(client.sessions) as session:
+            stored = {
+                job_id: session.scalar(select(Job.spec).where(Job.id == job_id))
+                for job_id in (source, uuid.UUID(then["id"]), named)
+            }
+        assert [(s["model"], s["family"]) for s in stored.values()] == [(pinned, "sd15")] * 3
+        with pytest.raises(SpecError) as info:
+            client.submit(
+                {"kind": "upscale", "source_job": str(source), "method": "img2img", "model": "registry:tinyxl"}
+            )
+        assert [field for field, _ in info.value.problems] == ["model"]
+        assert "is a sdxl model, but the job's family is sd15" in info.value.problems[0][1]
