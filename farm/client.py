@@ -135,11 +135,11 @@ class FarmClient(TemplateMethods):
     ) -> Submitted:
         """Record a parsed, checked spec (inputs already in the store) as a job of ``owner_id`` in
         ``project_id`` (default: the admin, project ``default``) and send its scheduling message.
-        A ``registry:`` model is pinned to its exact manifest first (every shard loads the same bytes).
+        A ``registry:`` model is pinned to its exact manifest (every shard loads the same bytes), a
+        step's once it has its model from its source (:func:`farm.scheduler.submit_job`).
         ``parent_job_id``: the job this one re-runs. ``scope`` (a condition on ``job``: the
         submitter's, :func:`storage.access.job_scope`) limits the jobs its ``after`` may name by id;
         ``None``: every job (the admin on the control host)."""
-        spec = pin_spec_model(spec, self.store)
         with session_scope(self._sessions) as session:
             job, created = submit_job(
                 session,
@@ -150,6 +150,7 @@ class FarmClient(TemplateMethods):
                 webhooks=self.settings.webhooks,
                 parent_job_id=parent_job_id,
                 scope=scope,
+                pin=lambda given: pin_spec_model(given, self.store),
             )
             job_id, status = job.id, JobStatus(job.status)
             made = dependents(session, job_id) if created and spec.post_steps else []  # its post-steps

@@ -144,6 +144,33 @@ JobName = Annotated[str, AfterValidator(_job_name)]
 JobRef = Annotated[str, AfterValidator(_job_ref)]
 
 
+def check_model_ref(value: str) -> str:
+    """A spec's ``model``: a ``registry:`` reference, a hub id ``org/name`` or a local folder path;
+    a :func:`~farm.spec_problems.problem` otherwise."""
+    if value != value.strip():
+        raise problem((), "must not start or end with whitespace", value)
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise problem((), "must not contain control characters", value)
+    if "://" in value:
+        raise problem((), "URLs are not supported; use a hub id 'org/name' or a local folder", value)
+    if value.startswith(LOCAL_PATH_PREFIXES) or value in ("~", "."):
+        return value
+    if is_registry_ref(value):
+        try:
+            parse_registry_ref(value)
+        except RegistryError as exc:
+            raise problem((), str(exc), value) from None
+        return value
+    if HUB_ID_RE.fullmatch(value) is None or ".." in value or "--" in value:
+        raise problem(
+            (),
+            "must be a hub id 'org/name' or a local folder path (absolute, or starting with ./ ../ ~/), "
+            "or registry:NAME[@VERSION]",
+            value,
+        )
+    return value
+
+
 class JobSpec(BaseModel):
     """Fields every job kind shares. Concrete kinds subclass it (``kind: Literal[...]``, and
     ``families`` naming the model families they run on); :func:`parse_spec` returns one of them.
@@ -223,28 +250,7 @@ class JobSpec(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_ref(cls, value: str) -> str:
-        if value != value.strip():
-            raise problem((), "must not start or end with whitespace", value)
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-            raise problem((), "must not contain control characters", value)
-        if "://" in value:
-            raise problem((), "URLs are not supported; use a hub id 'org/name' or a local folder", value)
-        if value.startswith(LOCAL_PATH_PREFIXES) or value in ("~", "."):
-            return value
-        if is_registry_ref(value):
-            try:
-                parse_registry_ref(value)
-            except RegistryError as exc:
-                raise problem((), str(exc), value) from None
-            return value
-        if HUB_ID_RE.fullmatch(value) is None or ".." in value or "--" in value:
-            raise problem(
-                (),
-                "must be a hub id 'org/name' or a local folder path (absolute, or starting with ./ ../ ~/), "
-                "or registry:NAME[@VERSION]",
-                value,
-            )
-        return value
+        return check_model_ref(value)
 
     @field_validator("family")
     @classmethod
@@ -358,6 +364,14 @@ class JobSpec(BaseModel):
         if self.only_items is not None:
             return len(self.only_items)
         return math.prod(self.item_axes().values())
+
+    def runs_model(self) -> bool:
+        """Whether a worker loads this spec's ``model`` (of its ``family``, on that family's GPU
+        queue) for its shards. A render kind always does; a post-step does not (``farm.cpu``),
+        unless its settings refine with a model (``upscale`` with ``method: img2img``).
+        :meth:`farm.kinds.base.JobKind.queue_for` and :meth:`~farm.kinds.base.JobKind.model_of`
+        read it."""
+        return True
 
     def webhook_target(self) -> WebhookSpec | None:
         """The spec's webhook, in either form."""

@@ -9,7 +9,7 @@ finalizing a job that is already final rewrites nothing but its manifest.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -82,6 +82,7 @@ def submit_job(
     webhooks: WebhooksSettings | None = None,
     parent_job_id: uuid.UUID | None = None,
     scope: Any = None,
+    pin: Callable[[JobSpec], JobSpec] | None = None,
 ) -> tuple[Job, bool]:
     """Write the job row, owned by ``owner_id`` in ``project_id`` (by default: ``admin`` in
     ``default``), refused when it passes the ``quotas`` (:mod:`farm.quotas`), with the upstream
@@ -91,8 +92,12 @@ def submit_job(
     idempotency key, a resubmission returns the existing job (``created`` False); the same key
     with a different spec is refused. A job whose ``cancel``-policy upstream has already ended
     badly is cancelled at once. ``parent_job_id``: the job this one re-runs. The spec's
-    ``post_steps`` become jobs of their own after this one, in the same transaction."""
+    ``post_steps`` become jobs of their own after this one, in the same transaction. ``pin``: what
+    makes the spec's model references exact (:func:`farm.model_registry.pin_spec_model`), called
+    once a step has its model and family from its source, for the spec and each post-step."""
     spec = resolve_step(session, spec, owner_id)  # a post-step: its source checked, its outputs placed
+    if pin is not None:
+        spec = pin(spec)
     fingerprint = spec_fingerprint(spec)
     key = spec.idempotency_key
     if key:
@@ -131,7 +136,7 @@ def submit_job(
     if upstreams and cancel_broken_dependents(session, dependent_ids=[job.id]):
         session.refresh(job)
     for step in post_step_specs(spec, job.id):  # jobs of their own, after this one (farm/steps.py)
-        submit_job(session, step, owner_id=owner, project_id=project, webhooks=webhooks)
+        submit_job(session, step, owner_id=owner, project_id=project, webhooks=webhooks, pin=pin)
     return job, True
 
 

@@ -23,31 +23,28 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from farm.errors import UserError
-from farm.families import CPU_QUEUE, FAMILIES
+from farm.families import CPU_QUEUE, FAMILIES, GPU_QUEUE_PREFIX, gpu_queue
 from farm.job_spec import JobSpec
 from farm.kinds import item_name, job_kind
 from storage.objects.keys import artifact_key
 
-QUEUE_PREFIX = "farm.gpu."
-QUEUES: dict[str, str] = {family: f"{QUEUE_PREFIX}{family}" for family in FAMILIES}
-# Every queue shards are sent to: a GPU queue per family, and the CPU queue of the kinds that run
-# no model (``JobKind.queue``). The feeder tops each one's window up.
+QUEUE_PREFIX = GPU_QUEUE_PREFIX
+QUEUES: dict[str, str] = {family: gpu_queue(family) for family in FAMILIES}
+# Every queue shards are sent to: a GPU queue per family, and the CPU queue of the jobs that load
+# no model (:meth:`JobKind.queue_for <farm.kinds.base.JobKind.queue_for>`). The feeder tops each
+# one's window up.
 WORK_QUEUES: tuple[str, ...] = (*QUEUES.values(), CPU_QUEUE)
 
 
 def queue_for(family: str) -> str:
     """The GPU worker queue for a model family: ``farm.gpu.{family}``."""
-    try:
-        return QUEUES[family]
-    except KeyError:
-        raise UserError(f"unknown model family {family!r}; known: {', '.join(QUEUES)}") from None
+    return gpu_queue(family)
 
 
 def route(spec: JobSpec) -> tuple[str, int]:
-    """``(queue, priority)`` for every shard of ``spec``: its kind's fixed queue (``farm.cpu``),
-    else the GPU queue of its family."""
-    return job_kind(spec.kind).queue or queue_for(spec.family), spec.priority
+    """``(queue, priority)`` for every shard of ``spec``: the GPU queue of its family when it loads
+    a model, else ``farm.cpu`` (:meth:`JobKind.queue_for <farm.kinds.base.JobKind.queue_for>`)."""
+    return job_kind(spec.kind).queue_for(spec), spec.priority
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ _NO_JOB_YET = "00000000-0000-0000-0000-000000000000"  # the source while checkin
 def _check_post_steps(steps: list[dict[str, Any]]) -> None:
     """Each ``post_steps`` entry must be a step kind's spec without the fields the farm sets;
     every problem is named ``post_steps[i].field``."""
-    step_kinds = sorted(name for name, kind in KINDS.items() if not kind.needs_model)
+    step_kinds = sorted(name for name, kind in KINDS.items() if kind.step)
     problems: list[tuple[str, str]] = []
     for i, step in enumerate(steps):
         where = f"post_steps[{i}]"
@@ -97,7 +97,10 @@ def _check_post_steps(steps: list[dict[str, Any]]) -> None:
 # Fields added after jobs were first stored: left out of the fingerprint while at their default, so a
 # spec stored before they existed fingerprints as it did then (resubmitting it with its
 # idempotency key after an upgrade is still "the same spec", not a conflict).
-LATER_FIELDS = ("name", "after", "after_policy", "after_mode", "webhook", "webhook_url", "only_items", "post_steps")
+LATER_FIELDS = (
+    *("name", "after", "after_policy", "after_mode", "webhook", "webhook_url", "only_items", "post_steps"),
+    *("method", "strength", "refine_steps", "refine_guidance", "prompt", "seed"),  # upscale img2img
+)
 
 
 def spec_fingerprint(spec: JobSpec) -> str:

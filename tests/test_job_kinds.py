@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,10 @@ def test_every_built_in_kind_has_one_descriptor() -> None:
     assert [name for name, kind in KINDS.items() if kind.bulk] == ["text_to_image", "face_identity"]
     assert [name for name, kind in KINDS.items() if not kind.runtime_applies_patches] == ["face_identity"]
     assert job_kind("temporal_video").ext == "mp4"
-    assert sorted(name for name, kind in KINDS.items() if not kind.needs_model) == steps
-    assert {name: kind.queue for name, kind in KINDS.items() if kind.queue} == dict.fromkeys(steps, "farm.cpu")
+    assert sorted(name for name, kind in KINDS.items() if kind.step) == steps
+    for name in steps:  # a step's default spec loads no model and goes to farm.cpu
+        spec = parse_spec({"kind": name, "source_job": str(uuid.UUID(int=1))})
+        assert (job_kind(name).model_of(spec), job_kind(name).queue_for(spec)) == (None, "farm.cpu")
     with pytest.raises(FarmError, match="unknown job kind 'nope'; known kinds: contact_sheet, encode, face_identity"):
         job_kind("nope")
     with pytest.raises(TypeError, match="not a JobSpec subclass"):

@@ -189,6 +189,7 @@ LAZY_IMPORTS = {
     ("farm/kinds/text_to_image.py", "farm.worker.kinds.text_to_image"),
     ("farm/kinds/encode.py", "farm.worker.kinds.encode"),
     ("farm/kinds/upscale.py", "farm.worker.kinds.upscale"),
+    ("farm/worker/kinds/upscale.py", "farm.worker.kinds.upscale_img2img"),  # torch: img2img only, not farm.cpu
     ("farm/kinds/contact_sheet.py", "farm.worker.kinds.contact_sheet"),
     ("farm/kinds/package.py", "farm.worker.kinds.package"),
     ("farm/cli/api_cmd.py", "farm.api.app"),  # FastAPI and the routes: only `farm api` needs them

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from farm.errors import UserError
+from farm.families import CPU_FAMILY, CPU_QUEUE, gpu_queue
 from farm.job_spec import JobSpec
 from farm.spec_problems import literal_value
 
@@ -49,10 +51,12 @@ class JobKind:
     renders may use it (one output per manifest row). ``runtime_applies_patches``: the worker
     applies the job's patches before calling the runner; ``False`` when the runner builds patches
     of its own (an identity) and applies them together with the job's through ``ShardRun.apply_patches``.
-    ``needs_model``: the worker loads the spec's model (from its ``ModelCache``) and applies the job's
-    patches before the runner; ``False`` for kinds that run no diffusion model (the post-steps), whose
-    runner gets ``ShardRun.loaded = None``. ``queue``: a fixed queue for the kind's shards (``farm.cpu``)
-    instead of the GPU queue of the spec's family.
+    ``step``: a post-step kind (its spec a :class:`~farm.kinds.step.StepSpec`; a render spec's
+    ``post_steps`` may name it).
+
+    Whether a job loads a model, and so its queue, is decided per spec in one place,
+    :meth:`JobSpec.runs_model <farm.job_spec.JobSpec.runs_model>`, read through :meth:`model_of`
+    (the worker) and :meth:`queue_for` (sharding).
     """
 
     spec: type[JobSpec]
@@ -61,12 +65,27 @@ class JobKind:
     ext: str = "png"
     bulk: bool = False
     runtime_applies_patches: bool = True
-    needs_model: bool = True
-    queue: str | None = None
+    step: bool = False
 
     @property
     def name(self) -> str:
         return literal_value(self.spec, "kind")
+
+    def model_of(self, spec: JobSpec) -> tuple[str, str] | None:
+        """``(model, family)`` the worker loads (from its ``ModelCache``) and applies the job's
+        patches to before the runner; ``None`` for a spec that loads no model (a post-step on
+        ``farm.cpu``), whose runner gets ``ShardRun.loaded = None``."""
+        return (spec.model, spec.family) if spec.runs_model() else None
+
+    def queue_for(self, spec: JobSpec) -> str:
+        """The queue of the spec's shards: the GPU queue of its family when it loads a model
+        (``farm.gpu.{family}``), else ``farm.cpu``."""
+        if not spec.runs_model():
+            return CPU_QUEUE
+        if spec.family == CPU_FAMILY:  # a step that loads a model gets its family at submit
+            reason = f"a {spec.kind} job that loads a model has no family yet: submit it (farm.steps.resolve_step)"
+            raise UserError(reason)
+        return gpu_queue(spec.family)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.spec, type) and issubclass(self.spec, JobSpec)) or self.spec is JobSpec:

@@ -2,10 +2,12 @@
 :class:`StepSpec`, the items of a step, and :func:`step_kind`.
 
 A *step* is a job of its own kind that works on the outputs of another job, its ``source_job``,
-as they are when the step runs (a job spec's ``steps:`` become such jobs, submitted with
-``after: [the job]``). It loads no diffusion model: its shards go to the ``farm.cpu`` queue
-(``farm worker --queues farm.cpu``), whatever the spec says of ``model`` and ``family``, which a
-step takes none of. At submit (:mod:`farm.steps`) the source job must be one the submitter may
+as they are when the step runs (a job spec's ``post_steps:`` become such jobs, submitted with
+``after: [the job]``). As a rule it loads no diffusion model: its shards go to the ``farm.cpu``
+queue (``farm worker --queues farm.cpu``), and it takes no ``model`` nor ``family``. A step whose
+settings refine with a model (``upscale`` with ``method: img2img``: :meth:`StepSpec.runs_model`)
+is given its source job's model and family at submit (:func:`farm.steps.resolve_step`) and runs
+on that family's GPU queue with it. At submit (:mod:`farm.steps`) the source job must be one the submitter may
 see, and the step's ``output_prefix`` becomes ``{source prefix}/{source job id}/steps``, so its
 outputs lie beside the source's: ``{source prefix}/{source job id}/steps/{step job id}/...``.
 
@@ -21,7 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from farm.families import CPU_FAMILY, CPU_QUEUE
+from farm.families import CPU_FAMILY
 from farm.job_spec import MAX_OUTPUT_PREFIX_CHARS, JobSpec, Prompt
 from farm.kinds.base import ItemSource, JobKind, ShardRunner
 from farm.spec_problems import literal_value, problem
@@ -74,9 +76,22 @@ class StepSpec(JobSpec):
                 field = cls.model_fields[name]
                 default = field.get_default(call_default_factory=True)
                 value = data[name]
-                if value != default:
-                    raise problem((name,), f"{kind} steps render nothing and take no '{name}'; remove it", value)
+                if value != default and name not in cls.render_fields_taken(data):
+                    usual = f"{kind} steps render nothing and take no '{name}'; remove it"
+                    reason = cls.render_field_refused(name) or usual
+                    raise problem((name,), reason, value)
         return data
+
+    @classmethod
+    def render_fields_taken(cls, data: dict[str, Any]) -> tuple[str, ...]:
+        """The render fields (of :data:`RENDER_FIELDS`) this step's raw ``data`` may give: none,
+        unless a kind's settings load a model (then ``model`` and ``family``)."""
+        return ()
+
+    @classmethod
+    def render_field_refused(cls, name: str) -> str:
+        """Why a render field is refused, when a kind says it its own way ("" for the usual reason)."""
+        return ""
 
     @field_validator("model")
     @classmethod
@@ -89,6 +104,10 @@ class StepSpec(JobSpec):
 
     def item_axes(self) -> dict[str, int]:
         return {"parts": self.part_count()}
+
+    def runs_model(self) -> bool:
+        """A step loads no model (``farm.cpu``) unless a kind's settings say so."""
+        return False
 
     def part_count(self) -> int:
         """How many shards the step's work is split into (1 unless the kind shards it)."""
@@ -105,8 +124,9 @@ def step_items(spec: StepSpec) -> Iterator[ItemSource]:
 
 
 def step_kind(spec: type[StepSpec], runner: Any) -> JobKind:
-    """The descriptor of a step kind: no model, the ``farm.cpu`` queue, a JSON record per item."""
-    return JobKind(spec=spec, items=step_items, runner=runner, ext="json", needs_model=False, queue=CPU_QUEUE)
+    """The descriptor of a step kind: a JSON record per item; no model and the ``farm.cpu`` queue
+    unless its spec loads one (:meth:`StepSpec.runs_model`)."""
+    return JobKind(spec=spec, items=step_items, runner=runner, ext="json", step=True)
 
 
 __all__ = ["RENDER_FIELDS", "ShardRunner", "StepSpec", "step_items", "step_kind"]

@@ -431,15 +431,16 @@ def _render_items(
     runner = kind.runner()
 
     cache = loaded = None
-    if kind.needs_model:  # a kind without a model (a post-step on farm.cpu) never builds the cache
+    model = kind.model_of(spec)  # None: a job without a model (a post-step on farm.cpu) never builds the cache
+    if model is not None:
         started = time.perf_counter()
         cache = res.model_cache()
         loads = cache.loads
-        loaded = cache.get(spec.model, spec.family)
+        loaded = cache.get(*model)
         timings["load_s"] = round(time.perf_counter() - started, 4)
         timings["model_loaded"] = float(cache.loads > loads)  # a load, not a cache hit (farm.demand measures loads)
         if res.metrics is not None:
-            res.metrics.observe_model(spec.family, loaded=cache.loads > loads)
+            res.metrics.observe_model(model[1], loaded=cache.loads > loads)
     fingerprint = ""
     if loaded is not None and kind.runtime_applies_patches:  # else the runner applies its own patches
         started = time.perf_counter()

@@ -51,7 +51,7 @@ class ShardRun:
     items: list[dict[str, Any]]
     done_keys: set[str]
     keeper: LeaseKeeper
-    loaded: Any  # farm.worker.model_cache.LoadedModel; None for a kind that runs no model (JobKind.needs_model)
+    loaded: Any  # farm.worker.model_cache.LoadedModel; None for a job that loads no model (JobKind.model_of)
     timings: dict[str, float]
     patches_fingerprint: str = ""
     items_done: int = 0

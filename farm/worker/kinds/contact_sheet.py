@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from farm import sheets
-from farm.families import CPU_FAMILY
 from farm.manifest import (
     CONTACT_SHEET_MAX,
     MAX_COLUMNS,
@@ -89,7 +88,7 @@ def _draw(run: ShardRun, item: dict[str, Any]) -> None:
         run.progress(0.9 * len(shown) / max(1, len(by_key)))
         return data
 
-    if source.spec.get("family") == CPU_FAMILY:
+    if "source_job" in source.spec:  # a step (family cpu, or its source's for an img2img upscale)
         png = _step_sheet(source, [o for o in by_key.values() if o.is_image], load)
     else:
         png = contact_sheet(source, load)

@@ -1,9 +1,12 @@
 """Running ``upscale`` shards: each source image of this part, read and checked, enlarged
-``scale`` times with a Lanczos filter on the CPU, written as PNG under the source image's name."""
+``scale`` times with a Lanczos filter, written as PNG under the source image's name. With
+``method: img2img`` the enlarged image is then refined by the img2img pipeline of the job's
+model (:mod:`farm.worker.kinds.upscale_img2img`, imported only then: a ``farm.cpu`` worker runs
+Lanczos steps without torch)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from farm.media import encode_frame_png
 from farm.worker.shard_run import ShardRun
@@ -22,6 +25,11 @@ def run_upscale_shard(run: ShardRun) -> int:
     from PIL import Image
 
     spec: UpscaleSpec = run.spec
+    refiner = None
+    if spec.method == "img2img":
+        from farm.worker.kinds.upscale_img2img import Refiner  # torch and diffusers: GPU-queue workers only
+
+        refiner = Refiner(run)
     for item in run.items:
         if item["key"] in run.done_keys:
             continue
@@ -37,6 +45,10 @@ def run_upscale_shard(run: ShardRun) -> int:
                     f"= {size[0] * size[1]} pixels, above max_pixels ({spec.max_pixels}); use a smaller scale"
                 )
             bigger = image.resize(size, Image.Resampling.LANCZOS)
+            settings: dict[str, Any] = {"method": spec.method}
+            if refiner is not None:
+                bigger, refined = refiner.apply(bigger, source, n, len(mine))
+                settings.update(refined)
             key = artifact_key(spec.output_prefix, run.job_id, run.shard_index, source.stem, "png")
             params = lineage_params(
                 run,
@@ -47,8 +59,9 @@ def run_upscale_shard(run: ShardRun) -> int:
                 height=size[1],
                 source_width=image.width,
                 source_height=image.height,
+                **settings,
                 **({"frame": source.params["frame"]} if "frame" in source.params else {}),
             )
             outputs.record(key, encode_frame_png(bigger), "image/png", params, progress=0.99 * (n + 1) / len(mine))
-        outputs.finish(scale=spec.scale, filter=FILTER, images=len(mine))
+        outputs.finish(scale=spec.scale, filter=FILTER, method=spec.method, images=len(mine))
     return run.items_done
