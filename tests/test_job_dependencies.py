@@ -646,6 +646,18 @@ def test_the_job_page_says_what_the_job_waits_for(
             summary = http.get(f"/v1/jobs/{chained}").json()
         assert summary["after"][0]["hidden"] and summary["after"][0]["id"] is None, summary["after"]
         assert hers[:8] not in repr(summary) and "carols-frames" not in repr(summary)
+        status = subprocess.run(  # `farm status` through the API, in a pipe and a narrow terminal
+            [sys.executable, "-m", "farm", "status", chained],
+            env={**bob.env(), "COLUMNS": "60"},
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert status.returncode == 0, status.stderr
+        assert "after: a job you may not open running (mode job, policy wait)" in status.stdout, status.stdout
+        assert hers[:8] not in status.stdout and "carols" not in status.stdout
+        print(status.stdout)
         context, page = logged_in(chromium, server, "bob", "bob's long password")
         try:
             page.goto(f"/jobs/{chained}")
