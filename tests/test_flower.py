@@ -239,8 +239,12 @@ def test_embedded_flower_runs_unauthenticated_on_loopback_and_cleans_up(tmp_path
     assert json.loads(events.read_text()) == []
 
 
-HOLD_S = 60.0  # worker.slow_shards_s: how long the drill holds the shard
-AMQP_HEARTBEAT_S = 10  # RabbitMQ: a 60 s render spans six heartbeat intervals
+HOLD_S = 24.0  # worker.slow_shards_s: how long the drill holds the shard
+AMQP_HEARTBEAT_S = 4  # RabbitMQ: a 24 s render spans six heartbeat intervals
+# When Flower is asked, in seconds after it first saw the shard STARTED: the last one is past three
+# AMQP heartbeat intervals and several of the worker's 2 s event heartbeats (Flower calls a worker
+# offline 4 s after its last one); the hold leaves the inspect call after them time to answer.
+LOOK_AT_S = (3.0, 9.0, 15.0)
 SHARD_LABEL = "shard=0 sd15 text_to_image"
 
 
@@ -276,13 +280,14 @@ def _screenshots(flower: Flower, auth: tuple[str, str], broker: str) -> None:
 def test_flower_sees_a_worker_while_it_renders(
     broker, request, farm_factory, tiny_models, pg_url, tmp_path, fault_table
 ) -> None:
-    """A worker holding one shard for 60 s (a fault drill, ``worker.slow_shards``) stays online in
-    Flower, its shard shows STARTED on it from the start with a readable label, it answers Flower's
-    inspect calls, and (RabbitMQ, 10 s heartbeats) its connection lives through the render."""
+    """A worker holding one shard for ``HOLD_S`` (a fault drill, ``worker.slow_shards``) stays online
+    in Flower, its shard shows STARTED on it from the start with a readable label, it answers
+    Flower's inspect calls, and (RabbitMQ, ``AMQP_HEARTBEAT_S`` heartbeats) its connection lives
+    through the render."""
     heartbeat = f"; AMQP heartbeat {AMQP_HEARTBEAT_S} s" if broker == "rabbitmq" else ""
     row = fault_table.row(
         "Long shards",
-        f"Flower while a worker renders for a minute ({broker})",
+        f"Flower while a worker renders for {HOLD_S:.0f} s ({broker})",
         f"one worker on farm.control + farm.gpu.sd15 holds its shard {HOLD_S:.0f} s (worker.slow_shards)"
         f"{heartbeat}; Flower's HTTP API polled during the render",
         "worker online, its shard STARTED on it with job, shard, kind and family in its args, the worker "
@@ -296,8 +301,8 @@ def test_flower_sees_a_worker_while_it_renders(
     env = _clean_env(farm.env, FARM_FLOWER__USER=auth[0], FARM_FLOWER__PASSWORD=auth[1])
     flower = Flower(env, tmp_path / "flower.log")
     try:
-        flower.wait_healthy()
-        worker = farm.start_worker(["farm.control", "farm.gpu.sd15"])
+        worker = farm.start_worker(["farm.control", "farm.gpu.sd15"])  # starts while Flower does
+        flower.wait_healthy()  # Flower listens for events before the job is sent
         with farm.client() as client:
             job_id = str(client.submit(text_job(tiny_models["sd15"], prompts=["a red cube"], count=1)))
 
@@ -310,7 +315,7 @@ def test_flower_sees_a_worker_while_it_renders(
 
             first = wait_for(seen_past_pending, 120, "Flower to see the shard's task received and started")
             seen_at = time.monotonic()
-            # The render has 60 s to go: Flower must already know it STARTED, on this worker.
+            # The render has most of HOLD_S to go: Flower must already know it STARTED, on this worker.
             assert shard_running(), "the shard ended before Flower saw it start"
             assert first["state"] == "STARTED" and first["worker"].startswith(f"{worker.name}@"), first
             assert first["args"] == f"job={job_id[:8]} {SHARD_LABEL}", first
@@ -318,7 +323,7 @@ def test_flower_sees_a_worker_while_it_renders(
 
             _screenshots(flower, auth, broker)
             observations = []
-            for offset in (5.0, 20.0, 35.0):  # past two AMQP heartbeat intervals
+            for offset in LOOK_AT_S:
                 time.sleep(max(0.0, seen_at + offset - time.monotonic()))
                 status, body = flower.request("/api/workers?status=true", auth)
                 assert status == 200, body

@@ -61,6 +61,11 @@ FAST = {
     "FARM_RECONCILE__STUCK_AFTER_S": "5",
 }
 
+# A forced stop: the item in progress outlasts the drain's bound (or the second SIGTERM) by 4 s or more, so
+# the worker stops (exit 1) well before the item could end and the drain finish on its own (exit 0).
+FORCED_ITEM_S = 6.0
+FORCED_BOUND_S = 2.0
+
 pytestmark = pytest.mark.usefixtures("bench_kind")  # this module submits bench_noop jobs
 
 
@@ -73,17 +78,24 @@ def factory(pg_url):
 
 class Drill:
     """One farm on Postgres and a broker (Redis unless told): a control worker and fake-render
-    workers on ``QUEUE``."""
+    workers on ``QUEUE``; the ``first`` of them starts up together with the control worker."""
 
-    def __init__(self, farm_factory, pg_url: str, broker_url: str, tiny_models, **env: str) -> None:
+    def __init__(self, farm_factory, pg_url: str, broker_url: str, tiny_models, first: str, **env: str) -> None:
         self.farm = farm_factory(broker=broker_url, db_url=pg_url, **{**FAST, **env})
         self.model = tiny_models["sd15"]
         self.engine = make_engine(pg_url)
         self.sessions = make_session_factory(self.engine)
-        self.farm.start_workers(["farm.control"], ["control"], module="bench.farm_worker")
+        launched = [self.farm.launch_worker(["farm.control"], "control", module="bench.farm_worker")]
+        launched.append(self.farm.launch_worker([QUEUE], first, module="bench.farm_worker"))
+        self._first = {first: launched[-1]}
+        for worker in launched:
+            worker.wait_ready(timeout=120)
         self.client = self.farm.client()
 
     def worker(self, name: str):
+        """The worker ``name`` on ``QUEUE``: the first one (started already), or a new one."""
+        if name in self._first:
+            return self._first.pop(name)
         (started,) = self.farm.start_workers([QUEUE], [name], module="bench.farm_worker")
         return started
 
@@ -148,8 +160,9 @@ class Drill:
 def drill(request, farm_factory, pg_url, tiny_models) -> Iterator[Any]:
     made: list[Drill] = []
 
-    def make(broker: str = "redis", **env: str) -> Drill:
-        made.append(Drill(farm_factory, pg_url, request.getfixturevalue(f"{broker}_url"), tiny_models, **env))
+    def make(broker: str = "redis", *, first: str, **env: str) -> Drill:
+        url = request.getfixturevalue(f"{broker}_url")
+        made.append(Drill(farm_factory, pg_url, url, tiny_models, first, **env))
         return made[-1]
 
     yield make
@@ -181,13 +194,13 @@ def test_sigterm_mid_shard_hands_back_and_another_worker_finishes(drill, broker,
     row = fault_table.row(
         "Worker death",
         f"worker SIGTERMed mid-shard: the drain ({broker})",
-        "SIGTERM after item 1 of a 5-item shard (3 s items); a second worker starts once the first has exited",
+        "SIGTERM after item 1 of a 4-item shard (3 s items); a second worker starts once the first has exited",
         "no new work at once (not a consumer any more), the shard handed back after the item in progress (items "
         "kept, no attempt counted), exit 0 within worker.drain_timeout_s; the second worker renders only the rest",
     )
-    d = drill(broker)
+    d = drill(broker, first="leaver")
     leaver = d.worker("leaver")
-    items = 5
+    items = 4
     job_id = d.submit(items, item_seconds=3.0)
     d.signal_after_item(leaver, job_id, 1, signal.SIGTERM)
     signalled = time.monotonic()
@@ -237,7 +250,7 @@ def test_sigterm_mid_shard_hands_back_and_another_worker_finishes(drill, broker,
 @pytest.mark.integration
 @pytest.mark.slow
 def test_sigterm_on_the_last_item_finishes_the_shard_then_exits(drill) -> None:
-    d = drill()
+    d = drill(first="last")
     worker = d.worker("last")
     items = 3
     job_id = d.submit(items, item_seconds=3.0)
@@ -260,19 +273,19 @@ def test_a_forced_stop_leaves_the_shard_to_a_take_over(drill, how, fault_table) 
     """The drain gives up: a second SIGTERM, or an item longer than ``worker.drain_timeout_s``.
     The worker exits 1 at once, its lease expired; another worker takes the shard over (the
     attempt counts, as after any lost worker)."""
+    then = "SIGTERM again at once" if how == "second SIGTERM" else f"worker.drain_timeout_s {FORCED_BOUND_S:.0f} s"
     row = fault_table.row(
         "Worker death",
         f"drain cut short: {how}",
-        "SIGTERM after item 1 of 3 (12 s items)"
-        + ("; SIGTERM again at once" if how == "second SIGTERM" else "; worker.drain_timeout_s 3 s"),
+        f"SIGTERM after item 1 of 3 ({FORCED_ITEM_S:.0f} s items); {then}",
         "exit 1 at once (the second signal, or the bound), leases expired and the worker marked stopped; another "
         "worker takes the shard over and the job succeeds, each item once",
     )
-    bound = 3.0 if how == "item longer than the bound" else float(DRAIN_TIMEOUT_S)
-    d = drill(FARM_WORKER__DRAIN_TIMEOUT_S=str(bound))
+    bound = FORCED_BOUND_S if how == "item longer than the bound" else float(DRAIN_TIMEOUT_S)
+    d = drill(first="forced", FARM_WORKER__DRAIN_TIMEOUT_S=str(bound))
     worker = d.worker("forced")
     items = 3
-    job_id = d.submit(items, item_seconds=12.0)
+    job_id = d.submit(items, item_seconds=FORCED_ITEM_S)
     signals = [signal.SIGTERM, signal.SIGTERM] if how == "second SIGTERM" else [signal.SIGTERM]
     d.signal_after_item(worker, job_id, 1, *signals)
     expected = 0.3 if how == "second SIGTERM" else bound  # the second signal, or the bound
@@ -305,13 +318,13 @@ def test_sigkill_during_the_drain_still_ends_the_job(drill, fault_table) -> None
     row = fault_table.row(
         "Worker death",
         "SIGKILL during a drain",
-        "SIGTERM after item 1 of 4 (3 s items), SIGKILL once the worker is marked draining; a second worker starts",
+        "SIGTERM after item 1 of 3 (3 s items), SIGKILL once the worker is marked draining; a second worker starts",
         "the job still ends: the lease expires, another worker finishes the shard (each item once), the draining "
         "worker is swept lost",
     )
-    d = drill()
+    d = drill(first="victim")
     victim = d.worker("victim")
-    items = 4
+    items = 3
     job_id = d.submit(items, item_seconds=3.0)
     d.signal_after_item(victim, job_id, 1, signal.SIGTERM)
     wait_for(lambda: d.worker_status("victim") == "draining", 2, "the victim to be marked draining", interval=0.05)
