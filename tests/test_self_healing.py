@@ -27,6 +27,7 @@ FAST_RECOVERY = {
     "FARM_WORKER__LOST_AFTER_S": "8",
 }
 FAULTS = str(ROOT / "tests" / "fixtures" / "faults")
+DB_OUTAGE_S = 15  # 1.5 x FAST_RECOVERY's lease_seconds
 
 
 def _statuses(client, *job_ids) -> list[str]:
@@ -38,11 +39,11 @@ def _ended(client, *job_ids) -> bool:
 
 
 def test_a_broker_restarted_empty_loses_nothing(
-    farm_factory, tiny_models, pg_database_factory, amnesiac_redis, tmp_path, fault_table
+    amnesiac_redis, farm_factory, tiny_models, pg_database_factory, tmp_path, fault_table
 ) -> None:
     """Redis without persistence restarted mid-job (every queued message gone), then a submit
     while it is down: the plain job, a bulk job's window and the job submitted into the outage
-    all end, rendered exactly once."""
+    all end, rendered exactly once. (amnesiac_redis first: it outlives the workers.)"""
     row = fault_table.row(
         "Self-healing",
         "Broker restarted empty mid-job; submit while it is down",
@@ -62,7 +63,7 @@ def test_a_broker_restarted_empty_loses_nothing(
     manifest = tmp_path / "rows.jsonl"
     manifest.write_text("".join(json.dumps({"id": f"row{i:03d}", "prompt": f"row {i}"}) + "\n" for i in range(12)))
     with farm.client() as client:
-        job = client.submit(text_job(model, steps=6, count=1, shard_size=1, prompts=[f"p{i}" for i in range(16)]))
+        job = client.submit(text_job(model, steps=3, count=1, shard_size=1, prompts=[f"p{i}" for i in range(16)]))
         bulk = text_job(model, steps=2, count=1, shard_size=2, prompts=["x"], output_prefix="datasets")
         client.submit_bulk("amnesia", bulk, manifest)
         wait_for(lambda: client.get(job)["items_done"] >= 2, 120, "two items rendered")
@@ -94,12 +95,15 @@ def test_a_broker_restarted_empty_loses_nothing(
 
 
 def test_a_database_outage_longer_than_the_lease_strands_nothing(
-    farm_factory, tiny_models, private_postgres, redis_url, fault_table
+    private_postgres, farm_factory, tiny_models, redis_url, fault_table
 ) -> None:
+    # private_postgres first: set up before farm_factory, so it is torn down after the workers
+    # stop (a worker stopping without its database waits out the outage until it is killed)
     row = fault_table.row(
         "Self-healing",
         "Database down longer than the lease",
-        "pg_ctl stop for 25 s (lease_seconds 10) while shards render, then start",
+        f"pg_ctl stop for {DB_OUTAGE_S} s (lease_seconds {FAST_RECOVERY['FARM_WORKER__LEASE_SECONDS']}) while "
+        "shards render, then start",
         "workers keep their leases through the outage (or the shards are sent again); the job succeeds",
     )
     db_url = private_postgres.create_database("farm")
@@ -108,12 +112,12 @@ def test_a_database_outage_longer_than_the_lease_strands_nothing(
     farm.start_worker(["farm.gpu.sd15"], name="gpu-a")
     farm.start_worker(["farm.gpu.sd15"], name="gpu-b")
     with farm.client() as client:
-        job = client.submit(text_job(tiny_models["sd15"], steps=20, count=1, shard_size=2, prompts=list("abcdefgh")))
+        job = client.submit(text_job(tiny_models["sd15"], steps=8, count=1, shard_size=2, prompts=list("abcdefgh")))
         wait_for(
             lambda: sum(s["status"] == "running" for s in client.get(job)["shards"]) >= 2, 120, "two running shards"
         )
         private_postgres.stop()
-        time.sleep(25)
+        time.sleep(DB_OUTAGE_S)
         private_postgres.start()
         back = time.monotonic()
         summary = client.wait(job, timeout=240)
@@ -143,7 +147,9 @@ def test_a_shard_that_kills_its_worker_fails_after_max_attempts(
         db_url=pg_database_factory(),
         FARM_BROKER__VISIBILITY_TIMEOUT="20",
         FARM_WORKER__MAX_ATTEMPTS="3",
-        **FAST_RECOVERY,
+        # each death is noticed (the worker marked lost, its lease expired, the shard sent again)
+        # while the supervisor's next worker starts, not several seconds after it is ready
+        **{**FAST_RECOVERY, "FARM_WORKER__LOST_AFTER_S": "4"},
     )
     farm.start_worker(["farm.control"], name="control")
     deadly = {"FARM_TEST_KILL_PROMPT": "poison", "PYTHONPATH": os.pathsep.join([FAULTS, str(ROOT)])}
