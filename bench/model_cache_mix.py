@@ -93,14 +93,14 @@ def _release(device: str) -> None:
 def play(setup: str, stream: list[tuple[str, str]], placement: Any, budget: int, pool: int) -> dict[str, Any]:
     """Replay the stream through fresh caches; the figures of this replay."""
     from bench.fabricate import sync
-    from farm.sharding import queue_for
+    from farm.families import gpu_queue
     from farm.worker.model_cache import ModelCache
 
     caches: dict[str, Any] = {}
     load_seconds: dict[str, float] = {}
     for index, (model, family) in enumerate(stream):
         if setup == "routed":
-            worker = queue_for(family)
+            worker = gpu_queue(family)
         elif setup == "unrouted":
             worker = "worker-0"
         else:

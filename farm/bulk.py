@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from farm.bulk_manifest import ManifestRow, read_manifest, read_manifest_file
 from farm.errors import NotFound, UserError
+from farm.families import gpu_queue
 from farm.feeder import feed
 from farm.inputs import upload_inputs
 from farm.job_spec import JobSpec, SpecError
@@ -40,7 +41,6 @@ from farm.model_registry import pin_spec_model
 from farm.quotas import check_items
 from farm.scheduler import job_row, owner_and_project, requeue_failed
 from farm.settings import FarmSettings, SchedulingSettings
-from farm.sharding import queue_for
 from farm.spec_files import read_spec_file
 from farm.specs import parse_spec
 from storage.chunking import insert_rows
@@ -271,7 +271,7 @@ def _insert_group(
     )
     session.add(job)
     session.flush()
-    queue = queue_for(spec.family)
+    queue = gpu_queue(spec.family)
     values = []
     for index, chunk in enumerate(_chunks(rows, spec.shard_size)):
         items = []

@@ -50,6 +50,9 @@ PIPELINE_CLASSES = {
     "sdxl": "StableDiffusionXLPipeline",
     "svd": "StableVideoDiffusionPipeline",
 }
+# The img2img pipeline of each family that has one (an ``upscale`` step's refine, built on the
+# resident pipeline of PIPELINE_CLASSES by farm.worker.kinds.upscale_img2img).
+IMG2IMG_PIPELINES = {"sd15": "StableDiffusionImg2ImgPipeline", "sdxl": "StableDiffusionXLImg2ImgPipeline"}
 
 
 PIPELINE, LORA = "pipeline", "lora"  # what a manifest holds

@@ -23,22 +23,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from farm.families import CPU_QUEUE, FAMILIES, GPU_QUEUE_PREFIX, gpu_queue
+from farm.families import CPU_QUEUE, FAMILIES, gpu_queue
 from farm.job_spec import JobSpec
 from farm.kinds import item_name, job_kind
 from storage.objects.keys import artifact_key
 
-QUEUE_PREFIX = GPU_QUEUE_PREFIX
 QUEUES: dict[str, str] = {family: gpu_queue(family) for family in FAMILIES}
 # Every queue shards are sent to: a GPU queue per family, and the CPU queue of the jobs that load
 # no model (:meth:`JobKind.queue_for <farm.kinds.base.JobKind.queue_for>`). The feeder tops each
 # one's window up.
 WORK_QUEUES: tuple[str, ...] = (*QUEUES.values(), CPU_QUEUE)
-
-
-def queue_for(family: str) -> str:
-    """The GPU worker queue for a model family: ``farm.gpu.{family}``."""
-    return gpu_queue(family)
 
 
 def route(spec: JobSpec) -> tuple[str, int]:

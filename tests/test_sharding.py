@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pydantic import Field
 
 from farm.errors import UserError
+from farm.families import gpu_queue
 from farm.job_spec import MAX_SEED, JobSpec
 from farm.kinds import KINDS, ItemSource, JobKind, item_name, register_kind, unregister_kind
 from farm.sharding import (
@@ -21,7 +22,6 @@ from farm.sharding import (
     ShardPlan,
     iter_shards,
     plan_shards,
-    queue_for,
     route,
     shard_count,
 )
@@ -71,7 +71,7 @@ def test_every_item_in_exactly_one_bounded_shard(data: dict[str, Any], job_id: u
     assert all(len(p.items) == spec.shard_size for p in plans[:-1])  # only the last shard may be short
     assert len({i.key for i in items}) == len(items)
     assert {(p.queue, p.priority) for p in plans} == {(f"farm.gpu.{spec.family}", spec.priority)}
-    assert route(spec) == (queue_for(spec.family), spec.priority)
+    assert route(spec) == (gpu_queue(spec.family), spec.priority)
 
 
 @settings(max_examples=100, deadline=None)
@@ -166,9 +166,9 @@ def test_item_name_is_readable() -> None:
 
 def test_queues() -> None:
     assert QUEUES == {"sd15": "farm.gpu.sd15", "sdxl": "farm.gpu.sdxl", "svd": "farm.gpu.svd"}
-    assert queue_for("svd") == "farm.gpu.svd"
+    assert gpu_queue("svd") == "farm.gpu.svd"
     with pytest.raises(UserError, match="unknown model family"):
-        queue_for("sd3")
+        gpu_queue("sd3")
 
 
 def test_bad_job_id_is_refused() -> None:

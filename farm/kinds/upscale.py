@@ -34,11 +34,12 @@ from farm.families import CPU_FAMILY
 from farm.job_spec import MAX_MODEL_CHARS, Prompt, Seed, check_model_ref
 from farm.kinds.base import ShardRunner
 from farm.kinds.step import StepSpec, step_kind
+from farm.model_registry import IMG2IMG_PIPELINES
 from farm.spec_problems import problem
 
 MAX_PIXELS = 4096 * 4096  # the largest upscaled image, width x height
 MAX_PARTS = 64
-REFINE_FAMILIES = ("sd15", "sdxl")  # the families with a diffusers img2img pipeline
+REFINE_FAMILIES = tuple(IMG2IMG_PIPELINES)  # the families with a diffusers img2img pipeline
 # The img2img settings: refused with method lanczos; their defaults filled in for img2img (so the
 # stored spec states them).
 IMG2IMG_DEFAULTS: dict[str, Any] = {"strength": 0.3, "refine_steps": 20, "refine_guidance": 5.0, "seed": 0}

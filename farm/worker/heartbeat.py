@@ -15,15 +15,13 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from farm.families import CPU_QUEUE
+from farm.families import CPU_QUEUE, GPU_QUEUE_PREFIX
 from farm.periodic import PeriodicThread
 from farm.worker.devices import device_info
 from storage.db import session_scope
 from storage.registry import register_worker, stop_worker, sweep_lost_workers, worker_heartbeat
 
 log = logging.getLogger(__name__)
-
-GPU_QUEUE_PREFIX = "farm.gpu."
 
 
 def _pinned(res: Any) -> list[str]:

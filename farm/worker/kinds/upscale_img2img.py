@@ -19,13 +19,12 @@ import diffusers
 import torch
 
 from farm.job_spec import JobSpec
+from farm.model_registry import IMG2IMG_PIPELINES
 from farm.worker.images import StepCallback, set_scheduler, step_callback
 from farm.worker.memory import vae_tiling
 from farm.worker.shard_run import ShardRun
 from farm.worker.step_inputs import SourceOutput, StepInputError
 
-# The img2img pipeline of each family that has one (farm.kinds.upscale.REFINE_FAMILIES).
-IMG2IMG_PIPELINES = {"sd15": "StableDiffusionImg2ImgPipeline", "sdxl": "StableDiffusionXLImg2ImgPipeline"}
 DEFAULT_SCHEDULER = JobSpec.model_fields["scheduler"].default  # a source image that records none
 
 
