@@ -28,18 +28,11 @@ def farm(request, farm_factory):
 def _audit(farm) -> list[tuple[str, str, int]]:
     from sqlalchemy import select
 
-    from storage.db import make_engine, make_session_factory, session_scope
     from storage.models import AuditEvent
 
-    engine = make_engine(farm.settings().database_url)
-    try:
-        with session_scope(make_session_factory(engine)) as session:
-            rows = session.execute(
-                select(AuditEvent.actor, AuditEvent.action, AuditEvent.status).order_by(AuditEvent.id)
-            )
-            return [tuple(row) for row in rows]
-    finally:
-        engine.dispose()
+    with farm.session() as session:
+        rows = session.execute(select(AuditEvent.actor, AuditEvent.action, AuditEvent.status).order_by(AuditEvent.id))
+        return [tuple(row) for row in rows]
 
 
 def test_projects_are_walled_off_and_roles_hold(farm, api_server_factory, tiny_models) -> None:
@@ -145,7 +138,6 @@ def test_tokens_are_checked_on_every_request(farm, api_server_factory) -> None:
     """No token, a made-up one, a tampered one: 401. A revoked token stops at once."""
     import httpx
 
-    from storage.db import make_engine, make_session_factory, session_scope
     from storage.identity import list_tokens, revoke_token
 
     server = api_server_factory(farm)
@@ -158,13 +150,9 @@ def test_tokens_are_checked_on_every_request(farm, api_server_factory) -> None:
         assert alice.token not in answer.text
     with alice.http() as http:
         assert http.get("/v1/me").json()["name"] == "alice"
-        engine = make_engine(farm.settings().database_url)
-        try:
-            with session_scope(make_session_factory(engine)) as session:
-                (token,) = list_tokens(session, "alice")
-                revoke_token(session, str(token["id"]))
-        finally:
-            engine.dispose()
+        with farm.session() as session:
+            (token,) = list_tokens(session, "alice")
+            revoke_token(session, str(token["id"]))
         assert http.get("/v1/me").status_code == 401
         assert http.get("/v1/jobs").status_code == 401
 
@@ -206,15 +194,10 @@ def test_submissions_are_rate_limited_per_token_and_nothing_leaks(
 def _audit_details(farm) -> list:
     from sqlalchemy import select
 
-    from storage.db import make_engine, make_session_factory, session_scope
     from storage.models import AuditEvent
 
-    engine = make_engine(farm.settings().database_url)
-    try:
-        with session_scope(make_session_factory(engine)) as session:
-            return [tuple(r) for r in session.execute(select(AuditEvent.target, AuditEvent.detail, AuditEvent.remote))]
-    finally:
-        engine.dispose()
+    with farm.session() as session:
+        return [tuple(r) for r in session.execute(select(AuditEvent.target, AuditEvent.detail, AuditEvent.remote))]
 
 
 def test_stopping_the_server_ends_open_event_streams(farm_factory, api_server_factory, tiny_models) -> None:

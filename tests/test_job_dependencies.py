@@ -37,7 +37,7 @@ from storage.identity import add_member, create_user, principal_for
 from storage.models import Artifact, Job, Shard
 from storage.objects import open_store
 from storage.status import JobStatus, ShardStatus
-from tests.fixtures.farm import ROOT, Farm, _base_env, text_job
+from tests.fixtures.farm import ROOT, Farm, _base_env, farm_cli, text_job
 
 S, J = ShardStatus, JobStatus
 
@@ -630,7 +630,8 @@ def test_the_job_page_says_what_the_job_waits_for(
         # Carol, in both projects, chains a studio job into an elsewhere job: bob sees his
         # project's job wait for "a job you may not open", without its id, name or a link.
         carol = add_person(farm, server, "carol", "member", project="studio")
-        _add_member(farm, "carol", "elsewhere")
+        with farm.session() as session:
+            add_member(session, "carol", "elsewhere")
         set_password(farm, "bob", "bob's long password")
         with carol.http() as http:
             made = []
@@ -646,14 +647,7 @@ def test_the_job_page_says_what_the_job_waits_for(
             summary = http.get(f"/v1/jobs/{chained}").json()
         assert summary["after"][0]["hidden"] and summary["after"][0]["id"] is None, summary["after"]
         assert hers[:8] not in repr(summary) and "carols-frames" not in repr(summary)
-        status = subprocess.run(  # `farm status` through the API, in a pipe and a narrow terminal
-            [sys.executable, "-m", "farm", "status", chained],
-            env={**bob.env(), "COLUMNS": "60"},
-            cwd=tmp,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        status = farm_cli(bob.env(), "status", chained, cwd=tmp)  # through the API, in a narrow pipe
         assert status.returncode == 0, status.stderr
         assert "after: a job you may not open running (mode job, policy wait)" in status.stdout, status.stdout
         assert hers[:8] not in status.stdout and "carols" not in status.stdout
@@ -671,14 +665,3 @@ def test_the_job_page_says_what_the_job_waits_for(
     finally:
         server.stop()
         farm.stop()
-
-
-def _add_member(farm: Farm, user: str, project: str) -> None:
-    from storage.identity import add_member
-
-    engine = make_engine(farm.settings().database_url)
-    try:
-        with session_scope(make_session_factory(engine)) as session:
-            add_member(session, user, project)
-    finally:
-        engine.dispose()

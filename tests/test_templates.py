@@ -13,7 +13,6 @@ is submitted from it with ``--set`` overrides.
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -26,21 +25,14 @@ from farm.job_spec import SpecError
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.models import Artifact, AuditEvent
 from tests.fixtures.api import add_person
-from tests.fixtures.farm import ROOT, text_job
+from tests.fixtures.farm import farm_cli, text_job
 
 pytestmark = pytest.mark.integration
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """``farm ARGS`` through a pipe in a 60-column terminal."""
-    return subprocess.run(
-        [sys.executable, "-m", "farm", *args],
-        env={**env, "COLUMNS": "60"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return farm_cli(env, *args, timeout=600)
 
 
 def _write(path: Path, spec: dict) -> Path:

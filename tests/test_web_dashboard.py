@@ -27,15 +27,10 @@ VIEWPORT = {"width": 1100, "height": 760}
 
 
 def set_password(farm, name: str, password: str) -> None:
-    from storage.db import make_engine, make_session_factory, session_scope
     from storage.logins import set_password as store
 
-    engine = make_engine(farm.settings().database_url)
-    try:
-        with session_scope(make_session_factory(engine)) as session:
-            store(session, name, password)
-    finally:
-        engine.dispose()
+    with farm.session() as session:
+        store(session, name, password)
 
 
 @pytest.fixture(scope="module")

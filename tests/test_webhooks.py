@@ -40,7 +40,7 @@ from storage.models import WebhookEvent, utcnow
 from storage.status import JobStatus, WebhookStatus
 from storage.transitions import set_job_status
 from storage.webhook_outbox import EVENT_TYPES, rotate_webhook_secret
-from tests.fixtures.farm import ROOT
+from tests.fixtures.farm import ROOT, farm_cli
 
 # -- the signature ------------------------------------------------------------------------------
 
@@ -305,16 +305,7 @@ def test_500_500_200_is_three_attempts_and_one_signed_delivery(hook_db, receiver
     assert accepted["headers"]["Host"] == f"127.0.0.1:{receiver.port}"
 
     # `farm status` shows the delivery, through a pipe in a narrow terminal
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
-    env.update({"PYTHONPATH": str(ROOT), "COLUMNS": "60", "FARM_DB__URL": url})
-    out = subprocess.run(
-        [sys.executable, "-m", "farm", "status", str(job_id)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = cli(tmp_path, "status", str(job_id), FARM_DB__URL=url)
     assert out.returncode == 0, out.stderr
     assert "webhooks:\n  job.succeeded  delivered  3 attempts  HTTP 200\n" in out.stdout, out.stdout
     assert secret not in out.stdout + out.stderr
@@ -485,12 +476,10 @@ def test_a_submit_needs_the_owners_signing_secret(hook_db) -> None:
 # -- the CLI and the API ------------------------------------------------------------------------
 
 
-def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(cwd: Path, *args: str, **farm_env: str) -> subprocess.CompletedProcess[str]:
+    """``farm ARGS`` in ``cwd`` with none of this process's FARM_ settings, only ``farm_env``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
-    env.update({"PYTHONPATH": str(ROOT), "COLUMNS": "60"})
-    return subprocess.run(
-        [sys.executable, "-m", "farm", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
-    )
+    return farm_cli({**env, "PYTHONPATH": str(ROOT), **farm_env}, *args, cwd=cwd)
 
 
 def test_users_set_webhook_and_secret_through_a_pipe(tmp_path: Path) -> None:
