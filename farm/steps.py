@@ -91,13 +91,10 @@ def _local_family(model: str) -> str | None:
     ``None`` when it is not one (a hub id, a registry reference, a folder on the workers only)."""
     if not model.startswith(LOCAL_PATH_PREFIXES):
         return None
-    folder = Path(model).expanduser()
-    if not (folder / "model_index.json").is_file():
-        return None
     try:
-        return detect_family(folder)
+        return detect_family(Path(model).expanduser())
     except UserError:
-        return None  # not a pipeline folder of a known family: the worker says why when it loads it
+        return None  # no readable pipeline folder of a known family: the worker says why when it loads it
 
 
 def post_step_specs(spec: JobSpec, job_id: uuid.UUID) -> list[JobSpec]:

@@ -133,11 +133,30 @@ def test_submit_gives_img2img_its_source_model_and_refuses_sources_without_one(t
 
 
 # -- the refine against bare diffusers -------------------------------------------------------------------
+def bare_img2img(folder: Path, family: str, image: Image.Image, seed: int) -> Image.Image:
+    """The independent reference: diffusers' own img2img pipeline loaded from the folder, run on
+    ``image`` with the refine settings both tests use (prompt "a red cube", strength 0.5, 4 steps,
+    guidance 5.0) and a CPU generator seeded with ``seed``."""
+    import diffusers
+    import torch
+
+    bare = getattr(diffusers, PIPELINES[family]).from_pretrained(str(folder), local_files_only=True)
+    assert type(bare.scheduler).__name__ == "EulerDiscreteScheduler"  # "euler", as the refine's request says
+    return bare(
+        prompt="a red cube",
+        image=image,
+        strength=0.5,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="pil",
+    ).images[0]
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_refine_matches_bare_diffusers_img2img(family: str, tiny_models) -> None:
     """The worker's refine (img2img built with from_pipe on the cached pipeline) of a Lanczos-enlarged
     image equals diffusers' own img2img pipeline loaded from the folder, same settings and seed."""
-    import diffusers
     import torch
 
     from farm.worker.devices import Placement
@@ -155,17 +174,7 @@ def test_refine_matches_bare_diffusers_img2img(family: str, tiny_models) -> None
     assert type(pipe).__name__ == PIPELINES[family] and pipe.unet is loaded.pipeline.unet  # no second copy
     ours = np.asarray(refine(pipe, bigger, request), dtype=np.float64) / 255
 
-    bare = getattr(diffusers, PIPELINES[family]).from_pretrained(folder, local_files_only=True)
-    assert type(bare.scheduler).__name__ == "EulerDiscreteScheduler"  # "euler", as the request says
-    reference = bare(
-        prompt="a red cube",
-        image=bigger,
-        strength=0.5,
-        num_inference_steps=4,
-        guidance_scale=5.0,
-        generator=torch.Generator("cpu").manual_seed(11),
-        output_type="pil",
-    ).images[0]
+    reference = bare_img2img(tiny_models[family], family, bigger, seed=11)
     difference = np.abs(ours - np.asarray(reference, dtype=np.float64) / 255).max()
     print(f"{family}: max abs difference from bare diffusers img2img: {difference}")
     assert difference <= 1e-5
@@ -225,18 +234,7 @@ def test_img2img_post_step_runs_on_the_sources_gpu_queue(farm_factory, tiny_mode
         assert client.get(lanczos_id)["status"] in ("pending", "running")  # waits for a farm.cpu worker
 
     # What the worker wrote is what bare diffusers makes of the Lanczos image with those settings.
-    import diffusers
-    import torch
-
-    bare = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(str(tiny_models["sd15"]), local_files_only=True)
-    reference = bare(
-        prompt="a red cube",
-        image=lanczos,
-        strength=0.5,
-        num_inference_steps=4,
-        guidance_scale=5.0,
-        generator=torch.Generator("cpu").manual_seed(0),
-    ).images[0]
+    reference = bare_img2img(tiny_models["sd15"], "sd15", lanczos, seed=0)
     difference = np.abs(np.asarray(refined, dtype=int) - np.asarray(reference, dtype=int)).max()
     print(f"worker output vs bare diffusers img2img: max abs difference {difference} (of 255)")
     assert difference <= 1  # another process, perhaps other CPU threads: a rounding at most
