@@ -364,6 +364,54 @@ def test_a_slow_receiver_holds_up_only_its_own_delivery(hook_db, receivers) -> N
     assert events(sessions, first)[0].attempts == 1 and len(slow.requests) == 1
 
 
+@pytest.mark.integration
+def test_the_database_stopped_mid_pass_still_ends_every_event_delivered(private_postgres, receivers) -> None:
+    """A fault no issue names: the database stops while three deliveries are in flight (their
+    receiver holds the requests), so their outcomes cannot be written and the pass fails. Once it
+    is back, every event ends delivered; the three whose answers were lost are sent again with the
+    same event id (at least once), the fourth once."""
+    url = private_postgres.create_database("hooks")
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    settings = WebhooksSettings(**{**LOOPBACK_OK, "concurrency": 3, "batch": 10, "timeout_s": 5, "claim_lease_s": 6})
+    new_secret(sessions)
+    receiver = receivers(stall=True)
+    hook = {"url": receiver.url, "events": ["job.succeeded"]}
+    jobs = [job_with_webhook(sessions, settings, webhook=hook) for _ in range(4)]
+    for job_id in jobs:
+        run_job(sessions, job_id)
+    failures: list[BaseException] = []
+
+    def first_pass() -> None:
+        try:
+            WebhookDeliverer(settings, sessions).run_pass()
+        except Exception as exc:  # the outcomes could not be written: the database is down
+            failures.append(exc)
+
+    passing = threading.Thread(target=first_pass)
+    passing.start()
+    deadline = time.monotonic() + 20
+    while len(receiver.requests) < 3:
+        assert time.monotonic() < deadline, f"{len(receiver.requests)} deliveries in flight, wanted 3"
+        time.sleep(0.05)
+    private_postgres.stop()
+    receiver.release.set()  # the receiver accepts; nobody can write that down
+    passing.join(30)
+    assert failures, "the pass wrote its outcomes without a database"
+    private_postgres.start()
+    try:
+        deliverer = WebhookDeliverer(settings, sessions)
+        deliver_until(deliverer, lambda: all(events(sessions, j)[0].status == WebhookStatus.DELIVERED for j in jobs))
+        ids = [r["headers"]["X-Farm-Event-Id"] for r in receiver.requests]
+        wanted = {str(events(sessions, j)[0].id) for j in jobs}
+        assert set(ids) == wanted  # every event reached the receiver, nothing else did
+        assert sorted(ids.count(i) for i in wanted) == [1, 2, 2, 2], ids  # the lost answers, sent again
+        print(f"{type(failures[0]).__name__} mid-pass; {len(ids)} requests for {len(wanted)} events, all delivered")
+    finally:
+        engine.dispose()
+
+
 def test_a_literal_private_address_is_refused_at_submit(hook_db) -> None:
     _, sessions = hook_db
     new_secret(sessions)
