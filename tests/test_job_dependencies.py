@@ -624,6 +624,7 @@ def test_the_job_page_says_what_the_job_waits_for(
             shot(page, "job-after")  # with FARM_SCREENSHOTS=DIR
             page.goto(f"/jobs/{frames}")
             assert video[:8] in page.locator("#job-then").inner_text()
+            shot(page, "job-then")
         finally:
             context.close()
 
