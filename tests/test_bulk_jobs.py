@@ -97,19 +97,20 @@ def test_forty_shards_in_windows_of_twenty(farm_factory, tiny_models, pg_url, re
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    started = time.monotonic()
-    base = _base(tiny_models["sd15"], tmp_path, shard_size=5)  # 40 shards through windows of 20
-    submitted = _farm_cli(farm, "bulk", "submit", str(manifest), "--base", str(base), "--name", name)
-    submit_s = time.monotonic() - started
-    assert submitted.returncode == 0, submitted.stderr
-    assert f"{ROWS} new row(s)" in " ".join(submitted.stdout.split()) and "20 sent now" in " ".join(
-        submitted.stdout.split()
-    )
-    with farm.client() as client:
-        wait_for(lambda: client.bulk_status(name)["done"] == ROWS, 400, f"{ROWS} rows")
-        status = client.bulk_status(name)
-    stop.set()
-    sampler.join(timeout=10)
+    try:
+        started = time.monotonic()
+        base = _base(tiny_models["sd15"], tmp_path, shard_size=5)  # 40 shards through windows of 20
+        submitted = _farm_cli(farm, "bulk", "submit", str(manifest), "--base", str(base), "--name", name)
+        submit_s = time.monotonic() - started
+        assert submitted.returncode == 0, submitted.stderr
+        said = " ".join(submitted.stdout.split())
+        assert f"{ROWS} new row(s)" in said and "20 sent now" in said, said
+        with farm.client() as client:
+            wait_for(lambda: client.bulk_status(name)["done"] == ROWS, 400, f"{ROWS} rows")
+            status = client.bulk_status(name)
+    finally:  # the sampler reads the session's database: it stops before the test does
+        stop.set()
+        sampler.join(timeout=10)
     assert (status["failed"], status["remaining"], status["families"]["sd15"]["done"]) == (0, 0, ROWS)
     assert max(depths) <= 20 and max(in_flight) <= 20 and max(in_flight) >= 10  # windows, used
     artifacts = _artifacts(pg_url, name)
