@@ -11,4 +11,8 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
     >/dev/null 2>&1 || echo "chromium: install failed; the browser tests fail in CI and skip locally" >&2
 fi
-exec .venv/bin/pytest "$@"
+# Two test processes (pytest-xdist, a file at a time each): most tests wait on worker processes
+# and services, so two keep both cores of a CI machine busy. Every process has its own Postgres
+# databases, Redis database, RabbitMQ vhost and SeaweedFS. TEST_PROCESSES=0 runs in one process
+# (for -s or a debugger); later arguments win, so `-n 0` works too.
+exec .venv/bin/pytest -n "${TEST_PROCESSES:-2}" --dist loadfile "$@"
