@@ -357,7 +357,7 @@ class SubmitSide:
 
 
 @pytest.fixture(scope="module")
-def submit_side(pg_url, redis_url, seaweedfs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SubmitSide]:
+def submit_side(shared_pg_url, redis_url, seaweedfs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SubmitSide]:
     """One farm client for every submit-time case (building one per case costs a second each)."""
     from farm.client import FarmClient
     from farm.settings import FarmSettings
@@ -373,13 +373,13 @@ def submit_side(pg_url, redis_url, seaweedfs, tmp_path_factory: pytest.TempPathF
     settings = FarmSettings(
         _env_file=None,
         data_dir=tmp_path_factory.mktemp("farm-data"),
-        db={"url": pg_url},
+        db={"url": shared_pg_url},
         broker={"url": redis_url},
         storage={"backend": "s3", "s3": s3},
     )
     client = FarmClient(settings)
     client.store.ensure_bucket()
-    engine = make_engine(pg_url)
+    engine = make_engine(shared_pg_url)
     yield SubmitSide(client, engine, seaweedfs.boto3_client(), bucket)
     client.close()
     engine.dispose()
