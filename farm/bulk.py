@@ -5,7 +5,9 @@ the queues a window at a time (:mod:`farm.feeder`).
 and settings, so workers keep their models warm), writes the jobs and their shards (PENDING) with
 bulk inserts, and returns without publishing anything. Submitting the same name again (the next
 night, or after a crash) adds only rows whose ids it does not have: rows already rendered are
-never rendered again, rows in flight carry on. Each row's output key is
+never rendered again, rows in flight carry on. Each job it writes reports to a webhook as any job
+does (the base spec's ``webhook``, else the bulk owner's default URL; its events name the bulk
+run). Each row's output key is
 ``{output_prefix}/{bulk name}/{row id}.{ext}``: stable across runs, and the dataset export
 (:func:`export_rows`) lists it with the row's parameters, seed, model hash and sha256.
 
@@ -40,14 +42,16 @@ from farm.model_refs import is_registry_ref
 from farm.model_registry import pin_spec_model
 from farm.quotas import check_items
 from farm.scheduler import job_row, owner_and_project, requeue_failed
-from farm.settings import FarmSettings, SchedulingSettings
+from farm.settings import FarmSettings, SchedulingSettings, WebhooksSettings
 from farm.spec_files import read_spec_file
 from farm.specs import parse_spec
+from farm.webhooks import attach_job_webhook
 from storage.chunking import insert_rows
 from storage.db import session_scope
 from storage.models import Artifact, BulkJob, Job, Shard, utcnow
 from storage.objects.keys import check_output_folder, join_key, validate_part, validate_prefix
 from storage.status import JobStatus, ServiceClass, ShardStatus
+from storage.webhook_outbox import record_status_event
 
 if TYPE_CHECKING:
     from storage.objects import ObjectStore
@@ -126,11 +130,14 @@ def submit_bulk(
     owner_id: uuid.UUID | None = None,
     project_id: uuid.UUID | None = None,
     quotas: SchedulingSettings | None = None,
+    webhooks: WebhooksSettings | None = None,
 ) -> dict[str, Any]:
     """Create the bulk job ``name`` (or extend it with the rows it lacks). Returns counts. A new
     bulk job is owned by ``owner_id`` in ``project_id`` (by default: ``admin`` in ``default``);
     the jobs it feeds are its owner's, in its project (also when someone else extends it). The
-    new rows count towards the owner's daily item cap (``quotas``, :mod:`farm.quotas`)."""
+    new rows count towards the owner's daily item cap (``quotas``, :mod:`farm.quotas`). With
+    ``webhooks``, each new job gets its webhook as a submitted job does (the base spec's, else
+    the owner's default URL) and, created running, its ``job.started`` event."""
     name = validate_part(name, "name")
     base_spec = check_base(base)
     bulk = session.scalar(select(BulkJob).where(BulkJob.name == name).with_for_update())
@@ -150,9 +157,11 @@ def submit_bulk(
         groups.setdefault(row.group, []).append(row)
     jobs = shards = 0
     for members in groups.values():
-        created = _insert_group(session, bulk, base, base_spec, members)
+        job, spec = _insert_group(session, bulk, base, base_spec, members)
         jobs += 1
-        shards += created
+        shards += job.shards_total
+        if webhooks is not None and attach_job_webhook(session, job.id, spec, bulk.owner_id, webhooks):
+            record_status_event(session, job.id, JobStatus.RUNNING)
     bulk.rows_total = len(known) + len(new_rows)
     if manifest_key:
         bulk.manifest_keys = [*bulk.manifest_keys, manifest_key]
@@ -240,6 +249,7 @@ def submit_and_feed(
             owner_id=owner_id,
             project_id=project_id,
             quotas=settings.scheduling,
+            webhooks=settings.webhooks,
         )
     result["fed"] = feed(app, session_factory, settings, now=now)
     return result
@@ -247,7 +257,8 @@ def submit_and_feed(
 
 def _insert_group(
     session: Session, bulk: BulkJob, base: dict[str, Any], base_spec: JobSpec, rows: list[ManifestRow]
-) -> int:
+) -> tuple[Job, JobSpec]:
+    """The job of one group of rows, with its shards (PENDING); and its spec."""
     first = rows[0]
     try:
         spec = parse_spec(group_spec(base, first))
@@ -294,7 +305,7 @@ def _insert_group(
             }
         )
     job.shards_total = insert_rows(session, Shard, values)
-    return job.shards_total
+    return job, spec
 
 
 def _chunks(rows: list[ManifestRow], size: int) -> Iterator[list[ManifestRow]]:

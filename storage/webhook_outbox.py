@@ -22,7 +22,7 @@ from sqlalchemy import and_, exists, select, update
 from sqlalchemy.orm import Session, aliased
 
 from storage.errors import NotFound
-from storage.models import Job, JobWebhook, User, UserWebhook, WebhookEvent, utcnow
+from storage.models import BulkJob, Job, JobWebhook, User, UserWebhook, WebhookEvent, utcnow
 from storage.status import JOB_TERMINAL, JobStatus, WebhookStatus
 
 W = WebhookStatus
@@ -76,7 +76,10 @@ def job_payload(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
             Job.created_at,
             Job.started_at,
             Job.finished_at,
-        ).where(Job.id == job_id)
+            BulkJob.name.label("bulk"),
+        )
+        .outerjoin(BulkJob, BulkJob.id == Job.bulk_id)
+        .where(Job.id == job_id)
     ).one()
 
     def when(value: datetime | None) -> str | None:
@@ -94,6 +97,7 @@ def job_payload(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
         "created_at": when(row.created_at),
         "started_at": when(row.started_at),
         "finished_at": when(row.finished_at),
+        "bulk": row.bulk,  # the bulk run's name for a job of one, else null
     }
 
 

@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from farm.bulk import submit_bulk
+from farm.bulk_manifest import read_manifest
 from farm.errors import ConfigError
 from farm.job_spec import SpecError
 from farm.scheduler import submit_job
@@ -36,10 +38,10 @@ from farm.webhooks import retry_at, signature, signature_matches
 from storage import migrate
 from storage.db import make_engine, make_session_factory, session_scope
 from storage.identity import ensure_default_identity
-from storage.models import WebhookEvent, utcnow
+from storage.models import BulkJob, Job, WebhookEvent, utcnow
 from storage.status import JobStatus, WebhookStatus
 from storage.transitions import set_job_status
-from storage.webhook_outbox import EVENT_TYPES, rotate_webhook_secret
+from storage.webhook_outbox import EVENT_TYPES, rotate_webhook_secret, set_user_webhook_url
 from tests.fixtures.farm import ROOT, farm_cli
 
 # -- the signature ------------------------------------------------------------------------------
@@ -412,6 +414,58 @@ def test_the_database_stopped_mid_pass_still_ends_every_event_delivered(private_
         print(f"{type(failures[0]).__name__} mid-pass; {len(ids)} requests for {len(wanted)} events, all delivered")
     finally:
         engine.dispose()
+
+
+def test_a_bulk_runs_jobs_report_to_the_owners_default_url_and_name_the_run(hook_db, receivers) -> None:
+    """A nightly bulk run tells its owner: each job it writes (one per group of rows) gets the
+    owner's default URL at submit and its ``job.started`` (it is created running), then its end,
+    each event naming the bulk run; signed with the owner's secret. A base spec's own webhook to a
+    private address refuses the whole run, naming the field, and stores nothing."""
+    _, sessions = hook_db
+    settings = WebhooksSettings(**LOOPBACK_OK)
+    receiver = receivers()
+    with session_scope(sessions) as session:
+        admin, _ = ensure_default_identity(session)
+        secret = set_user_webhook_url(session, admin.id, receiver.url)
+    assert secret
+    rows = read_manifest(
+        b'{"id": "r0", "prompt": "p0"}\n{"id": "r1", "prompt": "p1"}\n{"id": "x", "steps": 3}', "night.jsonl"
+    )
+    with session_scope(sessions) as session:
+        made = submit_bulk(session, "nightly-hooks", BASE_SPEC, rows, webhooks=settings)
+    assert made["jobs"] == 2
+    with session_scope(sessions) as session:
+        jobs = list(session.scalars(select(Job.id).join(BulkJob).where(BulkJob.name == "nightly-hooks")))
+    assert len(jobs) == 2
+    for job_id in jobs:
+        (started,) = events(sessions, job_id)
+        assert started.type == "job.started" and started.payload["job"]["bulk"] == "nightly-hooks"
+    for job_id, end in zip(jobs, (JobStatus.SUCCEEDED, JobStatus.PARTIAL), strict=True):
+        with session_scope(sessions) as session:
+            set_job_status(session, job_id, end)
+    deliverer = WebhookDeliverer(settings, sessions)
+    deliver_until(
+        deliverer, lambda: all(e.status == WebhookStatus.DELIVERED for j in jobs for e in events(sessions, j))
+    )
+    got = sorted((json.loads(r["body"])["job"]["id"], r["headers"]["X-Farm-Event"]) for r in receiver.requests)
+    first, second = (str(j) for j in jobs)
+    wanted = [(first, "job.started"), (first, "job.succeeded"), (second, "job.started"), (second, "job.partial")]
+    assert got == sorted(wanted)
+    for request in receiver.requests:
+        h = request["headers"]
+        assert signature_matches(secret, h["X-Farm-Timestamp"], request["body"], h["X-Farm-Signature"])
+        assert json.loads(request["body"])["job"]["bulk"] == "nightly-hooks"
+
+    private = {**BASE_SPEC, "webhook": {"url": "http://10.0.0.5/hook"}}
+    with pytest.raises(SpecError) as caught, session_scope(sessions) as session:
+        submit_bulk(session, "refused-hooks", private, rows, webhooks=settings)
+    [(field, reason)] = caught.value.problems
+    assert field == "webhook.url" and "public addresses only" in reason, reason
+    with session_scope(sessions) as session:
+        assert session.scalar(select(BulkJob).where(BulkJob.name == "refused-hooks")) is None
+    plain = job_with_webhook(sessions, settings)  # a job of no bulk run says so
+    run_job(sessions, plain)
+    assert [e.payload["job"]["bulk"] for e in events(sessions, plain)] == [None, None]
 
 
 def test_a_literal_private_address_is_refused_at_submit(hook_db) -> None:
