@@ -1,6 +1,7 @@
 """Shared fixtures. Service fixtures skip on a laptop without the service and fail in CI."""
 
 pytest_plugins = [
+    "tests.fixtures.alone",
     "tests.fixtures.brokers",
     "tests.fixtures.database",
     "tests.fixtures.disks",

@@ -195,9 +195,11 @@ def _rabbit_env(key: str) -> int | None:
 
 
 @pytest.fixture
-def short_consumer_timeout(rabbitmq_url):
+def short_consumer_timeout(request, rabbitmq_url):
     """RabbitMQ's ``consumer_timeout`` at 10 s (checked every second) for channels opened meanwhile;
-    the server's own values come back at the end."""
+    the server's own values come back at the end. The setting is the server's, felt by every
+    vhost, so the test runs alone (``@pytest.mark.alone``)."""
+    assert request.node.get_closest_marker("alone"), "a test that changes RabbitMQ's consumer_timeout runs alone"
     before = {key: _rabbit_env(key) for key in OURS}
     for key, value in OURS.items():
         _rabbitmqctl("eval", f"application:set_env(rabbit, {key}, {value}).")
@@ -212,6 +214,7 @@ def short_consumer_timeout(rabbitmq_url):
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.alone
 def test_shard_longer_than_rabbitmq_consumer_timeout_is_handed_back(
     farm_factory, tiny_models, pg_url, rabbitmq_url, short_consumer_timeout, factory, fault_table
 ) -> None:
